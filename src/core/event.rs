@@ -1,0 +1,626 @@
+//! Validated domain events and their decoding from protobuf or JSON bytes.
+//!
+//! Everything that arrives from outside passes through [`decode`]: it either yields a
+//! well-formed [`Event`] or an [`InvalidEvent`] with a stable reason code. Nothing here panics on
+//! input, and nothing here performs I/O.
+
+use std::fmt;
+
+use prost::Message;
+use serde::Deserialize;
+
+use super::pb;
+
+/// How the records of one topic are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Protobuf,
+    Json,
+}
+
+/// What a topic carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicRole {
+    Impressions,
+    Feedback,
+    /// Both kinds, as `banditflow.v1.Event` (protobuf) or `{"type": ...}` objects (JSON).
+    Combined,
+}
+
+/// How the slate was chosen. Ordered so that statistics sort treatment, holdout, arms.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Variant {
+    Treatment,
+    Holdout,
+    Arm(String),
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Variant::Treatment => f.write_str("treatment"),
+            Variant::Holdout => f.write_str("holdout"),
+            Variant::Arm(a) => write!(f, "arm:{a}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FeedbackKind {
+    Click,
+    AddToCart,
+    Purchase,
+    Return,
+}
+
+impl FeedbackKind {
+    pub const ALL: [FeedbackKind; 4] = [
+        FeedbackKind::Click,
+        FeedbackKind::AddToCart,
+        FeedbackKind::Purchase,
+        FeedbackKind::Return,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedbackKind::Click => "click",
+            FeedbackKind::AddToCart => "add_to_cart",
+            FeedbackKind::Purchase => "purchase",
+            FeedbackKind::Return => "return",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn parse(s: &str) -> Option<FeedbackKind> {
+        FeedbackKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    pub fn to_pb(self) -> pb::FeedbackKind {
+        match self {
+            FeedbackKind::Click => pb::FeedbackKind::Click,
+            FeedbackKind::AddToCart => pb::FeedbackKind::AddToCart,
+            FeedbackKind::Purchase => pb::FeedbackKind::Purchase,
+            FeedbackKind::Return => pb::FeedbackKind::Return,
+        }
+    }
+
+    fn from_pb(v: i32) -> Option<FeedbackKind> {
+        match pb::FeedbackKind::try_from(v).ok()? {
+            pb::FeedbackKind::Click => Some(FeedbackKind::Click),
+            pb::FeedbackKind::AddToCart => Some(FeedbackKind::AddToCart),
+            pb::FeedbackKind::Purchase => Some(FeedbackKind::Purchase),
+            pb::FeedbackKind::Return => Some(FeedbackKind::Return),
+            pb::FeedbackKind::Unspecified => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlateEntry {
+    pub item_id: String,
+    /// 1-based.
+    pub position: u32,
+    pub propensity: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Impression {
+    pub impression_id: String,
+    pub time_ms: i64,
+    pub model_id: String,
+    pub model_version: u64,
+    pub variant: Variant,
+    pub segment: String,
+    pub features: Vec<(String, f64)>,
+    pub slate: Vec<SlateEntry>,
+    pub opted_out: bool,
+    // The pseudonymous user key is deliberately not kept: model state holds aggregates only.
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Feedback {
+    pub impression_id: String,
+    pub item_id: String,
+    pub position: u32,
+    pub kind: FeedbackKind,
+    pub value: f64,
+    pub time_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Impression(Impression),
+    Feedback(Feedback),
+}
+
+impl Event {
+    pub fn time_ms(&self) -> i64 {
+        match self {
+            Event::Impression(i) => i.time_ms,
+            Event::Feedback(f) => f.time_ms,
+        }
+    }
+}
+
+/// Why a record was rejected. `code()` is a stable label for metrics and dead-letter headers;
+/// `Display` says what the producer should fix.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidEvent {
+    #[error("payload is not a valid protobuf {message}: {detail}")]
+    BadProtobuf { message: &'static str, detail: String },
+    #[error("payload is not valid JSON for {message}: {detail}")]
+    BadJson { message: &'static str, detail: String },
+    #[error("required field `{0}` is missing or empty")]
+    MissingField(&'static str),
+    #[error("field `{field}` must be a 1-based position, got {value}")]
+    BadPosition { field: &'static str, value: i64 },
+    #[error("field `{0}` is NaN or infinite")]
+    NonFinite(&'static str),
+    #[error("propensity of item `{item}` must be in (0, 1], got {value}")]
+    BadPropensity { item: String, value: f64 },
+    #[error("unknown feedback kind {0}; expected click, add_to_cart, purchase or return")]
+    UnknownKind(String),
+    #[error("event time must be positive milliseconds since the Unix epoch, got {0}")]
+    BadEventTime(i64),
+    #[error("slate is invalid: {0}")]
+    BadSlate(String),
+    #[error("model `{0}` is not configured")]
+    UnknownModel(String),
+    #[error("record has no payload")]
+    EmptyPayload,
+    #[error("topic `{0}` is not an input topic of this processor")]
+    UnknownTopic(String),
+}
+
+impl InvalidEvent {
+    pub fn code(&self) -> &'static str {
+        match self {
+            InvalidEvent::BadProtobuf { .. } => "bad_protobuf",
+            InvalidEvent::BadJson { .. } => "bad_json",
+            InvalidEvent::MissingField(_) => "missing_field",
+            InvalidEvent::BadPosition { .. } => "bad_position",
+            InvalidEvent::NonFinite(_) => "non_finite_value",
+            InvalidEvent::BadPropensity { .. } => "bad_propensity",
+            InvalidEvent::UnknownKind(_) => "unknown_feedback_kind",
+            InvalidEvent::BadEventTime(_) => "bad_event_time",
+            InvalidEvent::BadSlate(_) => "bad_slate",
+            InvalidEvent::UnknownModel(_) => "unknown_model",
+            InvalidEvent::EmptyPayload => "empty_payload",
+            InvalidEvent::UnknownTopic(_) => "unknown_topic",
+        }
+    }
+}
+
+/// Longest slate accepted; longer ones are almost certainly a logging bug.
+pub const MAX_SLATE_LEN: usize = 256;
+
+/// Decodes and validates one record payload.
+pub fn decode(role: TopicRole, encoding: Encoding, payload: &[u8]) -> Result<Event, InvalidEvent> {
+    if payload.is_empty() {
+        return Err(InvalidEvent::EmptyPayload);
+    }
+    match (encoding, role) {
+        (Encoding::Protobuf, TopicRole::Impressions) => {
+            let m = pb::Impression::decode(payload).map_err(|e| bad_pb("Impression", e))?;
+            impression_from_pb(m).map(Event::Impression)
+        }
+        (Encoding::Protobuf, TopicRole::Feedback) => {
+            let m = pb::Feedback::decode(payload).map_err(|e| bad_pb("Feedback", e))?;
+            feedback_from_pb(m).map(Event::Feedback)
+        }
+        (Encoding::Protobuf, TopicRole::Combined) => {
+            let m = pb::Event::decode(payload).map_err(|e| bad_pb("Event", e))?;
+            match m.body {
+                Some(pb::event::Body::Impression(i)) => impression_from_pb(i).map(Event::Impression),
+                Some(pb::event::Body::Feedback(f)) => feedback_from_pb(f).map(Event::Feedback),
+                None => Err(InvalidEvent::MissingField("body")),
+            }
+        }
+        (Encoding::Json, TopicRole::Impressions) => {
+            let j: JsonImpression = serde_json::from_slice(payload).map_err(|e| bad_json("Impression", e))?;
+            j.validate().map(Event::Impression)
+        }
+        (Encoding::Json, TopicRole::Feedback) => {
+            let j: JsonFeedback = serde_json::from_slice(payload).map_err(|e| bad_json("Feedback", e))?;
+            j.validate().map(Event::Feedback)
+        }
+        (Encoding::Json, TopicRole::Combined) => {
+            let j: JsonEvent = serde_json::from_slice(payload).map_err(|e| bad_json("Event", e))?;
+            match j {
+                JsonEvent::Impression(i) => i.validate().map(Event::Impression),
+                JsonEvent::Feedback(f) => f.validate().map(Event::Feedback),
+            }
+        }
+    }
+}
+
+fn bad_pb(message: &'static str, e: prost::DecodeError) -> InvalidEvent {
+    InvalidEvent::BadProtobuf { message, detail: e.to_string() }
+}
+
+fn bad_json(message: &'static str, e: serde_json::Error) -> InvalidEvent {
+    InvalidEvent::BadJson { message, detail: e.to_string() }
+}
+
+fn require(s: String, field: &'static str) -> Result<String, InvalidEvent> {
+    if s.is_empty() {
+        Err(InvalidEvent::MissingField(field))
+    } else {
+        Ok(s)
+    }
+}
+
+fn check_time(t: i64) -> Result<i64, InvalidEvent> {
+    if t > 0 {
+        Ok(t)
+    } else {
+        Err(InvalidEvent::BadEventTime(t))
+    }
+}
+
+fn check_position(field: &'static str, p: i64) -> Result<u32, InvalidEvent> {
+    if (1..=i64::from(u16::MAX)).contains(&p) {
+        Ok(p as u32)
+    } else {
+        Err(InvalidEvent::BadPosition { field, value: p })
+    }
+}
+
+fn check_finite(field: &'static str, v: f64) -> Result<f64, InvalidEvent> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(InvalidEvent::NonFinite(field))
+    }
+}
+
+fn build_impression(
+    impression_id: String,
+    time_ms: i64,
+    model_id: String,
+    model_version: u64,
+    variant: Variant,
+    segment: String,
+    features: Vec<(String, f64)>,
+    slate: Vec<(String, i64, f64)>,
+    opted_out: bool,
+) -> Result<Impression, InvalidEvent> {
+    let impression_id = require(impression_id, "impression_id")?;
+    let model_id = require(model_id, "model_id")?;
+    let time_ms = check_time(time_ms)?;
+    for (name, v) in &features {
+        if name.is_empty() {
+            return Err(InvalidEvent::MissingField("context.features.name"));
+        }
+        check_finite("context.features.value", *v)?;
+    }
+    if slate.is_empty() && !opted_out {
+        return Err(InvalidEvent::MissingField("slate"));
+    }
+    if slate.len() > MAX_SLATE_LEN {
+        return Err(InvalidEvent::BadSlate(format!("{} items, at most {MAX_SLATE_LEN} allowed", slate.len())));
+    }
+    let mut out = Vec::with_capacity(slate.len());
+    for (item_id, position, propensity) in slate {
+        let item_id = require(item_id, "slate.item_id")?;
+        let position = check_position("slate.position", position)?;
+        let propensity = check_finite("slate.propensity", propensity)?;
+        if !(propensity > 0.0 && propensity <= 1.0) {
+            return Err(InvalidEvent::BadPropensity { item: item_id, value: propensity });
+        }
+        out.push(SlateEntry { item_id, position, propensity });
+    }
+    // Positions and items must be unique: the join looks feedback up by (item, position).
+    let mut positions: Vec<u32> = out.iter().map(|e| e.position).collect();
+    positions.sort_unstable();
+    if positions.windows(2).any(|w| w[0] == w[1]) {
+        return Err(InvalidEvent::BadSlate("two items share a position".into()));
+    }
+    let mut items: Vec<&str> = out.iter().map(|e| e.item_id.as_str()).collect();
+    items.sort_unstable();
+    if items.windows(2).any(|w| w[0] == w[1]) {
+        return Err(InvalidEvent::BadSlate("an item appears twice".into()));
+    }
+    out.sort_by_key(|e| e.position);
+    Ok(Impression {
+        impression_id,
+        time_ms,
+        model_id,
+        model_version,
+        variant,
+        segment,
+        features,
+        slate: out,
+        opted_out,
+    })
+}
+
+fn impression_from_pb(m: pb::Impression) -> Result<Impression, InvalidEvent> {
+    let variant = match m.variant {
+        None => Variant::Treatment,
+        Some(v) => match pb::VariantKind::try_from(v.kind) {
+            Ok(pb::VariantKind::Treatment) | Ok(pb::VariantKind::Unspecified) => Variant::Treatment,
+            Ok(pb::VariantKind::Holdout) => Variant::Holdout,
+            Ok(pb::VariantKind::Experiment) => Variant::Arm(require(v.arm, "variant.arm")?),
+            Err(_) => return Err(InvalidEvent::MissingField("variant.kind")),
+        },
+    };
+    let (segment, features) = match m.context {
+        Some(c) => (c.segment, c.features.into_iter().map(|f| (f.name, f.value)).collect()),
+        None => (String::new(), Vec::new()),
+    };
+    let slate = m
+        .slate
+        .into_iter()
+        .map(|s| (s.item_id, i64::from(s.position), s.propensity))
+        .collect();
+    build_impression(
+        m.impression_id,
+        m.event_time_ms,
+        m.model_id,
+        m.model_version,
+        variant,
+        segment,
+        features,
+        slate,
+        m.opted_out,
+    )
+}
+
+fn build_feedback(
+    impression_id: String,
+    item_id: String,
+    position: i64,
+    kind: Option<FeedbackKind>,
+    kind_text: String,
+    value: f64,
+    time_ms: i64,
+) -> Result<Feedback, InvalidEvent> {
+    let impression_id = require(impression_id, "impression_id")?;
+    let item_id = require(item_id, "item_id")?;
+    let position = check_position("position", position)?;
+    let kind = kind.ok_or(InvalidEvent::UnknownKind(kind_text))?;
+    let value = check_finite("value", value)?;
+    let time_ms = check_time(time_ms)?;
+    Ok(Feedback { impression_id, item_id, position, kind, value, time_ms })
+}
+
+fn feedback_from_pb(m: pb::Feedback) -> Result<Feedback, InvalidEvent> {
+    build_feedback(
+        m.impression_id,
+        m.item_id,
+        i64::from(m.position),
+        FeedbackKind::from_pb(m.kind),
+        m.kind.to_string(),
+        m.value,
+        m.event_time_ms,
+    )
+}
+
+/// JSON shape of an impression (field names as in the protobuf contract).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonImpression {
+    #[serde(default)]
+    impression_id: String,
+    #[serde(default)]
+    event_time_ms: i64,
+    #[serde(default)]
+    model_id: String,
+    #[serde(default)]
+    model_version: u64,
+    /// "treatment" (default), "holdout", or the name of an experiment arm.
+    #[serde(default)]
+    variant: Option<String>,
+    #[serde(default)]
+    context: Option<JsonContext>,
+    #[serde(default)]
+    slate: Vec<JsonSlateItem>,
+    #[serde(default)]
+    opted_out: bool,
+    #[serde(default)]
+    #[allow(dead_code)] // accepted, never stored
+    user_key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonContext {
+    #[serde(default)]
+    segment: String,
+    /// Named features as an object `{"name": value}`.
+    #[serde(default)]
+    features: std::collections::BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonSlateItem {
+    #[serde(default)]
+    item_id: String,
+    #[serde(default)]
+    position: i64,
+    #[serde(default)]
+    propensity: f64,
+    #[serde(default)]
+    #[allow(dead_code)] // logged for offline evaluation, not learned from
+    score: Option<f64>,
+}
+
+impl JsonImpression {
+    fn validate(self) -> Result<Impression, InvalidEvent> {
+        let variant = match self.variant.as_deref() {
+            None | Some("treatment") => Variant::Treatment,
+            Some("holdout") => Variant::Holdout,
+            Some("") => return Err(InvalidEvent::MissingField("variant")),
+            Some(arm) => Variant::Arm(arm.to_string()),
+        };
+        let (segment, features) = match self.context {
+            Some(c) => (c.segment, c.features.into_iter().collect()),
+            None => (String::new(), Vec::new()),
+        };
+        let slate = self.slate.into_iter().map(|s| (s.item_id, s.position, s.propensity)).collect();
+        build_impression(
+            self.impression_id,
+            self.event_time_ms,
+            self.model_id,
+            self.model_version,
+            variant,
+            segment,
+            features,
+            slate,
+            self.opted_out,
+        )
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonFeedback {
+    #[serde(default)]
+    impression_id: String,
+    #[serde(default)]
+    item_id: String,
+    #[serde(default)]
+    position: i64,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    value: f64,
+    #[serde(default)]
+    event_time_ms: i64,
+}
+
+impl JsonFeedback {
+    fn validate(self) -> Result<Feedback, InvalidEvent> {
+        let kind = FeedbackKind::parse(&self.kind);
+        build_feedback(
+            self.impression_id,
+            self.item_id,
+            self.position,
+            kind,
+            self.kind,
+            self.value,
+            self.event_time_ms,
+        )
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum JsonEvent {
+    Impression(JsonImpression),
+    Feedback(JsonFeedback),
+}
+
+/// Encodes an event the way [`decode`] reads it back (used by the generator and tests).
+pub fn encode(role: TopicRole, encoding: Encoding, event: &Event) -> Vec<u8> {
+    match encoding {
+        Encoding::Protobuf => match (role, event) {
+            (TopicRole::Impressions, Event::Impression(i)) => impression_to_pb(i).encode_to_vec(),
+            (TopicRole::Feedback, Event::Feedback(f)) => feedback_to_pb(f).encode_to_vec(),
+            (_, e) => pb::Event {
+                body: Some(match e {
+                    Event::Impression(i) => pb::event::Body::Impression(impression_to_pb(i)),
+                    Event::Feedback(f) => pb::event::Body::Feedback(feedback_to_pb(f)),
+                }),
+            }
+            .encode_to_vec(),
+        },
+        Encoding::Json => {
+            let mut v = match event {
+                Event::Impression(i) => impression_to_json(i),
+                Event::Feedback(f) => feedback_to_json(f),
+            };
+            if role == TopicRole::Combined {
+                if let serde_json::Value::Object(m) = &mut v {
+                    let t = if matches!(event, Event::Impression(_)) { "impression" } else { "feedback" };
+                    m.insert("type".into(), t.into());
+                }
+            }
+            v.to_string().into_bytes()
+        }
+    }
+}
+
+pub fn impression_to_pb(i: &Impression) -> pb::Impression {
+    let (kind, arm) = match &i.variant {
+        Variant::Treatment => (pb::VariantKind::Treatment, String::new()),
+        Variant::Holdout => (pb::VariantKind::Holdout, String::new()),
+        Variant::Arm(a) => (pb::VariantKind::Experiment, a.clone()),
+    };
+    pb::Impression {
+        impression_id: i.impression_id.clone(),
+        event_time_ms: i.time_ms,
+        model_id: i.model_id.clone(),
+        model_version: i.model_version,
+        variant: Some(pb::Variant { kind: kind as i32, arm }),
+        context: Some(pb::Context {
+            segment: i.segment.clone(),
+            features: i
+                .features
+                .iter()
+                .map(|(name, value)| pb::Feature { name: name.clone(), value: *value })
+                .collect(),
+        }),
+        slate: i
+            .slate
+            .iter()
+            .map(|s| pb::SlateItem {
+                item_id: s.item_id.clone(),
+                position: s.position,
+                propensity: s.propensity,
+                score: 0.0,
+            })
+            .collect(),
+        opted_out: i.opted_out,
+        user_key: String::new(),
+    }
+}
+
+pub fn feedback_to_pb(f: &Feedback) -> pb::Feedback {
+    pb::Feedback {
+        impression_id: f.impression_id.clone(),
+        item_id: f.item_id.clone(),
+        position: f.position,
+        kind: f.kind.to_pb() as i32,
+        value: f.value,
+        event_time_ms: f.time_ms,
+    }
+}
+
+fn impression_to_json(i: &Impression) -> serde_json::Value {
+    let features: serde_json::Map<String, serde_json::Value> =
+        i.features.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+    serde_json::json!({
+        "impression_id": i.impression_id,
+        "event_time_ms": i.time_ms,
+        "model_id": i.model_id,
+        "model_version": i.model_version,
+        "variant": match &i.variant {
+            Variant::Treatment => "treatment".to_string(),
+            Variant::Holdout => "holdout".to_string(),
+            Variant::Arm(a) => a.clone(),
+        },
+        "context": {"segment": i.segment, "features": features},
+        "slate": i.slate.iter().map(|s| serde_json::json!({
+            "item_id": s.item_id, "position": s.position, "propensity": s.propensity
+        })).collect::<Vec<_>>(),
+        "opted_out": i.opted_out,
+    })
+}
+
+fn feedback_to_json(f: &Feedback) -> serde_json::Value {
+    serde_json::json!({
+        "impression_id": f.impression_id,
+        "item_id": f.item_id,
+        "position": f.position,
+        "kind": f.kind.as_str(),
+        "value": f.value,
+        "event_time_ms": f.time_ms,
+    })
+}

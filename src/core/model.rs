@@ -1,0 +1,389 @@
+//! One model's learned state on one partition (a shard), and the merge of shards.
+//!
+//! Everything here is an additive sufficient statistic: exact integer counters (impressions,
+//! feedback per kind, rewards in millionths, per-variant sums of squares) and forward-decayed
+//! floating-point sums (examination-weighted exposure, scaled reward, linear statistics).
+//! Integer parts are exact in any order; floating-point parts are equal up to summation
+//! rounding (see ARCHITECTURE.md, "Exactness").
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::decay;
+use super::event::{FeedbackKind, Variant};
+use super::linear::{self, LinearState};
+use super::params::{Algorithm, Examination, ModelSpec, PositionModel};
+
+/// Positions past this share the last histogram bucket of estimated examination.
+pub const MAX_TRACKED_POSITIONS: usize = 32;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ArmStats {
+    pub impressions: u64,
+    /// Indexed by `FeedbackKind::index()`.
+    pub feedback: [u64; 4],
+    pub reward_micros: i64,
+    /// Decayed examination-weighted exposure (not used with estimated examination).
+    pub exposure: f64,
+    /// Decayed scaled reward.
+    pub success: f64,
+    /// Decayed impressions per position (estimated examination only).
+    pub position_exposure: Vec<f64>,
+}
+
+impl ArmStats {
+    fn scale(&mut self, f: f64) {
+        self.exposure *= f;
+        self.success *= f;
+        self.position_exposure.iter_mut().for_each(|v| *v *= f);
+    }
+
+    fn add(&mut self, o: &ArmStats) {
+        self.impressions += o.impressions;
+        for (a, b) in self.feedback.iter_mut().zip(o.feedback) {
+            *a += b;
+        }
+        self.reward_micros += o.reward_micros;
+        self.exposure += o.exposure;
+        self.success += o.success;
+        if self.position_exposure.len() < o.position_exposure.len() {
+            self.position_exposure.resize(o.position_exposure.len(), 0.0);
+        }
+        for (a, b) in self.position_exposure.iter_mut().zip(&o.position_exposure) {
+            *a += b;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PositionStats {
+    pub impressions: u64,
+    pub clicks: u64,
+    pub ips_impressions: f64,
+    pub ips_clicks: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VariantStats {
+    pub impressions: u64,
+    pub reward_micros: i64,
+    /// Σ over impressions of (that impression's total reward in micros)².
+    pub reward_sq_micros2: i128,
+}
+
+/// Reward per impression of treatment against holdout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lift {
+    pub treatment_mean: f64,
+    pub holdout_mean: f64,
+    /// treatment − holdout, reward units per impression, with a 95 % normal interval.
+    pub diff: f64,
+    pub diff_low: f64,
+    pub diff_high: f64,
+    /// diff / holdout mean (NaN without holdout reward).
+    pub relative: f64,
+}
+
+impl VariantStats {
+    /// Mean and variance of reward per impression, in reward units.
+    pub fn mean_var(&self) -> Option<(f64, f64)> {
+        if self.impressions == 0 {
+            return None;
+        }
+        let n = self.impressions as f64;
+        let mean = self.reward_micros as f64 / 1e6 / n;
+        let ex2 = self.reward_sq_micros2 as f64 / 1e12 / n;
+        let var = if self.impressions > 1 { ((ex2 - mean * mean) * n / (n - 1.0)).max(0.0) } else { 0.0 };
+        Some((mean, var))
+    }
+}
+
+/// Lift of treatment over holdout with a Welch normal 95 % interval; `None` until both have two
+/// impressions.
+pub fn lift(treatment: &VariantStats, holdout: &VariantStats) -> Option<Lift> {
+    if treatment.impressions < 2 || holdout.impressions < 2 {
+        return None;
+    }
+    let (mt, vt) = treatment.mean_var()?;
+    let (mh, vh) = holdout.mean_var()?;
+    let diff = mt - mh;
+    let se = (vt / treatment.impressions as f64 + vh / holdout.impressions as f64).sqrt();
+    Some(Lift {
+        treatment_mean: mt,
+        holdout_mean: mh,
+        diff,
+        diff_low: diff - 1.959_963_984_540_054 * se,
+        diff_high: diff + 1.959_963_984_540_054 * se,
+        relative: if mh != 0.0 { diff / mh } else { f64::NAN },
+    })
+}
+
+/// The posterior of one arm's attractiveness at a reading time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BetaPosterior {
+    pub alpha: f64,
+    pub beta: f64,
+}
+
+impl BetaPosterior {
+    pub fn mean(&self) -> f64 {
+        self.alpha / (self.alpha + self.beta)
+    }
+
+    pub fn variance(&self) -> f64 {
+        let s = self.alpha + self.beta;
+        self.alpha * self.beta / (s * s * (s + 1.0))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelShard {
+    /// Decay landmark; `None` until the first event.
+    pub landmark_ms: Option<i64>,
+    /// segment → item → stats.
+    pub arms: HashMap<String, HashMap<String, ArmStats>>,
+    pub positions: BTreeMap<u32, PositionStats>,
+    pub variants: BTreeMap<Variant, VariantStats>,
+    pub linear: Option<LinearState>,
+}
+
+/// What the join knows about the impression a change belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct ImpressionRef<'a> {
+    pub time_ms: i64,
+    pub segment: &'a str,
+    pub features: &'a [(String, f64)],
+}
+
+impl ModelShard {
+    pub fn new(spec: &ModelSpec) -> ModelShard {
+        ModelShard {
+            landmark_ms: None,
+            arms: HashMap::new(),
+            positions: BTreeMap::new(),
+            variants: BTreeMap::new(),
+            linear: match spec.algorithm {
+                Algorithm::Linear { dim, .. } => Some(LinearState::new(dim as usize)),
+                Algorithm::BetaBernoulli => None,
+            },
+        }
+    }
+
+    pub fn arm_count(&self) -> usize {
+        self.arms.values().map(HashMap::len).sum()
+    }
+
+    /// Moves the landmark forward to `to` (no-op if not later), rescaling decayed sums exactly.
+    pub fn rebase(&mut self, spec: &ModelSpec, to: i64) {
+        let from = match self.landmark_ms {
+            None => {
+                self.landmark_ms = Some(to);
+                return;
+            }
+            Some(l) if l >= to => return,
+            Some(l) => l,
+        };
+        let f = decay::rebase_factor(spec.half_life_ms, from, to);
+        for items in self.arms.values_mut() {
+            for a in items.values_mut() {
+                a.scale(f);
+            }
+        }
+        for p in self.positions.values_mut() {
+            p.ips_impressions *= f;
+            p.ips_clicks *= f;
+        }
+        if let Some(l) = &mut self.linear {
+            l.scale(f);
+        }
+        self.landmark_ms = Some(to);
+    }
+
+    /// Decay weight of an event at `t`, moving the landmark first if `t` is past its grid cell.
+    fn weight(&mut self, spec: &ModelSpec, t: i64) -> f64 {
+        self.rebase(spec, decay::landmark_for(spec.half_life_ms, t));
+        decay::weight(spec.half_life_ms, self.landmark_ms.unwrap_or(0), t)
+    }
+
+    fn arm(&mut self, segment: &str, item: &str) -> &mut ArmStats {
+        if !self.arms.contains_key(segment) {
+            self.arms.insert(segment.to_string(), HashMap::new());
+        }
+        let items = self.arms.get_mut(segment).expect("inserted above");
+        if !items.contains_key(item) {
+            items.insert(item.to_string(), ArmStats::default());
+        }
+        items.get_mut(item).expect("inserted above")
+    }
+
+    fn examination_weight(spec: &ModelSpec, position: u32) -> f64 {
+        match &spec.position {
+            PositionModel::Pbm(Examination::Fixed(w)) => {
+                let i = (position as usize).saturating_sub(1).min(w.len().saturating_sub(1));
+                w.get(i).copied().unwrap_or(1.0)
+            }
+            PositionModel::Pbm(Examination::Estimated) | PositionModel::Cascade => 1.0,
+        }
+    }
+
+    fn linear_update(&mut self, spec: &ModelSpec, imp: ImpressionRef<'_>, item: &str, exposure: f64, reward: f64) {
+        if let (Some(state), Algorithm::Linear { hash_seed, .. }) = (&mut self.linear, spec.algorithm) {
+            let mut x = Vec::new();
+            linear::features(state.dim, hash_seed, imp.segment, imp.features, item, &mut x);
+            if exposure != 0.0 {
+                state.add_exposure(&x, exposure);
+            }
+            if reward != 0.0 {
+                state.add_reward(&x, reward);
+            }
+        }
+    }
+
+    /// A learned impression: the variant's impression count and one exposure per placed item.
+    /// Under cascade every item counts as examined until a click says otherwise.
+    pub fn observe_impression(
+        &mut self,
+        spec: &ModelSpec,
+        imp: ImpressionRef<'_>,
+        variant: &Variant,
+        slate: &[(&str, u32, f64)],
+    ) {
+        self.variants.entry(variant.clone()).or_default().impressions += 1;
+        let df = self.weight(spec, imp.time_ms);
+        let estimated = matches!(spec.position, PositionModel::Pbm(Examination::Estimated));
+        for &(item, position, propensity) in slate {
+            let p = self.positions.entry(position).or_default();
+            p.impressions += 1;
+            p.ips_impressions += df / propensity;
+            let e = Self::examination_weight(spec, position);
+            let arm = self.arm(imp.segment, item);
+            arm.impressions += 1;
+            if estimated {
+                let bucket = (position as usize).clamp(1, MAX_TRACKED_POSITIONS) - 1;
+                if arm.position_exposure.len() <= bucket {
+                    arm.position_exposure.resize(bucket + 1, 0.0);
+                }
+                arm.position_exposure[bucket] += df;
+            } else {
+                arm.exposure += e * df;
+            }
+            self.linear_update(spec, imp, item, e * df, 0.0);
+        }
+    }
+
+    /// Cascade bookkeeping: adds (`sign` = 1) or retracts (`sign` = -1) the examination of one
+    /// placed item. Counters are untouched: the item was shown either way.
+    pub fn cascade_examination(&mut self, spec: &ModelSpec, imp: ImpressionRef<'_>, item: &str, sign: f64) {
+        let df = self.weight(spec, imp.time_ms);
+        self.arm(imp.segment, item).exposure += sign * df;
+        self.linear_update(spec, imp, item, sign * df, 0.0);
+    }
+
+    /// An attributed (or late and learned) feedback event. `prior_total` is the impression's
+    /// reward before this event, so the variant's sum of squares stays exact.
+    #[allow(clippy::too_many_arguments)]
+    pub fn observe_feedback(
+        &mut self,
+        spec: &ModelSpec,
+        imp: ImpressionRef<'_>,
+        variant: &Variant,
+        item: &str,
+        position: u32,
+        propensity: f64,
+        kind: FeedbackKind,
+        reward_micros: i64,
+        prior_total: i64,
+    ) {
+        let df = self.weight(spec, imp.time_ms);
+        let v = self.variants.entry(variant.clone()).or_default();
+        v.reward_micros += reward_micros;
+        let (before, after) = (i128::from(prior_total), i128::from(prior_total) + i128::from(reward_micros));
+        v.reward_sq_micros2 += after * after - before * before;
+        if kind == FeedbackKind::Click {
+            let p = self.positions.entry(position).or_default();
+            p.clicks += 1;
+            p.ips_clicks += df / propensity;
+        }
+        let scaled = reward_micros as f64 / 1e6 / spec.rewards.scale * df;
+        let arm = self.arm(imp.segment, item);
+        arm.feedback[kind.index()] += 1;
+        arm.reward_micros += reward_micros;
+        arm.success += scaled;
+        self.linear_update(spec, imp, item, 0.0, scaled);
+    }
+
+    /// Examination weight per position (index 0 = position 1) under estimated examination:
+    /// the inverse-propensity-weighted click rate at each position relative to position 1,
+    /// shrunk towards 1 with a pseudo-count, clamped to [0.01, 1].
+    pub fn estimated_examination(&self) -> Vec<f64> {
+        let rate = |p: &PositionStats| (p.ips_clicks + 1.0) / (p.ips_impressions + 1.0);
+        let top = self.positions.get(&1).map(rate).unwrap_or(1.0);
+        (1..=MAX_TRACKED_POSITIONS as u32)
+            .map(|pos| match self.positions.get(&pos) {
+                Some(p) if top > 0.0 => (rate(p) / top).clamp(0.01, 1.0),
+                _ => 1.0,
+            })
+            .collect()
+    }
+
+    /// Posterior of an arm read at `now_ms` (the prior alone for an unseen arm).
+    pub fn posterior(&self, spec: &ModelSpec, segment: &str, item: &str, now_ms: i64, examination: Option<&[f64]>) -> BetaPosterior {
+        let prior = spec.prior_for(segment);
+        let Some(arm) = self.arms.get(segment).and_then(|m| m.get(item)) else {
+            return BetaPosterior { alpha: prior.alpha, beta: prior.beta };
+        };
+        let f = self.read_factor(spec, now_ms);
+        let exposure = match examination {
+            Some(w) => arm.position_exposure.iter().zip(w).map(|(n, e)| n * e).sum(),
+            None => arm.exposure,
+        };
+        let s = (arm.success * f).max(0.0);
+        let e = (exposure * f).max(0.0);
+        BetaPosterior { alpha: prior.alpha + s, beta: prior.beta + (e - s).max(0.0) }
+    }
+
+    /// Factor that turns landmark-relative sums into values at `now_ms`.
+    pub fn read_factor(&self, spec: &ModelSpec, now_ms: i64) -> f64 {
+        match self.landmark_ms {
+            Some(l) => 1.0 / decay::weight(spec.half_life_ms, l, now_ms).max(f64::MIN_POSITIVE),
+            None => 1.0,
+        }
+    }
+
+    /// Adds another shard of the same model (exact for counters; floating-point sums up to
+    /// rounding).
+    pub fn merge(&mut self, spec: &ModelSpec, other: &ModelShard) {
+        let Some(ol) = other.landmark_ms else {
+            // An empty shard may still carry variant counts of opted-in impressions only if it
+            // has a landmark; nothing to add otherwise.
+            return;
+        };
+        let target = self.landmark_ms.map_or(ol, |l| l.max(ol));
+        self.rebase(spec, target);
+        let f = decay::rebase_factor(spec.half_life_ms, ol, target);
+        for (segment, items) in &other.arms {
+            for (item, a) in items {
+                let mut a = a.clone();
+                a.scale(f);
+                self.arm(segment, item).add(&a);
+            }
+        }
+        for (pos, p) in &other.positions {
+            let s = self.positions.entry(*pos).or_default();
+            s.impressions += p.impressions;
+            s.clicks += p.clicks;
+            s.ips_impressions += p.ips_impressions * f;
+            s.ips_clicks += p.ips_clicks * f;
+        }
+        for (v, o) in &other.variants {
+            let s = self.variants.entry(v.clone()).or_default();
+            s.impressions += o.impressions;
+            s.reward_micros += o.reward_micros;
+            s.reward_sq_micros2 += o.reward_sq_micros2;
+        }
+        if let (Some(a), Some(b)) = (&mut self.linear, &other.linear) {
+            let mut b = b.clone();
+            b.scale(f);
+            a.add(&b);
+        }
+    }
+}

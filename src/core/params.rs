@@ -1,0 +1,115 @@
+//! Validated, immutable parameters of the core: what each model learns and how the join
+//! attributes feedback. Built from config by `crate::config`; the core never parses files.
+
+use std::collections::BTreeMap;
+
+use super::event::FeedbackKind;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prior {
+    pub alpha: f64,
+    pub beta: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Examination {
+    /// Weight per position (index 0 = position 1); positions past the end use the last weight.
+    Fixed(Vec<f64>),
+    /// Estimated from propensity-weighted click rates per position, relative to position 1.
+    Estimated,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PositionModel {
+    Pbm(Examination),
+    Cascade,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Algorithm {
+    BetaBernoulli,
+    Linear { dim: u32, lambda: f64, hash_seed: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KindReward {
+    pub reward: f64,
+    /// Added to the reward per unit of the feedback's `value` (e.g. order value).
+    pub value_weight: f64,
+    /// Feedback later than this after its impression (event time) is late.
+    pub window_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rewards {
+    /// Indexed by `FeedbackKind::index()`.
+    pub kinds: [KindReward; 4],
+    /// Rewards are divided by this before they enter the Beta/linear statistics, so that one
+    /// impression's successes stay within [0, 1] for the usual reward mix.
+    pub scale: f64,
+}
+
+impl Rewards {
+    pub fn of(&self, kind: FeedbackKind) -> &KindReward {
+        &self.kinds[kind.index()]
+    }
+
+    /// Reward of one feedback event in millionths, rounded half away from zero. Integer so that
+    /// reward counters add exactly in any order.
+    pub fn micros(&self, kind: FeedbackKind, value: f64) -> i64 {
+        let k = self.of(kind);
+        let r = (k.reward + k.value_weight * value) * 1e6;
+        // Saturating float-to-int cast: absurd values cannot overflow.
+        r.round() as i64
+    }
+
+    pub fn max_window_ms(&self) -> i64 {
+        self.kinds.iter().map(|k| k.window_ms).max().unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub id: String,
+    pub algorithm: Algorithm,
+    pub position: PositionModel,
+    /// 0 = no decay.
+    pub half_life_ms: i64,
+    pub prior: Prior,
+    pub segment_priors: BTreeMap<String, Prior>,
+    pub rewards: Rewards,
+}
+
+impl ModelSpec {
+    pub fn prior_for(&self, segment: &str) -> Prior {
+        self.segment_priors.get(segment).copied().unwrap_or(self.prior)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinSpec {
+    /// Watermark = newest event time seen on the partition minus this.
+    pub watermark_delay_ms: i64,
+    /// How long feedback that arrived before its impression waits for it.
+    pub grace_ms: i64,
+    /// How long after the longest attribution window an impression is still kept, so that late
+    /// feedback is recognised (and learned, if `learn_late`) instead of orphaned.
+    pub late_retention_ms: i64,
+    pub learn_late: bool,
+    pub max_impressions: usize,
+    pub max_pending_feedback: usize,
+}
+
+/// Everything the core of one partition needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoreSpec {
+    pub models: Vec<ModelSpec>,
+    pub rewards: Rewards,
+    pub join: JoinSpec,
+}
+
+impl CoreSpec {
+    pub fn model(&self, id: &str) -> Option<&ModelSpec> {
+        self.models.iter().find(|m| m.id == id)
+    }
+}

@@ -1,0 +1,209 @@
+//! Ranking policy for serving nodes: orders candidate items by Thompson sampling, UCB or the
+//! posterior mean, with an exploration floor, and reports the propensity of each placement.
+//!
+//! Propensities: for UCB and greedy they are exact — the ranking is deterministic, and with
+//! probability `epsilon` the slate is a uniformly random permutation, so
+//! P(item i at position k) = (1 − ε)·[i ranked k] + ε / n. For Thompson sampling there is no
+//! closed form; P is estimated by `propensity_samples` seeded Monte Carlo rankings (a separate
+//! random stream from the one that drew the served ranking), mixed with ε / n the same way.
+//! The seed comes in as an argument; the policy draws no other randomness.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Beta, Distribution, StandardNormal};
+
+use super::linear::{self, Posterior};
+use super::model::ModelShard;
+use super::params::{Algorithm, Examination, ModelSpec, PositionModel};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Strategy {
+    /// Sample from the posterior (LinTS for linear models).
+    Thompson,
+    /// Mean + c · standard deviation (LinUCB width for linear models).
+    Ucb { c: f64 },
+    /// Posterior mean.
+    Greedy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicySpec {
+    pub strategy: Strategy,
+    /// Probability of a uniformly random slate.
+    pub epsilon: f64,
+    /// Monte Carlo rankings used to estimate Thompson propensities.
+    pub propensity_samples: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    pub item_id: String,
+    /// 1-based.
+    pub position: u32,
+    pub propensity: f64,
+    /// The score the item was ranked by in the served draw.
+    pub score: f64,
+}
+
+pub struct RankRequest<'a> {
+    pub segment: &'a str,
+    pub features: &'a [(String, f64)],
+    pub candidates: &'a [String],
+    pub slate_size: usize,
+    pub now_ms: i64,
+    pub seed: u64,
+}
+
+/// Precomputed per-request scorer so Monte Carlo draws do not redo the algebra.
+enum Scorer {
+    Beta { params: Vec<(f64, f64)> },
+    Linear { post: Option<Posterior>, xs: Vec<Vec<f64>> },
+}
+
+fn build_scorer(spec: &ModelSpec, model: &ModelShard, req: &RankRequest<'_>) -> Scorer {
+    match spec.algorithm {
+        Algorithm::BetaBernoulli => {
+            let exam = match spec.position {
+                PositionModel::Pbm(Examination::Estimated) => Some(model.estimated_examination()),
+                _ => None,
+            };
+            let params = req
+                .candidates
+                .iter()
+                .map(|c| {
+                    let p = model.posterior(spec, req.segment, c, req.now_ms, exam.as_deref());
+                    (p.alpha.max(1e-9), p.beta.max(1e-9))
+                })
+                .collect();
+            Scorer::Beta { params }
+        }
+        Algorithm::Linear { dim, lambda, hash_seed } => {
+            let f = model.read_factor(spec, req.now_ms);
+            let post = model.linear.as_ref().and_then(|l| l.posterior(lambda, f));
+            let xs = req
+                .candidates
+                .iter()
+                .map(|c| {
+                    let mut x = Vec::new();
+                    linear::features(dim as usize, hash_seed, req.segment, req.features, c, &mut x);
+                    x
+                })
+                .collect();
+            Scorer::Linear { post, xs }
+        }
+    }
+}
+
+impl Scorer {
+    fn scores(&self, strategy: Strategy, rng: &mut ChaCha8Rng, out: &mut Vec<f64>) {
+        out.clear();
+        match self {
+            Scorer::Beta { params } => {
+                for &(a, b) in params {
+                    let mean = a / (a + b);
+                    let s = match strategy {
+                        Strategy::Greedy => mean,
+                        Strategy::Ucb { c } => mean + c * (a * b / ((a + b) * (a + b) * (a + b + 1.0))).sqrt(),
+                        Strategy::Thompson => match Beta::new(a, b) {
+                            Ok(d) => d.sample(rng),
+                            Err(_) => mean,
+                        },
+                    };
+                    out.push(s);
+                }
+            }
+            Scorer::Linear { post, xs } => {
+                let Some(post) = post else {
+                    out.resize(xs.len(), 0.0);
+                    return;
+                };
+                let theta = match strategy {
+                    Strategy::Thompson => {
+                        let z: Vec<f64> = (0..post.dim).map(|_| StandardNormal.sample(rng)).collect();
+                        post.sample(1.0, &z)
+                    }
+                    _ => post.mean.clone(),
+                };
+                for x in xs {
+                    let mut s = linear::dot(&theta, x);
+                    if let Strategy::Ucb { c } = strategy {
+                        s += c * post.width(x);
+                    }
+                    out.push(s);
+                }
+            }
+        }
+    }
+}
+
+/// Indices of the top `k` scores, best first; ties go to the earlier candidate.
+fn top_k(scores: &[f64], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// Ranks candidates. Duplicate candidates are ranked once (first occurrence).
+pub fn rank(spec: &ModelSpec, model: &ModelShard, policy: &PolicySpec, req: &RankRequest<'_>) -> Vec<Placement> {
+    let mut seen = std::collections::HashSet::new();
+    let candidates: Vec<String> = req.candidates.iter().filter(|c| seen.insert(c.as_str())).cloned().collect();
+    let req = RankRequest { candidates: &candidates, ..*req };
+    let n = candidates.len();
+    let k = req.slate_size.min(n);
+    if k == 0 {
+        return Vec::new();
+    }
+    let scorer = build_scorer(spec, model, &req);
+    let mut rng = ChaCha8Rng::seed_from_u64(req.seed);
+    let eps = policy.epsilon.clamp(0.0, 1.0);
+    let mut scores = Vec::with_capacity(n);
+    scorer.scores(policy.strategy, &mut rng, &mut scores);
+    let explore = eps > 0.0 && rng.random::<f64>() < eps;
+    let order: Vec<usize> = if explore {
+        let mut idx: Vec<usize> = (0..n).collect();
+        // Fisher–Yates with the seeded stream.
+        for i in (1..n).rev() {
+            let j = rng.random_range(0..=i);
+            idx.swap(i, j);
+        }
+        idx.truncate(k);
+        idx
+    } else {
+        top_k(&scores, k)
+    };
+
+    // P(policy ranking puts candidate i at position p), before the ε mix.
+    let base: Vec<Vec<f64>> = match policy.strategy {
+        Strategy::Thompson => {
+            let samples = policy.propensity_samples.max(1);
+            let mut counts = vec![vec![0u32; k]; n];
+            let mut mc = ChaCha8Rng::seed_from_u64(req.seed ^ 0x5851_f42d_4c95_7f2d);
+            let mut s = Vec::with_capacity(n);
+            for _ in 0..samples {
+                scorer.scores(Strategy::Thompson, &mut mc, &mut s);
+                for (pos, &i) in top_k(&s, k).iter().enumerate() {
+                    counts[i][pos] += 1;
+                }
+            }
+            counts.iter().map(|row| row.iter().map(|&c| f64::from(c) / f64::from(samples)).collect()).collect()
+        }
+        Strategy::Ucb { .. } | Strategy::Greedy => {
+            let mut m = vec![vec![0.0; k]; n];
+            for (pos, &i) in top_k(&scores, k).iter().enumerate() {
+                m[i][pos] = 1.0;
+            }
+            m
+        }
+    };
+    order
+        .iter()
+        .enumerate()
+        .map(|(pos, &i)| Placement {
+            item_id: candidates[i].clone(),
+            position: pos as u32 + 1,
+            propensity: ((1.0 - eps) * base[i][pos] + eps / n as f64).clamp(f64::MIN_POSITIVE, 1.0),
+            score: scores[i],
+        })
+        .collect()
+}

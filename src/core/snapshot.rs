@@ -1,0 +1,339 @@
+//! Model snapshots: encoding to the `banditflow.v1.ModelSnapshot` contract, checked decoding,
+//! and the merge of shard snapshots into one global model.
+//!
+//! Encoding is canonical: every list is sorted by its key, so the same state always gives the
+//! same bytes. The checksum is xxh3-64 over the canonical encoding with `checksum = 0`. Decoding
+//! never panics: truncated, corrupt or foreign bytes give a [`SnapshotError`].
+
+use std::collections::{BTreeMap, HashMap};
+
+use prost::Message;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::event::{FeedbackKind, Variant};
+use super::linear::LinearState;
+use super::model::{ArmStats, ModelShard, PositionStats, VariantStats};
+use super::params::{Algorithm, Examination, KindReward, ModelSpec, PositionModel, Prior, Rewards};
+use super::pb;
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SnapshotError {
+    #[error("snapshot bytes do not decode: {0}")]
+    Decode(String),
+    #[error("snapshot format version {found} is not supported (this build reads {FORMAT_VERSION})")]
+    Version { found: u32 },
+    #[error("snapshot checksum mismatch: stored {stored:#018x}, computed {computed:#018x}")]
+    Checksum { stored: u64, computed: u64 },
+    #[error("snapshot is invalid: {0}")]
+    Invalid(String),
+    #[error("cannot merge snapshots of model `{a}` and `{b}`")]
+    ModelMismatch { a: String, b: String },
+    #[error("cannot merge snapshots of model `{0}` learned with different parameters")]
+    ParamsMismatch(String),
+    #[error("nothing to merge")]
+    Empty,
+}
+
+/// Where a snapshot comes from and what input it covers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotMeta {
+    pub model_id: String,
+    /// -1 for a merged model.
+    pub source_partition: i32,
+    pub version: u64,
+    pub watermark_ms: i64,
+    /// (topic, partition, next offset), sorted.
+    pub input_offsets: Vec<(String, i32, i64)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DecodedSnapshot {
+    pub meta: SnapshotMeta,
+    pub spec: ModelSpec,
+    pub shard: ModelShard,
+}
+
+pub fn params_to_pb(spec: &ModelSpec) -> pb::ModelParams {
+    let (algorithm, linear_dim, linear_lambda, feature_hash_seed) = match spec.algorithm {
+        Algorithm::BetaBernoulli => (pb::Algorithm::BetaBernoulli, 0, 0.0, 0),
+        Algorithm::Linear { dim, lambda, hash_seed } => (pb::Algorithm::Linear, dim, lambda, hash_seed),
+    };
+    let (position_model, examination, examination_estimated) = match &spec.position {
+        PositionModel::Pbm(Examination::Fixed(w)) => (pb::PositionModel::Pbm, w.clone(), false),
+        PositionModel::Pbm(Examination::Estimated) => (pb::PositionModel::Pbm, Vec::new(), true),
+        PositionModel::Cascade => (pb::PositionModel::Cascade, Vec::new(), false),
+    };
+    pb::ModelParams {
+        algorithm: algorithm as i32,
+        position_model: position_model as i32,
+        examination,
+        examination_estimated,
+        half_life_ms: spec.half_life_ms,
+        prior: Some(pb::Prior { alpha: spec.prior.alpha, beta: spec.prior.beta }),
+        segment_priors: spec
+            .segment_priors
+            .iter()
+            .map(|(s, p)| pb::SegmentPrior { segment: s.clone(), prior: Some(pb::Prior { alpha: p.alpha, beta: p.beta }) })
+            .collect(),
+        rewards: FeedbackKind::ALL
+            .iter()
+            .map(|k| {
+                let r = spec.rewards.of(*k);
+                pb::KindReward { kind: k.to_pb() as i32, reward: r.reward, value_weight: r.value_weight, window_ms: r.window_ms }
+            })
+            .collect(),
+        reward_scale: spec.rewards.scale,
+        linear_dim,
+        linear_lambda,
+        feature_hash_seed,
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> SnapshotError {
+    SnapshotError::Invalid(msg.into())
+}
+
+pub fn params_from_pb(model_id: &str, p: &pb::ModelParams) -> Result<ModelSpec, SnapshotError> {
+    let algorithm = match pb::Algorithm::try_from(p.algorithm) {
+        Ok(pb::Algorithm::BetaBernoulli) => Algorithm::BetaBernoulli,
+        Ok(pb::Algorithm::Linear) => {
+            if p.linear_dim == 0 || p.linear_dim > 4096 {
+                return Err(invalid(format!("linear_dim {} out of range", p.linear_dim)));
+            }
+            Algorithm::Linear { dim: p.linear_dim, lambda: p.linear_lambda, hash_seed: p.feature_hash_seed }
+        }
+        _ => return Err(invalid(format!("unknown algorithm {}", p.algorithm))),
+    };
+    let position = match pb::PositionModel::try_from(p.position_model) {
+        Ok(pb::PositionModel::Pbm) if p.examination_estimated => PositionModel::Pbm(Examination::Estimated),
+        Ok(pb::PositionModel::Pbm) => PositionModel::Pbm(Examination::Fixed(p.examination.clone())),
+        Ok(pb::PositionModel::Cascade) => PositionModel::Cascade,
+        _ => return Err(invalid(format!("unknown position model {}", p.position_model))),
+    };
+    let prior = p.prior.as_ref().map(|q| Prior { alpha: q.alpha, beta: q.beta }).ok_or_else(|| invalid("missing prior"))?;
+    let mut kinds = [KindReward { reward: 0.0, value_weight: 0.0, window_ms: 0 }; 4];
+    for r in &p.rewards {
+        let kind = FeedbackKind::ALL
+            .into_iter()
+            .find(|k| k.to_pb() as i32 == r.kind)
+            .ok_or_else(|| invalid(format!("unknown reward kind {}", r.kind)))?;
+        kinds[kind.index()] = KindReward { reward: r.reward, value_weight: r.value_weight, window_ms: r.window_ms };
+    }
+    Ok(ModelSpec {
+        id: model_id.to_string(),
+        algorithm,
+        position,
+        half_life_ms: p.half_life_ms,
+        prior,
+        segment_priors: p
+            .segment_priors
+            .iter()
+            .map(|s| {
+                let q = s.prior.as_ref().map(|q| Prior { alpha: q.alpha, beta: q.beta }).unwrap_or(prior);
+                (s.segment.clone(), q)
+            })
+            .collect(),
+        rewards: Rewards { kinds, scale: p.reward_scale },
+    })
+}
+
+fn variant_to_pb(v: &Variant) -> pb::Variant {
+    match v {
+        Variant::Treatment => pb::Variant { kind: pb::VariantKind::Treatment as i32, arm: String::new() },
+        Variant::Holdout => pb::Variant { kind: pb::VariantKind::Holdout as i32, arm: String::new() },
+        Variant::Arm(a) => pb::Variant { kind: pb::VariantKind::Experiment as i32, arm: a.clone() },
+    }
+}
+
+fn variant_from_pb(v: Option<&pb::Variant>) -> Result<Variant, SnapshotError> {
+    let v = v.ok_or_else(|| invalid("variant stats without a variant"))?;
+    match pb::VariantKind::try_from(v.kind) {
+        Ok(pb::VariantKind::Treatment) => Ok(Variant::Treatment),
+        Ok(pb::VariantKind::Holdout) => Ok(Variant::Holdout),
+        Ok(pb::VariantKind::Experiment) => Ok(Variant::Arm(v.arm.clone())),
+        _ => Err(invalid(format!("unknown variant kind {}", v.kind))),
+    }
+}
+
+/// The snapshot message for a shard (canonical, with its checksum set).
+pub fn to_pb(spec: &ModelSpec, shard: &ModelShard, meta: &SnapshotMeta) -> pb::ModelSnapshot {
+    let mut arms: Vec<pb::ArmStats> = Vec::with_capacity(shard.arm_count());
+    for (segment, items) in &shard.arms {
+        for (item, a) in items {
+            arms.push(pb::ArmStats {
+                segment: segment.clone(),
+                item_id: item.clone(),
+                impressions: a.impressions,
+                clicks: a.feedback[0],
+                add_to_carts: a.feedback[1],
+                purchases: a.feedback[2],
+                returns: a.feedback[3],
+                reward_micros: a.reward_micros,
+                exposure: a.exposure,
+                success: a.success,
+                position_exposure: a.position_exposure.clone(),
+            });
+        }
+    }
+    arms.sort_by(|a, b| (&a.segment, &a.item_id).cmp(&(&b.segment, &b.item_id)));
+    let mut offsets = meta.input_offsets.clone();
+    offsets.sort();
+    let mut snap = pb::ModelSnapshot {
+        format_version: FORMAT_VERSION,
+        model_id: meta.model_id.clone(),
+        source_partition: meta.source_partition,
+        version: meta.version,
+        watermark_ms: meta.watermark_ms,
+        input_offsets: offsets
+            .into_iter()
+            .map(|(topic, partition, next_offset)| pb::InputOffset { topic, partition, next_offset })
+            .collect(),
+        params: Some(params_to_pb(spec)),
+        decay_landmark_ms: shard.landmark_ms.unwrap_or(0),
+        arms,
+        positions: shard
+            .positions
+            .iter()
+            .map(|(pos, p)| pb::PositionStats {
+                position: *pos,
+                impressions: p.impressions,
+                clicks: p.clicks,
+                ips_impressions: p.ips_impressions,
+                ips_clicks: p.ips_clicks,
+            })
+            .collect(),
+        variants: shard
+            .variants
+            .iter()
+            .map(|(v, s)| pb::VariantStats {
+                variant: Some(variant_to_pb(v)),
+                impressions: s.impressions,
+                reward_micros: s.reward_micros,
+                reward_sq_micros2: s.reward_sq_micros2.to_string(),
+            })
+            .collect(),
+        linear: shard.linear.as_ref().map(|l| pb::LinearState {
+            dim: l.dim as u32,
+            xx_upper: l.xx.clone(),
+            xr: l.xr.clone(),
+            updates: l.updates,
+        }),
+        checksum: 0,
+    };
+    snap.checksum = xxh3_64(&snap.encode_to_vec());
+    snap
+}
+
+pub fn encode(spec: &ModelSpec, shard: &ModelShard, meta: &SnapshotMeta) -> Vec<u8> {
+    to_pb(spec, shard, meta).encode_to_vec()
+}
+
+pub fn decode(bytes: &[u8]) -> Result<DecodedSnapshot, SnapshotError> {
+    let mut snap = pb::ModelSnapshot::decode(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    if snap.format_version != FORMAT_VERSION {
+        return Err(SnapshotError::Version { found: snap.format_version });
+    }
+    let stored = snap.checksum;
+    snap.checksum = 0;
+    let computed = xxh3_64(&snap.encode_to_vec());
+    if stored != computed {
+        return Err(SnapshotError::Checksum { stored, computed });
+    }
+    from_pb(snap)
+}
+
+fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
+    let params = snap.params.as_ref().ok_or_else(|| invalid("missing params"))?;
+    let spec = params_from_pb(&snap.model_id, params)?;
+    let mut arms: HashMap<String, HashMap<String, ArmStats>> = HashMap::new();
+    for a in snap.arms {
+        let stats = ArmStats {
+            impressions: a.impressions,
+            feedback: [a.clicks, a.add_to_carts, a.purchases, a.returns],
+            reward_micros: a.reward_micros,
+            exposure: a.exposure,
+            success: a.success,
+            position_exposure: a.position_exposure,
+        };
+        if arms.entry(a.segment).or_default().insert(a.item_id, stats).is_some() {
+            return Err(invalid("an arm appears twice"));
+        }
+    }
+    let positions: BTreeMap<u32, PositionStats> = snap
+        .positions
+        .into_iter()
+        .map(|p| {
+            (p.position, PositionStats { impressions: p.impressions, clicks: p.clicks, ips_impressions: p.ips_impressions, ips_clicks: p.ips_clicks })
+        })
+        .collect();
+    let mut variants = BTreeMap::new();
+    for v in snap.variants {
+        let sq: i128 = v.reward_sq_micros2.parse().map_err(|_| invalid("reward_sq_micros2 is not an integer"))?;
+        variants.insert(
+            variant_from_pb(v.variant.as_ref())?,
+            VariantStats { impressions: v.impressions, reward_micros: v.reward_micros, reward_sq_micros2: sq },
+        );
+    }
+    let linear = match (spec.algorithm, snap.linear) {
+        (Algorithm::Linear { dim, .. }, Some(l)) => {
+            let d = dim as usize;
+            if l.dim != dim || l.xx_upper.len() != d * (d + 1) / 2 || l.xr.len() != d {
+                return Err(invalid("linear state does not match linear_dim"));
+            }
+            Some(LinearState { dim: d, xx: l.xx_upper, xr: l.xr, updates: l.updates })
+        }
+        (Algorithm::Linear { .. }, None) => return Err(invalid("linear model without linear state")),
+        (Algorithm::BetaBernoulli, _) => None,
+    };
+    let has_data = !arms.is_empty() || !variants.is_empty() || !positions.is_empty();
+    let shard = ModelShard {
+        landmark_ms: if has_data { Some(snap.decay_landmark_ms) } else { None },
+        arms,
+        positions,
+        variants,
+        linear,
+    };
+    let meta = SnapshotMeta {
+        model_id: snap.model_id,
+        source_partition: snap.source_partition,
+        version: snap.version,
+        watermark_ms: snap.watermark_ms,
+        input_offsets: snap.input_offsets.into_iter().map(|o| (o.topic, o.partition, o.next_offset)).collect(),
+    };
+    Ok(DecodedSnapshot { meta, spec, shard })
+}
+
+/// Merges shard snapshots of one model into the global model. Shards are added in order of
+/// source partition, so the result does not depend on the order they are given in.
+pub fn merge(snaps: &[DecodedSnapshot]) -> Result<DecodedSnapshot, SnapshotError> {
+    let mut order: Vec<&DecodedSnapshot> = snaps.iter().collect();
+    order.sort_by_key(|s| s.meta.source_partition);
+    let first = order.first().ok_or(SnapshotError::Empty)?;
+    let spec = first.spec.clone();
+    let mut shard = ModelShard::new(&spec);
+    let mut meta = SnapshotMeta {
+        model_id: first.meta.model_id.clone(),
+        source_partition: -1,
+        version: 0,
+        watermark_ms: i64::MAX,
+        input_offsets: Vec::new(),
+    };
+    for s in &order {
+        if s.meta.model_id != meta.model_id {
+            return Err(SnapshotError::ModelMismatch { a: meta.model_id.clone(), b: s.meta.model_id.clone() });
+        }
+        if s.spec != spec {
+            return Err(SnapshotError::ParamsMismatch(meta.model_id.clone()));
+        }
+        shard.merge(&spec, &s.shard);
+        meta.version += s.meta.version;
+        // A merged model is complete up to the slowest shard's watermark.
+        meta.watermark_ms = meta.watermark_ms.min(s.meta.watermark_ms);
+        meta.input_offsets.extend(s.meta.input_offsets.iter().cloned());
+    }
+    meta.input_offsets.sort();
+    meta.input_offsets.dedup();
+    Ok(DecodedSnapshot { meta, spec, shard })
+}

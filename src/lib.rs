@@ -1,0 +1,7 @@
+//! banditflow: learns position-aware bandit rankings from impressions and shopper feedback on
+//! Kafka, and publishes model snapshots for serving nodes.
+//!
+//! `core` is pure and deterministic; everything else is an edge (config files, recordings,
+//! the offline replay, the synthetic shop, and later the Kafka service).
+
+pub mod core;
