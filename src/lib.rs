@@ -4,4 +4,8 @@
 //! `core` is pure and deterministic; everything else is an edge (config files, recordings,
 //! the offline replay, the synthetic shop, and later the Kafka service).
 
+pub mod config;
 pub mod core;
+pub mod generate;
+pub mod recording;
+pub mod replay;

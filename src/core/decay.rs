@@ -68,7 +68,7 @@ pub fn exp2(x: f64) -> f64 {
     }
     let k = x.floor();
     let f = x - k; // in [0, 1)
-    // e^(f ln 2) by Horner on the Taylor series; 18 terms suffice for |f ln2| < 0.7.
+                   // e^(f ln 2) by Horner on the Taylor series; 18 terms suffice for |f ln2| < 0.7.
     let y = f * std::f64::consts::LN_2;
     let mut sum = 1.0;
     let mut i = 18;

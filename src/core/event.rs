@@ -55,12 +55,8 @@ pub enum FeedbackKind {
 }
 
 impl FeedbackKind {
-    pub const ALL: [FeedbackKind; 4] = [
-        FeedbackKind::Click,
-        FeedbackKind::AddToCart,
-        FeedbackKind::Purchase,
-        FeedbackKind::Return,
-    ];
+    pub const ALL: [FeedbackKind; 4] =
+        [FeedbackKind::Click, FeedbackKind::AddToCart, FeedbackKind::Purchase, FeedbackKind::Return];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -278,7 +274,8 @@ fn check_finite(field: &'static str, v: f64) -> Result<f64, InvalidEvent> {
     }
 }
 
-fn build_impression(
+/// An impression as decoded, before validation.
+struct RawImpression {
     impression_id: String,
     time_ms: i64,
     model_id: String,
@@ -288,7 +285,20 @@ fn build_impression(
     features: Vec<(String, f64)>,
     slate: Vec<(String, i64, f64)>,
     opted_out: bool,
-) -> Result<Impression, InvalidEvent> {
+}
+
+fn build_impression(raw: RawImpression) -> Result<Impression, InvalidEvent> {
+    let RawImpression {
+        impression_id,
+        time_ms,
+        model_id,
+        model_version,
+        variant,
+        segment,
+        features,
+        slate,
+        opted_out,
+    } = raw;
     let impression_id = require(impression_id, "impression_id")?;
     let model_id = require(model_id, "model_id")?;
     let time_ms = check_time(time_ms)?;
@@ -302,7 +312,10 @@ fn build_impression(
         return Err(InvalidEvent::MissingField("slate"));
     }
     if slate.len() > MAX_SLATE_LEN {
-        return Err(InvalidEvent::BadSlate(format!("{} items, at most {MAX_SLATE_LEN} allowed", slate.len())));
+        return Err(InvalidEvent::BadSlate(format!(
+            "{} items, at most {MAX_SLATE_LEN} allowed",
+            slate.len()
+        )));
     }
     let mut out = Vec::with_capacity(slate.len());
     for (item_id, position, propensity) in slate {
@@ -353,22 +366,18 @@ fn impression_from_pb(m: pb::Impression) -> Result<Impression, InvalidEvent> {
         Some(c) => (c.segment, c.features.into_iter().map(|f| (f.name, f.value)).collect()),
         None => (String::new(), Vec::new()),
     };
-    let slate = m
-        .slate
-        .into_iter()
-        .map(|s| (s.item_id, i64::from(s.position), s.propensity))
-        .collect();
-    build_impression(
-        m.impression_id,
-        m.event_time_ms,
-        m.model_id,
-        m.model_version,
+    let slate = m.slate.into_iter().map(|s| (s.item_id, i64::from(s.position), s.propensity)).collect();
+    build_impression(RawImpression {
+        impression_id: m.impression_id,
+        time_ms: m.event_time_ms,
+        model_id: m.model_id,
+        model_version: m.model_version,
         variant,
         segment,
         features,
         slate,
-        m.opted_out,
-    )
+        opted_out: m.opted_out,
+    })
 }
 
 fn build_feedback(
@@ -464,17 +473,17 @@ impl JsonImpression {
             None => (String::new(), Vec::new()),
         };
         let slate = self.slate.into_iter().map(|s| (s.item_id, s.position, s.propensity)).collect();
-        build_impression(
-            self.impression_id,
-            self.event_time_ms,
-            self.model_id,
-            self.model_version,
+        build_impression(RawImpression {
+            impression_id: self.impression_id,
+            time_ms: self.event_time_ms,
+            model_id: self.model_id,
+            model_version: self.model_version,
             variant,
             segment,
             features,
             slate,
-            self.opted_out,
-        )
+            opted_out: self.opted_out,
+        })
     }
 }
 

@@ -65,6 +65,39 @@ impl JoinCounters {
         ]
     }
 
+    pub fn add(&mut self, o: &JoinCounters) {
+        let JoinCounters {
+            impressions_learned,
+            impressions_duplicate,
+            impressions_opted_out,
+            impressions_evicted,
+            impressions_expired,
+            feedback_attributed,
+            feedback_late_learned,
+            feedback_late_ignored,
+            feedback_duplicate,
+            feedback_held,
+            feedback_orphaned,
+            feedback_evicted,
+            feedback_opted_out,
+            feedback_not_in_slate,
+        } = o;
+        self.impressions_learned += impressions_learned;
+        self.impressions_duplicate += impressions_duplicate;
+        self.impressions_opted_out += impressions_opted_out;
+        self.impressions_evicted += impressions_evicted;
+        self.impressions_expired += impressions_expired;
+        self.feedback_attributed += feedback_attributed;
+        self.feedback_late_learned += feedback_late_learned;
+        self.feedback_late_ignored += feedback_late_ignored;
+        self.feedback_duplicate += feedback_duplicate;
+        self.feedback_held += feedback_held;
+        self.feedback_orphaned += feedback_orphaned;
+        self.feedback_evicted += feedback_evicted;
+        self.feedback_opted_out += feedback_opted_out;
+        self.feedback_not_in_slate += feedback_not_in_slate;
+    }
+
     /// Feedback events that reached a final outcome (held feedback is not final yet).
     pub fn feedback_final(&self) -> u64 {
         self.feedback_attributed
@@ -177,7 +210,13 @@ impl AttributionJoin {
         self.max_event_time_ms = Some(self.max_event_time_ms.map_or(t, |m| m.max(t)));
     }
 
-    fn insert_impression(&mut self, spec: &CoreSpec, models: &mut [ModelShard], model: usize, imp: Impression) -> Outcome {
+    fn insert_impression(
+        &mut self,
+        spec: &CoreSpec,
+        models: &mut [ModelShard],
+        model: usize,
+        imp: Impression,
+    ) -> Outcome {
         if self.impressions.contains_key(&imp.impression_id) {
             self.counters.impressions_duplicate += 1;
             return Outcome::ImpressionDuplicate;
@@ -209,7 +248,8 @@ impl AttributionJoin {
                 // The caller resolved `model` against the same spec; unreachable by construction.
                 return Outcome::ImpressionDuplicate;
             };
-            let slate: Vec<(&str, u32, f64)> = entry.slate.iter().map(|(i, p, q)| (i.as_str(), *p, *q)).collect();
+            let slate: Vec<(&str, u32, f64)> =
+                entry.slate.iter().map(|(i, p, q)| (i.as_str(), *p, *q)).collect();
             shard.observe_impression(mspec, entry_ref(&entry), &entry.variant, &slate);
             self.counters.impressions_learned += 1;
             Outcome::ImpressionLearned
@@ -253,7 +293,9 @@ impl AttributionJoin {
 
     /// Drops impressions past their retention and orphans held feedback past its grace period.
     fn expire(&mut self, spec: &CoreSpec, _models: &mut [ModelShard]) {
-        let Some(wm) = self.watermark_ms(spec) else { return };
+        let Some(wm) = self.watermark_ms(spec) else {
+            return;
+        };
         let retention = Self::retention_ms(spec);
         while let Some((t, _)) = self.impression_order.first() {
             if t.saturating_add(retention) >= wm {
@@ -290,7 +332,8 @@ fn apply_feedback(
         counters.feedback_opted_out += 1;
         return Outcome::FeedbackOptedOut;
     }
-    let Some(idx) = entry.slate.iter().position(|(item, pos, _)| *item == fb.item_id && *pos == fb.position) else {
+    let Some(idx) = entry.slate.iter().position(|(item, pos, _)| *item == fb.item_id && *pos == fb.position)
+    else {
         counters.feedback_not_in_slate += 1;
         return Outcome::FeedbackNotInSlate;
     };
@@ -312,7 +355,17 @@ fn apply_feedback(
     let reward = spec.rewards.micros(fb.kind, fb.value);
     let (item, position, propensity) = &entry.slate[idx];
     let imp = ImpressionRef { time_ms: entry.time_ms, segment: &entry.segment, features: &entry.features };
-    shard.observe_feedback(mspec, imp, &entry.variant, item, *position, *propensity, fb.kind, reward, entry.total_reward_micros);
+    shard.observe_feedback(
+        mspec,
+        imp,
+        &entry.variant,
+        item,
+        *position,
+        *propensity,
+        fb.kind,
+        reward,
+        entry.total_reward_micros,
+    );
     if mspec.position == PositionModel::Cascade && fb.position > entry.last_feedback_position {
         // Examined set: every item up to the deepest feedback (all items while there is none).
         let before = entry.last_feedback_position;

@@ -9,7 +9,14 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// Hashed feature vector of showing `item` in a context: an item indicator, a segment × item
 /// cross, and each named context feature crossed with the item; signed hashing halves the bias
 /// of collisions; the vector is scaled to unit length.
-pub fn features(dim: usize, seed: u64, segment: &str, context: &[(String, f64)], item: &str, out: &mut Vec<f64>) {
+pub fn features(
+    dim: usize,
+    seed: u64,
+    segment: &str,
+    context: &[(String, f64)],
+    item: &str,
+    out: &mut Vec<f64>,
+) {
     out.clear();
     out.resize(dim, 0.0);
     if dim == 0 {

@@ -103,7 +103,9 @@ impl Scorer {
                     let mean = a / (a + b);
                     let s = match strategy {
                         Strategy::Greedy => mean,
-                        Strategy::Ucb { c } => mean + c * (a * b / ((a + b) * (a + b) * (a + b + 1.0))).sqrt(),
+                        Strategy::Ucb { c } => {
+                            mean + c * (a * b / ((a + b) * (a + b) * (a + b + 1.0))).sqrt()
+                        }
                         Strategy::Thompson => match Beta::new(a, b) {
                             Ok(d) => d.sample(rng),
                             Err(_) => mean,
@@ -145,9 +147,15 @@ fn top_k(scores: &[f64], k: usize) -> Vec<usize> {
 }
 
 /// Ranks candidates. Duplicate candidates are ranked once (first occurrence).
-pub fn rank(spec: &ModelSpec, model: &ModelShard, policy: &PolicySpec, req: &RankRequest<'_>) -> Vec<Placement> {
+pub fn rank(
+    spec: &ModelSpec,
+    model: &ModelShard,
+    policy: &PolicySpec,
+    req: &RankRequest<'_>,
+) -> Vec<Placement> {
     let mut seen = std::collections::HashSet::new();
-    let candidates: Vec<String> = req.candidates.iter().filter(|c| seen.insert(c.as_str())).cloned().collect();
+    let candidates: Vec<String> =
+        req.candidates.iter().filter(|c| seen.insert(c.as_str())).cloned().collect();
     let req = RankRequest { candidates: &candidates, ..*req };
     let n = candidates.len();
     let k = req.slate_size.min(n);
@@ -186,7 +194,10 @@ pub fn rank(spec: &ModelSpec, model: &ModelShard, policy: &PolicySpec, req: &Ran
                     counts[i][pos] += 1;
                 }
             }
-            counts.iter().map(|row| row.iter().map(|&c| f64::from(c) / f64::from(samples)).collect()).collect()
+            counts
+                .iter()
+                .map(|row| row.iter().map(|&c| f64::from(c) / f64::from(samples)).collect())
+                .collect()
         }
         Strategy::Ucb { .. } | Strategy::Greedy => {
             let mut m = vec![vec![0.0; k]; n];

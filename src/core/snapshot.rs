@@ -75,13 +75,21 @@ pub fn params_to_pb(spec: &ModelSpec) -> pb::ModelParams {
         segment_priors: spec
             .segment_priors
             .iter()
-            .map(|(s, p)| pb::SegmentPrior { segment: s.clone(), prior: Some(pb::Prior { alpha: p.alpha, beta: p.beta }) })
+            .map(|(s, p)| pb::SegmentPrior {
+                segment: s.clone(),
+                prior: Some(pb::Prior { alpha: p.alpha, beta: p.beta }),
+            })
             .collect(),
         rewards: FeedbackKind::ALL
             .iter()
             .map(|k| {
                 let r = spec.rewards.of(*k);
-                pb::KindReward { kind: k.to_pb() as i32, reward: r.reward, value_weight: r.value_weight, window_ms: r.window_ms }
+                pb::KindReward {
+                    kind: k.to_pb() as i32,
+                    reward: r.reward,
+                    value_weight: r.value_weight,
+                    window_ms: r.window_ms,
+                }
             })
             .collect(),
         reward_scale: spec.rewards.scale,
@@ -112,14 +120,19 @@ pub fn params_from_pb(model_id: &str, p: &pb::ModelParams) -> Result<ModelSpec, 
         Ok(pb::PositionModel::Cascade) => PositionModel::Cascade,
         _ => return Err(invalid(format!("unknown position model {}", p.position_model))),
     };
-    let prior = p.prior.as_ref().map(|q| Prior { alpha: q.alpha, beta: q.beta }).ok_or_else(|| invalid("missing prior"))?;
+    let prior = p
+        .prior
+        .as_ref()
+        .map(|q| Prior { alpha: q.alpha, beta: q.beta })
+        .ok_or_else(|| invalid("missing prior"))?;
     let mut kinds = [KindReward { reward: 0.0, value_weight: 0.0, window_ms: 0 }; 4];
     for r in &p.rewards {
         let kind = FeedbackKind::ALL
             .into_iter()
             .find(|k| k.to_pb() as i32 == r.kind)
             .ok_or_else(|| invalid(format!("unknown reward kind {}", r.kind)))?;
-        kinds[kind.index()] = KindReward { reward: r.reward, value_weight: r.value_weight, window_ms: r.window_ms };
+        kinds[kind.index()] =
+            KindReward { reward: r.reward, value_weight: r.value_weight, window_ms: r.window_ms };
     }
     Ok(ModelSpec {
         id: model_id.to_string(),
@@ -265,15 +278,28 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
         .positions
         .into_iter()
         .map(|p| {
-            (p.position, PositionStats { impressions: p.impressions, clicks: p.clicks, ips_impressions: p.ips_impressions, ips_clicks: p.ips_clicks })
+            (
+                p.position,
+                PositionStats {
+                    impressions: p.impressions,
+                    clicks: p.clicks,
+                    ips_impressions: p.ips_impressions,
+                    ips_clicks: p.ips_clicks,
+                },
+            )
         })
         .collect();
     let mut variants = BTreeMap::new();
     for v in snap.variants {
-        let sq: i128 = v.reward_sq_micros2.parse().map_err(|_| invalid("reward_sq_micros2 is not an integer"))?;
+        let sq: i128 =
+            v.reward_sq_micros2.parse().map_err(|_| invalid("reward_sq_micros2 is not an integer"))?;
         variants.insert(
             variant_from_pb(v.variant.as_ref())?,
-            VariantStats { impressions: v.impressions, reward_micros: v.reward_micros, reward_sq_micros2: sq },
+            VariantStats {
+                impressions: v.impressions,
+                reward_micros: v.reward_micros,
+                reward_sq_micros2: sq,
+            },
         );
     }
     let linear = match (spec.algorithm, snap.linear) {
@@ -300,7 +326,11 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
         source_partition: snap.source_partition,
         version: snap.version,
         watermark_ms: snap.watermark_ms,
-        input_offsets: snap.input_offsets.into_iter().map(|o| (o.topic, o.partition, o.next_offset)).collect(),
+        input_offsets: snap
+            .input_offsets
+            .into_iter()
+            .map(|o| (o.topic, o.partition, o.next_offset))
+            .collect(),
     };
     Ok(DecodedSnapshot { meta, spec, shard })
 }
@@ -322,7 +352,10 @@ pub fn merge(snaps: &[DecodedSnapshot]) -> Result<DecodedSnapshot, SnapshotError
     };
     for s in &order {
         if s.meta.model_id != meta.model_id {
-            return Err(SnapshotError::ModelMismatch { a: meta.model_id.clone(), b: s.meta.model_id.clone() });
+            return Err(SnapshotError::ModelMismatch {
+                a: meta.model_id.clone(),
+                b: s.meta.model_id.clone(),
+            });
         }
         if s.spec != spec {
             return Err(SnapshotError::ParamsMismatch(meta.model_id.clone()));

@@ -1,0 +1,603 @@
+//! Configuration: one TOML file, layered as embedded defaults → file → environment, then
+//! validated into the core's parameters. Every error names the offending field.
+//!
+//! Environment overrides: `BANDITFLOW__<SECTION>__<FIELD>` (double underscores separate path
+//! segments; list elements by index, e.g. `BANDITFLOW__MODELS__0__HALF_LIFE=2d`). Values are read
+//! as TOML literals when they parse as such (numbers, booleans, arrays), else as strings.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::core::event::{Encoding, FeedbackKind, TopicRole};
+use crate::core::params::{
+    Algorithm, CoreSpec, Examination, JoinSpec, KindReward, ModelSpec, PositionModel, Prior, Rewards,
+};
+use crate::core::policy::{PolicySpec, Strategy};
+
+/// The configuration the `demo` and tests start from; a file only states what differs.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+pub const ENV_PREFIX: &str = "BANDITFLOW__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config: {origin} is not valid TOML: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("config field `{field}`: {message}")]
+    Field { field: String, message: String },
+}
+
+fn field_err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Field { field: field.into(), message: message.into() }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    input: RawInput,
+    rewards: RawRewards,
+    join: RawJoin,
+    policy: RawPolicy,
+    models: Vec<RawModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInput {
+    topics: Vec<RawTopic>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopic {
+    name: String,
+    role: String,
+    encoding: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRewards {
+    click: RawKind,
+    add_to_cart: RawKind,
+    purchase: RawKind,
+    #[serde(rename = "return")]
+    return_: RawKind,
+    scale: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKind {
+    reward: f64,
+    #[serde(default)]
+    value_weight: f64,
+    window: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJoin {
+    watermark_delay: String,
+    grace: String,
+    late_retention: String,
+    learn_late: bool,
+    max_impressions: i64,
+    max_pending_feedback: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    strategy: String,
+    ucb_c: f64,
+    epsilon: f64,
+    propensity_samples: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    id: String,
+    #[serde(default = "default_algorithm")]
+    algorithm: String,
+    #[serde(default = "default_position_model")]
+    position_model: String,
+    #[serde(default)]
+    examination: Option<toml::Value>,
+    #[serde(default = "default_half_life")]
+    half_life: String,
+    #[serde(default)]
+    prior: Option<RawPrior>,
+    #[serde(default)]
+    segment_priors: BTreeMap<String, RawPrior>,
+    #[serde(default)]
+    linear: Option<RawLinear>,
+}
+
+fn default_algorithm() -> String {
+    "beta".into()
+}
+fn default_position_model() -> String {
+    "pbm".into()
+}
+fn default_half_life() -> String {
+    "7d".into()
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RawPrior {
+    alpha: f64,
+    beta: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLinear {
+    #[serde(default = "default_dim")]
+    dim: i64,
+    #[serde(default = "default_lambda")]
+    lambda: f64,
+    #[serde(default)]
+    hash_seed: u64,
+}
+
+fn default_dim() -> i64 {
+    16
+}
+fn default_lambda() -> f64 {
+    1.0
+}
+
+/// One input topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub role: TopicRole,
+    pub encoding: Encoding,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub topics: Vec<TopicSpec>,
+    pub core: CoreSpec,
+    pub policy: PolicySpec,
+}
+
+impl Config {
+    pub fn topic(&self, name: &str) -> Option<&TopicSpec> {
+        self.topics.iter().find(|t| t.name == name)
+    }
+
+    /// Defaults, then the file (if any), then `env` (pairs of name and value; pass
+    /// `std::env::vars()` at the edge, nothing in tests).
+    pub fn load(
+        path: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(p) => Some((
+                p.display().to_string(),
+                std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?,
+            )),
+            None => None,
+        };
+        Config::from_layers(file.as_ref().map(|(o, t)| (o.as_str(), t.as_str())), env)
+    }
+
+    pub fn from_layers(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut value = parse_toml("embedded defaults", DEFAULT_TOML)?;
+        if let Some((origin, text)) = file {
+            let overlay = parse_toml(origin, text)?;
+            merge_values(&mut value, overlay);
+        }
+        for (k, v) in env {
+            if let Some(path) = k.strip_prefix(ENV_PREFIX) {
+                apply_env(&mut value, path, &v)?;
+            }
+        }
+        let raw: RawConfig = value.try_into().map_err(|e: toml::de::Error| deser_error(e))?;
+        validate(raw)
+    }
+}
+
+fn parse_toml(origin: &str, text: &str) -> Result<toml::Value, ConfigError> {
+    text.parse::<toml::Table>()
+        .map(toml::Value::Table)
+        .map_err(|e| ConfigError::Syntax { origin: origin.to_string(), message: e.message().to_string() })
+}
+
+fn deser_error(e: toml::de::Error) -> ConfigError {
+    // serde reports "unknown field `x`" / "missing field `x`" / "invalid type ... for key `a.b`".
+    let msg = e.message().to_string();
+    let field = msg.split('`').nth(1).map(str::to_string).unwrap_or_else(|| "(top level)".to_string());
+    field_err(field, msg)
+}
+
+/// Tables merge key by key; everything else (including `models`, a list) is replaced whole.
+fn merge_values(base: &mut toml::Value, overlay: toml::Value) {
+    match (base, overlay) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) if slot.is_table() && v.is_table() => merge_values(slot, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn apply_env(root: &mut toml::Value, path: &str, raw: &str) -> Result<(), ConfigError> {
+    let segments: Vec<String> = path.split("__").map(|s| s.to_ascii_lowercase()).collect();
+    let field = segments.join(".");
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut cur = root;
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        cur = match cur {
+            toml::Value::Table(t) => {
+                if last {
+                    t.insert(seg.clone(), value);
+                    return Ok(());
+                }
+                t.entry(seg.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            }
+            toml::Value::Array(a) => {
+                let idx: usize = seg.parse().map_err(|_| {
+                    field_err(&field, format!("`{seg}` is not a list index (environment override)"))
+                })?;
+                let len = a.len();
+                let slot = a.get_mut(idx).ok_or_else(|| {
+                    field_err(&field, format!("index {idx} is past the {len} configured entries"))
+                })?;
+                if last {
+                    *slot = value;
+                    return Ok(());
+                }
+                slot
+            }
+            _ => return Err(field_err(&field, "environment override goes below a plain value")),
+        };
+    }
+    Ok(())
+}
+
+/// Parses durations such as `250ms`, `30s`, `5m`, `2h`, `7d` (or a bare number of milliseconds).
+pub fn parse_duration_ms(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: i64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn duration(field: &str, s: &str) -> Result<i64, ConfigError> {
+    parse_duration_ms(s)
+        .ok_or_else(|| field_err(field, format!("`{s}` is not a duration (e.g. 500ms, 30s, 5m, 2h, 7d)")))
+}
+
+fn finite(field: &str, v: f64) -> Result<f64, ConfigError> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(field_err(field, "must be a finite number"))
+    }
+}
+
+fn positive(field: &str, v: f64) -> Result<f64, ConfigError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(field_err(field, format!("must be a positive number, got {v}")))
+    }
+}
+
+fn count(field: &str, v: i64) -> Result<usize, ConfigError> {
+    if v >= 1 {
+        usize::try_from(v).map_err(|_| field_err(field, "too large"))
+    } else {
+        Err(field_err(field, format!("must be at least 1, got {v}")))
+    }
+}
+
+fn prior(field: &str, p: RawPrior) -> Result<Prior, ConfigError> {
+    Ok(Prior {
+        alpha: positive(&format!("{field}.alpha"), p.alpha)?,
+        beta: positive(&format!("{field}.beta"), p.beta)?,
+    })
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut topics = Vec::new();
+    for (i, t) in raw.input.topics.into_iter().enumerate() {
+        let f = |s: &str| format!("input.topics[{i}].{s}");
+        if t.name.is_empty() {
+            return Err(field_err(f("name"), "must not be empty"));
+        }
+        if topics.iter().any(|x: &TopicSpec| x.name == t.name) {
+            return Err(field_err(f("name"), format!("topic `{}` is listed twice", t.name)));
+        }
+        let role = match t.role.as_str() {
+            "impressions" => TopicRole::Impressions,
+            "feedback" => TopicRole::Feedback,
+            "combined" => TopicRole::Combined,
+            other => {
+                return Err(field_err(
+                    f("role"),
+                    format!("`{other}` is not one of impressions, feedback, combined"),
+                ))
+            }
+        };
+        let encoding = match t.encoding.as_str() {
+            "protobuf" => Encoding::Protobuf,
+            "json" => Encoding::Json,
+            other => return Err(field_err(f("encoding"), format!("`{other}` is not one of protobuf, json"))),
+        };
+        topics.push(TopicSpec { name: t.name, role, encoding });
+    }
+    if topics.is_empty() {
+        return Err(field_err("input.topics", "at least one input topic is needed"));
+    }
+    let has = |r: TopicRole| topics.iter().any(|t| t.role == r);
+    let complete = has(TopicRole::Combined) || (has(TopicRole::Impressions) && has(TopicRole::Feedback));
+    if !complete {
+        return Err(field_err(
+            "input.topics",
+            "need a combined topic, or both an impressions and a feedback topic",
+        ));
+    }
+
+    let r = raw.rewards;
+    let mut kinds = [KindReward { reward: 0.0, value_weight: 0.0, window_ms: 0 }; 4];
+    for (kind, rk) in [
+        (FeedbackKind::Click, &r.click),
+        (FeedbackKind::AddToCart, &r.add_to_cart),
+        (FeedbackKind::Purchase, &r.purchase),
+        (FeedbackKind::Return, &r.return_),
+    ] {
+        let f = |s: &str| format!("rewards.{}.{s}", kind.as_str());
+        let window_ms = duration(&f("window"), &rk.window)?;
+        if window_ms <= 0 {
+            return Err(field_err(f("window"), "must be positive"));
+        }
+        kinds[kind.index()] = KindReward {
+            reward: finite(&f("reward"), rk.reward)?,
+            value_weight: finite(&f("value_weight"), rk.value_weight)?,
+            window_ms,
+        };
+    }
+    let positive_sum: f64 = kinds.iter().map(|k| k.reward.max(0.0)).sum();
+    let scale = match r.scale {
+        Some(s) => positive("rewards.scale", s)?,
+        None if positive_sum > 0.0 => positive_sum,
+        None => {
+            return Err(field_err("rewards", "no feedback kind has a positive reward; set rewards.scale"))
+        }
+    };
+    let rewards = Rewards { kinds, scale };
+
+    let j = raw.join;
+    let join = JoinSpec {
+        watermark_delay_ms: duration("join.watermark_delay", &j.watermark_delay)?,
+        grace_ms: duration("join.grace", &j.grace)?,
+        late_retention_ms: duration("join.late_retention", &j.late_retention)?,
+        learn_late: j.learn_late,
+        max_impressions: count("join.max_impressions", j.max_impressions)?,
+        max_pending_feedback: count("join.max_pending_feedback", j.max_pending_feedback)?,
+    };
+
+    let p = raw.policy;
+    let strategy = match p.strategy.as_str() {
+        "thompson" => Strategy::Thompson,
+        "ucb" => Strategy::Ucb { c: positive("policy.ucb_c", p.ucb_c)? },
+        "greedy" => Strategy::Greedy,
+        other => {
+            return Err(field_err(
+                "policy.strategy",
+                format!("`{other}` is not one of thompson, ucb, greedy"),
+            ))
+        }
+    };
+    if !(0.0..=1.0).contains(&p.epsilon) {
+        return Err(field_err("policy.epsilon", format!("must be in [0, 1], got {}", p.epsilon)));
+    }
+    let policy = PolicySpec {
+        strategy,
+        epsilon: p.epsilon,
+        propensity_samples: u32::try_from(count("policy.propensity_samples", p.propensity_samples)?)
+            .map_err(|_| field_err("policy.propensity_samples", "too large"))?,
+    };
+
+    if raw.models.is_empty() {
+        return Err(field_err("models", "at least one model is needed"));
+    }
+    let mut models: Vec<ModelSpec> = Vec::new();
+    for (i, m) in raw.models.into_iter().enumerate() {
+        let f = |s: &str| format!("models[{i}].{s}");
+        if m.id.is_empty() || m.id.contains('/') {
+            return Err(field_err(f("id"), "must be a non-empty name without `/`"));
+        }
+        if models.iter().any(|x| x.id == m.id) {
+            return Err(field_err(f("id"), format!("model `{}` is configured twice", m.id)));
+        }
+        let algorithm = match m.algorithm.as_str() {
+            "beta" => {
+                if m.linear.is_some() {
+                    return Err(field_err(f("linear"), "only for algorithm = \"linear\""));
+                }
+                Algorithm::BetaBernoulli
+            }
+            "linear" => {
+                let l = m.linear.unwrap_or(RawLinear {
+                    dim: default_dim(),
+                    lambda: default_lambda(),
+                    hash_seed: 0,
+                });
+                if !(1..=1024).contains(&l.dim) {
+                    return Err(field_err(f("linear.dim"), format!("must be in 1..=1024, got {}", l.dim)));
+                }
+                Algorithm::Linear {
+                    dim: l.dim as u32,
+                    lambda: positive(&f("linear.lambda"), l.lambda)?,
+                    hash_seed: l.hash_seed,
+                }
+            }
+            other => return Err(field_err(f("algorithm"), format!("`{other}` is not one of beta, linear"))),
+        };
+        let position = match m.position_model.as_str() {
+            "pbm" => {
+                match m.examination {
+                    None => PositionModel::Pbm(Examination::Fixed(vec![1.0])),
+                    Some(toml::Value::String(s)) if s == "estimated" => {
+                        if matches!(algorithm, Algorithm::Linear { .. }) {
+                            return Err(field_err(f("examination"), "estimated examination is only supported for algorithm = \"beta\"; give weights"));
+                        }
+                        PositionModel::Pbm(Examination::Estimated)
+                    }
+                    Some(toml::Value::Array(a)) => {
+                        let mut w = Vec::new();
+                        for (k, v) in a.iter().enumerate() {
+                            let x = v.as_float().or_else(|| v.as_integer().map(|i| i as f64));
+                            match x {
+                                Some(x) if x > 0.0 && x <= 1.0 => w.push(x),
+                                _ => {
+                                    return Err(field_err(
+                                        format!("models[{i}].examination[{k}]"),
+                                        "must be a number in (0, 1]",
+                                    ))
+                                }
+                            }
+                        }
+                        if w.is_empty() {
+                            return Err(field_err(f("examination"), "needs at least one weight"));
+                        }
+                        PositionModel::Pbm(Examination::Fixed(w))
+                    }
+                    Some(_) => {
+                        return Err(field_err(f("examination"), "must be a list of weights or \"estimated\""))
+                    }
+                }
+            }
+            "cascade" => {
+                if m.examination.is_some() {
+                    return Err(field_err(f("examination"), "only for position_model = \"pbm\""));
+                }
+                PositionModel::Cascade
+            }
+            other => {
+                return Err(field_err(f("position_model"), format!("`{other}` is not one of pbm, cascade")))
+            }
+        };
+        let half_life_ms = duration(&f("half_life"), &m.half_life)?;
+        let prior_v = prior(&f("prior"), m.prior.unwrap_or(RawPrior { alpha: 1.0, beta: 1.0 }))?;
+        let mut segment_priors = BTreeMap::new();
+        for (seg, p) in m.segment_priors {
+            let pv = prior(&f(&format!("segment_priors.{seg}")), p)?;
+            segment_priors.insert(seg, pv);
+        }
+        models.push(ModelSpec {
+            id: m.id,
+            algorithm,
+            position,
+            half_life_ms,
+            prior: prior_v,
+            segment_priors,
+            rewards: rewards.clone(),
+        });
+    }
+    Ok(Config { topics, core: CoreSpec { models, rewards, join }, policy })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_layers(
+            Some(("test.toml", file)),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let c = load("", &[]).expect("defaults validate");
+        assert!(!c.core.models.is_empty());
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
+            ("[join]\ngrace = \"soon\"", &[], "join.grace"),
+            ("[join]\nmax_impressions = 0", &[], "join.max_impressions"),
+            ("[policy]\nepsilon = 2.0", &[], "policy.epsilon"),
+            ("[policy]\nstrategy = \"random\"", &[], "policy.strategy"),
+            ("[[models]]\nid = \"m\"\nhalf_life = \"x\"", &[], "models[0].half_life"),
+            ("[[models]]\nid = \"m\"\nexamination = [1.0, 1.5]", &[], "models[0].examination[1]"),
+            ("[[models]]\nid = \"m\"\nprior = { alpha = -1, beta = 1 }", &[], "models[0].prior.alpha"),
+            (
+                "[[models]]\nid = \"m\"\nalgorithm = \"linear\"\nexamination = \"estimated\"",
+                &[],
+                "models[0].examination",
+            ),
+            ("[join]\ngrase = \"1m\"", &[], "grase"),
+            ("", &[("BANDITFLOW__JOIN__GRACE", "later")], "join.grace"),
+            ("", &[("BANDITFLOW__MODELS__5__HALF_LIFE", "1d")], "models.5.half_life"),
+            ("[rewards.click]\nreward = 1\nwindow = \"-1s\"", &[], "rewards.click.window"),
+        ];
+        for (file, env, field) in cases {
+            match load(file, env) {
+                Err(ConfigError::Field { field: f, message }) => {
+                    assert_eq!(&f, field, "for {file:?} {env:?}: {message}")
+                }
+                other => panic!("expected error naming {field} for {file:?}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let c = load(
+            "[join]\ngrace = \"1m\"",
+            &[("BANDITFLOW__JOIN__GRACE", "2m"), ("BANDITFLOW__MODELS__0__HALF_LIFE", "1d")],
+        )
+        .expect("valid");
+        assert_eq!(c.core.join.grace_ms, 120_000);
+        assert_eq!(c.core.models[0].half_life_ms, 86_400_000);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("250ms"), Some(250));
+        assert_eq!(parse_duration_ms("7d"), Some(604_800_000));
+        assert_eq!(parse_duration_ms("1500"), Some(1500));
+        assert_eq!(parse_duration_ms("1w"), None);
+        assert_eq!(parse_duration_ms(""), None);
+    }
+}
