@@ -51,6 +51,8 @@ pub struct LinearState {
     pub xx: Vec<f64>,
     /// Σ r x.
     pub xr: Vec<f64>,
+    /// Item exposures learned from impressions (cascade corrections are not counted, so the
+    /// count does not depend on the order feedback arrives in).
     pub updates: u64,
 }
 
@@ -74,7 +76,6 @@ impl LinearState {
                 k += 1;
             }
         }
-        self.updates += 1;
     }
 
     /// Adds `r · x` (a reward).

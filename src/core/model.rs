@@ -274,6 +274,9 @@ impl ModelShard {
                 arm.exposure += e * df;
             }
             self.linear_update(spec, imp, item, e * df, 0.0);
+            if let Some(l) = &mut self.linear {
+                l.updates += 1;
+            }
         }
     }
 

@@ -1,0 +1,11 @@
+//! The integration tests, as one binary (one link, shared helpers).
+
+mod bad_input;
+mod golden;
+mod join;
+mod policy;
+mod properties;
+mod snapshot;
+mod support;
+mod tidy;
+mod truth;

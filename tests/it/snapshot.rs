@@ -1,0 +1,94 @@
+//! Snapshot codec: canonical bytes, typed errors on corrupt or truncated input, merge rules.
+
+use banditflow::core::event::{Event, FeedbackKind, Variant};
+use banditflow::core::snapshot::{self, SnapshotError, SnapshotMeta};
+
+use crate::support::*;
+
+fn sample() -> (banditflow::core::params::CoreSpec, Vec<Vec<u8>>) {
+    let spec = unbounded_spec();
+    let mut f = Feeder::new(&spec, 3);
+    for (k, m) in ["pbm", "lin", "est"].iter().enumerate() {
+        let id = format!("i{k}");
+        f.feed(
+            &spec,
+            &Event::Impression(impression(&id, m, T0 + k as i64, Variant::Holdout, "kids", &["a", "b", "c"])),
+        );
+        f.feed(&spec, &Event::Feedback(feedback(&id, "c", 3, FeedbackKind::AddToCart, T0 + 100)));
+    }
+    let bytes = spec
+        .models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let meta = SnapshotMeta {
+                model_id: m.id.clone(),
+                source_partition: 3,
+                version: 6,
+                watermark_ms: T0 + 100,
+                input_offsets: vec![("events".into(), 3, 6)],
+            };
+            snapshot::encode(m, &f.state.models[i], &meta)
+        })
+        .collect();
+    (spec, bytes)
+}
+
+#[test]
+fn round_trip_is_byte_identical() {
+    let (_, all) = sample();
+    for bytes in all {
+        let d = snapshot::decode(&bytes).expect("decodes");
+        assert_eq!(snapshot::encode(&d.spec, &d.shard, &d.meta), bytes);
+        assert_eq!(d.meta.input_offsets, vec![("events".to_string(), 3, 6)]);
+    }
+}
+
+#[test]
+fn every_truncation_is_a_typed_error() {
+    let (_, all) = sample();
+    for bytes in all {
+        for len in 0..bytes.len() {
+            assert!(
+                snapshot::decode(&bytes[..len]).is_err(),
+                "truncated to {len} of {} bytes decoded",
+                bytes.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn every_single_bit_flip_is_detected() {
+    let (_, all) = sample();
+    let bytes = &all[1];
+    for i in 0..bytes.len() {
+        for bit in 0..8 {
+            let mut b = bytes.clone();
+            b[i] ^= 1 << bit;
+            assert!(snapshot::decode(&b).is_err(), "flip of bit {bit} in byte {i} went unnoticed");
+        }
+    }
+}
+
+#[test]
+fn merge_refuses_different_models_and_parameters() {
+    let (spec, all) = sample();
+    let a = snapshot::decode(&all[0]).expect("decodes");
+    let b = snapshot::decode(&all[2]).expect("decodes");
+    assert!(matches!(snapshot::merge(&[a.clone(), b]), Err(SnapshotError::ModelMismatch { .. })));
+    let mut other = a.clone();
+    other.spec.prior.alpha = 2.0;
+    assert!(matches!(snapshot::merge(&[a, other]), Err(SnapshotError::ParamsMismatch(_))));
+    assert!(matches!(snapshot::merge(&[]), Err(SnapshotError::Empty)));
+    let _ = spec;
+}
+
+#[test]
+fn a_newer_format_is_refused_by_version() {
+    use prost::Message;
+    let (_, all) = sample();
+    let mut m = banditflow::core::pb::ModelSnapshot::decode(all[0].as_slice()).expect("decodes");
+    m.format_version = 2;
+    assert_eq!(snapshot::decode(&m.encode_to_vec()).err(), Some(SnapshotError::Version { found: 2 }));
+}

@@ -1,0 +1,199 @@
+//! Shared helpers: a core spec for table tests and tolerant state comparison.
+
+use std::collections::BTreeMap;
+
+use banditflow::core::event::{
+    self, Encoding, Event, Feedback, FeedbackKind, Impression, SlateEntry, TopicRole, Variant,
+};
+use banditflow::core::model::ModelShard;
+use banditflow::core::params::{
+    Algorithm, CoreSpec, Examination, JoinSpec, KindReward, ModelSpec, PositionModel, Prior, Rewards,
+};
+use banditflow::core::partition::{Applied, InputRecord, PartitionState};
+
+pub const T0: i64 = 1_767_225_600_000;
+pub const MIN: i64 = 60_000;
+pub const HOUR: i64 = 3_600_000;
+pub const DAY: i64 = 86_400_000;
+
+pub fn rewards() -> Rewards {
+    let k = |reward, window_ms| KindReward { reward, value_weight: 0.0, window_ms };
+    Rewards { kinds: [k(1.0, HOUR), k(2.0, DAY), k(5.0, 7 * DAY), k(-5.0, 30 * DAY)], scale: 8.0 }
+}
+
+pub fn model(id: &str, algorithm: Algorithm, position: PositionModel, half_life_ms: i64) -> ModelSpec {
+    ModelSpec {
+        id: id.into(),
+        algorithm,
+        position,
+        half_life_ms,
+        prior: Prior { alpha: 1.0, beta: 9.0 },
+        segment_priors: BTreeMap::new(),
+        rewards: rewards(),
+    }
+}
+
+/// Three models covering the three learning paths: Beta + configured PBM, linear + cascade,
+/// Beta + estimated examination.
+pub fn spec_with_join(join: JoinSpec) -> CoreSpec {
+    CoreSpec {
+        models: vec![
+            model(
+                "pbm",
+                Algorithm::BetaBernoulli,
+                PositionModel::Pbm(Examination::Fixed(vec![1.0, 0.7, 0.5])),
+                DAY,
+            ),
+            model(
+                "lin",
+                Algorithm::Linear { dim: 8, lambda: 1.0, hash_seed: 3 },
+                PositionModel::Cascade,
+                2 * DAY,
+            ),
+            model("est", Algorithm::BetaBernoulli, PositionModel::Pbm(Examination::Estimated), 0),
+        ],
+        rewards: rewards(),
+        join,
+    }
+}
+
+/// Windows and caps so generous that no attribution decision depends on arrival order.
+pub fn unbounded_spec() -> CoreSpec {
+    spec_with_join(JoinSpec {
+        watermark_delay_ms: 0,
+        grace_ms: 1_000 * DAY,
+        late_retention_ms: 1_000 * DAY,
+        learn_late: true,
+        max_impressions: 1_000_000,
+        max_pending_feedback: 1_000_000,
+    })
+}
+
+pub fn impression(
+    id: &str,
+    model: &str,
+    t: i64,
+    variant: Variant,
+    segment: &str,
+    items: &[&str],
+) -> Impression {
+    Impression {
+        impression_id: id.into(),
+        time_ms: t,
+        model_id: model.into(),
+        model_version: 1,
+        variant,
+        segment: segment.into(),
+        features: vec![("mobile".into(), 1.0)],
+        slate: items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| SlateEntry { item_id: (*it).into(), position: i as u32 + 1, propensity: 0.5 })
+            .collect(),
+        opted_out: false,
+    }
+}
+
+pub fn feedback(imp: &str, item: &str, position: u32, kind: FeedbackKind, t: i64) -> Feedback {
+    Feedback { impression_id: imp.into(), item_id: item.into(), position, kind, value: 0.0, time_ms: t }
+}
+
+/// Feeds events through the full record path (protobuf, combined topic) of one partition.
+pub struct Feeder {
+    pub state: PartitionState,
+    next: i64,
+}
+
+impl Feeder {
+    pub fn new(spec: &CoreSpec, partition: i32) -> Feeder {
+        Feeder { state: PartitionState::new(spec, partition), next: 0 }
+    }
+
+    pub fn feed(&mut self, spec: &CoreSpec, e: &Event) -> Applied {
+        let payload = event::encode(TopicRole::Combined, Encoding::Protobuf, e);
+        let r = InputRecord {
+            topic: "events",
+            partition: self.state.partition,
+            offset: self.next,
+            role: TopicRole::Combined,
+            encoding: Encoding::Protobuf,
+            payload: &payload,
+        };
+        self.next += 1;
+        self.state.apply(spec, r)
+    }
+}
+
+/// Integer statistics must match exactly; decayed floating-point sums within 1e-9 (relative,
+/// or absolute when near zero), read at `now_ms`: they are equal up to the order of
+/// floating-point additions. Raw sums are relative to the decay landmark, where an event's
+/// weight can reach 2^64, so a difference is judged in units of one event read at `now_ms`.
+pub fn assert_shards_equivalent(a: &ModelShard, b: &ModelShard, spec: &ModelSpec, now_ms: i64, what: &str) {
+    assert_eq!(a.landmark_ms, b.landmark_ms, "{what}: landmark");
+    let f = a.read_factor(spec, now_ms);
+    let close = |x: f64, y: f64| {
+        let (x, y) = (x * f, y * f);
+        (x - y).abs() <= 1e-9 * (1.0 + x.abs() + y.abs())
+    };
+    assert_eq!(a.variants, b.variants, "{what}: variant statistics");
+    let keys = |m: &ModelShard| {
+        let mut k: Vec<(String, String)> =
+            m.arms.iter().flat_map(|(s, items)| items.keys().map(move |i| (s.clone(), i.clone()))).collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(a), keys(b), "{what}: arms");
+    for (seg, items) in &a.arms {
+        for (item, x) in items {
+            let y = &b.arms[seg][item];
+            assert_eq!(
+                (x.impressions, x.feedback, x.reward_micros),
+                (y.impressions, y.feedback, y.reward_micros),
+                "{what}: counters of {seg}/{item}"
+            );
+            assert!(
+                close(x.exposure, y.exposure),
+                "{what}: exposure of {seg}/{item}: {} vs {}",
+                x.exposure,
+                y.exposure
+            );
+            assert!(
+                close(x.success, y.success),
+                "{what}: success of {seg}/{item}: {} vs {}",
+                x.success,
+                y.success
+            );
+            let n = x.position_exposure.len().max(y.position_exposure.len());
+            for i in 0..n {
+                let (p, q) = (
+                    x.position_exposure.get(i).copied().unwrap_or(0.0),
+                    y.position_exposure.get(i).copied().unwrap_or(0.0),
+                );
+                assert!(close(p, q), "{what}: position exposure {i} of {seg}/{item}");
+            }
+        }
+    }
+    assert_eq!(
+        a.positions.keys().collect::<Vec<_>>(),
+        b.positions.keys().collect::<Vec<_>>(),
+        "{what}: positions"
+    );
+    for (pos, p) in &a.positions {
+        let q = &b.positions[pos];
+        assert_eq!((p.impressions, p.clicks), (q.impressions, q.clicks), "{what}: position {pos} counters");
+        assert!(
+            close(p.ips_impressions, q.ips_impressions) && close(p.ips_clicks, q.ips_clicks),
+            "{what}: position {pos} ips"
+        );
+    }
+    match (&a.linear, &b.linear) {
+        (Some(x), Some(y)) => {
+            assert_eq!(x.updates, y.updates, "{what}: linear updates");
+            for (p, q) in x.xx.iter().zip(&y.xx).chain(x.xr.iter().zip(&y.xr)) {
+                assert!(close(*p, *q), "{what}: linear statistics {p} vs {q}");
+            }
+        }
+        (None, None) => {}
+        _ => panic!("{what}: linear state present on one side only"),
+    }
+}
