@@ -38,6 +38,7 @@ fn field_err(field: impl Into<String>, message: impl Into<String>) -> ConfigErro
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     input: RawInput,
+    kafka: RawKafka,
     rewards: RawRewards,
     join: RawJoin,
     policy: RawPolicy,
@@ -48,6 +49,49 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawInput {
     topics: Vec<RawTopic>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafka {
+    bootstrap_servers: String,
+    group_id: String,
+    instance_id: toml::Value,
+    snapshot_topic: String,
+    dead_letter_topic: String,
+    create_topics: bool,
+    replication_factor: i64,
+    snapshot_interval: String,
+    transaction_timeout: String,
+    max_record_bytes: i64,
+    restore_timeout: String,
+    prefetch_kbytes: i64,
+    partition_queue_records: i64,
+    metrics_address: String,
+    #[serde(default)]
+    properties: BTreeMap<String, toml::Value>,
+}
+
+/// How the service talks to Kafka.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaSpec {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    pub instance_id: String,
+    pub snapshot_topic: String,
+    pub dead_letter_topic: String,
+    pub create_topics: bool,
+    pub replication_factor: i32,
+    pub snapshot_interval_ms: i64,
+    pub transaction_timeout_ms: i64,
+    pub max_record_bytes: usize,
+    pub restore_timeout_ms: i64,
+    pub prefetch_kbytes: usize,
+    pub partition_queue_records: usize,
+    /// `None` when disabled.
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// librdkafka properties passed through as is.
+    pub properties: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -165,6 +209,7 @@ pub struct TopicSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub topics: Vec<TopicSpec>,
+    pub kafka: KafkaSpec,
     pub core: CoreSpec,
     pub policy: PolicySpec,
 }
@@ -530,7 +575,90 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             rewards: rewards.clone(),
         });
     }
-    Ok(Config { topics, core: CoreSpec { models, rewards, join }, policy })
+    let kafka = validate_kafka(raw.kafka, &topics)?;
+    Ok(Config { topics, kafka, core: CoreSpec { models, rewards, join }, policy })
+}
+
+fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, ConfigError> {
+    let non_empty = |field: &str, v: String| {
+        if v.trim().is_empty() {
+            Err(field_err(field, "must not be empty"))
+        } else {
+            Ok(v)
+        }
+    };
+    let instance_id = match k.instance_id {
+        toml::Value::String(s) => s,
+        toml::Value::Integer(i) => i.to_string(),
+        other => {
+            return Err(field_err("kafka.instance_id", format!("must be a name or number, got {other}")))
+        }
+    };
+    let snapshot_topic = non_empty("kafka.snapshot_topic", k.snapshot_topic)?;
+    let dead_letter_topic = non_empty("kafka.dead_letter_topic", k.dead_letter_topic)?;
+    for (field, t) in
+        [("kafka.snapshot_topic", &snapshot_topic), ("kafka.dead_letter_topic", &dead_letter_topic)]
+    {
+        if topics.iter().any(|i| &i.name == t) {
+            return Err(field_err(field, format!("`{t}` is also an input topic")));
+        }
+    }
+    let positive_ms = |field: &str, s: &str| {
+        let v = duration(field, s)?;
+        if v > 0 {
+            Ok(v)
+        } else {
+            Err(field_err(field, "must be positive"))
+        }
+    };
+    let max_record_bytes = count("kafka.max_record_bytes", k.max_record_bytes)?;
+    if max_record_bytes < 1024 {
+        return Err(field_err("kafka.max_record_bytes", "must be at least 1024"));
+    }
+    let metrics_address = if k.metrics_address.trim().is_empty() {
+        None
+    } else {
+        Some(k.metrics_address.parse().map_err(|_| {
+            field_err(
+                "kafka.metrics_address",
+                format!("`{}` is not an address such as 127.0.0.1:9464", k.metrics_address),
+            )
+        })?)
+    };
+    let mut properties = BTreeMap::new();
+    for (name, v) in k.properties {
+        let text = match v {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            _ => {
+                return Err(field_err(
+                    format!("kafka.properties.{name}"),
+                    "must be a string, number or boolean",
+                ))
+            }
+        };
+        properties.insert(name, text);
+    }
+    Ok(KafkaSpec {
+        bootstrap_servers: non_empty("kafka.bootstrap_servers", k.bootstrap_servers)?,
+        group_id: non_empty("kafka.group_id", k.group_id)?,
+        instance_id: non_empty("kafka.instance_id", instance_id)?,
+        snapshot_topic,
+        dead_letter_topic,
+        create_topics: k.create_topics,
+        replication_factor: i32::try_from(count("kafka.replication_factor", k.replication_factor)?)
+            .map_err(|_| field_err("kafka.replication_factor", "too large"))?,
+        snapshot_interval_ms: positive_ms("kafka.snapshot_interval", &k.snapshot_interval)?,
+        transaction_timeout_ms: positive_ms("kafka.transaction_timeout", &k.transaction_timeout)?,
+        max_record_bytes,
+        restore_timeout_ms: positive_ms("kafka.restore_timeout", &k.restore_timeout)?,
+        prefetch_kbytes: count("kafka.prefetch_kbytes", k.prefetch_kbytes)?,
+        partition_queue_records: count("kafka.partition_queue_records", k.partition_queue_records)?,
+        metrics_address,
+        properties,
+    })
 }
 
 #[cfg(test)]
@@ -570,6 +698,10 @@ mod tests {
             ("", &[("BANDITFLOW__JOIN__GRACE", "later")], "join.grace"),
             ("", &[("BANDITFLOW__MODELS__5__HALF_LIFE", "1d")], "models.5.half_life"),
             ("[rewards.click]\nreward = 1\nwindow = \"-1s\"", &[], "rewards.click.window"),
+            ("[kafka]\nsnapshot_interval = \"0s\"", &[], "kafka.snapshot_interval"),
+            ("[kafka]\nmetrics_address = \"localhost\"", &[], "kafka.metrics_address"),
+            ("[kafka]\nsnapshot_topic = \"feedback\"", &[], "kafka.snapshot_topic"),
+            ("", &[("BANDITFLOW__KAFKA__GROUP_ID", "\"\"")], "kafka.group_id"),
         ];
         for (file, env, field) in cases {
             match load(file, env) {
@@ -590,6 +722,17 @@ mod tests {
         .expect("valid");
         assert_eq!(c.core.join.grace_ms, 120_000);
         assert_eq!(c.core.models[0].half_life_ms, 86_400_000);
+        let c = load(
+            "[kafka.properties]\n\"security.protocol\" = \"SSL\"",
+            &[
+                ("BANDITFLOW__KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1234"),
+                ("BANDITFLOW__KAFKA__INSTANCE_ID", "7"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(c.kafka.bootstrap_servers, "127.0.0.1:1234");
+        assert_eq!(c.kafka.instance_id, "7");
+        assert_eq!(c.kafka.properties.get("security.protocol").map(String::as_str), Some("SSL"));
     }
 
     #[test]

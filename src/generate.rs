@@ -32,6 +32,9 @@ pub struct ShopSpec {
     pub feedback_topic: String,
     pub impressions_encoding: Encoding,
     pub feedback_encoding: Encoding,
+    /// Write both kinds to this one topic (as `banditflow.v1.Event`, in the impressions
+    /// encoding) instead of two topics.
+    pub combined_topic: Option<String>,
     /// Event time of the first impression (ms since the Unix epoch).
     pub start_ms: i64,
 }
@@ -51,6 +54,7 @@ impl Default for ShopSpec {
             feedback_topic: "feedback".into(),
             impressions_encoding: Encoding::Protobuf,
             feedback_encoding: Encoding::Json,
+            combined_topic: None,
             start_ms: 1_767_225_600_000, // 2026-01-01T00:00:00Z
         }
     }
@@ -91,6 +95,15 @@ struct Pending {
 }
 
 pub fn generate(spec: &ShopSpec) -> Shop {
+    let spec = &match &spec.combined_topic {
+        Some(t) => ShopSpec {
+            impressions_topic: t.clone(),
+            feedback_topic: t.clone(),
+            feedback_encoding: spec.impressions_encoding,
+            ..spec.clone()
+        },
+        None => spec.clone(),
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     let n = spec.items.max(1);
     let k = spec.slate_size.clamp(1, n);
@@ -162,7 +175,8 @@ pub fn generate(spec: &ShopSpec) -> Shop {
             rng.random_range(1..50)
         };
         let imp_event = Event::Impression(imp.clone());
-        let payload = event::encode(TopicRole::Impressions, spec.impressions_encoding, &imp_event);
+        let payload =
+            event::encode(role(spec, TopicRole::Impressions), spec.impressions_encoding, &imp_event);
         push(&mut out, t + log_delay, &spec.impressions_topic, &id, payload.clone());
         if rng.random::<f64>() < 0.003 {
             push(&mut out, t + log_delay + 5, &spec.impressions_topic, &id, payload);
@@ -186,7 +200,7 @@ pub fn generate(spec: &ShopSpec) -> Shop {
                     value,
                     time_ms: ft,
                 });
-                let payload = event::encode(TopicRole::Feedback, spec.feedback_encoding, &fb);
+                let payload = event::encode(role(spec, TopicRole::Feedback), spec.feedback_encoding, &fb);
                 let arrival = ft + rng.random_range(1..50);
                 if rng.random::<f64>() < 0.005 {
                     push(&mut out, arrival + 3, &spec.feedback_topic, &id, payload.clone());
@@ -220,7 +234,7 @@ pub fn generate(spec: &ShopSpec) -> Shop {
                 value: 0.0,
                 time_ms: t,
             });
-            let payload = event::encode(TopicRole::Feedback, spec.feedback_encoding, &fb);
+            let payload = event::encode(role(spec, TopicRole::Feedback), spec.feedback_encoding, &fb);
             push(&mut out, t + 10, &spec.feedback_topic, &ghost, payload);
             events.push(fb);
         }
@@ -253,15 +267,25 @@ pub fn generate(spec: &ShopSpec) -> Shop {
     Shop { attractiveness, records, events, malformed }
 }
 
+fn role(spec: &ShopSpec, natural: TopicRole) -> TopicRole {
+    if spec.combined_topic.is_some() {
+        TopicRole::Combined
+    } else {
+        natural
+    }
+}
+
 fn count_valid(out: &[Pending], spec: &ShopSpec) -> usize {
     out.iter()
         .filter(|p| {
-            let (role, enc) = if p.topic == spec.impressions_topic {
+            let (natural, enc) = if p.topic == spec.impressions_topic && spec.combined_topic.is_none() {
                 (TopicRole::Impressions, spec.impressions_encoding)
+            } else if spec.combined_topic.is_some() {
+                (TopicRole::Combined, spec.impressions_encoding)
             } else {
                 (TopicRole::Feedback, spec.feedback_encoding)
             };
-            event::decode(role, enc, &p.payload).is_ok()
+            event::decode(natural, enc, &p.payload).is_ok()
         })
         .count()
 }

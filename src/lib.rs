@@ -7,5 +7,6 @@
 pub mod config;
 pub mod core;
 pub mod generate;
+pub mod kafka;
 pub mod recording;
 pub mod replay;

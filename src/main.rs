@@ -3,6 +3,8 @@
 use std::io::BufReader;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -12,6 +14,7 @@ use banditflow::core::event::Encoding;
 use banditflow::core::policy::{self, PolicySpec, RankRequest, Strategy};
 use banditflow::core::snapshot;
 use banditflow::generate::{self, ShopSpec};
+use banditflow::kafka::transfer::{self, StartAt, StopAt};
 use banditflow::recording;
 use banditflow::replay;
 
@@ -28,8 +31,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs as a member of the Kafka consumer group: learns from the assigned input partitions
+    /// and publishes their snapshots exactly once. Stops cleanly on SIGTERM/SIGINT.
+    Run {
+        /// Config file (TOML); environment variables BANDITFLOW__… override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Replays a recording offline through the same core as the Kafka path; writes one snapshot
-    /// per model and input partition, the merged model, dead letters and a summary.
+    /// per model and input partition, the merged model, dead letters and a summary. With
+    /// --to-kafka it produces the recording to its topics instead.
     Replay {
         /// Recording (JSON lines, see README).
         #[arg(long)]
@@ -37,12 +48,56 @@ enum Command {
         /// Config file (TOML); environment variables BANDITFLOW__… override it.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Output directory.
-        #[arg(long)]
-        out: PathBuf,
+        /// Output directory (offline replay).
+        #[arg(long, required_unless_present = "to_kafka")]
+        out: Option<PathBuf>,
         /// Items to list per model in the summary.
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// Produce the records to Kafka (same topics, partitions, keys, headers, timestamps).
+        #[arg(long, requires = "bootstrap")]
+        to_kafka: bool,
+        #[arg(long)]
+        bootstrap: Option<String>,
+        /// librdkafka properties as name=value (TLS, SASL, …).
+        #[arg(long = "property", value_parser = parse_property)]
+        properties: Vec<(String, String)>,
+    },
+    /// Creates topics (for trying banditflow out; production topics are usually managed elsewhere).
+    CreateTopics {
+        #[arg(long)]
+        bootstrap: String,
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        /// Create them compacted.
+        #[arg(long)]
+        compact: bool,
+        #[arg(required = true)]
+        topics: Vec<String>,
+    },
+    /// Records topics (every partition) into a recording file.
+    Record {
+        #[arg(long)]
+        bootstrap: String,
+        /// Comma-separated topic names.
+        #[arg(long, value_delimiter = ',', required = true)]
+        topics: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Start at this offset in every partition (default: the beginning).
+        #[arg(long, conflicts_with = "from_time_ms")]
+        from_offset: Option<i64>,
+        /// Start at the first record at or after this time (ms since the epoch).
+        #[arg(long)]
+        from_time_ms: Option<i64>,
+        /// Record for this long (e.g. 30s) instead of until the end of every partition.
+        #[arg(long)]
+        duration: Option<String>,
+        /// Include records of open or aborted transactions.
+        #[arg(long)]
+        read_uncommitted: bool,
+        #[arg(long = "property", value_parser = parse_property)]
+        properties: Vec<(String, String)>,
     },
     /// Writes a recording from a seeded synthetic shop.
     Generate {
@@ -69,12 +124,30 @@ enum Command {
         models: Vec<String>,
         #[arg(long, value_enum, default_value_t = Enc::Json)]
         feedback_encoding: Enc,
+        /// Write impressions and feedback to this one topic (banditflow.v1.Event, in the
+        /// impressions encoding).
+        #[arg(long)]
+        combined_topic: Option<String>,
     },
     /// Prints what a snapshot file holds.
     Inspect {
         snapshot: PathBuf,
         #[arg(long, default_value_t = 10)]
         top: usize,
+    },
+    /// Reads every shard snapshot from a snapshot topic, merges them per model and prints them.
+    InspectTopic {
+        #[arg(long)]
+        bootstrap: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Also write each merged model to <dir>/<model>.snapshot.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long = "property", value_parser = parse_property)]
+        properties: Vec<(String, String)>,
     },
     /// Merges shard snapshot files of one model into a global model.
     Merge {
@@ -135,6 +208,30 @@ enum Strat {
     Greedy,
 }
 
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or("expected name=value")?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn client(bootstrap: &str, properties: &[(String, String)]) -> rdkafka::config::ClientConfig {
+    let mut c = banditflow::kafka::bootstrap_config(bootstrap);
+    for (k, v) in properties {
+        c.set(k, v);
+    }
+    c
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BANDITFLOW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 fn parse_feature(s: &str) -> Result<(String, f64), String> {
     let (k, v) = s.split_once('=').ok_or("expected name=value")?;
     let v: f64 = v.parse().map_err(|_| format!("`{v}` is not a number"))?;
@@ -153,8 +250,89 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    init_logging();
     match cli.command {
-        Command::Replay { input, config, out, top } => {
+        Command::Run { config } => {
+            let config = Config::load(config.as_deref(), std::env::vars())?;
+            if let Some(addr) = config.kafka.metrics_address {
+                metrics_exporter_prometheus::PrometheusBuilder::new()
+                    .with_http_listener(addr)
+                    .install()
+                    .with_context(|| format!("serving metrics on {addr}"))?;
+                tracing::info!(%addr, "metrics at http://{addr}/metrics");
+            }
+            let shutdown = Arc::new(AtomicBool::new(false));
+            watch_signals(Arc::clone(&shutdown))?;
+            banditflow::kafka::service::run(Arc::new(config), shutdown)?;
+        }
+        Command::Record {
+            bootstrap,
+            topics,
+            out,
+            from_offset,
+            from_time_ms,
+            duration,
+            read_uncommitted,
+            properties,
+        } => {
+            let start = match (from_offset, from_time_ms) {
+                (Some(o), _) => StartAt::Offset(o),
+                (_, Some(t)) => StartAt::Timestamp(t),
+                _ => StartAt::Beginning,
+            };
+            let stop = match duration {
+                Some(d) => StopAt::Duration(std::time::Duration::from_millis(u64::try_from(
+                    banditflow::config::parse_duration_ms(&d)
+                        .ok_or_else(|| anyhow::anyhow!("--duration `{d}` is not a duration"))?,
+                )?)),
+                None => StopAt::End,
+            };
+            let tmp = out.with_extension("tmp");
+            let mut file = std::io::BufWriter::new(
+                std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
+            );
+            let n = transfer::record(
+                client(&bootstrap, &properties),
+                &topics,
+                start,
+                stop,
+                read_uncommitted,
+                &mut file,
+            )?;
+            drop(file);
+            std::fs::rename(&tmp, &out)?;
+            println!("recorded {n} records from {} into {}", topics.join(","), out.display());
+        }
+        Command::CreateTopics { bootstrap, partitions, compact, topics } => {
+            let specs: Vec<(&str, i32, bool)> =
+                topics.iter().map(|t| (t.as_str(), partitions, compact)).collect();
+            banditflow::kafka::admin::create_topics(&bootstrap, &specs)?;
+            println!("topics ready: {}", topics.join(", "));
+        }
+        Command::Replay { input, to_kafka: true, bootstrap: Some(bootstrap), properties, .. } => {
+            let file =
+                std::fs::File::open(&input).with_context(|| format!("cannot open {}", input.display()))?;
+            let mut bad = None;
+            let records = std::io::BufRead::lines(BufReader::new(file)).enumerate().map_while(|(i, l)| {
+                let parsed = l
+                    .map_err(anyhow::Error::from)
+                    .and_then(|l| recording::parse_line(i + 1, &l).map_err(anyhow::Error::from));
+                match parsed {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        bad = Some(e);
+                        None
+                    }
+                }
+            });
+            let n = transfer::produce_recording(client(&bootstrap, &properties), records)?;
+            if let Some(e) = bad {
+                return Err(e.context(format!("stopped after producing {n} records")));
+            }
+            println!("produced {n} records to {bootstrap}");
+        }
+        Command::Replay { input, config, out, top, .. } => {
+            let out = out.ok_or_else(|| anyhow::anyhow!("--out is required for an offline replay"))?;
             let config = Config::load(config.as_deref(), std::env::vars())?;
             let file =
                 std::fs::File::open(&input).with_context(|| format!("cannot open {}", input.display()))?;
@@ -182,6 +360,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             impressions_encoding,
             feedback_encoding,
             models,
+            combined_topic,
         } => {
             anyhow::ensure!(partitions >= 1, "--partitions must be at least 1");
             anyhow::ensure!(items >= 1 && slate_size >= 1, "--items and --slate-size must be at least 1");
@@ -197,6 +376,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 impressions_encoding: impressions_encoding.into(),
                 feedback_encoding: feedback_encoding.into(),
                 model_ids: models,
+                combined_topic,
                 ..ShopSpec::default()
             };
             let shop = generate::generate(&spec);
@@ -225,6 +405,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("  {t}/{p} next {o}");
             }
             print!("{text}");
+        }
+        Command::InspectTopic { bootstrap, topic, top, out, properties } => {
+            let all = banditflow::kafka::store::read_models(
+                client(&bootstrap, &properties),
+                &topic,
+                std::time::Duration::from_secs(60),
+            )?;
+            let mut by_model: std::collections::BTreeMap<String, Vec<snapshot::DecodedSnapshot>> =
+                Default::default();
+            for ((model, _), s) in all {
+                by_model.entry(model).or_default().push(s);
+            }
+            if by_model.is_empty() {
+                println!("no model snapshots on `{topic}` yet");
+            }
+            for (model, shards) in by_model {
+                let m = snapshot::merge(&shards)?;
+                let mut text = String::new();
+                replay::describe_model(&mut text, &m, top);
+                println!("{} shards of {model}", shards.len());
+                print!("{text}");
+                if let Some(dir) = &out {
+                    std::fs::create_dir_all(dir)?;
+                    replay::write_atomic(
+                        &dir.join(format!("{model}.snapshot")),
+                        &snapshot::encode(&m.spec, &m.shard, &m.meta),
+                    )?;
+                }
+            }
         }
         Command::Merge { out, shards } => {
             let mut decoded = Vec::new();
@@ -274,5 +483,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Sets `flag` on SIGTERM or SIGINT (a second signal exits at once).
+fn watch_signals(flag: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("banditflow-signals".into()).spawn(move || {
+        rt.block_on(async move {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            for _ in 0..2 {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                if flag.swap(true, Ordering::SeqCst) {
+                    eprintln!("second signal: exiting without final snapshots");
+                    std::process::exit(130);
+                }
+                tracing::info!("signal received: stopping");
+            }
+        });
+    })?;
     Ok(())
 }

@@ -173,6 +173,27 @@ pub enum InvalidEvent {
 }
 
 impl InvalidEvent {
+    /// Every reason code, for metrics that should show zeros and for restoring counts.
+    pub const CODES: [&'static str; 12] = [
+        "bad_protobuf",
+        "bad_json",
+        "missing_field",
+        "bad_position",
+        "non_finite_value",
+        "bad_propensity",
+        "unknown_feedback_kind",
+        "bad_event_time",
+        "bad_slate",
+        "unknown_model",
+        "empty_payload",
+        "unknown_topic",
+    ];
+
+    /// The static code equal to `name`, if it is one.
+    pub fn code_named(name: &str) -> Option<&'static str> {
+        Self::CODES.into_iter().find(|c| *c == name)
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             InvalidEvent::BadProtobuf { .. } => "bad_protobuf",

@@ -5,6 +5,8 @@
 //! runtime, no Kafka, no metrics, no logging. Time and random seeds come in as arguments; the
 //! core returns values and the edges act on them. Nothing here panics on outside data.
 
+pub mod blob;
+pub mod checkpoint;
 pub mod decay;
 pub mod event;
 pub mod join;

@@ -152,7 +152,7 @@ pub fn params_from_pb(model_id: &str, p: &pb::ModelParams) -> Result<ModelSpec, 
     })
 }
 
-fn variant_to_pb(v: &Variant) -> pb::Variant {
+pub fn variant_to_pb(v: &Variant) -> pb::Variant {
     match v {
         Variant::Treatment => pb::Variant { kind: pb::VariantKind::Treatment as i32, arm: String::new() },
         Variant::Holdout => pb::Variant { kind: pb::VariantKind::Holdout as i32, arm: String::new() },
@@ -160,7 +160,7 @@ fn variant_to_pb(v: &Variant) -> pb::Variant {
     }
 }
 
-fn variant_from_pb(v: Option<&pb::Variant>) -> Result<Variant, SnapshotError> {
+pub fn variant_from_pb(v: Option<&pb::Variant>) -> Result<Variant, SnapshotError> {
     let v = v.ok_or_else(|| invalid("variant stats without a variant"))?;
     match pb::VariantKind::try_from(v.kind) {
         Ok(pb::VariantKind::Treatment) => Ok(Variant::Treatment),

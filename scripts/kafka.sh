@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# A real Apache Kafka broker (KRaft, one combined broker+controller) on 127.0.0.1 for tests and
+# development. Jars come from Maven Central through scripts/kafka/pom.xml and are cached.
+#
+#   scripts/kafka.sh start [--fresh]   start (formatting new storage if there is none, or with --fresh);
+#                                      waits until the broker answers a metadata request and
+#                                      prints its bootstrap address
+#   scripts/kafka.sh stop              stop it by PID (storage is kept)
+#   scripts/kafka.sh restart           stop, then start on the same storage
+#   scripts/kafka.sh status            running or not, and the address
+#   scripts/kafka.sh bootstrap         print the bootstrap address
+#
+# Environment: BANDITFLOW_KAFKA_DIR (cache and storage, default ~/.cache/banditflow/kafka),
+# BANDITFLOW_KAFKA_PORT (default 39092; the controller listens on the next port).
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+base="${BANDITFLOW_KAFKA_DIR:-$HOME/.cache/banditflow/kafka}"
+port="${BANDITFLOW_KAFKA_PORT:-39092}"
+cport=$((port + 1))
+version="$(sed -n 's|.*<kafka.version>\(.*\)</kafka.version>.*|\1|p' "$here/kafka/pom.xml")"
+jars="$base/jars-$version"
+run="$base/run-$port"
+pidfile="$run/broker.pid"
+bootstrap="127.0.0.1:$port"
+
+say() { printf 'kafka.sh: %s\n' "$*" >&2; }
+
+fetch_jars() {
+  [ -f "$jars/.complete" ] && return 0
+  command -v mvn >/dev/null || { say "mvn is required to fetch the broker jars"; exit 1; }
+  command -v java >/dev/null || { say "java (17+) is required to run the broker"; exit 1; }
+  say "fetching Apache Kafka $version jars from Maven Central into $jars"
+  rm -rf "$jars"
+  mkdir -p "$jars"
+  mvn -q -B -f "$here/kafka/pom.xml" dependency:copy-dependencies \
+    -DoutputDirectory="$jars" -DincludeScope=runtime
+  touch "$jars/.complete"
+}
+
+running() {
+  [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
+write_config() {
+  mkdir -p "$run/data"
+  cat >"$run/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$run/data
+num.partitions=1
+default.replication.factor=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=3
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=3
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+log.cleaner.backoff.ms=1000
+log.segment.bytes=16777216
+message.max.bytes=1048588
+PROPS
+}
+
+java_opts() {
+  printf '%s' "-Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true -Dorg.slf4j.simpleLogger.defaultLogLevel=warn"
+}
+
+start() {
+  local fresh=0
+  [ "${1:-}" = "--fresh" ] && fresh=1
+  fetch_jars
+  if running; then
+    say "already running (pid $(cat "$pidfile"))"
+    echo "$bootstrap"
+    return 0
+  fi
+  if [ $fresh = 1 ]; then rm -rf "$run"; fi
+  if [ ! -f "$run/data/meta.properties" ]; then
+    rm -rf "$run"
+    write_config
+    local id
+    id="$(java -cp "$jars/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)"
+    java -cp "$jars/*" kafka.tools.StorageTool format --standalone -t "$id" -c "$run/server.properties" >"$run/format.log" 2>&1 \
+      || { say "formatting storage failed:"; cat "$run/format.log" >&2; exit 1; }
+  fi
+  # shellcheck disable=SC2046
+  nohup java $(java_opts) -cp "$jars/*" kafka.Kafka "$run/server.properties" >>"$run/broker.log" 2>&1 </dev/null &
+  echo $! >"$pidfile"
+  if ! java -Dorg.slf4j.simpleLogger.defaultLogLevel=warn -cp "$jars/*" "$here/kafka/Ready.java" "$bootstrap" 90 >"$run/ready.log" 2>&1; then
+    say "broker did not answer a metadata request within 90 s; last log lines:"
+    tail -n 30 "$run/broker.log" >&2
+    stop || true
+    exit 1
+  fi
+  say "$(grep "^ready" "$run/ready.log") (pid $(cat "$pidfile"), log $run/broker.log)"
+  echo "$bootstrap"
+}
+
+stop() {
+  if ! running; then
+    rm -f "$pidfile"
+    say "not running"
+    return 0
+  fi
+  local pid
+  pid="$(cat "$pidfile")"
+  kill "$pid"
+  for _ in $(seq 1 300); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    say "broker did not stop within 30 s; killing it"
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+  say "stopped"
+}
+
+case "${1:-}" in
+  start) shift; start "$@" ;;
+  stop) stop ;;
+  restart) stop; start ;;
+  status)
+    if running; then echo "running (pid $(cat "$pidfile")) at $bootstrap"; else echo "not running"; exit 1; fi ;;
+  bootstrap) echo "$bootstrap" ;;
+  *) sed -n '2,15p' "$0" >&2; exit 2 ;;
+esac

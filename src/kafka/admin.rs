@@ -1,0 +1,146 @@
+//! Start-up checks of the topics: inputs exist and are co-partitioned; the snapshot topic is
+//! compacted with a partition per input partition (created if missing and allowed); the
+//! dead-letter topic exists (created if missing and allowed). Every refusal says what to fix.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::config::Config;
+
+/// Partition counts of the topics that exist, by name.
+pub fn partition_counts(config: &Config) -> anyhow::Result<BTreeMap<String, i32>> {
+    let consumer: BaseConsumer =
+        super::client_config(&config.kafka).create().context("creating a metadata client")?;
+    let md = consumer
+        .fetch_metadata(None, Duration::from_secs(15))
+        .with_context(|| format!("cannot reach Kafka at {}", config.kafka.bootstrap_servers))?;
+    Ok(md
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+        .collect())
+}
+
+/// Checks (and where allowed creates) every topic; returns the number of input partitions.
+pub fn prepare_topics(config: &Config) -> anyhow::Result<i32> {
+    let counts = partition_counts(config)?;
+    let mut input = None;
+    let mut described = Vec::new();
+    for t in &config.topics {
+        let Some(n) = counts.get(&t.name) else {
+            bail!("input topic `{}` does not exist on {}", t.name, config.kafka.bootstrap_servers);
+        };
+        described.push(format!("{} has {n}", t.name));
+        match input {
+            None => input = Some(*n),
+            Some(m) if m != *n => bail!(
+                "input topics are not co-partitioned ({}): impressions and their feedback must be keyed by impression id \
+                 into topics with the same number of partitions",
+                described.join(", ")
+            ),
+            _ => {}
+        }
+    }
+    let n = input.unwrap_or(1);
+    let k = &config.kafka;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let admin: AdminClient<DefaultClientContext> =
+        super::client_config(k).create().context("creating an admin client")?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let mut to_create = Vec::new();
+    match counts.get(&k.snapshot_topic) {
+        Some(m) if *m < n => bail!(
+            "snapshot topic `{}` has {m} partitions but the inputs have {n}; it needs one per input partition \
+             (delete it to let banditflow create it, or add partitions)",
+            k.snapshot_topic
+        ),
+        Some(_) => {
+            let res = runtime
+                .block_on(admin.describe_configs(&[ResourceSpecifier::Topic(&k.snapshot_topic)], &opts))
+                .context("describing the snapshot topic")?;
+            let policy = res
+                .into_iter()
+                .filter_map(Result::ok)
+                .flat_map(|r| r.entries)
+                .find(|e| e.name == "cleanup.policy")
+                .and_then(|e| e.value)
+                .unwrap_or_default();
+            if !policy.contains("compact") {
+                bail!(
+                    "snapshot topic `{}` has cleanup.policy={policy}; it must be compacted (cleanup.policy=compact), \
+                     or old snapshots are deleted by retention and partitions cannot be restored",
+                    k.snapshot_topic
+                );
+            }
+        }
+        None if k.create_topics => to_create.push((k.snapshot_topic.clone(), n, true)),
+        None => bail!("snapshot topic `{}` does not exist and kafka.create_topics is false", k.snapshot_topic),
+    }
+    if !counts.contains_key(&k.dead_letter_topic) {
+        if k.create_topics {
+            to_create.push((k.dead_letter_topic.clone(), n, false));
+        } else {
+            bail!(
+                "dead-letter topic `{}` does not exist and kafka.create_topics is false",
+                k.dead_letter_topic
+            );
+        }
+    }
+    if !to_create.is_empty() {
+        let max_bytes = (k.max_record_bytes + 64 * 1024).to_string();
+        let topics: Vec<NewTopic> = to_create
+            .iter()
+            .map(|(name, parts, compact)| {
+                let t = NewTopic::new(name, *parts, TopicReplication::Fixed(k.replication_factor))
+                    .set("max.message.bytes", &max_bytes);
+                if *compact {
+                    t.set("cleanup.policy", "compact")
+                        .set("min.cleanable.dirty.ratio", "0.1")
+                        .set("segment.ms", "600000")
+                } else {
+                    t
+                }
+            })
+            .collect();
+        for r in runtime.block_on(admin.create_topics(&topics, &opts)).context("creating topics")? {
+            match r {
+                Ok(name) => tracing::info!(topic = %name, "created topic"),
+                // Another instance created it first.
+                Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, e)) => bail!("cannot create topic `{name}`: {e}"),
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Creates topics (for tests and tools); existing ones are left alone.
+pub fn create_topics(bootstrap: &str, topics: &[(&str, i32, bool)]) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let admin: AdminClient<DefaultClientContext> = super::bootstrap_config(bootstrap).create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(name, parts, compact)| {
+            let t = NewTopic::new(name, *parts, TopicReplication::Fixed(1));
+            if *compact {
+                t.set("cleanup.policy", "compact")
+            } else {
+                t
+            }
+        })
+        .collect();
+    for r in runtime.block_on(admin.create_topics(&new, &opts))? {
+        match r {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, e)) => bail!("cannot create topic `{name}`: {e}"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! The Kafka edge: the consumer-group service (`run`), topic checks, restoring partitions from
+//! the snapshot topic, and moving recordings to and from topics. Learning itself stays in
+//! `crate::core`; this module only moves records in and snapshots out.
+
+pub mod admin;
+pub mod service;
+pub mod store;
+pub mod transfer;
+
+use rdkafka::config::ClientConfig;
+
+use crate::config::KafkaSpec;
+
+/// Properties every client shares: the bootstrap list and the pass-through librdkafka
+/// properties (TLS, SASL, tuning). Role-specific settings are added by the caller and win.
+pub fn client_config(k: &KafkaSpec) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.bootstrap_servers);
+    for (name, value) in &k.properties {
+        c.set(name, value);
+    }
+    c
+}
+
+/// A plain client config for tools and tests that only know a bootstrap address.
+pub fn bootstrap_config(bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap);
+    c
+}
+
+/// Milliseconds since the epoch, for the edges that need the wall clock (metrics, freshness).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,649 @@
+//! `banditflow run`: a member of a Kafka consumer group that learns from its assigned input
+//! partitions and publishes their snapshots exactly once.
+//!
+//! Delivery guarantee: **exactly-once state**. Each input partition `p` is owned by one
+//! partition task holding its [`PartitionState`] (which records the input offsets it covers).
+//! Every `snapshot_interval`, on revocation and at shutdown, the consumer thread asks the tasks
+//! for their state and writes, in **one Kafka transaction**, the shard snapshots, the
+//! dead-lettered records, and the input offsets (`send_offsets_to_transaction` with the
+//! consumer's current group metadata, so a zombie member is fenced). On assignment a task is
+//! rebuilt from the newest committed snapshot of its partition and the consumer starts at the
+//! offsets recorded in it (passed in the assignment itself). A failed transaction leaves the
+//! in-memory state ahead of what is stored, so the whole session is discarded and rebuilt from
+//! Kafka: nothing is lost, nothing counted twice.
+//!
+//! Threads: one consumer thread (polls, routes records, runs rebalance callbacks and
+//! transactions) and a small tokio runtime running one task per assigned partition.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use metrics::{counter, gauge, histogram};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::core::blob;
+use crate::core::checkpoint::{self, SavedPartition};
+use crate::core::event::InvalidEvent;
+use crate::core::partition::{Applied, InputRecord, PartitionState};
+use crate::replay::{HEADER_CODE, HEADER_REASON};
+
+use super::store;
+
+/// Records handed to a partition task at a time.
+const BATCH: usize = 256;
+
+/// An input record copied out of the consumer's buffer.
+#[derive(Debug)]
+struct OwnedRecord {
+    topic: usize,
+    offset: i64,
+    timestamp_ms: Option<i64>,
+    key: Option<Vec<u8>>,
+    headers: Vec<(String, Vec<u8>)>,
+    payload: Vec<u8>,
+}
+
+struct DeadLetter {
+    record: OwnedRecord,
+    reason: InvalidEvent,
+}
+
+enum Cmd {
+    Records(Vec<OwnedRecord>),
+    /// Report the state; with `stop`, end the task afterwards.
+    Snapshot {
+        stop: bool,
+        reply: oneshot::Sender<ShardOutput>,
+    },
+}
+
+struct ShardOutput {
+    partition: i32,
+    records: u64,
+    /// `None` when nothing changed since the last report.
+    saved: Option<SavedPartition>,
+    offsets: Vec<(String, i32, i64)>,
+    dead_letters: Vec<DeadLetter>,
+    /// Record timestamps applied since the last report (for freshness).
+    timestamps: Vec<i64>,
+}
+
+struct Task {
+    tx: mpsc::Sender<Cmd>,
+    batch: Vec<OwnedRecord>,
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    /// Shut down cleanly: final snapshots committed, group left.
+    Shutdown,
+    /// State may be ahead of storage (failed transaction, failed restore): rebuild from Kafka.
+    Restart(anyhow::Error),
+}
+
+/// State shared between the consumer loop and the rebalance callbacks (same thread).
+struct Session {
+    config: Arc<Config>,
+    runtime: tokio::runtime::Handle,
+    producer: BaseProducer,
+    tasks: BTreeMap<i32, Task>,
+    /// Chunk counts of stored snapshot keys, to delete surplus chunks.
+    chunks: HashMap<String, u32>,
+    /// Set when a transaction or restore failed; the session must be rebuilt.
+    poisoned: Option<anyhow::Error>,
+    topic_index: HashMap<String, usize>,
+}
+
+struct Ctx {
+    session: Mutex<Option<Session>>,
+}
+
+impl Ctx {
+    fn lock(&self) -> MutexGuard<'_, Option<Session>> {
+        // A panic while holding the lock is a bug; keep going with the data as it is.
+        self.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ClientContext for Ctx {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (p, part) in &t.partitions {
+                if *p >= 0 && part.consumer_lag >= 0 {
+                    gauge!("banditflow_consumer_lag_records", "topic" => topic.clone(), "partition" => p.to_string())
+                        .set(part.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let mut guard = self.lock();
+        let Some(session) = guard.as_mut() else { return };
+        counter!("banditflow_rebalances_total").increment(1);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let with_offsets = session.assign(tpl);
+                if let Err(e) = consumer.assign(&with_offsets) {
+                    session.poison(anyhow!("assigning partitions failed: {e}"));
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                session.revoke(consumer, tpl);
+                if let Err(e) = consumer.unassign() {
+                    session.poison(anyhow!("unassigning partitions failed: {e}"));
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+fn input_partitions(tpl: &TopicPartitionList) -> Vec<i32> {
+    let mut ps: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    ps.sort_unstable();
+    ps.dedup();
+    ps
+}
+
+impl Session {
+    fn poison(&mut self, e: anyhow::Error) {
+        tracing::error!(error = %format!("{e:#}"), "session state is no longer stored safely; rebuilding from Kafka");
+        if self.poisoned.is_none() {
+            self.poisoned = Some(e);
+        }
+    }
+
+    /// Restores the newly assigned partitions and returns the assignment with their offsets.
+    fn assign(&mut self, tpl: &TopicPartitionList) -> TopicPartitionList {
+        let parts: Vec<i32> =
+            input_partitions(tpl).into_iter().filter(|p| !self.tasks.contains_key(p)).collect();
+        let started = Instant::now();
+        let k = &self.config.kafka;
+        let restored = store::read_partitions(
+            super::client_config(k),
+            &k.snapshot_topic,
+            &parts,
+            Duration::from_millis(k.restore_timeout_ms as u64),
+        );
+        let stores = match restored {
+            Ok(s) => s,
+            Err(e) => {
+                self.poison(e.context("restoring assigned partitions"));
+                return TopicPartitionList::new();
+            }
+        };
+        let mut states = BTreeMap::new();
+        for (p, s) in &stores {
+            match store::restore_partition(&self.config, *p, s) {
+                Ok(state) => {
+                    self.chunks.extend(store::chunk_counts(s));
+                    states.insert(*p, state);
+                }
+                Err(e) => {
+                    self.poison(e);
+                    return TopicPartitionList::new();
+                }
+            }
+        }
+        let mut out = TopicPartitionList::new();
+        for e in tpl.elements() {
+            let offset = states
+                .get(&e.partition())
+                .and_then(|s| s.offsets.get(&(e.topic().to_string(), e.partition())))
+                .map_or(Offset::Stored, |o| Offset::Offset(*o));
+            if let Err(err) = out.add_partition_offset(e.topic(), e.partition(), offset) {
+                self.poison(anyhow!("building the assignment: {err}"));
+            }
+        }
+        for (p, state) in states {
+            tracing::info!(partition = p, records = state.records, "partition assigned and restored");
+            self.spawn(p, state);
+        }
+        histogram!("banditflow_restore_seconds").record(started.elapsed().as_secs_f64());
+        gauge!("banditflow_assigned_partitions").set(self.tasks.len() as f64);
+        out
+    }
+
+    fn spawn(&mut self, partition: i32, state: PartitionState) {
+        let cap = (self.config.kafka.partition_queue_records / BATCH).max(2);
+        let (tx, rx) = mpsc::channel(cap);
+        let config = Arc::clone(&self.config);
+        self.runtime.spawn(partition_task(config, state, rx));
+        self.tasks.insert(partition, Task { tx, batch: Vec::with_capacity(BATCH) });
+    }
+
+    fn revoke(&mut self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
+        let parts: Vec<i32> =
+            input_partitions(tpl).into_iter().filter(|p| self.tasks.contains_key(p)).collect();
+        if self.poisoned.is_none() {
+            if let Err(e) = self.commit(consumer, Some(&parts), true) {
+                self.poison(e.context("committing revoked partitions"));
+            }
+        }
+        for p in &parts {
+            self.tasks.remove(p);
+        }
+        tracing::info!(partitions = ?parts, "partitions revoked");
+        gauge!("banditflow_assigned_partitions").set(self.tasks.len() as f64);
+    }
+
+    fn route(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let Some(&topic) = self.topic_index.get(m.topic()) else { return };
+        let Some(task) = self.tasks.get_mut(&m.partition()) else { return };
+        let headers = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        task.batch.push(OwnedRecord {
+            topic,
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            headers,
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        });
+        if task.batch.len() >= BATCH {
+            let batch = std::mem::replace(&mut task.batch, Vec::with_capacity(BATCH));
+            if task.tx.blocking_send(Cmd::Records(batch)).is_err() {
+                self.poison(anyhow!("partition task {} ended unexpectedly", m.partition()));
+            }
+        }
+    }
+
+    fn flush_batches(&mut self) {
+        let mut dead = Vec::new();
+        for (p, task) in &mut self.tasks {
+            if !task.batch.is_empty() {
+                let batch = std::mem::replace(&mut task.batch, Vec::with_capacity(BATCH));
+                if task.tx.blocking_send(Cmd::Records(batch)).is_err() {
+                    dead.push(*p);
+                }
+            }
+        }
+        for p in dead {
+            self.poison(anyhow!("partition task {p} ended unexpectedly"));
+        }
+    }
+
+    /// One transaction: snapshots of `only` (or all) partitions, their dead letters, and their
+    /// input offsets. With `stop` the tasks end after reporting.
+    fn commit(
+        &mut self,
+        consumer: &BaseConsumer<Ctx>,
+        only: Option<&[i32]>,
+        stop: bool,
+    ) -> anyhow::Result<()> {
+        self.flush_batches();
+        let targets: Vec<i32> = match only {
+            Some(ps) => ps.to_vec(),
+            None => self.tasks.keys().copied().collect(),
+        };
+        let mut replies = Vec::new();
+        for p in &targets {
+            if let Some(task) = self.tasks.get(p) {
+                let (reply, rx) = oneshot::channel();
+                task.tx
+                    .blocking_send(Cmd::Snapshot { stop, reply })
+                    .map_err(|_| anyhow!("partition task {p} ended"))?;
+                replies.push(rx);
+            }
+        }
+        let mut outputs = Vec::new();
+        for rx in replies {
+            outputs.push(rx.blocking_recv().map_err(|_| anyhow!("partition task ended without reporting"))?);
+        }
+        if outputs.iter().all(|o| o.saved.is_none() && o.dead_letters.is_empty()) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let k = &self.config.kafka;
+        let timeout = Duration::from_millis(k.transaction_timeout_ms as u64);
+        self.producer.begin_transaction().context("begin transaction")?;
+        let mut offsets = TopicPartitionList::new();
+        let mut bytes = 0usize;
+        let mut new_chunks = Vec::new();
+        for out in &outputs {
+            for (t, p, o) in &out.offsets {
+                offsets.add_partition_offset(t, *p, Offset::Offset(*o))?;
+            }
+            if let Some(saved) = &out.saved {
+                let mut values = vec![(store::checkpoint_key(out.partition), &saved.checkpoint)];
+                for (model, b) in &saved.models {
+                    values.push((store::model_key(model, out.partition), b));
+                }
+                for (key, value) in values {
+                    bytes += value.len();
+                    let previous = self.chunks.get(&key).copied().unwrap_or(0);
+                    let recs = blob::split(&key, out.records, value, k.max_record_bytes, previous);
+                    let chunks = recs.iter().filter(|r| r.value.is_some() && r.key != key).count() as u32;
+                    new_chunks.push((key.clone(), chunks));
+                    for r in recs {
+                        self.send(
+                            &k.snapshot_topic,
+                            Some(out.partition),
+                            r.key.as_bytes(),
+                            r.value.as_deref(),
+                            None,
+                        )?;
+                    }
+                }
+            }
+            for d in &out.dead_letters {
+                let t = &self.config.topics[d.record.topic].name;
+                let mut h = OwnedHeaders::new();
+                for (name, v) in &d.record.headers {
+                    h = h.insert(Header { key: name, value: Some(v.as_slice()) });
+                }
+                let partition = out.partition.to_string();
+                let offset = d.record.offset.to_string();
+                for (name, v) in [
+                    (HEADER_CODE, d.reason.code()),
+                    (HEADER_REASON, d.reason.to_string().as_str()),
+                    ("banditflow.source.topic", t.as_str()),
+                    ("banditflow.source.partition", partition.as_str()),
+                    ("banditflow.source.offset", offset.as_str()),
+                ] {
+                    h = h.insert(Header { key: name, value: Some(v.as_bytes()) });
+                }
+                let key = d.record.key.as_deref().unwrap_or_default();
+                self.send(&k.dead_letter_topic, None, key, Some(&d.record.payload), Some(h))?;
+                counter!("banditflow_dead_letters_total", "reason" => d.reason.code()).increment(1);
+            }
+        }
+        let cgm = consumer.group_metadata().ok_or_else(|| anyhow!("no consumer group metadata"))?;
+        self.producer
+            .send_offsets_to_transaction(&offsets, &cgm, timeout)
+            .map_err(|e| self.txn_error("send offsets", e))?;
+        // Drain deliveries first: commit_transaction alone waits in 100 ms steps.
+        let deadline = Instant::now() + timeout;
+        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            self.producer.poll(Duration::from_millis(1));
+        }
+        self.producer.commit_transaction(timeout).map_err(|e| self.txn_error("commit", e))?;
+        let now = super::now_ms();
+        for out in &outputs {
+            for ts in &out.timestamps {
+                histogram!("banditflow_event_to_snapshot_seconds").record((now - ts).max(0) as f64 / 1e3);
+            }
+        }
+        for (key, n) in new_chunks {
+            if n > 0 {
+                self.chunks.insert(key, n);
+            } else {
+                self.chunks.remove(&key);
+            }
+        }
+        counter!("banditflow_snapshot_transactions_total").increment(1);
+        counter!("banditflow_snapshot_bytes_total").increment(bytes as u64);
+        histogram!("banditflow_snapshot_commit_seconds").record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn txn_error(&self, what: &str, e: KafkaError) -> anyhow::Error {
+        if let KafkaError::Transaction(t) = &e {
+            if t.txn_requires_abort() {
+                let _ = self.producer.abort_transaction(Duration::from_secs(10));
+            }
+        }
+        anyhow!("transaction {what} failed: {e}")
+    }
+
+    fn send(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &[u8],
+        value: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+    ) -> anyhow::Result<()> {
+        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).key(key);
+        if let Some(p) = partition {
+            rec = rec.partition(p);
+        }
+        if let Some(v) = value {
+            rec = rec.payload(v);
+        }
+        if let Some(h) = headers {
+            rec = rec.headers(h);
+        }
+        loop {
+            match self.producer.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    rec = r;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(anyhow!("producing to `{topic}`: {e}")),
+            }
+        }
+    }
+}
+
+async fn partition_task(config: Arc<Config>, mut state: PartitionState, mut rx: mpsc::Receiver<Cmd>) {
+    let mut last_saved = state.records;
+    let mut dead: Vec<DeadLetter> = Vec::new();
+    let mut timestamps = Vec::new();
+    let mut reported = state.join.counters.clone();
+    let mut reported_invalid = state.invalid.clone();
+    let spec = &config.core;
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            Cmd::Records(batch) => {
+                for r in batch {
+                    let t = &config.topics[r.topic];
+                    let input = InputRecord {
+                        topic: &t.name,
+                        partition: state.partition,
+                        offset: r.offset,
+                        role: t.role,
+                        encoding: t.encoding,
+                        payload: &r.payload,
+                    };
+                    match state.apply(spec, input) {
+                        Applied::Invalid(reason) => dead.push(DeadLetter { record: r, reason }),
+                        Applied::AlreadyCovered => {
+                            counter!("banditflow_redelivered_records_total").increment(1)
+                        }
+                        Applied::Event(_) => {
+                            if let Some(ts) = r.timestamp_ms {
+                                timestamps.push(ts);
+                            }
+                        }
+                    }
+                }
+            }
+            Cmd::Snapshot { stop, reply } => {
+                let saved =
+                    (state.records != last_saved || !dead.is_empty()).then(|| checkpoint::save(spec, &state));
+                for ((name, now), (_, before)) in state.join.counters.rows().iter().zip(reported.rows()) {
+                    if *now > before {
+                        counter!("banditflow_events_total", "outcome" => *name).increment(now - before);
+                    }
+                }
+                for (code, n) in &state.invalid {
+                    let before = reported_invalid.get(code).copied().unwrap_or(0);
+                    if *n > before {
+                        counter!("banditflow_invalid_records_total", "reason" => *code).increment(n - before);
+                    }
+                }
+                reported = state.join.counters.clone();
+                reported_invalid = state.invalid.clone();
+                let p = state.partition.to_string();
+                gauge!("banditflow_buffered_impressions", "partition" => p.clone())
+                    .set(state.join.buffered_impressions() as f64);
+                gauge!("banditflow_held_feedback", "partition" => p.clone())
+                    .set(state.join.pending_feedback() as f64);
+                if let Some(wm) = state.watermark_ms(spec) {
+                    gauge!("banditflow_watermark_seconds", "partition" => p).set(wm as f64 / 1e3);
+                }
+                last_saved = state.records;
+                let out = ShardOutput {
+                    partition: state.partition,
+                    records: state.records,
+                    saved,
+                    offsets: state.offsets.iter().map(|((t, p), o)| (t.clone(), *p, *o)).collect(),
+                    dead_letters: std::mem::take(&mut dead),
+                    timestamps: std::mem::take(&mut timestamps),
+                };
+                let _ = reply.send(out);
+                if stop {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Runs until `shutdown` is set (then commits final snapshots, leaves the group and returns).
+pub fn run(config: Arc<Config>, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let partitions = super::admin::prepare_topics(&config)?;
+    tracing::info!(partitions, group = %config.kafka.group_id, instance = %config.kafka.instance_id, "input topics checked");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("banditflow-partition")
+        .enable_all()
+        .build()
+        .context("starting the task runtime")?;
+    let mut failures = 0u32;
+    loop {
+        match session(&config, &runtime, &shutdown) {
+            Ok(SessionEnd::Shutdown) => return Ok(()),
+            Ok(SessionEnd::Restart(e)) | Err(e) => {
+                counter!("banditflow_session_restarts_total").increment(1);
+                if shutdown.load(Ordering::SeqCst) {
+                    return Err(e.context(
+                        "shutting down without a final snapshot; state is safe at the last committed one",
+                    ));
+                }
+                failures += 1;
+                let wait = Duration::from_secs(u64::from(failures.min(5)));
+                tracing::warn!(error = %format!("{e:#}"), ?wait, "restarting the session from the last committed snapshots");
+                let until = Instant::now() + wait;
+                while Instant::now() < until && !shutdown.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+fn session(
+    config: &Arc<Config>,
+    runtime: &tokio::runtime::Runtime,
+    shutdown: &AtomicBool,
+) -> anyhow::Result<SessionEnd> {
+    let k = &config.kafka;
+    let mut pc = super::client_config(k);
+    pc.set("transactional.id", format!("{}-{}", k.group_id, k.instance_id))
+        .set("transaction.timeout.ms", k.transaction_timeout_ms.to_string())
+        .set("enable.idempotence", "true")
+        .set("message.max.bytes", (k.max_record_bytes + 64 * 1024).to_string())
+        .set("linger.ms", "2");
+    let producer: BaseProducer = pc.create().context("creating the transactional producer")?;
+    producer
+        .init_transactions(Duration::from_millis(k.transaction_timeout_ms as u64 * 2))
+        .context("initialising transactions (fences earlier instances with the same instance id)")?;
+    let topic_index = config.topics.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    let ctx = Ctx {
+        session: Mutex::new(Some(Session {
+            config: Arc::clone(config),
+            runtime: runtime.handle().clone(),
+            producer,
+            tasks: BTreeMap::new(),
+            chunks: HashMap::new(),
+            poisoned: None,
+            topic_index,
+        })),
+    };
+    let mut cc = super::client_config(k);
+    cc.set("group.id", &k.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("queued.max.messages.kbytes", k.prefetch_kbytes.to_string());
+    if !k.properties.contains_key("auto.offset.reset") {
+        cc.set("auto.offset.reset", "earliest");
+    }
+    if !k.properties.contains_key("statistics.interval.ms") {
+        cc.set("statistics.interval.ms", "5000");
+    }
+    // Impressions and feedback of partition p must meet in one task: range assignment gives a
+    // member the same partition numbers of co-partitioned topics.
+    cc.set("partition.assignment.strategy", "range").set("group.protocol", "classic");
+    let consumer: BaseConsumer<Ctx> = cc.create_with_context(ctx).context("creating the consumer")?;
+    let topics: Vec<&str> = config.topics.iter().map(|t| t.name.as_str()).collect();
+    consumer.subscribe(&topics).context("subscribing to the input topics")?;
+    let interval = Duration::from_millis(k.snapshot_interval_ms as u64);
+    let mut next_commit = Instant::now() + interval;
+    loop {
+        if shutdown.load(Ordering::SeqCst) {
+            break;
+        }
+        let polled = consumer.poll(Duration::from_millis(20));
+        let mut guard = consumer.context().lock();
+        let Some(s) = guard.as_mut() else { return Err(anyhow!("session vanished")) };
+        match polled {
+            Some(Ok(m)) => s.route(&m),
+            Some(Err(e)) => {
+                counter!("banditflow_consumer_errors_total").increment(1);
+                tracing::warn!(error = %e, "consumer error");
+            }
+            None => s.flush_batches(),
+        }
+        // A poisoned session stays poisoned until dropped, so the revocation that closing the
+        // consumer triggers commits nothing.
+        if let Some(e) = &s.poisoned {
+            return Ok(SessionEnd::Restart(anyhow!("{e:#}")));
+        }
+        if Instant::now() >= next_commit {
+            if let Err(e) = s.commit(&consumer, None, false) {
+                s.poison(anyhow!("{e:#}"));
+                return Ok(SessionEnd::Restart(e));
+            }
+            next_commit = Instant::now() + interval;
+        }
+    }
+    // Shutdown: final snapshots of everything we own, then leave the group.
+    tracing::info!("shutting down: committing final snapshots");
+    {
+        let mut guard = consumer.context().lock();
+        let Some(s) = guard.as_mut() else { return Err(anyhow!("session vanished")) };
+        let parts: Vec<i32> = s.tasks.keys().copied().collect();
+        if let Err(e) = s.commit(&consumer, Some(&parts), true) {
+            s.poison(anyhow!("{e:#}"));
+            return Ok(SessionEnd::Restart(e));
+        }
+        s.tasks.clear();
+    }
+    consumer.unsubscribe();
+    // Serve the resulting revocation (nothing left to commit) and leave the group.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
+        let _ = consumer.poll(Duration::from_millis(20));
+    }
+    drop(consumer);
+    tracing::info!("left the group");
+    Ok(SessionEnd::Shutdown)
+}

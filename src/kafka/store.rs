@@ -1,0 +1,161 @@
+//! The snapshot topic: record keys, restoring partitions from it, and reading every model.
+//!
+//! Layout: the state of input partition `p` lives in snapshot-topic partition `p`, under the
+//! keys `checkpoint/<p>` (attribution buffer, counters, offsets) and `model/<model>/<p>` (one
+//! `ModelSnapshot` per model), all of one version and written in one transaction. Values are
+//! `StoredBlob`s, chunked when large (see `core::blob`). Restoring reads the partition from the
+//! beginning to its end with read_committed, so only committed transactions are seen.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::core::blob::LatestByKey;
+use crate::core::checkpoint;
+use crate::core::partition::PartitionState;
+use crate::core::snapshot::{self, DecodedSnapshot};
+
+/// A client context that does not report reaching the end of a partition as an error (the
+/// readers here ask for exactly that).
+pub struct QuietEof;
+
+impl rdkafka::client::ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        ) {
+            tracing::error!(%error, reason, "kafka client error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
+pub fn checkpoint_key(partition: i32) -> String {
+    format!("checkpoint/{partition}")
+}
+
+pub fn model_key(model: &str, partition: i32) -> String {
+    format!("model/{model}/{partition}")
+}
+
+/// Reads snapshot-topic partitions to their current end (read_committed) and returns the
+/// newest value per key of each.
+pub fn read_partitions(
+    client: rdkafka::config::ClientConfig,
+    topic: &str,
+    partitions: &[i32],
+    timeout: Duration,
+) -> anyhow::Result<BTreeMap<i32, LatestByKey>> {
+    let mut c = client;
+    c.set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("group.id", "banditflow-restore")
+        .set("fetch.max.bytes", "52428800");
+    let consumer: BaseConsumer<QuietEof> =
+        c.create_with_context(QuietEof).context("creating the restore consumer")?;
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl).context("assigning snapshot partitions")?;
+    let mut out: BTreeMap<i32, LatestByKey> =
+        partitions.iter().map(|p| (*p, LatestByKey::default())).collect();
+    let mut open: BTreeSet<i32> = partitions.iter().copied().collect();
+    let deadline = Instant::now() + timeout;
+    while !open.is_empty() {
+        if Instant::now() > deadline {
+            bail!("restoring from `{topic}` did not reach the end of partitions {open:?} within {timeout:?}");
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(m)) => {
+                let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+                if let Some(store) = out.get_mut(&m.partition()) {
+                    store.put(key, m.payload().map(<[u8]>::to_vec));
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "while reading the snapshot topic"),
+        }
+    }
+    Ok(out)
+}
+
+/// A partition's state rebuilt from its stored values (a fresh state if there are none).
+pub fn restore_partition(
+    config: &Config,
+    partition: i32,
+    store: &LatestByKey,
+) -> anyhow::Result<PartitionState> {
+    let Some((version, cp)) = store.get(&checkpoint_key(partition))? else {
+        return Ok(PartitionState::new(&config.core, partition));
+    };
+    let mut models = Vec::new();
+    let suffix = format!("/{partition}");
+    for key in store.values.keys() {
+        if key.starts_with("model/") && key.ends_with(&suffix) && !key.contains('#') {
+            if let Some((v, bytes)) = store.get(key)? {
+                if v == version {
+                    models.push(snapshot::decode(&bytes).with_context(|| format!("snapshot `{key}`"))?);
+                }
+            }
+        }
+    }
+    checkpoint::restore(&config.core, &cp, &models)
+        .with_context(|| format!("restoring partition {partition} from version {version}"))
+}
+
+/// Every model snapshot on the topic: (model, partition) → snapshot. For tests, tools and
+/// serving nodes that merge shards.
+pub fn read_models(
+    client: rdkafka::config::ClientConfig,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<BTreeMap<(String, i32), DecodedSnapshot>> {
+    let meta: BaseConsumer = client.clone().create()?;
+    let md = meta.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let parts: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let stores = read_partitions(client, topic, &parts, timeout)?;
+    let mut out = BTreeMap::new();
+    for (p, store) in &stores {
+        for key in store.values.keys() {
+            if let Some(rest) = key.strip_prefix("model/") {
+                if key.contains('#') {
+                    continue;
+                }
+                if let Some((_, bytes)) = store.get(key)? {
+                    let s = snapshot::decode(&bytes).with_context(|| format!("snapshot `{key}`"))?;
+                    let model = rest.rsplit_once('/').map_or(rest, |(m, _)| m).to_string();
+                    out.insert((model, *p), s);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Chunk counts of every stored key, so a writer can delete surplus chunks.
+pub fn chunk_counts(store: &LatestByKey) -> HashMap<String, u32> {
+    store
+        .values
+        .keys()
+        .filter(|k| !k.contains('#'))
+        .map(|k| (k.clone(), store.chunk_count(k)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
