@@ -3,6 +3,7 @@
 mod bad_input;
 mod golden;
 mod join;
+mod kafka;
 mod policy;
 mod properties;
 mod snapshot;

@@ -1,0 +1,612 @@
+//! Tests on a real Apache Kafka broker (started by `scripts/kafka.sh`; its address comes from
+//! BANDITFLOW_KAFKA_BOOTSTRAP, default 127.0.0.1:39092). They fail, never skip, when the broker
+//! cannot be reached. Each test uses its own topics and consumer group, so they can run side by
+//! side; the broker-restart test runs its own second broker.
+//!
+//! The oracle everywhere is the offline replay: the records that were produced, replayed
+//! through the same core, must give exactly the shard snapshots the service committed — the
+//! same bytes, so no event was lost or counted twice — whatever happened in between.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::TopicPartitionList;
+
+use banditflow::config::Config;
+use banditflow::core::checkpoint;
+use banditflow::core::snapshot;
+use banditflow::generate::{self, ShopSpec};
+use banditflow::kafka::{admin, store, transfer};
+use banditflow::recording::Record;
+use banditflow::replay;
+
+fn bootstrap() -> String {
+    let b = std::env::var("BANDITFLOW_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:39092".into());
+    let c: BaseConsumer = banditflow::kafka::bootstrap_config(&b).create().expect("client");
+    if let Err(e) = c.fetch_metadata(None, Duration::from_secs(15)) {
+        panic!("no Kafka broker answers at {b} ({e}); start one with `scripts/kafka.sh start` (scripts/test.sh does)");
+    }
+    b
+}
+
+fn unique(name: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{name}-{}-{}-{}", std::process::id(), banditflow::kafka::now_ms() % 1_000_000, N.fetch_add(1, Ordering::SeqCst))
+}
+
+/// Waits for `cond`, checking every 100 ms, failing after `limit`.
+fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One test's topics, group and config.
+struct Setup {
+    bootstrap: String,
+    input: String,
+    snapshots: String,
+    dead_letters: String,
+    group: String,
+    partitions: i32,
+    dir: tempfile::TempDir,
+    config_path: PathBuf,
+}
+
+impl Setup {
+    fn new(name: &str, bootstrap: &str, partitions: i32, extra: &str) -> Setup {
+        let input = unique(&format!("{name}-events"));
+        let s = Setup {
+            bootstrap: bootstrap.into(),
+            snapshots: unique(&format!("{name}-snapshots")),
+            dead_letters: unique(&format!("{name}-dlq")),
+            group: unique(&format!("{name}-group")),
+            partitions,
+            dir: tempfile::tempdir().expect("tmp"),
+            config_path: PathBuf::new(),
+            input,
+        };
+        admin::create_topics(bootstrap, &[(&s.input, partitions, false)]).expect("input topic");
+        let text = format!(
+            r#"
+[input]
+topics = [{{ name = "{input}", role = "combined", encoding = "protobuf" }}]
+
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{group}"
+snapshot_topic = "{snapshots}"
+dead_letter_topic = "{dlq}"
+snapshot_interval = "250ms"
+transaction_timeout = "10s"
+restore_timeout = "60s"
+metrics_address = ""
+
+[kafka.properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+{extra}
+"#,
+            input = s.input,
+            group = s.group,
+            snapshots = s.snapshots,
+            dlq = s.dead_letters,
+        );
+        let config_path = s.dir.path().join("banditflow.toml");
+        std::fs::write(&config_path, text).expect("config");
+        Setup { config_path, ..s }
+    }
+
+    fn config(&self) -> Config {
+        Config::load(Some(&self.config_path), Vec::new()).expect("test config is valid")
+    }
+
+    fn shop(&self, seed: u64, impressions: usize, malformed_share: f64) -> Vec<Record> {
+        generate::generate(&ShopSpec {
+            seed,
+            impressions,
+            partitions: self.partitions,
+            malformed_share,
+            combined_topic: Some(self.input.clone()),
+            ..ShopSpec::default()
+        })
+        .records
+    }
+
+    fn produce(&self, records: Vec<Record>) {
+        transfer::produce_recording(banditflow::kafka::bootstrap_config(&self.bootstrap), records.into_iter()).expect("produce");
+    }
+
+    fn start(&self, instance: &str) -> Processor {
+        let log = self.dir.path().join(format!("processor-{instance}-{}.log", unique("run")));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_banditflow"))
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env("BANDITFLOW__KAFKA__INSTANCE_ID", instance)
+            .env("BANDITFLOW_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("processor starts");
+        Processor { child: Some(child), log }
+    }
+
+    fn end_offsets(&self) -> Vec<i64> {
+        let c: BaseConsumer = banditflow::kafka::bootstrap_config(&self.bootstrap).create().expect("client");
+        (0..self.partitions)
+            .map(|p| c.fetch_watermarks(&self.input, p, Duration::from_secs(10)).expect("watermarks").1)
+            .collect()
+    }
+
+    fn committed_offsets(&self) -> Vec<i64> {
+        let mut cfg = banditflow::kafka::bootstrap_config(&self.bootstrap);
+        cfg.set("group.id", &self.group);
+        let c: BaseConsumer = cfg.create().expect("client");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            tpl.add_partition(&self.input, p);
+        }
+        match c.committed_offsets(tpl, Duration::from_secs(10)) {
+            Ok(t) => t.elements().iter().map(|e| e.offset().to_raw().unwrap_or(-1)).collect(),
+            Err(_) => vec![-1; self.partitions as usize],
+        }
+    }
+
+    fn wait_caught_up(&self, limit: Duration) {
+        let ends = self.end_offsets();
+        wait_until("the group to commit every input record", limit, || self.committed_offsets() == ends);
+    }
+
+    /// Shard snapshots on the snapshot topic, re-encoded: (model, partition) → bytes.
+    fn committed_shards(&self) -> BTreeMap<(String, i32), Vec<u8>> {
+        store::read_models(banditflow::kafka::bootstrap_config(&self.bootstrap), &self.snapshots, Duration::from_secs(60))
+            .expect("snapshot topic readable")
+            .into_iter()
+            .map(|(k, s)| (k, snapshot::encode(&s.spec, &s.shard, &s.meta)))
+            .collect()
+    }
+
+    /// What the offline replay makes of `records`: (model, partition) → shard snapshot bytes.
+    fn offline_shards(&self, records: &[Record]) -> BTreeMap<(String, i32), Vec<u8>> {
+        let config = self.config();
+        let mut run = replay::ReplayRun::default();
+        for r in records {
+            replay::apply_record(&config, &mut run, r.clone());
+        }
+        let mut out = BTreeMap::new();
+        for (p, st) in &run.partitions {
+            for (i, m) in config.core.models.iter().enumerate() {
+                out.insert((m.id.clone(), *p), snapshot::encode(m, &st.models[i], &checkpoint::shard_meta(&config.core, st, &m.id)));
+            }
+        }
+        out
+    }
+
+    fn assert_matches_offline(&self, records: &[Record]) {
+        let want = self.offline_shards(records);
+        let got = self.committed_shards();
+        assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "shards on the snapshot topic");
+        for (k, bytes) in &want {
+            if got[k] != *bytes {
+                let a = snapshot::decode(&got[k]).expect("decodes");
+                let b = snapshot::decode(bytes).expect("decodes");
+                panic!(
+                    "shard {k:?} differs from the offline replay: version {} vs {}, variants {:?} vs {:?}",
+                    a.meta.version, b.meta.version, a.shard.variants, b.shard.variants
+                );
+            }
+        }
+    }
+}
+
+struct Processor {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Processor {
+    fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    fn signal(&self, sig: &str) {
+        let st = Command::new("kill").args([sig, &self.pid().to_string()]).status().expect("kill runs");
+        assert!(st.success());
+    }
+
+    fn kill9(&mut self) {
+        self.signal("-KILL");
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then the exit status and how long it took.
+    fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let started = Instant::now();
+        self.signal("-TERM");
+        let mut child = self.child.take().expect("running");
+        let deadline = started + Duration::from_secs(30);
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return (st, started.elapsed());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("processor ignored SIGTERM for 30 s; log {}", self.log.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Processor {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn kafka_path_equals_offline_path_and_sigterm_exits_cleanly() {
+    let b = bootstrap();
+    let s = Setup::new("equal", &b, 3, "");
+    let records = s.shop(11, 4000, 0.01);
+    s.produce(records.clone());
+    let mut p = s.start("0");
+    s.wait_caught_up(Duration::from_secs(120));
+    let (status, took) = p.terminate();
+    assert!(status.success(), "exit status {status}; log:\n{}", p.log_text());
+    assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
+    assert!(p.log_text().contains("left the group"), "log:\n{}", p.log_text());
+    s.assert_matches_offline(&records);
+}
+
+#[test]
+fn sigterm_mid_stream_commits_final_snapshots_and_a_successor_finishes_exactly() {
+    let b = bootstrap();
+    let s = Setup::new("sigterm", &b, 2, "");
+    let records = s.shop(12, 30_000, 0.0);
+    let producer = {
+        let (s_boot, recs) = (s.bootstrap.clone(), records.clone());
+        std::thread::spawn(move || transfer::produce_recording(banditflow::kafka::bootstrap_config(&s_boot), recs.into_iter()))
+    };
+    let mut p = s.start("0");
+    wait_until("some progress", Duration::from_secs(60), || s.committed_offsets().iter().any(|o| *o > 0));
+    let (status, took) = p.terminate();
+    assert!(status.success(), "exit status {status}; log:\n{}", p.log_text());
+    assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
+    // What was committed is exactly what the final snapshots cover.
+    let committed = s.committed_offsets();
+    let shards = store::read_models(banditflow::kafka::bootstrap_config(&b), &s.snapshots, Duration::from_secs(30)).expect("readable");
+    for ((_, part), snap) in &shards {
+        let covered = snap.meta.input_offsets.iter().find(|(t, _, _)| *t == s.input).map_or(0, |o| o.2);
+        assert_eq!(covered, committed[*part as usize], "partition {part}: snapshot and committed offset disagree");
+    }
+    producer.join().expect("producer thread").expect("produced");
+    let _next = s.start("0");
+    s.wait_caught_up(Duration::from_secs(120));
+    s.assert_matches_offline(&records);
+}
+
+#[test]
+fn sigkill_at_random_points_loses_and_duplicates_nothing() {
+    let b = bootstrap();
+    let s = Setup::new("crash", &b, 3, "");
+    // About 1.05 M events.
+    let records = s.shop(13, 410_000, 0.0);
+    assert!(records.len() >= 1_000_000, "{} records", records.len());
+    let producer = {
+        let (s_boot, recs) = (s.bootstrap.clone(), records.clone());
+        std::thread::spawn(move || transfer::produce_recording(banditflow::kafka::bootstrap_config(&s_boot), recs.into_iter()))
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2026);
+    let mut kills = Vec::new();
+    for _ in 0..5 {
+        let mut p = s.start("0");
+        let before = s.committed_offsets().iter().map(|o| o.max(&0)).sum::<i64>();
+        // Kill only after it made progress since the last restart, at a random moment.
+        wait_until("progress after restart", Duration::from_secs(90), || {
+            s.committed_offsets().iter().map(|o| o.max(&0)).sum::<i64>() > before
+        });
+        std::thread::sleep(Duration::from_millis(rng.random_range(50..1500)));
+        p.kill9();
+        kills.push(s.committed_offsets().iter().map(|o| o.max(&0)).sum::<i64>());
+    }
+    producer.join().expect("producer thread").expect("produced");
+    let _last = s.start("0");
+    s.wait_caught_up(Duration::from_secs(300));
+    eprintln!("crash test: {} records, killed at committed totals {kills:?}", records.len());
+    s.assert_matches_offline(&records);
+}
+
+#[test]
+fn rebalance_one_three_one_keeps_exact_totals() {
+    let b = bootstrap();
+    let s = Setup::new("rebalance", &b, 6, "");
+    let records = s.shop(14, 120_000, 0.0);
+    let producer = {
+        let (s_boot, recs) = (s.bootstrap.clone(), records.clone());
+        std::thread::spawn(move || transfer::produce_recording(banditflow::kafka::bootstrap_config(&s_boot), recs.into_iter()))
+    };
+    let progress = || s.committed_offsets().iter().map(|o| o.max(&0)).sum::<i64>();
+    let _a = s.start("0");
+    wait_until("first instance progresses", Duration::from_secs(60), || progress() > 0);
+    let at_one = progress();
+    let mut bee = s.start("1");
+    let mut cee = s.start("2");
+    wait_until("three instances share the partitions", Duration::from_secs(60), || {
+        bee.log_text().contains("partition assigned") && cee.log_text().contains("partition assigned")
+    });
+    let at_three = progress();
+    wait_until("progress with three instances", Duration::from_secs(60), || progress() > at_three);
+    for p in [&mut bee, &mut cee] {
+        let (status, _) = p.terminate();
+        assert!(status.success(), "log:\n{}", p.log_text());
+    }
+    producer.join().expect("producer thread").expect("produced");
+    s.wait_caught_up(Duration::from_secs(180));
+    eprintln!("rebalance test: {} records; committed {at_one} with one instance, {at_three} when three shared", records.len());
+    s.assert_matches_offline(&records);
+}
+
+#[test]
+fn poison_records_go_to_the_dead_letter_topic_with_their_reason() {
+    let b = bootstrap();
+    let s = Setup::new("poison", &b, 2, "");
+    let records = s.shop(15, 6000, 0.05);
+    let config = s.config();
+    let invalid: Vec<&Record> = records
+        .iter()
+        .filter(|r| {
+            banditflow::core::event::decode(banditflow::core::event::TopicRole::Combined, banditflow::core::event::Encoding::Protobuf, &r.payload).is_err()
+        })
+        .collect();
+    let share = invalid.len() as f64 / records.len() as f64;
+    assert!((0.005..0.05).contains(&share), "about 1 % malformed, got {share}");
+    s.produce(records.clone());
+    let _p = s.start("0");
+    s.wait_caught_up(Duration::from_secs(120));
+    let mut dl = Vec::new();
+    transfer::record(banditflow::kafka::bootstrap_config(&b), &[s.dead_letters.clone()], transfer::StartAt::Beginning, transfer::StopAt::End, false, &mut dl)
+        .expect("dead letters readable");
+    let lines: Vec<Record> = String::from_utf8(dl).expect("utf-8").lines().map(|l| banditflow::recording::parse_line(1, l).expect("line")).collect();
+    assert_eq!(lines.len(), invalid.len(), "every malformed record is dead-lettered once");
+    let mut payloads: Vec<&Vec<u8>> = lines.iter().map(|r| &r.payload).collect();
+    let mut want: Vec<&Vec<u8>> = invalid.iter().map(|r| &r.payload).collect();
+    payloads.sort();
+    want.sort();
+    assert_eq!(payloads, want);
+    for r in &lines {
+        let header = |n: &str| r.headers.iter().find(|(k, _)| k == n).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        assert!(header(replay::HEADER_CODE).is_some_and(|c| banditflow::core::event::InvalidEvent::code_named(&c).is_some()));
+        assert!(header(replay::HEADER_REASON).is_some_and(|r| !r.is_empty()));
+        assert_eq!(header("banditflow.source.topic").as_deref(), Some(s.input.as_str()));
+    }
+    let _ = config;
+    s.assert_matches_offline(&records);
+}
+
+#[test]
+fn a_model_larger_than_a_message_is_chunked_and_restored() {
+    let b = bootstrap();
+    // Small chunks so a ~2 MB model takes many records; the broker's own limit is ~1 MB.
+    let s = Setup::new("large", &b, 1, "");
+    let mut text = std::fs::read_to_string(&s.config_path).expect("config");
+    text = text.replace("restore_timeout = \"60s\"", "restore_timeout = \"60s\"\nmax_record_bytes = 300000");
+    std::fs::write(&s.config_path, text).expect("config");
+    let records = generate::generate(&ShopSpec {
+        seed: 16,
+        impressions: 1500,
+        partitions: 1,
+        items: 60_000,
+        slate_size: 200,
+        holdout_share: 1.0,
+        malformed_share: 0.0,
+        combined_topic: Some(s.input.clone()),
+        ..ShopSpec::default()
+    })
+    .records;
+    s.produce(records.clone());
+    let mut p = s.start("0");
+    s.wait_caught_up(Duration::from_secs(180));
+    let (status, _) = p.terminate();
+    assert!(status.success());
+    let shards = s.committed_shards();
+    let biggest = shards.values().map(Vec::len).max().unwrap_or(0);
+    assert!(biggest > 1_100_000, "model snapshot is only {biggest} bytes");
+    // The chunks are on the topic.
+    let mut raw = Vec::new();
+    transfer::record(banditflow::kafka::bootstrap_config(&b), &[s.snapshots.clone()], transfer::StartAt::Beginning, transfer::StopAt::End, false, &mut raw)
+        .expect("snapshot topic readable");
+    let text = String::from_utf8(raw).expect("utf-8");
+    assert!(text.lines().any(|l| l.contains("#3")), "expected chunk records on the snapshot topic");
+    s.assert_matches_offline(&records);
+    // A restarted processor restores from the chunks and carries on exactly.
+    let more = generate::generate(&ShopSpec {
+        seed: 17,
+        impressions: 200,
+        partitions: 1,
+        items: 60_000,
+        slate_size: 200,
+        holdout_share: 1.0,
+        malformed_share: 0.0,
+        combined_topic: Some(s.input.clone()),
+        ..ShopSpec::default()
+    })
+    .records;
+    let base = records.len() as i64;
+    let more: Vec<Record> = more.into_iter().map(|r| Record { offset: r.offset + base, ..r }).collect();
+    s.produce(more.clone());
+    let _p2 = s.start("0");
+    s.wait_caught_up(Duration::from_secs(180));
+    let all: Vec<Record> = records.into_iter().chain(more).collect();
+    s.assert_matches_offline(&all);
+}
+
+#[test]
+fn record_then_replay_to_kafka_round_trips() {
+    let b = bootstrap();
+    let imp = unique("rt-impressions");
+    let fb = unique("rt-feedback");
+    admin::create_topics(&b, &[(&imp, 3, false), (&fb, 3, false)]).expect("topics");
+    let shop = generate::generate(&ShopSpec {
+        seed: 18,
+        impressions: 800,
+        partitions: 3,
+        impressions_topic: imp.clone(),
+        feedback_topic: fb.clone(),
+        ..ShopSpec::default()
+    });
+    let dir = tempfile::tempdir().expect("tmp");
+    let original = dir.path().join("original.jsonl");
+    let mut f = std::fs::File::create(&original).expect("file");
+    for r in &shop.records {
+        writeln!(f, "{}", banditflow::recording::format_line(r)).expect("write");
+    }
+    drop(f);
+    let bin = env!("CARGO_BIN_EXE_banditflow");
+    let st = Command::new(bin).args(["replay", "--to-kafka", "--bootstrap", &b, "--input"]).arg(&original).status().expect("runs");
+    assert!(st.success());
+    let recorded = dir.path().join("recorded.jsonl");
+    let st = Command::new(bin)
+        .args(["record", "--bootstrap", &b, "--topics", &format!("{imp},{fb}"), "--out"])
+        .arg(&recorded)
+        .status()
+        .expect("runs");
+    assert!(st.success());
+    let sorted = |p: &Path| {
+        let mut v: Vec<Record> = std::fs::read_to_string(p)
+            .expect("read")
+            .lines()
+            .map(|l| banditflow::recording::parse_line(1, l).expect("line"))
+            .collect();
+        v.sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
+        v
+    };
+    let (a, bb) = (sorted(&original), sorted(&recorded));
+    assert_eq!(a.len(), bb.len());
+    assert!(a.iter().any(|r| std::str::from_utf8(&r.payload).is_err()), "binary payloads are part of the test");
+    assert_eq!(a, bb, "topic, partition, offset, timestamp, key, headers and payload all survive");
+}
+
+#[test]
+fn two_topics_give_the_offline_state_up_to_interleaving() {
+    // Impressions (protobuf) and feedback (JSON) on two co-partitioned topics: the consumer
+    // interleaves them in an order the log does not fix, so counters must match exactly and
+    // decayed sums within rounding.
+    let b = bootstrap();
+    let s = Setup::new("twotopics", &b, 2, "");
+    let fb = unique("twotopics-feedback");
+    admin::create_topics(&b, &[(&fb, 2, false)]).expect("topic");
+    let mut text = std::fs::read_to_string(&s.config_path).expect("config");
+    text = text.replace(
+        &format!(r#"topics = [{{ name = "{}", role = "combined", encoding = "protobuf" }}]"#, s.input),
+        &format!(
+            r#"topics = [{{ name = "{}", role = "impressions", encoding = "protobuf" }}, {{ name = "{fb}", role = "feedback", encoding = "json" }}]"#,
+            s.input
+        ),
+    );
+    std::fs::write(&s.config_path, text).expect("config");
+    let shop = generate::generate(&ShopSpec {
+        seed: 19,
+        impressions: 3000,
+        partitions: 2,
+        impressions_topic: s.input.clone(),
+        feedback_topic: fb.clone(),
+        ..ShopSpec::default()
+    });
+    s.produce(shop.records.clone());
+    let _p = s.start("0");
+    let ends = s.end_offsets();
+    wait_until("impressions committed", Duration::from_secs(120), || s.committed_offsets() == ends);
+    let want = s.offline_shards(&shop.records);
+    // Feedback offsets are committed in the same transactions; wait until every shard covers
+    // everything the offline replay covers.
+    wait_until("snapshots cover both topics", Duration::from_secs(60), || {
+        let got = s.committed_shards();
+        want.iter().all(|(k, w)| {
+            let (Some(g), Ok(wd)) = (got.get(k), snapshot::decode(w)) else { return false };
+            snapshot::decode(g).map(|gd| gd.meta.input_offsets == wd.meta.input_offsets).unwrap_or(false)
+        })
+    });
+    let config = s.config();
+    for (k, w) in &want {
+        let got = s.committed_shards();
+        let g = snapshot::decode(&got[k]).expect("decodes");
+        let w = snapshot::decode(w).expect("decodes");
+        assert_eq!(g.meta.version, w.meta.version);
+        let spec = config.core.model(&k.0).expect("model");
+        crate::support::assert_shards_equivalent(&g.shard, &w.shard, spec, w.meta.watermark_ms, &format!("{k:?}"));
+    }
+}
+
+#[test]
+fn broker_restart_mid_stream_keeps_exact_totals() {
+    // A broker of its own, so restarting it disturbs no other test.
+    let port = 39192;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let kafka = |cmd: &str| {
+        let out = Command::new("bash")
+            .arg(root.join("scripts/kafka.sh"))
+            .arg(cmd)
+            .args(if cmd == "start" { vec!["--fresh"] } else { vec![] })
+            .env("BANDITFLOW_KAFKA_PORT", port.to_string())
+            .output()
+            .expect("kafka.sh runs");
+        assert!(out.status.success(), "kafka.sh {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    struct StopBroker<'a>(&'a dyn Fn(&str));
+    impl Drop for StopBroker<'_> {
+        fn drop(&mut self) {
+            (self.0)("stop");
+        }
+    }
+    kafka("start");
+    let _stop = StopBroker(&kafka);
+    let b = format!("127.0.0.1:{port}");
+    let s = Setup::new("brokerrestart", &b, 2, "");
+    let records = s.shop(20, 60_000, 0.0);
+    let (first, second) = records.split_at(records.len() / 2);
+    s.produce(first.to_vec());
+    let _p = s.start("0");
+    wait_until("progress before the restart", Duration::from_secs(60), || s.committed_offsets().iter().any(|o| *o > 0));
+    let restarted = Command::new("bash").arg(root.join("scripts/kafka.sh")).arg("restart").env("BANDITFLOW_KAFKA_PORT", port.to_string()).output().expect("runs");
+    assert!(restarted.status.success(), "{}", String::from_utf8_lossy(&restarted.stderr));
+    s.produce(second.to_vec());
+    s.wait_caught_up(Duration::from_secs(240));
+    s.assert_matches_offline(&records);
+}
+
+#[test]
+fn mismatched_partition_counts_are_refused_with_a_clear_message() {
+    let b = bootstrap();
+    let s = Setup::new("copart", &b, 2, "");
+    let fb = unique("copart-feedback");
+    admin::create_topics(&b, &[(&fb, 3, false)]).expect("topic");
+    let text = std::fs::read_to_string(&s.config_path).expect("config").replace(
+        &format!(r#"topics = [{{ name = "{}", role = "combined", encoding = "protobuf" }}]"#, s.input),
+        &format!(r#"topics = [{{ name = "{}", role = "impressions", encoding = "protobuf" }}, {{ name = "{fb}", role = "feedback", encoding = "json" }}]"#, s.input),
+    );
+    std::fs::write(&s.config_path, text).expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_banditflow")).args(["run", "--config"]).arg(&s.config_path).output().expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not co-partitioned") && err.contains("has 2") && err.contains("has 3"), "{err}");
+}
