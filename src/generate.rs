@@ -113,6 +113,14 @@ pub fn generate(spec: &ShopSpec) -> Shop {
         .iter()
         .map(|_| base.iter().map(|a| (a * rng.random_range(0.5..1.5)).min(0.95)).collect())
         .collect();
+    let best_by_segment: Vec<Vec<usize>> = attractiveness
+        .iter()
+        .map(|a| {
+            let mut best: Vec<usize> = (0..n).collect();
+            best.sort_by(|&x, &y| a[y].total_cmp(&a[x]).then(x.cmp(&y)));
+            best
+        })
+        .collect();
     let gap = Exp::new(1.0 / 250.0).ok();
     let delay = |rng: &mut ChaCha8Rng, mean_ms: f64| -> i64 {
         Exp::new(1.0 / mean_ms).map_or(mean_ms, |d| d.sample(rng)) as i64 + 1
@@ -134,14 +142,19 @@ pub fn generate(spec: &ShopSpec) -> Shop {
         let explore = rng.random::<f64>() < 0.2;
         // Treatment: the k most attractive items for the segment (80 %) or a random slate (20 %);
         // holdout: a random slate. Propensities follow exactly from that.
-        let mut order: Vec<usize> = (0..n).collect();
-        let mut best = order.clone();
-        best.sort_by(|&a, &b| attractiveness[seg][b].total_cmp(&attractiveness[seg][a]).then(a.cmp(&b)));
-        for j in (1..n).rev() {
-            let r = rng.random_range(0..=j);
-            order.swap(j, r);
-        }
-        let shown: Vec<usize> = if !holdout && !explore { best[..k].to_vec() } else { order[..k].to_vec() };
+        let best = &best_by_segment[seg];
+        let shown: Vec<usize> = if !holdout && !explore {
+            best[..k].to_vec()
+        } else {
+            // The first k of a uniformly random permutation (partial Fisher–Yates).
+            let mut order: Vec<usize> = (0..n).collect();
+            for j in 0..k {
+                let r = rng.random_range(j..n);
+                order.swap(j, r);
+            }
+            order.truncate(k);
+            order
+        };
         let slate: Vec<SlateEntry> = shown
             .iter()
             .enumerate()

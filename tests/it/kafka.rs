@@ -260,6 +260,14 @@ impl Drop for Processor {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            eprintln!("--- last lines of {}:", self.log.display());
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 
@@ -310,7 +318,7 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let b = bootstrap();
     let s = Setup::new("crash", &b, 3, "");
     // About 1.05 M events.
-    let records = s.shop(13, 410_000, 0.0);
+    let records = s.shop(13, 500_000, 0.0);
     assert!(records.len() >= 1_000_000, "{} records", records.len());
     let producer = {
         let (s_boot, recs) = (s.bootstrap.clone(), records.clone());
