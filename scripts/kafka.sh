@@ -67,6 +67,9 @@ group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 log.cleaner.backoff.ms=1000
 log.segment.bytes=16777216
+# Keep every record until the storage is wiped (start --fresh): recordings carry old event
+# timestamps, which time-based retention would delete at once.
+log.retention.ms=-1
 message.max.bytes=1048588
 PROPS
 }

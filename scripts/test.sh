@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite, exactly as CI runs it (.ci/run calls this script).
+# The whole test suite, exactly as CI runs it (.ci/run calls this script): format, lint, and
+# every test — the broker tests against a real Apache Kafka broker that this script starts on
+# 127.0.0.1 (scripts/kafka.sh fetches it from Maven Central once and caches it) and stops.
 #
 # Builds go to a target directory outside the checkout (override with CARGO_TARGET_DIR), so a
 # fresh clone on a machine that built before reuses the compiled dependencies.
@@ -8,7 +10,6 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/banditflow/target}"
 export CARGO_TERM_COLOR=never
-# Two cores: one build at a time, two test threads.
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 
 step() { printf '\n== %s\n' "$*"; }
@@ -16,12 +17,29 @@ step() { printf '\n== %s\n' "$*"; }
 step "toolchain"
 cargo --version
 rustc --version
+java -version 2>&1 | head -n 1
+mvn -version 2>/dev/null | head -n 1
 
 step "format"
 cargo fmt --all -- --check
 
 step "lint"
 cargo clippy --all-targets --locked -- -D warnings
+
+step "build"
+cargo test --locked --no-run
+
+step "kafka broker"
+started=0
+if ! scripts/kafka.sh status >/dev/null 2>&1; then
+  scripts/kafka.sh start --fresh >/dev/null
+  started=1
+fi
+cleanup() { if [ "$started" = 1 ]; then scripts/kafka.sh stop || true; fi; }
+trap cleanup EXIT
+BANDITFLOW_KAFKA_BOOTSTRAP="$(scripts/kafka.sh bootstrap)"
+export BANDITFLOW_KAFKA_BOOTSTRAP
+echo "broker at $BANDITFLOW_KAFKA_BOOTSTRAP"
 
 step "tests"
 cargo test --locked -- --test-threads=2

@@ -1,9 +1,15 @@
-//! Saving and restoring a whole partition: the [`PartitionState`] becomes one
-//! `PartitionCheckpoint` (attribution buffer, counters, offsets) plus one `ModelSnapshot` per
-//! model, all of the same version; restoring needs all of them and checks they agree.
+//! Saving and restoring a whole partition. The [`PartitionState`] is stored as records of the
+//! snapshot topic, all written in one transaction per version:
 //!
-//! `restore(save(state)) == state` exactly (tested), so a partition that moves to another
-//! instance, or a process that restarts, continues as if nothing happened.
+//! - `checkpoint/<p>`: a `PartitionCheckpoint` header (offsets, counters, watermark input);
+//! - `imp/<p>/<impression id>`: one `BufferedImpression` per buffered impression;
+//! - `held/<p>/<sequence>`: one `HeldFeedback` per feedback waiting for its impression;
+//! - `model/<model>/<p>`: one `ModelSnapshot` per model.
+//!
+//! Only the buffer entries that changed since the previous save are written (deleted ones get
+//! tombstones), like a changelog, so the cost of a save follows the traffic, not the size of
+//! the attribution buffer. `restore(save_all(state)) == state` exactly (tested), so a partition
+//! that moves to another instance, or a process that restarts, continues as if nothing happened.
 
 use std::collections::BTreeMap;
 
@@ -19,10 +25,30 @@ use super::snapshot::{self, DecodedSnapshot, SnapshotError, SnapshotMeta};
 
 pub const FORMAT_VERSION: u32 = 1;
 
-/// The encoded parts of a saved partition.
-#[derive(Debug, Clone)]
+pub fn header_key(partition: i32) -> String {
+    format!("checkpoint/{partition}")
+}
+
+pub fn impression_key(partition: i32, id: &str) -> String {
+    format!("imp/{partition}/{id}")
+}
+
+pub fn held_key(partition: i32, sequence: u64) -> String {
+    format!("held/{partition}/{sequence:020}")
+}
+
+pub fn model_key(model: &str, partition: i32) -> String {
+    format!("model/{model}/{partition}")
+}
+
+/// The encoded records of one save.
+#[derive(Debug, Clone, Default)]
 pub struct SavedPartition {
-    pub checkpoint: Vec<u8>,
+    pub header: Vec<u8>,
+    /// Buffer entries to write: (key, value).
+    pub puts: Vec<(String, Vec<u8>)>,
+    /// Buffer entries to delete (tombstones).
+    pub deletes: Vec<String>,
     /// (model id, encoded ModelSnapshot), in configuration order.
     pub models: Vec<(String, Vec<u8>)>,
 }
@@ -69,51 +95,33 @@ fn kind_code(k: FeedbackKind) -> u32 {
     k.index() as u32
 }
 
-pub fn save(spec: &CoreSpec, state: &PartitionState) -> SavedPartition {
-    let mut impressions: Vec<pb::BufferedImpression> = state
-        .join
-        .impressions
-        .iter()
-        .map(|(id, e)| {
-            // Kept in attribution order (itself deterministic), so a restore is exact.
-            let seen: Vec<u32> = e.seen.iter().map(|(i, k)| u32::from(*i) * 8 + kind_code(*k)).collect();
-            pb::BufferedImpression {
-                impression_id: id.clone(),
-                event_time_ms: e.time_ms,
-                model_id: spec.models.get(e.model).map(|m| m.id.clone()).unwrap_or_default(),
-                variant: Some(snapshot::variant_to_pb(&e.variant)),
-                segment: e.segment.clone(),
-                features: e
-                    .features
-                    .iter()
-                    .map(|(n, v)| pb::Feature { name: n.clone(), value: *v })
-                    .collect(),
-                slate: e
-                    .slate
-                    .iter()
-                    .map(|(item, pos, p)| pb::SlateItem {
-                        item_id: item.clone(),
-                        position: *pos,
-                        propensity: *p,
-                        score: 0.0,
-                    })
-                    .collect(),
-                opted_out: e.opted_out,
-                total_reward_micros: e.total_reward_micros,
-                seen,
-                last_feedback_position: e.last_feedback_position,
-            }
-        })
-        .collect();
-    impressions.sort_by(|a, b| a.impression_id.cmp(&b.impression_id));
-    let mut held: Vec<pb::HeldFeedback> = state
-        .join
-        .pending
-        .values()
-        .flatten()
-        .map(|(seq, f)| pb::HeldFeedback { sequence: *seq, feedback: Some(event::feedback_to_pb(f)) })
-        .collect();
-    held.sort_by_key(|h| h.sequence);
+fn encode_impression(spec: &CoreSpec, id: &str, e: &Entry) -> Vec<u8> {
+    pb::BufferedImpression {
+        impression_id: id.to_string(),
+        event_time_ms: e.time_ms,
+        model_id: spec.models.get(e.model).map(|m| m.id.clone()).unwrap_or_default(),
+        variant: Some(snapshot::variant_to_pb(&e.variant)),
+        segment: e.segment.clone(),
+        features: e.features.iter().map(|(n, v)| pb::Feature { name: n.clone(), value: *v }).collect(),
+        slate: e
+            .slate
+            .iter()
+            .map(|(item, pos, p)| pb::SlateItem { item_id: item.clone(), position: *pos, propensity: *p, score: 0.0 })
+            .collect(),
+        opted_out: e.opted_out,
+        total_reward_micros: e.total_reward_micros,
+        // Kept in attribution order (itself deterministic), so a restore is exact.
+        seen: e.seen.iter().map(|(i, k)| u32::from(*i) * 8 + kind_code(*k)).collect(),
+        last_feedback_position: e.last_feedback_position,
+    }
+    .encode_to_vec()
+}
+
+fn encode_held(seq: u64, f: &Feedback) -> Vec<u8> {
+    pb::HeldFeedback { sequence: seq, feedback: Some(event::feedback_to_pb(f)) }.encode_to_vec()
+}
+
+fn header_and_models(spec: &CoreSpec, state: &PartitionState) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
     let mut cp = pb::PartitionCheckpoint {
         format_version: FORMAT_VERSION,
         partition: state.partition,
@@ -125,20 +133,10 @@ pub fn save(spec: &CoreSpec, state: &PartitionState) -> SavedPartition {
             .collect(),
         max_event_time_ms: state.join.max_event_time_ms,
         next_sequence: state.join.next_seq,
-        impressions,
-        held,
-        join_counters: state
-            .join
-            .counters
-            .rows()
-            .iter()
-            .map(|(n, v)| pb::Counter { name: (*n).into(), value: *v })
-            .collect(),
-        invalid_counts: state
-            .invalid
-            .iter()
-            .map(|(n, v)| pb::Counter { name: (*n).into(), value: *v })
-            .collect(),
+        impressions: Vec::new(),
+        held: Vec::new(),
+        join_counters: state.join.counters.rows().iter().map(|(n, v)| pb::Counter { name: (*n).into(), value: *v }).collect(),
+        invalid_counts: state.invalid.iter().map(|(n, v)| pb::Counter { name: (*n).into(), value: *v }).collect(),
         models: spec.models.iter().map(|m| m.id.clone()).collect(),
         checksum: 0,
     };
@@ -149,19 +147,55 @@ pub fn save(spec: &CoreSpec, state: &PartitionState) -> SavedPartition {
         .zip(&state.models)
         .map(|(m, shard)| (m.id.clone(), snapshot::encode(m, shard, &shard_meta(spec, state, &m.id))))
         .collect();
-    SavedPartition { checkpoint: cp.encode_to_vec(), models }
+    (cp.encode_to_vec(), models)
 }
 
-/// Rebuilds a partition from its checkpoint and the model snapshots of the same version.
-/// Models configured now but absent from the checkpoint start empty; a model in the checkpoint
-/// that is no longer configured is an error (its statistics would silently vanish).
+/// The records for everything that changed since the previous save; takes the changes.
+pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartition {
+    let changes = std::mem::take(&mut state.join.changes);
+    let p = state.partition;
+    let mut puts = Vec::new();
+    for id in &changes.impressions_written {
+        if let Some(e) = state.join.impressions.get(id) {
+            puts.push((impression_key(p, id), encode_impression(spec, id, e)));
+        }
+    }
+    let held: BTreeMap<u64, &Feedback> = state.join.pending.values().flatten().map(|(s, f)| (*s, f)).collect();
+    for seq in &changes.held_written {
+        if let Some(f) = held.get(seq) {
+            puts.push((held_key(p, *seq), encode_held(*seq, f)));
+        }
+    }
+    let mut deletes: Vec<String> = changes.impressions_deleted.iter().map(|id| impression_key(p, id)).collect();
+    deletes.extend(changes.held_deleted.iter().map(|s| held_key(p, *s)));
+    let (header, models) = header_and_models(spec, state);
+    SavedPartition { header, puts, deletes, models }
+}
+
+/// The records for the whole state (sorted), as for an empty store.
+pub fn save_all(spec: &CoreSpec, state: &PartitionState) -> SavedPartition {
+    let p = state.partition;
+    let mut puts: Vec<(String, Vec<u8>)> =
+        state.join.impressions.iter().map(|(id, e)| (impression_key(p, id), encode_impression(spec, id, e))).collect();
+    puts.extend(state.join.pending.values().flatten().map(|(s, f)| (held_key(p, *s), encode_held(*s, f))));
+    puts.sort();
+    let (header, models) = header_and_models(spec, state);
+    SavedPartition { header, puts, deletes: Vec::new(), models }
+}
+
+/// Rebuilds a partition from its header, its buffer entries (values of `imp/…` and `held/…`
+/// keys) and the model snapshots of the header's version. Models configured now but absent
+/// from the checkpoint start empty; a model in the checkpoint that is no longer configured is an
+/// error (its statistics would silently vanish).
 pub fn restore(
     spec: &CoreSpec,
-    checkpoint: &[u8],
+    header: &[u8],
+    impressions: &[Vec<u8>],
+    held: &[Vec<u8>],
     models: &[DecodedSnapshot],
 ) -> Result<PartitionState, SnapshotError> {
-    let mut cp =
-        pb::PartitionCheckpoint::decode(checkpoint).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    let decode_err = |e: prost::DecodeError| SnapshotError::Decode(e.to_string());
+    let mut cp = pb::PartitionCheckpoint::decode(header).map_err(decode_err)?;
     if cp.format_version != FORMAT_VERSION {
         return Err(SnapshotError::Version { found: cp.format_version });
     }
@@ -212,7 +246,17 @@ pub fn restore(
     join.max_event_time_ms = cp.max_event_time_ms;
     join.next_seq = cp.next_sequence;
     join.counters = counters_from(&cp.join_counters)?;
-    for b in cp.impressions {
+    let mut buffered = std::mem::take(&mut cp.impressions);
+    for raw in impressions {
+        buffered.push(pb::BufferedImpression::decode(raw.as_slice()).map_err(decode_err)?);
+    }
+    let mut held_all = std::mem::take(&mut cp.held);
+    for raw in held {
+        held_all.push(pb::HeldFeedback::decode(raw.as_slice()).map_err(decode_err)?);
+    }
+    // Held feedback is kept per impression in arrival (sequence) order.
+    held_all.sort_by_key(|h| h.sequence);
+    for b in buffered {
         let model =
             spec.models.iter().position(|m| m.id == b.model_id).ok_or_else(|| {
                 invalid(format!("buffered impression of unconfigured model `{}`", b.model_id))
@@ -240,7 +284,7 @@ pub fn restore(
         join.impression_order.insert((entry.time_ms, b.impression_id.clone()));
         join.impressions.insert(b.impression_id, entry);
     }
-    for h in cp.held {
+    for h in held_all {
         let f = h.feedback.ok_or_else(|| invalid("held feedback without body"))?;
         let kind = FeedbackKind::ALL
             .into_iter()

@@ -144,6 +144,49 @@ pub struct Entry {
     pub last_feedback_position: u32,
 }
 
+/// What changed in the join since the changes were last taken: which buffered impressions and
+/// held feedback must be written to (or deleted from) durable storage. Bookkeeping of the
+/// persistence edge, not join state: it is excluded from equality, so a restored join equals
+/// the one that was saved.
+#[derive(Debug, Clone, Default)]
+pub struct JoinChanges {
+    pub impressions_written: std::collections::BTreeSet<String>,
+    pub impressions_deleted: std::collections::BTreeSet<String>,
+    pub held_written: std::collections::BTreeSet<u64>,
+    pub held_deleted: std::collections::BTreeSet<u64>,
+}
+
+impl PartialEq for JoinChanges {
+    fn eq(&self, _: &JoinChanges) -> bool {
+        true
+    }
+}
+
+impl JoinChanges {
+    fn touch(&mut self, id: &str) {
+        if !self.impressions_written.contains(id) {
+            self.impressions_written.insert(id.to_string());
+        }
+        self.impressions_deleted.remove(id);
+    }
+
+    fn delete(&mut self, id: String) {
+        self.impressions_written.remove(&id);
+        self.impressions_deleted.insert(id);
+    }
+
+    fn hold(&mut self, seq: u64) {
+        self.held_written.insert(seq);
+    }
+
+    fn release(&mut self, seq: u64) {
+        // Never written: nothing to delete.
+        if !self.held_written.remove(&seq) {
+            self.held_deleted.insert(seq);
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AttributionJoin {
     pub impressions: HashMap<String, Entry>,
@@ -156,6 +199,7 @@ pub struct AttributionJoin {
     pub next_seq: u64,
     pub max_event_time_ms: Option<i64>,
     pub counters: JoinCounters,
+    pub changes: JoinChanges,
 }
 
 impl AttributionJoin {
@@ -196,7 +240,10 @@ impl AttributionJoin {
     pub fn process_feedback(&mut self, spec: &CoreSpec, models: &mut [ModelShard], fb: Feedback) -> Outcome {
         self.advance(fb.time_ms);
         let outcome = match self.impressions.get_mut(&fb.impression_id) {
-            Some(entry) => apply_feedback(spec, models, entry, &fb, &mut self.counters),
+            Some(entry) => {
+                self.changes.touch(&fb.impression_id);
+                apply_feedback(spec, models, entry, &fb, &mut self.counters)
+            }
             None => {
                 self.hold(spec, fb);
                 Outcome::FeedbackHeld
@@ -224,6 +271,7 @@ impl AttributionJoin {
         if self.impressions.len() >= spec.join.max_impressions {
             if let Some(oldest) = self.impression_order.pop_first() {
                 self.impressions.remove(&oldest.1);
+                self.changes.delete(oldest.1);
                 self.counters.impressions_evicted += 1;
             }
         }
@@ -255,11 +303,13 @@ impl AttributionJoin {
             Outcome::ImpressionLearned
         };
         self.impression_order.insert((time_ms, impression_id.clone()));
+        self.changes.touch(&impression_id);
         let entry = self.impressions.entry(impression_id.clone()).or_insert(entry);
         // Feedback that arrived first is applied now, in arrival order.
         if let Some(held) = self.pending.remove(&impression_id) {
             for (seq, fb) in held {
                 self.pending_order.remove(&(fb.time_ms, impression_id.clone(), seq));
+                self.changes.release(seq);
                 apply_feedback(spec, models, entry, &fb, &mut self.counters);
             }
         }
@@ -274,6 +324,7 @@ impl AttributionJoin {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.pending_order.insert((fb.time_ms, fb.impression_id.clone(), seq));
+        self.changes.hold(seq);
         self.pending.entry(fb.impression_id.clone()).or_default().push((seq, fb));
     }
 
@@ -287,6 +338,7 @@ impl AttributionJoin {
                 self.pending.remove(&id);
             }
         }
+        self.changes.release(seq);
         count(&mut self.counters);
         true
     }
@@ -303,6 +355,7 @@ impl AttributionJoin {
             }
             if let Some((_, id)) = self.impression_order.pop_first() {
                 self.impressions.remove(&id);
+                self.changes.delete(id);
                 self.counters.impressions_expired += 1;
             }
         }

@@ -156,6 +156,10 @@ impl ConsumerContext for Ctx {
     }
 }
 
+fn key_version(key: &str, version: u64) -> (&str, u64) {
+    (key, version)
+}
+
 fn input_partitions(tpl: &TopicPartitionList) -> Vec<i32> {
     let mut ps: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
     ps.sort_unstable();
@@ -329,25 +333,20 @@ impl Session {
                 offsets.add_partition_offset(t, *p, Offset::Offset(*o))?;
             }
             if let Some(saved) = &out.saved {
-                let mut values = vec![(store::checkpoint_key(out.partition), &saved.checkpoint)];
+                for (key, value) in &saved.puts {
+                    bytes += value.len();
+                    self.put(&key_version(key, out.records), out.partition, value, &mut new_chunks)?;
+                }
+                for key in &saved.deletes {
+                    self.send(&k.snapshot_topic, Some(out.partition), key.as_bytes(), None, None)?;
+                }
+                let mut values = vec![(store::checkpoint_key(out.partition), &saved.header)];
                 for (model, b) in &saved.models {
                     values.push((store::model_key(model, out.partition), b));
                 }
                 for (key, value) in values {
                     bytes += value.len();
-                    let previous = self.chunks.get(&key).copied().unwrap_or(0);
-                    let recs = blob::split(&key, out.records, value, k.max_record_bytes, previous);
-                    let chunks = recs.iter().filter(|r| r.value.is_some() && r.key != key).count() as u32;
-                    new_chunks.push((key.clone(), chunks));
-                    for r in recs {
-                        self.send(
-                            &k.snapshot_topic,
-                            Some(out.partition),
-                            r.key.as_bytes(),
-                            r.value.as_deref(),
-                            None,
-                        )?;
-                    }
+                    self.put(&key_version(&key, out.records), out.partition, value, &mut new_chunks)?;
                 }
             }
             for d in &out.dead_letters {
@@ -398,6 +397,21 @@ impl Session {
         counter!("banditflow_snapshot_transactions_total").increment(1);
         counter!("banditflow_snapshot_bytes_total").increment(bytes as u64);
         histogram!("banditflow_snapshot_commit_seconds").record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Writes one value of the snapshot topic, chunked if large.
+    fn put(&self, (key, version): &(&str, u64), partition: i32, value: &[u8], chunks: &mut Vec<(String, u32)>) -> anyhow::Result<()> {
+        let k = &self.config.kafka;
+        let previous = self.chunks.get(*key).copied().unwrap_or(0);
+        let recs = blob::split(key, *version, value, k.max_record_bytes, previous);
+        let n = recs.iter().filter(|r| r.value.is_some() && r.key != *key).count() as u32;
+        if n > 0 || previous > 0 {
+            chunks.push((key.to_string(), n));
+        }
+        for r in recs {
+            self.send(&k.snapshot_topic, Some(partition), r.key.as_bytes(), r.value.as_deref(), None)?;
+        }
         Ok(())
     }
 
@@ -476,7 +490,7 @@ async fn partition_task(config: Arc<Config>, mut state: PartitionState, mut rx: 
             }
             Cmd::Snapshot { stop, reply } => {
                 let saved =
-                    (state.records != last_saved || !dead.is_empty()).then(|| checkpoint::save(spec, &state));
+                    (state.records != last_saved || !dead.is_empty()).then(|| checkpoint::save_changes(spec, &mut state));
                 for ((name, now), (_, before)) in state.join.counters.rows().iter().zip(reported.rows()) {
                     if *now > before {
                         counter!("banditflow_events_total", "outcome" => *name).increment(now - before);

@@ -1,9 +1,9 @@
 //! The snapshot topic: record keys, restoring partitions from it, and reading every model.
 //!
 //! Layout: the state of input partition `p` lives in snapshot-topic partition `p`, under the
-//! keys `checkpoint/<p>` (attribution buffer, counters, offsets) and `model/<model>/<p>` (one
-//! `ModelSnapshot` per model), all of one version and written in one transaction. Values are
-//! `StoredBlob`s, chunked when large (see `core::blob`). Restoring reads the partition from the
+//! keys of `core::checkpoint` (`checkpoint/<p>`, `imp/<p>/<id>`, `held/<p>/<seq>`,
+//! `model/<model>/<p>`), written in one transaction per version. Values are `StoredBlob`s,
+//! chunked when large (see `core::blob`). Restoring reads the partition from the
 //! beginning to its end with read_committed, so only committed transactions are seen.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -37,13 +37,7 @@ impl rdkafka::client::ClientContext for QuietEof {
 
 impl rdkafka::consumer::ConsumerContext for QuietEof {}
 
-pub fn checkpoint_key(partition: i32) -> String {
-    format!("checkpoint/{partition}")
-}
-
-pub fn model_key(model: &str, partition: i32) -> String {
-    format!("model/{model}/{partition}")
-}
+pub use crate::core::checkpoint::{header_key as checkpoint_key, model_key};
 
 /// Reads snapshot-topic partitions to their current end (read_committed) and returns the
 /// newest value per key of each.
@@ -101,17 +95,31 @@ pub fn restore_partition(
         return Ok(PartitionState::new(&config.core, partition));
     };
     let mut models = Vec::new();
+    let mut impressions = Vec::new();
+    let mut held = Vec::new();
     let suffix = format!("/{partition}");
+    let (imp_prefix, held_prefix) = (format!("imp/{partition}/"), format!("held/{partition}/"));
     for key in store.values.keys() {
-        if key.starts_with("model/") && key.ends_with(&suffix) && !key.contains('#') {
+        if key.contains('#') {
+            continue;
+        }
+        if key.starts_with("model/") && key.ends_with(&suffix) {
             if let Some((v, bytes)) = store.get(key)? {
                 if v == version {
                     models.push(snapshot::decode(&bytes).with_context(|| format!("snapshot `{key}`"))?);
                 }
             }
+        } else if key.starts_with(&imp_prefix) {
+            if let Some((_, bytes)) = store.get(key)? {
+                impressions.push(bytes);
+            }
+        } else if key.starts_with(&held_prefix) {
+            if let Some((_, bytes)) = store.get(key)? {
+                held.push(bytes);
+            }
         }
     }
-    checkpoint::restore(&config.core, &cp, &models)
+    checkpoint::restore(&config.core, &cp, &impressions, &held, &models)
         .with_context(|| format!("restoring partition {partition} from version {version}"))
 }
 

@@ -146,9 +146,13 @@ fn a_partition_restores_exactly_from_its_checkpoint_and_model_snapshots() {
     let mut straight = banditflow::core::partition::PartitionState::new(&spec, 0);
     apply(&mut straight, first);
     assert!(straight.join.pending_feedback() > 0 || straight.join.counters.feedback_held > 0);
-    let saved = checkpoint::save(&spec, &straight);
+    let saved = checkpoint::save_all(&spec, &straight);
     let models: Vec<_> = saved.models.iter().map(|(_, b)| snapshot::decode(b).expect("decodes")).collect();
-    let mut restored = checkpoint::restore(&spec, &saved.checkpoint, &models).expect("restores");
+    let (imps, held): (Vec<_>, Vec<_>) = saved.puts.iter().partition(|(k, _)| k.starts_with("imp/"));
+    let imps: Vec<Vec<u8>> = imps.into_iter().map(|(_, v)| v.clone()).collect();
+    let held: Vec<Vec<u8>> = held.into_iter().map(|(_, v)| v.clone()).collect();
+    assert!(!imps.is_empty());
+    let mut restored = checkpoint::restore(&spec, &saved.header, &imps, &held, &models).expect("restores");
     assert!(restored.join == straight.join, "join state differs after restore");
     for (i, (a, b)) in restored.models.iter().zip(&straight.models).enumerate() {
         assert!(a == b, "model {i} differs after restore");
@@ -167,7 +171,7 @@ fn a_partition_restores_exactly_from_its_checkpoint_and_model_snapshots() {
     assert_eq!(restored.records, before.records);
     assert_eq!(restored.models, before.models);
     // Mismatched versions are refused.
-    let other = checkpoint::save(&spec, &straight);
+    let other = checkpoint::save_all(&spec, &straight);
     let newer: Vec<_> = other.models.iter().map(|(_, b)| snapshot::decode(b).expect("decodes")).collect();
-    assert!(checkpoint::restore(&spec, &saved.checkpoint, &newer).is_err());
+    assert!(checkpoint::restore(&spec, &saved.header, &imps, &held, &newer).is_err());
 }

@@ -1,0 +1,305 @@
+//! End-to-end benchmark on a real broker (not a timed test; figures go to BENCHMARKS.md):
+//!
+//! 1. throughput: N events (default 1,000,000) on a combined topic; raw rdkafka consumption of
+//!    the topic (a bare consumer counting records) against the whole pipeline (the release
+//!    `banditflow run` binary: consume → decode → attribute → update → snapshot → commit),
+//!    both timed from assignment to the last record (pipeline: to the last committed offset);
+//! 2. freshness: events produced at a steady rate (default 100,000/s for 20 s) with their
+//!    timestamp set when produced; a reader follows the snapshot topic (read_committed) and,
+//!    for every committed checkpoint, takes `visible - timestamp` of every input record it
+//!    newly covers. Reports p50 / p99 / max.
+//!
+//! Run: `scripts/kafka.sh start && BANDITFLOW_KAFKA_BOOTSTRAP=127.0.0.1:39092 cargo bench --bench pipeline`
+//! Environment: BENCH_EVENTS, BENCH_RATE, BENCH_SECONDS, BENCH_PARTITIONS.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use banditflow::core::blob::LatestByKey;
+use banditflow::core::pb;
+use banditflow::generate::{self, ShopSpec};
+use banditflow::kafka::{admin, bootstrap_config, now_ms};
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn config_file(dir: &std::path::Path, bootstrap: &str, topic: &str, tag: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{tag}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[input]
+topics = [{{ name = "{topic}", role = "combined", encoding = "protobuf" }}]
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{tag}-group"
+snapshot_topic = "{tag}-snapshots"
+dead_letter_topic = "{tag}-dlq"
+snapshot_interval = "250ms"
+metrics_address = ""
+"#
+        ),
+    )
+    .expect("config written");
+    path
+}
+
+/// Events of the synthetic shop for `topic`, as (partition, key, payload).
+fn events(topic: &str, partitions: i32, impressions: usize, seed: u64) -> Vec<(i32, Vec<u8>, Vec<u8>)> {
+    generate::generate(&ShopSpec {
+        seed,
+        impressions,
+        partitions,
+        malformed_share: 0.0,
+        combined_topic: Some(topic.into()),
+        ..ShopSpec::default()
+    })
+    .records
+    .into_iter()
+    .map(|r| (r.partition, r.key.unwrap_or_default(), r.payload))
+    .collect()
+}
+
+fn produce(bootstrap: &str, topic: &str, evs: &[(i32, Vec<u8>, Vec<u8>)], rate: Option<f64>) {
+    let mut c = bootstrap_config(bootstrap);
+    c.set("linger.ms", "5").set("enable.idempotence", "true").set("queue.buffering.max.messages", "1000000");
+    let p: BaseProducer = c.create().expect("producer");
+    let started = Instant::now();
+    for (i, (part, key, payload)) in evs.iter().enumerate() {
+        if let Some(r) = rate {
+            let due = started + Duration::from_secs_f64(i as f64 / r);
+            while Instant::now() < due {
+                p.poll(Duration::from_micros(200));
+            }
+        }
+        let mut rec = BaseRecord::to(topic).partition(*part).key(key.as_slice()).payload(payload.as_slice()).timestamp(now_ms());
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    rec = back;
+                    p.poll(Duration::from_millis(1));
+                }
+            }
+        }
+        if i % 1000 == 0 {
+            p.poll(Duration::ZERO);
+        }
+    }
+    p.flush(Duration::from_secs(120)).expect("flushed");
+}
+
+fn raw_consume(bootstrap: &str, topic: &str, partitions: i32, total: usize) -> f64 {
+    let mut c = bootstrap_config(bootstrap);
+    c.set("group.id", "bench-raw").set("enable.auto.commit", "false").set("isolation.level", "read_committed");
+    let consumer: BaseConsumer = c.create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut n = 0usize;
+    let mut bytes = 0usize;
+    let mut first = None;
+    while n < total {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            first.get_or_insert_with(Instant::now);
+            bytes += m.payload().map_or(0, <[u8]>::len);
+            n += 1;
+        }
+    }
+    let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    std::hint::black_box(bytes);
+    n as f64 / secs
+}
+
+fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> i64 {
+    let mut c = bootstrap_config(bootstrap);
+    c.set("group.id", group);
+    let consumer: BaseConsumer = c.create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .map(|t| t.elements().iter().map(|e| e.offset().to_raw().unwrap_or(0).max(0)).sum())
+        .unwrap_or(0)
+}
+
+/// Starts `banditflow run`; returns the child and a flag set once every partition is assigned.
+fn start_pipeline(config: &std::path::Path, partitions: i32) -> (std::process::Child, Arc<AtomicBool>, Arc<std::sync::Mutex<Option<Instant>>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_banditflow"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("banditflow run starts");
+    let assigned = Arc::new(AtomicBool::new(false));
+    let at = Arc::new(std::sync::Mutex::new(None));
+    let stderr = child.stderr.take().expect("stderr");
+    let (flag, when) = (Arc::clone(&assigned), Arc::clone(&at));
+    std::thread::spawn(move || {
+        let mut seen = 0;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("partition assigned") {
+                seen += 1;
+                if seen == partitions {
+                    *when.lock().expect("lock") = Some(Instant::now());
+                    flag.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    (child, assigned, at)
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        // `cargo test --benches` / `cargo bench -- --list`: nothing to list or check here.
+        return;
+    }
+    let bootstrap = std::env::var("BANDITFLOW_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:39092".into());
+    let partitions: i32 = env_or("BENCH_PARTITIONS", 4);
+    let total: usize = env_or("BENCH_EVENTS", 1_000_000);
+    let rate: f64 = env_or("BENCH_RATE", 100_000.0);
+    let seconds: f64 = env_or("BENCH_SECONDS", 20.0);
+    let tag = format!("bench-{}", now_ms());
+    let dir = tempfile::tempdir().expect("tmp");
+
+    // 1. Throughput.
+    let topic = format!("{tag}-events");
+    admin::create_topics(&bootstrap, &[(&topic, partitions, false)]).expect("topic");
+    let mut evs = events(&topic, partitions, total * 10 / 26 + 1, 1);
+    evs.truncate(total);
+    let t = Instant::now();
+    produce(&bootstrap, &topic, &evs, None);
+    println!("produced {} events to {topic} in {:.1} s", evs.len(), t.elapsed().as_secs_f64());
+    let raw = raw_consume(&bootstrap, &topic, partitions, evs.len());
+    println!("raw rdkafka consumption: {:.0} events/s", raw);
+    let cfg = config_file(dir.path(), &bootstrap, &topic, &format!("{tag}-tp"));
+    let (child, assigned, at) = start_pipeline(&cfg, partitions);
+    while !assigned.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t0 = at.lock().expect("lock").unwrap_or_else(Instant::now);
+    let group = format!("{tag}-tp-group");
+    while committed(&bootstrap, &group, &topic, partitions) < evs.len() as i64 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pipeline = evs.len() as f64 / t0.elapsed().as_secs_f64();
+    stop(child);
+    println!("pipeline (consume → decode → attribute → update → snapshot → commit): {:.0} events/s", pipeline);
+    println!("ratio pipeline / raw: {:.2}", pipeline / raw);
+
+    // 2. Freshness at a steady rate.
+    let ftopic = format!("{tag}-fresh");
+    admin::create_topics(&bootstrap, &[(&ftopic, partitions, false)]).expect("topic");
+    let n = (rate * seconds) as usize;
+    let fevs: Vec<_> = events(&ftopic, partitions, n * 10 / 26 + 1, 2).into_iter().take(n).collect();
+    let fcfg = config_file(dir.path(), &bootstrap, &ftopic, &format!("{tag}-fr"));
+    let (child, assigned, _) = start_pipeline(&fcfg, partitions);
+    while !assigned.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Reader of the input (offset → timestamp) and of the snapshot topic (commits).
+    let snapshots = format!("{tag}-fr-snapshots");
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (bootstrap, ftopic, done) = (bootstrap.clone(), ftopic.clone(), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let mut c = bootstrap_config(&bootstrap);
+            c.set("group.id", "bench-fresh").set("enable.auto.commit", "false").set("isolation.level", "read_committed");
+            let consumer: BaseConsumer = c.create().expect("consumer");
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..partitions {
+                tpl.add_partition_offset(&ftopic, p, Offset::Beginning).expect("tpl");
+                tpl.add_partition_offset(&snapshots, p, Offset::Beginning).expect("tpl");
+            }
+            consumer.assign(&tpl).expect("assign");
+            let mut ts: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+            let mut covered: BTreeMap<i32, usize> = BTreeMap::new();
+            let mut stores: BTreeMap<i32, LatestByKey> = BTreeMap::new();
+            let mut pending: Vec<(i32, usize, i64)> = Vec::new();
+            let mut fresh = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else { continue };
+                let now = now_ms();
+                if m.topic() == ftopic {
+                    ts.entry(m.partition()).or_default().push(m.timestamp().to_millis().unwrap_or(now));
+                } else {
+                    let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+                    let p = m.partition();
+                    let store = stores.entry(p).or_default();
+                    store.put(key.clone(), m.payload().map(<[u8]>::to_vec));
+                    if key == format!("checkpoint/{p}") {
+                        if let Ok(Some((_, bytes))) = store.get(&key) {
+                            if let Ok(cp) = pb::PartitionCheckpoint::decode(bytes.as_slice()) {
+                                let next = cp.input_offsets.iter().find(|o| o.topic == ftopic).map_or(0, |o| o.next_offset);
+                                pending.push((p, next as usize, now));
+                            }
+                        }
+                    }
+                }
+                // A commit can become visible before the input reader saw those records.
+                pending.retain(|&(p, next, visible)| {
+                    let seen = ts.get(&p).map_or(0, Vec::len);
+                    if seen < next {
+                        return true;
+                    }
+                    let from = covered.get(&p).copied().unwrap_or(0);
+                    for t in &ts[&p][from.min(next)..next] {
+                        fresh.push((visible - t) as f64 / 1e3);
+                    }
+                    covered.insert(p, next.max(from));
+                    false
+                });
+            }
+            fresh
+        })
+    };
+    let t = Instant::now();
+    produce(&bootstrap, &ftopic, &fevs, Some(rate));
+    let achieved = fevs.len() as f64 / t.elapsed().as_secs_f64();
+    let fgroup = format!("{tag}-fr-group");
+    while committed(&bootstrap, &fgroup, &ftopic, partitions) < fevs.len() as i64 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    done.store(true, Ordering::SeqCst);
+    let mut fresh = reader.join().expect("reader");
+    stop(child);
+    fresh.sort_by(f64::total_cmp);
+    println!(
+        "freshness at {:.0} events/s over {} events: p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+        achieved,
+        fresh.len(),
+        percentile(&fresh, 0.5),
+        percentile(&fresh, 0.99),
+        fresh.last().copied().unwrap_or(f64::NAN)
+    );
+}
