@@ -83,7 +83,11 @@ fn produce(bootstrap: &str, topic: &str, evs: &[(i32, Vec<u8>, Vec<u8>)], rate: 
                 p.poll(Duration::from_micros(200));
             }
         }
-        let mut rec = BaseRecord::to(topic).partition(*part).key(key.as_slice()).payload(payload.as_slice()).timestamp(now_ms());
+        let mut rec = BaseRecord::to(topic)
+            .partition(*part)
+            .key(key.as_slice())
+            .payload(payload.as_slice())
+            .timestamp(now_ms());
         loop {
             match p.send(rec) {
                 Ok(()) => break,
@@ -102,7 +106,9 @@ fn produce(bootstrap: &str, topic: &str, evs: &[(i32, Vec<u8>, Vec<u8>)], rate: 
 
 fn raw_consume(bootstrap: &str, topic: &str, partitions: i32, total: usize) -> f64 {
     let mut c = bootstrap_config(bootstrap);
-    c.set("group.id", "bench-raw").set("enable.auto.commit", "false").set("isolation.level", "read_committed");
+    c.set("group.id", "bench-raw")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed");
     let consumer: BaseConsumer = c.create().expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
@@ -139,7 +145,10 @@ fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> i64 
 }
 
 /// Starts `banditflow run`; returns the child and a flag set once every partition is assigned.
-fn start_pipeline(config: &std::path::Path, partitions: i32) -> (std::process::Child, Arc<AtomicBool>, Arc<std::sync::Mutex<Option<Instant>>>) {
+fn start_pipeline(
+    config: &std::path::Path,
+    partitions: i32,
+) -> (std::process::Child, Arc<AtomicBool>, Arc<std::sync::Mutex<Option<Instant>>>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_banditflow"))
         .args(["run", "--config"])
         .arg(config)
@@ -213,7 +222,10 @@ fn main() {
     }
     let pipeline = evs.len() as f64 / t0.elapsed().as_secs_f64();
     stop(child);
-    println!("pipeline (consume → decode → attribute → update → snapshot → commit): {:.0} events/s", pipeline);
+    println!(
+        "pipeline (consume → decode → attribute → update → snapshot → commit): {:.0} events/s",
+        pipeline
+    );
     println!("ratio pipeline / raw: {:.2}", pipeline / raw);
 
     // 2. Freshness at a steady rate.
@@ -233,7 +245,9 @@ fn main() {
         let (bootstrap, ftopic, done) = (bootstrap.clone(), ftopic.clone(), Arc::clone(&done));
         std::thread::spawn(move || {
             let mut c = bootstrap_config(&bootstrap);
-            c.set("group.id", "bench-fresh").set("enable.auto.commit", "false").set("isolation.level", "read_committed");
+            c.set("group.id", "bench-fresh")
+                .set("enable.auto.commit", "false")
+                .set("isolation.level", "read_committed");
             let consumer: BaseConsumer = c.create().expect("consumer");
             let mut tpl = TopicPartitionList::new();
             for p in 0..partitions {
@@ -259,7 +273,11 @@ fn main() {
                     if key == format!("checkpoint/{p}") {
                         if let Ok(Some((_, bytes))) = store.get(&key) {
                             if let Ok(cp) = pb::PartitionCheckpoint::decode(bytes.as_slice()) {
-                                let next = cp.input_offsets.iter().find(|o| o.topic == ftopic).map_or(0, |o| o.next_offset);
+                                let next = cp
+                                    .input_offsets
+                                    .iter()
+                                    .find(|o| o.topic == ftopic)
+                                    .map_or(0, |o| o.next_offset);
                                 pending.push((p, next as usize, now));
                             }
                         }

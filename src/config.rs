@@ -67,6 +67,7 @@ struct RawKafka {
     restore_timeout: String,
     prefetch_kbytes: i64,
     partition_queue_records: i64,
+    max_idle: String,
     metrics_address: String,
     #[serde(default)]
     properties: BTreeMap<String, toml::Value>,
@@ -88,6 +89,9 @@ pub struct KafkaSpec {
     pub restore_timeout_ms: i64,
     pub prefetch_kbytes: usize,
     pub partition_queue_records: usize,
+    /// With two input topics: how long a partition task holds records of one topic while it has
+    /// none of the other, to apply both in timestamp order.
+    pub max_idle_ms: i64,
     /// `None` when disabled.
     pub metrics_address: Option<std::net::SocketAddr>,
     /// librdkafka properties passed through as is.
@@ -656,6 +660,7 @@ fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, Config
         restore_timeout_ms: positive_ms("kafka.restore_timeout", &k.restore_timeout)?,
         prefetch_kbytes: count("kafka.prefetch_kbytes", k.prefetch_kbytes)?,
         partition_queue_records: count("kafka.partition_queue_records", k.partition_queue_records)?,
+        max_idle_ms: duration("kafka.max_idle", &k.max_idle)?,
         metrics_address,
         properties,
     })

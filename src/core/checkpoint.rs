@@ -106,7 +106,12 @@ fn encode_impression(spec: &CoreSpec, id: &str, e: &Entry) -> Vec<u8> {
         slate: e
             .slate
             .iter()
-            .map(|(item, pos, p)| pb::SlateItem { item_id: item.clone(), position: *pos, propensity: *p, score: 0.0 })
+            .map(|(item, pos, p)| pb::SlateItem {
+                item_id: item.clone(),
+                position: *pos,
+                propensity: *p,
+                score: 0.0,
+            })
             .collect(),
         opted_out: e.opted_out,
         total_reward_micros: e.total_reward_micros,
@@ -135,8 +140,18 @@ fn header_and_models(spec: &CoreSpec, state: &PartitionState) -> (Vec<u8>, Vec<(
         next_sequence: state.join.next_seq,
         impressions: Vec::new(),
         held: Vec::new(),
-        join_counters: state.join.counters.rows().iter().map(|(n, v)| pb::Counter { name: (*n).into(), value: *v }).collect(),
-        invalid_counts: state.invalid.iter().map(|(n, v)| pb::Counter { name: (*n).into(), value: *v }).collect(),
+        join_counters: state
+            .join
+            .counters
+            .rows()
+            .iter()
+            .map(|(n, v)| pb::Counter { name: (*n).into(), value: *v })
+            .collect(),
+        invalid_counts: state
+            .invalid
+            .iter()
+            .map(|(n, v)| pb::Counter { name: (*n).into(), value: *v })
+            .collect(),
         models: spec.models.iter().map(|m| m.id.clone()).collect(),
         checksum: 0,
     };
@@ -160,13 +175,15 @@ pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartiti
             puts.push((impression_key(p, id), encode_impression(spec, id, e)));
         }
     }
-    let held: BTreeMap<u64, &Feedback> = state.join.pending.values().flatten().map(|(s, f)| (*s, f)).collect();
+    let held: BTreeMap<u64, &Feedback> =
+        state.join.pending.values().flatten().map(|(s, f)| (*s, f)).collect();
     for seq in &changes.held_written {
         if let Some(f) = held.get(seq) {
             puts.push((held_key(p, *seq), encode_held(*seq, f)));
         }
     }
-    let mut deletes: Vec<String> = changes.impressions_deleted.iter().map(|id| impression_key(p, id)).collect();
+    let mut deletes: Vec<String> =
+        changes.impressions_deleted.iter().map(|id| impression_key(p, id)).collect();
     deletes.extend(changes.held_deleted.iter().map(|s| held_key(p, *s)));
     let (header, models) = header_and_models(spec, state);
     SavedPartition { header, puts, deletes, models }
@@ -175,8 +192,12 @@ pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartiti
 /// The records for the whole state (sorted), as for an empty store.
 pub fn save_all(spec: &CoreSpec, state: &PartitionState) -> SavedPartition {
     let p = state.partition;
-    let mut puts: Vec<(String, Vec<u8>)> =
-        state.join.impressions.iter().map(|(id, e)| (impression_key(p, id), encode_impression(spec, id, e))).collect();
+    let mut puts: Vec<(String, Vec<u8>)> = state
+        .join
+        .impressions
+        .iter()
+        .map(|(id, e)| (impression_key(p, id), encode_impression(spec, id, e)))
+        .collect();
     puts.extend(state.join.pending.values().flatten().map(|(s, f)| (held_key(p, *s), encode_held(*s, f))));
     puts.sort();
     let (header, models) = header_and_models(spec, state);

@@ -401,7 +401,13 @@ impl Session {
     }
 
     /// Writes one value of the snapshot topic, chunked if large.
-    fn put(&self, (key, version): &(&str, u64), partition: i32, value: &[u8], chunks: &mut Vec<(String, u32)>) -> anyhow::Result<()> {
+    fn put(
+        &self,
+        (key, version): &(&str, u64),
+        partition: i32,
+        value: &[u8],
+        chunks: &mut Vec<(String, u32)>,
+    ) -> anyhow::Result<()> {
         let k = &self.config.kafka;
         let previous = self.chunks.get(*key).copied().unwrap_or(0);
         let recs = blob::split(key, *version, value, k.max_record_bytes, previous);
@@ -455,6 +461,73 @@ impl Session {
     }
 }
 
+/// Records waiting in a partition task, one queue per input topic, released in timestamp order
+/// so that impressions and feedback read from two topics meet in event order even when the
+/// consumer reads one topic far ahead of the other (e.g. while catching up on lag).
+struct Aligner {
+    queues: Vec<std::collections::VecDeque<OwnedRecord>>,
+    empty_since: Vec<Instant>,
+    queued: usize,
+    max_idle: Duration,
+    cap: usize,
+}
+
+impl Aligner {
+    fn new(topics: usize, max_idle: Duration, cap: usize) -> Aligner {
+        Aligner {
+            queues: (0..topics).map(|_| std::collections::VecDeque::new()).collect(),
+            empty_since: vec![Instant::now(); topics],
+            queued: 0,
+            max_idle,
+            cap,
+        }
+    }
+
+    fn push(&mut self, r: OwnedRecord) {
+        let t = r.topic;
+        self.queues[t].push_back(r);
+        self.queued += 1;
+    }
+
+    /// The next record to apply: the oldest head, if every other topic either has records or
+    /// has had none for `max_idle` (or the queues are over their cap).
+    fn pop(&mut self, now: Instant) -> Option<OwnedRecord> {
+        let (t, _) = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter_map(|(i, q)| q.front().map(|r| (i, (r.timestamp_ms.unwrap_or(i64::MIN), i))))
+            .min_by_key(|(_, key)| *key)?;
+        let waiting =
+            self.queues.iter().enumerate().any(|(u, q)| {
+                u != t && q.is_empty() && now.duration_since(self.empty_since[u]) < self.max_idle
+            });
+        if waiting && self.queued <= self.cap {
+            return None;
+        }
+        let r = self.queues[t].pop_front()?;
+        self.queued -= 1;
+        if self.queues[t].is_empty() {
+            self.empty_since[t] = now;
+        }
+        Some(r)
+    }
+
+    /// How long until a waiting record may be released by the idle rule.
+    fn wait_hint(&self, now: Instant) -> Option<Duration> {
+        if self.queued == 0 {
+            return None;
+        }
+        self.queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.is_empty())
+            .map(|(u, _)| self.max_idle.saturating_sub(now.duration_since(self.empty_since[u])))
+            .min()
+            .map(|d| d.max(Duration::from_millis(1)))
+    }
+}
+
 async fn partition_task(config: Arc<Config>, mut state: PartitionState, mut rx: mpsc::Receiver<Cmd>) {
     let mut last_saved = state.records;
     let mut dead: Vec<DeadLetter> = Vec::new();
@@ -462,35 +535,66 @@ async fn partition_task(config: Arc<Config>, mut state: PartitionState, mut rx: 
     let mut reported = state.join.counters.clone();
     let mut reported_invalid = state.invalid.clone();
     let spec = &config.core;
-    while let Some(cmd) = rx.recv().await {
+    let mut aligner = Aligner::new(
+        config.topics.len(),
+        Duration::from_millis(config.kafka.max_idle_ms as u64),
+        config.kafka.partition_queue_records,
+    );
+    let apply = |state: &mut PartitionState,
+                 r: OwnedRecord,
+                 dead: &mut Vec<DeadLetter>,
+                 timestamps: &mut Vec<i64>| {
+        let t = &config.topics[r.topic];
+        let input = InputRecord {
+            topic: &t.name,
+            partition: state.partition,
+            offset: r.offset,
+            role: t.role,
+            encoding: t.encoding,
+            payload: &r.payload,
+        };
+        match state.apply(spec, input) {
+            Applied::Invalid(reason) => dead.push(DeadLetter { record: r, reason }),
+            Applied::AlreadyCovered => counter!("banditflow_redelivered_records_total").increment(1),
+            Applied::Event(_) => {
+                if let Some(ts) = r.timestamp_ms {
+                    timestamps.push(ts);
+                }
+            }
+        }
+    };
+    loop {
+        let cmd = match aligner.wait_hint(Instant::now()) {
+            Some(wait) => match tokio::time::timeout(wait, rx.recv()).await {
+                Ok(c) => c,
+                Err(_) => {
+                    while let Some(r) = aligner.pop(Instant::now()) {
+                        apply(&mut state, r, &mut dead, &mut timestamps);
+                    }
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(cmd) = cmd else { return };
         match cmd {
             Cmd::Records(batch) => {
-                for r in batch {
-                    let t = &config.topics[r.topic];
-                    let input = InputRecord {
-                        topic: &t.name,
-                        partition: state.partition,
-                        offset: r.offset,
-                        role: t.role,
-                        encoding: t.encoding,
-                        payload: &r.payload,
-                    };
-                    match state.apply(spec, input) {
-                        Applied::Invalid(reason) => dead.push(DeadLetter { record: r, reason }),
-                        Applied::AlreadyCovered => {
-                            counter!("banditflow_redelivered_records_total").increment(1)
-                        }
-                        Applied::Event(_) => {
-                            if let Some(ts) = r.timestamp_ms {
-                                timestamps.push(ts);
-                            }
-                        }
+                if config.topics.len() == 1 {
+                    for r in batch {
+                        apply(&mut state, r, &mut dead, &mut timestamps);
+                    }
+                } else {
+                    for r in batch {
+                        aligner.push(r);
+                    }
+                    while let Some(r) = aligner.pop(Instant::now()) {
+                        apply(&mut state, r, &mut dead, &mut timestamps);
                     }
                 }
             }
             Cmd::Snapshot { stop, reply } => {
-                let saved =
-                    (state.records != last_saved || !dead.is_empty()).then(|| checkpoint::save_changes(spec, &mut state));
+                let saved = (state.records != last_saved || !dead.is_empty())
+                    .then(|| checkpoint::save_changes(spec, &mut state));
                 for ((name, now), (_, before)) in state.join.counters.rows().iter().zip(reported.rows()) {
                     if *now > before {
                         counter!("banditflow_events_total", "outcome" => *name).increment(now - before);

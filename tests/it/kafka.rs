@@ -37,7 +37,12 @@ fn bootstrap() -> String {
 
 fn unique(name: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{name}-{}-{}-{}", std::process::id(), banditflow::kafka::now_ms() % 1_000_000, N.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{name}-{}-{}-{}",
+        std::process::id(),
+        banditflow::kafka::now_ms() % 1_000_000,
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// Waits for `cond`, checking every 100 ms, failing after `limit`.
@@ -122,7 +127,11 @@ metrics_address = ""
     }
 
     fn produce(&self, records: Vec<Record>) {
-        transfer::produce_recording(banditflow::kafka::bootstrap_config(&self.bootstrap), records.into_iter()).expect("produce");
+        transfer::produce_recording(
+            banditflow::kafka::bootstrap_config(&self.bootstrap),
+            records.into_iter(),
+        )
+        .expect("produce");
     }
 
     fn start(&self, instance: &str) -> Processor {
@@ -169,11 +178,15 @@ metrics_address = ""
 
     /// Shard snapshots on the snapshot topic, re-encoded: (model, partition) → bytes.
     fn committed_shards(&self) -> BTreeMap<(String, i32), Vec<u8>> {
-        store::read_models(banditflow::kafka::bootstrap_config(&self.bootstrap), &self.snapshots, Duration::from_secs(60))
-            .expect("snapshot topic readable")
-            .into_iter()
-            .map(|(k, s)| (k, snapshot::encode(&s.spec, &s.shard, &s.meta)))
-            .collect()
+        store::read_models(
+            banditflow::kafka::bootstrap_config(&self.bootstrap),
+            &self.snapshots,
+            Duration::from_secs(60),
+        )
+        .expect("snapshot topic readable")
+        .into_iter()
+        .map(|(k, s)| (k, snapshot::encode(&s.spec, &s.shard, &s.meta)))
+        .collect()
     }
 
     /// What the offline replay makes of `records`: (model, partition) → shard snapshot bytes.
@@ -186,7 +199,10 @@ metrics_address = ""
         let mut out = BTreeMap::new();
         for (p, st) in &run.partitions {
             for (i, m) in config.core.models.iter().enumerate() {
-                out.insert((m.id.clone(), *p), snapshot::encode(m, &st.models[i], &checkpoint::shard_meta(&config.core, st, &m.id)));
+                out.insert(
+                    (m.id.clone(), *p),
+                    snapshot::encode(m, &st.models[i], &checkpoint::shard_meta(&config.core, st, &m.id)),
+                );
             }
         }
         out
@@ -195,7 +211,11 @@ metrics_address = ""
     fn assert_matches_offline(&self, records: &[Record]) {
         let want = self.offline_shards(records);
         let got = self.committed_shards();
-        assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "shards on the snapshot topic");
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "shards on the snapshot topic"
+        );
         for (k, bytes) in &want {
             if got[k] != *bytes {
                 let a = snapshot::decode(&got[k]).expect("decodes");
@@ -293,7 +313,9 @@ fn sigterm_mid_stream_commits_final_snapshots_and_a_successor_finishes_exactly()
     let records = s.shop(12, 30_000, 0.0);
     let producer = {
         let (s_boot, recs) = (s.bootstrap.clone(), records.clone());
-        std::thread::spawn(move || transfer::produce_recording(banditflow::kafka::bootstrap_config(&s_boot), recs.into_iter()))
+        std::thread::spawn(move || {
+            transfer::produce_recording(banditflow::kafka::bootstrap_config(&s_boot), recs.into_iter())
+        })
     };
     let mut p = s.start("0");
     wait_until("some progress", Duration::from_secs(60), || s.committed_offsets().iter().any(|o| *o > 0));
@@ -302,10 +324,15 @@ fn sigterm_mid_stream_commits_final_snapshots_and_a_successor_finishes_exactly()
     assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
     // What was committed is exactly what the final snapshots cover.
     let committed = s.committed_offsets();
-    let shards = store::read_models(banditflow::kafka::bootstrap_config(&b), &s.snapshots, Duration::from_secs(30)).expect("readable");
+    let shards =
+        store::read_models(banditflow::kafka::bootstrap_config(&b), &s.snapshots, Duration::from_secs(30))
+            .expect("readable");
     for ((_, part), snap) in &shards {
         let covered = snap.meta.input_offsets.iter().find(|(t, _, _)| *t == s.input).map_or(0, |o| o.2);
-        assert_eq!(covered, committed[*part as usize], "partition {part}: snapshot and committed offset disagree");
+        assert_eq!(
+            covered, committed[*part as usize],
+            "partition {part}: snapshot and committed offset disagree"
+        );
     }
     producer.join().expect("producer thread").expect("produced");
     let _next = s.start("0");
@@ -322,7 +349,9 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     assert!(records.len() >= 1_000_000, "{} records", records.len());
     let producer = {
         let (s_boot, recs) = (s.bootstrap.clone(), records.clone());
-        std::thread::spawn(move || transfer::produce_recording(banditflow::kafka::bootstrap_config(&s_boot), recs.into_iter()))
+        std::thread::spawn(move || {
+            transfer::produce_recording(banditflow::kafka::bootstrap_config(&s_boot), recs.into_iter())
+        })
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2026);
     let mut kills = Vec::new();
@@ -351,7 +380,9 @@ fn rebalance_one_three_one_keeps_exact_totals() {
     let records = s.shop(14, 120_000, 0.0);
     let producer = {
         let (s_boot, recs) = (s.bootstrap.clone(), records.clone());
-        std::thread::spawn(move || transfer::produce_recording(banditflow::kafka::bootstrap_config(&s_boot), recs.into_iter()))
+        std::thread::spawn(move || {
+            transfer::produce_recording(banditflow::kafka::bootstrap_config(&s_boot), recs.into_iter())
+        })
     };
     let progress = || s.committed_offsets().iter().map(|o| o.max(&0)).sum::<i64>();
     let _a = s.start("0");
@@ -370,7 +401,10 @@ fn rebalance_one_three_one_keeps_exact_totals() {
     }
     producer.join().expect("producer thread").expect("produced");
     s.wait_caught_up(Duration::from_secs(180));
-    eprintln!("rebalance test: {} records; committed {at_one} with one instance, {at_three} when three shared", records.len());
+    eprintln!(
+        "rebalance test: {} records; committed {at_one} with one instance, {at_three} when three shared",
+        records.len()
+    );
     s.assert_matches_offline(&records);
 }
 
@@ -383,7 +417,12 @@ fn poison_records_go_to_the_dead_letter_topic_with_their_reason() {
     let invalid: Vec<&Record> = records
         .iter()
         .filter(|r| {
-            banditflow::core::event::decode(banditflow::core::event::TopicRole::Combined, banditflow::core::event::Encoding::Protobuf, &r.payload).is_err()
+            banditflow::core::event::decode(
+                banditflow::core::event::TopicRole::Combined,
+                banditflow::core::event::Encoding::Protobuf,
+                &r.payload,
+            )
+            .is_err()
         })
         .collect();
     let share = invalid.len() as f64 / records.len() as f64;
@@ -392,9 +431,20 @@ fn poison_records_go_to_the_dead_letter_topic_with_their_reason() {
     let _p = s.start("0");
     s.wait_caught_up(Duration::from_secs(120));
     let mut dl = Vec::new();
-    transfer::record(banditflow::kafka::bootstrap_config(&b), &[s.dead_letters.clone()], transfer::StartAt::Beginning, transfer::StopAt::End, false, &mut dl)
-        .expect("dead letters readable");
-    let lines: Vec<Record> = String::from_utf8(dl).expect("utf-8").lines().map(|l| banditflow::recording::parse_line(1, l).expect("line")).collect();
+    transfer::record(
+        banditflow::kafka::bootstrap_config(&b),
+        &[s.dead_letters.clone()],
+        transfer::StartAt::Beginning,
+        transfer::StopAt::End,
+        false,
+        &mut dl,
+    )
+    .expect("dead letters readable");
+    let lines: Vec<Record> = String::from_utf8(dl)
+        .expect("utf-8")
+        .lines()
+        .map(|l| banditflow::recording::parse_line(1, l).expect("line"))
+        .collect();
     assert_eq!(lines.len(), invalid.len(), "every malformed record is dead-lettered once");
     let mut payloads: Vec<&Vec<u8>> = lines.iter().map(|r| &r.payload).collect();
     let mut want: Vec<&Vec<u8>> = invalid.iter().map(|r| &r.payload).collect();
@@ -402,8 +452,11 @@ fn poison_records_go_to_the_dead_letter_topic_with_their_reason() {
     want.sort();
     assert_eq!(payloads, want);
     for r in &lines {
-        let header = |n: &str| r.headers.iter().find(|(k, _)| k == n).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
-        assert!(header(replay::HEADER_CODE).is_some_and(|c| banditflow::core::event::InvalidEvent::code_named(&c).is_some()));
+        let header = |n: &str| {
+            r.headers.iter().find(|(k, _)| k == n).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        assert!(header(replay::HEADER_CODE)
+            .is_some_and(|c| banditflow::core::event::InvalidEvent::code_named(&c).is_some()));
         assert!(header(replay::HEADER_REASON).is_some_and(|r| !r.is_empty()));
         assert_eq!(header("banditflow.source.topic").as_deref(), Some(s.input.as_str()));
     }
@@ -441,8 +494,15 @@ fn a_model_larger_than_a_message_is_chunked_and_restored() {
     assert!(biggest > 1_100_000, "model snapshot is only {biggest} bytes");
     // The chunks are on the topic.
     let mut raw = Vec::new();
-    transfer::record(banditflow::kafka::bootstrap_config(&b), &[s.snapshots.clone()], transfer::StartAt::Beginning, transfer::StopAt::End, false, &mut raw)
-        .expect("snapshot topic readable");
+    transfer::record(
+        banditflow::kafka::bootstrap_config(&b),
+        &[s.snapshots.clone()],
+        transfer::StartAt::Beginning,
+        transfer::StopAt::End,
+        false,
+        &mut raw,
+    )
+    .expect("snapshot topic readable");
     let text = String::from_utf8(raw).expect("utf-8");
     assert!(text.lines().any(|l| l.contains("#3")), "expected chunk records on the snapshot topic");
     s.assert_matches_offline(&records);
@@ -490,7 +550,11 @@ fn record_then_replay_to_kafka_round_trips() {
     }
     drop(f);
     let bin = env!("CARGO_BIN_EXE_banditflow");
-    let st = Command::new(bin).args(["replay", "--to-kafka", "--bootstrap", &b, "--input"]).arg(&original).status().expect("runs");
+    let st = Command::new(bin)
+        .args(["replay", "--to-kafka", "--bootstrap", &b, "--input"])
+        .arg(&original)
+        .status()
+        .expect("runs");
     assert!(st.success());
     let recorded = dir.path().join("recorded.jsonl");
     let st = Command::new(bin)
@@ -510,7 +574,10 @@ fn record_then_replay_to_kafka_round_trips() {
     };
     let (a, bb) = (sorted(&original), sorted(&recorded));
     assert_eq!(a.len(), bb.len());
-    assert!(a.iter().any(|r| std::str::from_utf8(&r.payload).is_err()), "binary payloads are part of the test");
+    assert!(
+        a.iter().any(|r| std::str::from_utf8(&r.payload).is_err()),
+        "binary payloads are part of the test"
+    );
     assert_eq!(a, bb, "topic, partition, offset, timestamp, key, headers and payload all survive");
 }
 
@@ -561,7 +628,13 @@ fn two_topics_give_the_offline_state_up_to_interleaving() {
         let w = snapshot::decode(w).expect("decodes");
         assert_eq!(g.meta.version, w.meta.version);
         let spec = config.core.model(&k.0).expect("model");
-        crate::support::assert_shards_equivalent(&g.shard, &w.shard, spec, w.meta.watermark_ms, &format!("{k:?}"));
+        crate::support::assert_shards_equivalent(
+            &g.shard,
+            &w.shard,
+            spec,
+            w.meta.watermark_ms,
+            &format!("{k:?}"),
+        );
     }
 }
 
@@ -594,8 +667,15 @@ fn broker_restart_mid_stream_keeps_exact_totals() {
     let (first, second) = records.split_at(records.len() / 2);
     s.produce(first.to_vec());
     let _p = s.start("0");
-    wait_until("progress before the restart", Duration::from_secs(60), || s.committed_offsets().iter().any(|o| *o > 0));
-    let restarted = Command::new("bash").arg(root.join("scripts/kafka.sh")).arg("restart").env("BANDITFLOW_KAFKA_PORT", port.to_string()).output().expect("runs");
+    wait_until("progress before the restart", Duration::from_secs(60), || {
+        s.committed_offsets().iter().any(|o| *o > 0)
+    });
+    let restarted = Command::new("bash")
+        .arg(root.join("scripts/kafka.sh"))
+        .arg("restart")
+        .env("BANDITFLOW_KAFKA_PORT", port.to_string())
+        .output()
+        .expect("runs");
     assert!(restarted.status.success(), "{}", String::from_utf8_lossy(&restarted.stderr));
     s.produce(second.to_vec());
     s.wait_caught_up(Duration::from_secs(240));
@@ -613,7 +693,11 @@ fn mismatched_partition_counts_are_refused_with_a_clear_message() {
         &format!(r#"topics = [{{ name = "{}", role = "impressions", encoding = "protobuf" }}, {{ name = "{fb}", role = "feedback", encoding = "json" }}]"#, s.input),
     );
     std::fs::write(&s.config_path, text).expect("config");
-    let out = Command::new(env!("CARGO_BIN_EXE_banditflow")).args(["run", "--config"]).arg(&s.config_path).output().expect("runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_banditflow"))
+        .args(["run", "--config"])
+        .arg(&s.config_path)
+        .output()
+        .expect("runs");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not co-partitioned") && err.contains("has 2") && err.contains("has 3"), "{err}");
