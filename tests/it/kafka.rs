@@ -413,7 +413,6 @@ fn poison_records_go_to_the_dead_letter_topic_with_their_reason() {
     let b = bootstrap();
     let s = Setup::new("poison", &b, 2, "");
     let records = s.shop(15, 6000, 0.05);
-    let config = s.config();
     let invalid: Vec<&Record> = records
         .iter()
         .filter(|r| {
@@ -433,7 +432,7 @@ fn poison_records_go_to_the_dead_letter_topic_with_their_reason() {
     let mut dl = Vec::new();
     transfer::record(
         banditflow::kafka::bootstrap_config(&b),
-        &[s.dead_letters.clone()],
+        std::slice::from_ref(&s.dead_letters),
         transfer::StartAt::Beginning,
         transfer::StopAt::End,
         false,
@@ -460,7 +459,6 @@ fn poison_records_go_to_the_dead_letter_topic_with_their_reason() {
         assert!(header(replay::HEADER_REASON).is_some_and(|r| !r.is_empty()));
         assert_eq!(header("banditflow.source.topic").as_deref(), Some(s.input.as_str()));
     }
-    let _ = config;
     s.assert_matches_offline(&records);
 }
 
@@ -496,7 +494,7 @@ fn a_model_larger_than_a_message_is_chunked_and_restored() {
     let mut raw = Vec::new();
     transfer::record(
         banditflow::kafka::bootstrap_config(&b),
-        &[s.snapshots.clone()],
+        std::slice::from_ref(&s.snapshots),
         transfer::StartAt::Beginning,
         transfer::StopAt::End,
         false,
