@@ -20,7 +20,9 @@
 //! smallest id) is evicted; at `max_pending_feedback` the oldest held feedback is orphaned. Both
 //! are counted. The join never panics on input and never reads a clock.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use super::event::{Feedback, FeedbackKind, Impression, Variant};
 use super::model::{ImpressionRef, ModelShard};

@@ -6,7 +6,9 @@
 //! Integer parts are exact in any order; floating-point parts are equal up to summation
 //! rounding (see ARCHITECTURE.md, "Exactness").
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use super::decay;
 use super::event::{FeedbackKind, Variant};
@@ -158,7 +160,7 @@ impl ModelShard {
     pub fn new(spec: &ModelSpec) -> ModelShard {
         ModelShard {
             landmark_ms: None,
-            arms: HashMap::new(),
+            arms: HashMap::default(),
             positions: BTreeMap::new(),
             variants: BTreeMap::new(),
             linear: match spec.algorithm {
@@ -206,7 +208,7 @@ impl ModelShard {
 
     fn arm(&mut self, segment: &str, item: &str) -> &mut ArmStats {
         if !self.arms.contains_key(segment) {
-            self.arms.insert(segment.to_string(), HashMap::new());
+            self.arms.insert(segment.to_string(), HashMap::default());
         }
         let items = self.arms.get_mut(segment).expect("inserted above");
         if !items.contains_key(item) {

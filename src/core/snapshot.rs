@@ -5,7 +5,9 @@
 //! same bytes. The checksum is xxh3-64 over the canonical encoding with `checksum = 0`. Decoding
 //! never panics: truncated, corrupt or foreign bytes give a [`SnapshotError`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use prost::Message;
 use xxhash_rust::xxh3::xxh3_64;
@@ -260,7 +262,7 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedSnapshot, SnapshotError> {
 fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
     let params = snap.params.as_ref().ok_or_else(|| invalid("missing params"))?;
     let spec = params_from_pb(&snap.model_id, params)?;
-    let mut arms: HashMap<String, HashMap<String, ArmStats>> = HashMap::new();
+    let mut arms: HashMap<String, HashMap<String, ArmStats>> = HashMap::default();
     for a in snap.arms {
         let stats = ArmStats {
             impressions: a.impressions,
