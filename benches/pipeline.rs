@@ -10,7 +10,8 @@
 //!    newly covers. Reports p50 / p99 / max.
 //!
 //! Run: `scripts/kafka.sh start && BANDITFLOW_KAFKA_BOOTSTRAP=127.0.0.1:39092 cargo bench --bench pipeline`
-//! Environment: BENCH_EVENTS, BENCH_RATE, BENCH_SECONDS, BENCH_PARTITIONS.
+//! Environment: BENCH_EVENTS, BENCH_RATE, BENCH_SECONDS, BENCH_PARTITIONS. The processor runs with
+//! the default configuration (snapshot interval 1 s).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -46,7 +47,7 @@ bootstrap_servers = "{bootstrap}"
 group_id = "{tag}-group"
 snapshot_topic = "{tag}-snapshots"
 dead_letter_topic = "{tag}-dlq"
-snapshot_interval = "250ms"
+snapshot_interval = "1s"
 metrics_address = ""
 "#
         ),
@@ -203,7 +204,7 @@ fn main() {
     // 1. Throughput.
     let topic = format!("{tag}-events");
     admin::create_topics(&bootstrap, &[(&topic, partitions, false)]).expect("topic");
-    let mut evs = events(&topic, partitions, total * 10 / 26 + 1, 1);
+    let mut evs = events(&topic, partitions, total / 2 + 1000, 1);
     evs.truncate(total);
     let t = Instant::now();
     produce(&bootstrap, &topic, &evs, None);
@@ -228,12 +229,32 @@ fn main() {
     );
     println!("ratio pipeline / raw: {:.2}", pipeline / raw);
 
-    // 2. Freshness at a steady rate.
+    // 2. Freshness at steady rates.
+    let rates: Vec<f64> = std::env::var("BENCH_RATES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![rate, rate / 2.0]);
+    for (i, rate) in rates.into_iter().enumerate() {
+        freshness(&bootstrap, &tag, i, partitions, rate, seconds, dir.path());
+    }
+}
+
+fn freshness(
+    bootstrap: &str,
+    tag: &str,
+    run: usize,
+    partitions: i32,
+    rate: f64,
+    seconds: f64,
+    dir: &std::path::Path,
+) {
+    let bootstrap = bootstrap.to_string();
+    let tag = format!("{tag}-{run}");
     let ftopic = format!("{tag}-fresh");
     admin::create_topics(&bootstrap, &[(&ftopic, partitions, false)]).expect("topic");
     let n = (rate * seconds) as usize;
-    let fevs: Vec<_> = events(&ftopic, partitions, n * 10 / 26 + 1, 2).into_iter().take(n).collect();
-    let fcfg = config_file(dir.path(), &bootstrap, &ftopic, &format!("{tag}-fr"));
+    let fevs: Vec<_> = events(&ftopic, partitions, n / 2 + 1000, 2).into_iter().take(n).collect();
+    let fcfg = config_file(dir, &bootstrap, &ftopic, &format!("{tag}-fr"));
     let (child, assigned, _) = start_pipeline(&fcfg, partitions);
     while !assigned.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(5));

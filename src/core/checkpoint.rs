@@ -170,14 +170,19 @@ pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartiti
     let changes = std::mem::take(&mut state.join.changes);
     let p = state.partition;
     let mut puts = Vec::new();
-    for id in &changes.impressions_written {
+    // Sorted, so the same changes always give the same records.
+    let mut written: Vec<&String> = changes.impressions_written.iter().collect();
+    written.sort_unstable();
+    for id in written {
         if let Some(e) = state.join.impressions.get(id) {
             puts.push((impression_key(p, id), encode_impression(spec, id, e)));
         }
     }
     let held: BTreeMap<u64, &Feedback> =
         state.join.pending.values().flatten().map(|(s, f)| (*s, f)).collect();
-    for seq in &changes.held_written {
+    let mut held_written: Vec<u64> = changes.held_written.iter().copied().collect();
+    held_written.sort_unstable();
+    for seq in &held_written {
         if let Some(f) = held.get(seq) {
             puts.push((held_key(p, *seq), encode_held(*seq, f)));
         }

@@ -152,10 +152,10 @@ pub struct Entry {
 /// the one that was saved.
 #[derive(Debug, Clone, Default)]
 pub struct JoinChanges {
-    pub impressions_written: std::collections::BTreeSet<String>,
-    pub impressions_deleted: std::collections::BTreeSet<String>,
-    pub held_written: std::collections::BTreeSet<u64>,
-    pub held_deleted: std::collections::BTreeSet<u64>,
+    pub impressions_written: rustc_hash::FxHashSet<String>,
+    pub impressions_deleted: rustc_hash::FxHashSet<String>,
+    pub held_written: rustc_hash::FxHashSet<u64>,
+    pub held_deleted: rustc_hash::FxHashSet<u64>,
 }
 
 impl PartialEq for JoinChanges {
