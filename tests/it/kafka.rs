@@ -134,6 +134,14 @@ metrics_address = ""
         .expect("produce");
     }
 
+    /// Produces on another thread, so processors can be started, killed and moved meanwhile.
+    fn produce_in_background(&self, records: Vec<Record>) -> std::thread::JoinHandle<anyhow::Result<u64>> {
+        let bootstrap = self.bootstrap.clone();
+        std::thread::spawn(move || {
+            transfer::produce_recording(banditflow::kafka::bootstrap_config(&bootstrap), records.into_iter())
+        })
+    }
+
     fn start(&self, instance: &str) -> Processor {
         let log = self.dir.path().join(format!("processor-{instance}-{}.log", unique("run")));
         let file = std::fs::File::create(&log).expect("log file");
@@ -311,12 +319,7 @@ fn sigterm_mid_stream_commits_final_snapshots_and_a_successor_finishes_exactly()
     let b = bootstrap();
     let s = Setup::new("sigterm", &b, 2, "");
     let records = s.shop(12, 30_000, 0.0);
-    let producer = {
-        let (s_boot, recs) = (s.bootstrap.clone(), records.clone());
-        std::thread::spawn(move || {
-            transfer::produce_recording(banditflow::kafka::bootstrap_config(&s_boot), recs.into_iter())
-        })
-    };
+    let producer = s.produce_in_background(records.clone());
     let mut p = s.start("0");
     wait_until("some progress", Duration::from_secs(60), || s.committed_offsets().iter().any(|o| *o > 0));
     let (status, took) = p.terminate();
@@ -347,12 +350,7 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     // About 1.05 M events.
     let records = s.shop(13, 500_000, 0.0);
     assert!(records.len() >= 1_000_000, "{} records", records.len());
-    let producer = {
-        let (s_boot, recs) = (s.bootstrap.clone(), records.clone());
-        std::thread::spawn(move || {
-            transfer::produce_recording(banditflow::kafka::bootstrap_config(&s_boot), recs.into_iter())
-        })
-    };
+    let producer = s.produce_in_background(records.clone());
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2026);
     let mut kills = Vec::new();
     for _ in 0..5 {
@@ -378,12 +376,7 @@ fn rebalance_one_three_one_keeps_exact_totals() {
     let b = bootstrap();
     let s = Setup::new("rebalance", &b, 6, "");
     let records = s.shop(14, 120_000, 0.0);
-    let producer = {
-        let (s_boot, recs) = (s.bootstrap.clone(), records.clone());
-        std::thread::spawn(move || {
-            transfer::produce_recording(banditflow::kafka::bootstrap_config(&s_boot), recs.into_iter())
-        })
-    };
+    let producer = s.produce_in_background(records.clone());
     let progress = || s.committed_offsets().iter().map(|o| o.max(&0)).sum::<i64>();
     let _a = s.start("0");
     wait_until("first instance progresses", Duration::from_secs(60), || progress() > 0);
