@@ -11,6 +11,7 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
+use crate::core::checkpoint;
 use crate::core::event::{InvalidEvent, Variant};
 use crate::core::join::JoinCounters;
 use crate::core::model::{self, ModelShard};
@@ -83,16 +84,6 @@ pub fn replay_reader(config: &Config, input: impl BufRead) -> std::io::Result<Re
     Ok(run)
 }
 
-pub fn shard_meta(spec: &ModelSpec, state: &PartitionState, config: &Config) -> SnapshotMeta {
-    SnapshotMeta {
-        model_id: spec.id.clone(),
-        source_partition: state.partition,
-        version: state.records,
-        watermark_ms: state.watermark_ms(&config.core).unwrap_or(0),
-        input_offsets: state.offsets.iter().map(|((t, p), o)| (t.clone(), *p, *o)).collect(),
-    }
-}
-
 /// The merged model of each configured model, from the run's shards.
 pub fn merged_models(
     config: &Config,
@@ -104,7 +95,7 @@ pub fn merged_models(
             .partitions
             .values()
             .map(|st| DecodedSnapshot {
-                meta: shard_meta(spec, st, config),
+                meta: checkpoint::shard_meta(&config.core, st, &spec.id),
                 spec: spec.clone(),
                 shard: st.models[i].clone(),
             })
@@ -142,7 +133,8 @@ pub fn write_outputs(
         let dir = out.join(&spec.id);
         std::fs::create_dir_all(&dir)?;
         for st in run.partitions.values() {
-            let bytes = snapshot::encode(spec, &st.models[i], &shard_meta(spec, st, config));
+            let bytes =
+                snapshot::encode(spec, &st.models[i], &checkpoint::shard_meta(&config.core, st, &spec.id));
             let p = dir.join(format!("partition-{}.snapshot", st.partition));
             write_atomic(&p, &bytes)?;
             paths.push(p);

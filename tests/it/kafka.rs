@@ -134,6 +134,25 @@ metrics_address = ""
         .expect("produce");
     }
 
+    /// Everything on `topic` (committed records), through the recorder.
+    fn record_topic(&self, topic: &str) -> Vec<Record> {
+        let mut out = Vec::new();
+        transfer::record(
+            banditflow::kafka::bootstrap_config(&self.bootstrap),
+            &[topic.to_string()],
+            transfer::StartAt::Beginning,
+            transfer::StopAt::End,
+            false,
+            &mut out,
+        )
+        .expect("topic readable");
+        String::from_utf8(out)
+            .expect("recording is UTF-8")
+            .lines()
+            .map(|l| banditflow::recording::parse_line(1, l).expect("recording line"))
+            .collect()
+    }
+
     /// Produces on another thread, so processors can be started, killed and moved meanwhile.
     fn produce_in_background(&self, records: Vec<Record>) -> std::thread::JoinHandle<anyhow::Result<u64>> {
         let bootstrap = self.bootstrap.clone();
@@ -422,21 +441,7 @@ fn poison_records_go_to_the_dead_letter_topic_with_their_reason() {
     s.produce(records.clone());
     let _p = s.start("0");
     s.wait_caught_up(Duration::from_secs(120));
-    let mut dl = Vec::new();
-    transfer::record(
-        banditflow::kafka::bootstrap_config(&b),
-        std::slice::from_ref(&s.dead_letters),
-        transfer::StartAt::Beginning,
-        transfer::StopAt::End,
-        false,
-        &mut dl,
-    )
-    .expect("dead letters readable");
-    let lines: Vec<Record> = String::from_utf8(dl)
-        .expect("utf-8")
-        .lines()
-        .map(|l| banditflow::recording::parse_line(1, l).expect("line"))
-        .collect();
+    let lines = s.record_topic(&s.dead_letters);
     assert_eq!(lines.len(), invalid.len(), "every malformed record is dead-lettered once");
     let mut payloads: Vec<&Vec<u8>> = lines.iter().map(|r| &r.payload).collect();
     let mut want: Vec<&Vec<u8>> = invalid.iter().map(|r| &r.payload).collect();
@@ -484,18 +489,11 @@ fn a_model_larger_than_a_message_is_chunked_and_restored() {
     let biggest = shards.values().map(Vec::len).max().unwrap_or(0);
     assert!(biggest > 1_100_000, "model snapshot is only {biggest} bytes");
     // The chunks are on the topic.
-    let mut raw = Vec::new();
-    transfer::record(
-        banditflow::kafka::bootstrap_config(&b),
-        std::slice::from_ref(&s.snapshots),
-        transfer::StartAt::Beginning,
-        transfer::StopAt::End,
-        false,
-        &mut raw,
-    )
-    .expect("snapshot topic readable");
-    let text = String::from_utf8(raw).expect("utf-8");
-    assert!(text.lines().any(|l| l.contains("#3")), "expected chunk records on the snapshot topic");
+    let raw = s.record_topic(&s.snapshots);
+    assert!(
+        raw.iter().any(|r| r.key.as_deref().is_some_and(|k| k.ends_with(b"#3"))),
+        "expected chunk records on the snapshot topic"
+    );
     s.assert_matches_offline(&records);
     // A restarted processor restores from the chunks and carries on exactly.
     let more = generate::generate(&ShopSpec {
