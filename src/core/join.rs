@@ -235,7 +235,7 @@ impl AttributionJoin {
     ) -> Outcome {
         self.advance(imp.time_ms);
         let outcome = self.insert_impression(spec, models, model, imp);
-        self.expire(spec, models);
+        self.expire(spec);
         outcome
     }
 
@@ -251,7 +251,7 @@ impl AttributionJoin {
                 Outcome::FeedbackHeld
             }
         };
-        self.expire(spec, models);
+        self.expire(spec);
         outcome
     }
 
@@ -346,7 +346,7 @@ impl AttributionJoin {
     }
 
     /// Drops impressions past their retention and orphans held feedback past its grace period.
-    fn expire(&mut self, spec: &CoreSpec, _models: &mut [ModelShard]) {
+    fn expire(&mut self, spec: &CoreSpec) {
         let Some(wm) = self.watermark_ms(spec) else {
             return;
         };

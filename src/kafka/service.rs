@@ -156,10 +156,6 @@ impl ConsumerContext for Ctx {
     }
 }
 
-fn key_version(key: &str, version: u64) -> (&str, u64) {
-    (key, version)
-}
-
 fn input_partitions(tpl: &TopicPartitionList) -> Vec<i32> {
     let mut ps: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
     ps.sort_unstable();
@@ -335,7 +331,7 @@ impl Session {
             if let Some(saved) = &out.saved {
                 for (key, value) in &saved.puts {
                     bytes += value.len();
-                    self.put(&key_version(key, out.records), out.partition, value, &mut new_chunks)?;
+                    self.put(key, out.records, out.partition, value, &mut new_chunks)?;
                 }
                 for key in &saved.deletes {
                     self.send(&k.snapshot_topic, Some(out.partition), key.as_bytes(), None, None)?;
@@ -346,7 +342,7 @@ impl Session {
                 }
                 for (key, value) in values {
                     bytes += value.len();
-                    self.put(&key_version(&key, out.records), out.partition, value, &mut new_chunks)?;
+                    self.put(&key, out.records, out.partition, value, &mut new_chunks)?;
                 }
             }
             for d in &out.dead_letters {
@@ -403,15 +399,16 @@ impl Session {
     /// Writes one value of the snapshot topic, chunked if large.
     fn put(
         &self,
-        (key, version): &(&str, u64),
+        key: &str,
+        version: u64,
         partition: i32,
         value: &[u8],
         chunks: &mut Vec<(String, u32)>,
     ) -> anyhow::Result<()> {
         let k = &self.config.kafka;
-        let previous = self.chunks.get(*key).copied().unwrap_or(0);
-        let recs = blob::split(key, *version, value, k.max_record_bytes, previous);
-        let n = recs.iter().filter(|r| r.value.is_some() && r.key != *key).count() as u32;
+        let previous = self.chunks.get(key).copied().unwrap_or(0);
+        let recs = blob::split(key, version, value, k.max_record_bytes, previous);
+        let n = recs.iter().filter(|r| r.value.is_some() && r.key != key).count() as u32;
         if n > 0 || previous > 0 {
             chunks.push((key.to_string(), n));
         }

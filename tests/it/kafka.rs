@@ -67,7 +67,7 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(name: &str, bootstrap: &str, partitions: i32, extra: &str) -> Setup {
+    fn new(name: &str, bootstrap: &str, partitions: i32) -> Setup {
         let input = unique(&format!("{name}-events"));
         let s = Setup {
             bootstrap: bootstrap.into(),
@@ -98,7 +98,6 @@ metrics_address = ""
 [kafka.properties]
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "500"
-{extra}
 "#,
             input = s.input,
             group = s.group,
@@ -196,6 +195,11 @@ metrics_address = ""
             Ok(t) => t.elements().iter().map(|e| e.offset().to_raw().unwrap_or(-1)).collect(),
             Err(_) => vec![-1; self.partitions as usize],
         }
+    }
+
+    /// Sum of the group's committed offsets over the input partitions (0 for none yet).
+    fn committed_total(&self) -> i64 {
+        self.committed_offsets().iter().map(|o| o.max(&0)).sum()
     }
 
     fn wait_caught_up(&self, limit: Duration) {
@@ -321,7 +325,7 @@ impl Drop for Processor {
 #[test]
 fn kafka_path_equals_offline_path_and_sigterm_exits_cleanly() {
     let b = bootstrap();
-    let s = Setup::new("equal", &b, 3, "");
+    let s = Setup::new("equal", &b, 3);
     let records = s.shop(11, 4000, 0.01);
     s.produce(records.clone());
     let mut p = s.start("0");
@@ -336,7 +340,7 @@ fn kafka_path_equals_offline_path_and_sigterm_exits_cleanly() {
 #[test]
 fn sigterm_mid_stream_commits_final_snapshots_and_a_successor_finishes_exactly() {
     let b = bootstrap();
-    let s = Setup::new("sigterm", &b, 2, "");
+    let s = Setup::new("sigterm", &b, 2);
     let records = s.shop(12, 30_000, 0.0);
     let producer = s.produce_in_background(records.clone());
     let mut p = s.start("0");
@@ -365,7 +369,7 @@ fn sigterm_mid_stream_commits_final_snapshots_and_a_successor_finishes_exactly()
 #[test]
 fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let b = bootstrap();
-    let s = Setup::new("crash", &b, 3, "");
+    let s = Setup::new("crash", &b, 3);
     // About 1.05 M events.
     let records = s.shop(13, 500_000, 0.0);
     assert!(records.len() >= 1_000_000, "{} records", records.len());
@@ -374,14 +378,12 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let mut kills = Vec::new();
     for _ in 0..5 {
         let mut p = s.start("0");
-        let before = s.committed_offsets().iter().map(|o| o.max(&0)).sum::<i64>();
+        let before = s.committed_total();
         // Kill only after it made progress since the last restart, at a random moment.
-        wait_until("progress after restart", Duration::from_secs(90), || {
-            s.committed_offsets().iter().map(|o| o.max(&0)).sum::<i64>() > before
-        });
+        wait_until("progress after restart", Duration::from_secs(90), || s.committed_total() > before);
         std::thread::sleep(Duration::from_millis(rng.random_range(50..1500)));
         p.kill9();
-        kills.push(s.committed_offsets().iter().map(|o| o.max(&0)).sum::<i64>());
+        kills.push(s.committed_total());
     }
     producer.join().expect("producer thread").expect("produced");
     let _last = s.start("0");
@@ -393,10 +395,10 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
 #[test]
 fn rebalance_one_three_one_keeps_exact_totals() {
     let b = bootstrap();
-    let s = Setup::new("rebalance", &b, 6, "");
+    let s = Setup::new("rebalance", &b, 6);
     let records = s.shop(14, 120_000, 0.0);
     let producer = s.produce_in_background(records.clone());
-    let progress = || s.committed_offsets().iter().map(|o| o.max(&0)).sum::<i64>();
+    let progress = || s.committed_total();
     let _a = s.start("0");
     wait_until("first instance progresses", Duration::from_secs(60), || progress() > 0);
     let at_one = progress();
@@ -423,7 +425,7 @@ fn rebalance_one_three_one_keeps_exact_totals() {
 #[test]
 fn poison_records_go_to_the_dead_letter_topic_with_their_reason() {
     let b = bootstrap();
-    let s = Setup::new("poison", &b, 2, "");
+    let s = Setup::new("poison", &b, 2);
     let records = s.shop(15, 6000, 0.05);
     let invalid: Vec<&Record> = records
         .iter()
@@ -464,7 +466,7 @@ fn poison_records_go_to_the_dead_letter_topic_with_their_reason() {
 fn a_model_larger_than_a_message_is_chunked_and_restored() {
     let b = bootstrap();
     // Small chunks so a ~2 MB model takes many records; the broker's own limit is ~1 MB.
-    let s = Setup::new("large", &b, 1, "");
+    let s = Setup::new("large", &b, 1);
     let mut text = std::fs::read_to_string(&s.config_path).expect("config");
     text = text.replace("restore_timeout = \"60s\"", "restore_timeout = \"60s\"\nmax_record_bytes = 300000");
     std::fs::write(&s.config_path, text).expect("config");
@@ -576,7 +578,7 @@ fn two_topics_give_the_offline_state_up_to_interleaving() {
     // interleaves them in an order the log does not fix, so counters must match exactly and
     // decayed sums within rounding.
     let b = bootstrap();
-    let s = Setup::new("twotopics", &b, 2, "");
+    let s = Setup::new("twotopics", &b, 2);
     let fb = unique("twotopics-feedback");
     admin::create_topics(&b, &[(&fb, 2, false)]).expect("topic");
     let mut text = std::fs::read_to_string(&s.config_path).expect("config");
@@ -651,7 +653,7 @@ fn broker_restart_mid_stream_keeps_exact_totals() {
     kafka("start");
     let _stop = StopBroker(&kafka);
     let b = format!("127.0.0.1:{port}");
-    let s = Setup::new("brokerrestart", &b, 2, "");
+    let s = Setup::new("brokerrestart", &b, 2);
     let records = s.shop(20, 60_000, 0.0);
     let (first, second) = records.split_at(records.len() / 2);
     s.produce(first.to_vec());
@@ -674,7 +676,7 @@ fn broker_restart_mid_stream_keeps_exact_totals() {
 #[test]
 fn mismatched_partition_counts_are_refused_with_a_clear_message() {
     let b = bootstrap();
-    let s = Setup::new("copart", &b, 2, "");
+    let s = Setup::new("copart", &b, 2);
     let fb = unique("copart-feedback");
     admin::create_topics(&b, &[(&fb, 3, false)]).expect("topic");
     let text = std::fs::read_to_string(&s.config_path).expect("config").replace(
