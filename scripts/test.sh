@@ -15,10 +15,11 @@ export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 step() { printf '\n== %s\n' "$*"; }
 
 step "toolchain"
+# Informational only: sed reads its whole input, so no writer dies of SIGPIPE under pipefail.
 cargo --version
 rustc --version
-java -version 2>&1 | head -n 1
-mvn -version 2>/dev/null | head -n 1
+java -version 2>&1 | sed -n 1p || true
+mvn -B -version 2>/dev/null | sed -n 1p || true
 
 step "format"
 cargo fmt --all -- --check
