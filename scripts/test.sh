@@ -19,7 +19,7 @@ step "toolchain"
 cargo --version
 rustc --version
 java -version 2>&1 | sed -n 1p || true
-mvn -B -version 2>/dev/null | sed -n 1p || true
+mvn -B -version 2>/dev/null | sed -n '1{s/\x1b\[[0-9;]*m//g;p}' || true
 
 step "format"
 cargo fmt --all -- --check
