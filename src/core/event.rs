@@ -349,17 +349,22 @@ fn build_impression(raw: RawImpression) -> Result<Impression, InvalidEvent> {
         out.push(SlateEntry { item_id, position, propensity });
     }
     // Positions and items must be unique: the join looks feedback up by (item, position).
-    let mut positions: Vec<u32> = out.iter().map(|e| e.position).collect();
-    positions.sort_unstable();
-    if positions.windows(2).any(|w| w[0] == w[1]) {
+    // Sorted by position, equal positions are neighbours; items are compared pairwise for
+    // ordinary slates (no allocation) and through a sorted copy for long ones.
+    out.sort_by_key(|e| e.position);
+    if out.windows(2).any(|w| w[0].position == w[1].position) {
         return Err(InvalidEvent::BadSlate("two items share a position".into()));
     }
-    let mut items: Vec<&str> = out.iter().map(|e| e.item_id.as_str()).collect();
-    items.sort_unstable();
-    if items.windows(2).any(|w| w[0] == w[1]) {
+    let item_repeats = if out.len() <= 16 {
+        out.iter().enumerate().any(|(i, a)| out[i + 1..].iter().any(|b| a.item_id == b.item_id))
+    } else {
+        let mut items: Vec<&str> = out.iter().map(|e| e.item_id.as_str()).collect();
+        items.sort_unstable();
+        items.windows(2).any(|w| w[0] == w[1])
+    };
+    if item_repeats {
         return Err(InvalidEvent::BadSlate("an item appears twice".into()));
     }
-    out.sort_by_key(|e| e.position);
     Ok(Impression {
         impression_id,
         time_ms,

@@ -8,7 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use rustc_hash::FxHashMap as HashMap;
+/// hashbrown's map for its `entry_ref`: one hash per lookup, and a key allocated only when a
+/// new arm is inserted.
+pub type HashMap<K, V> = hashbrown::HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 use super::decay;
 use super::event::{FeedbackKind, Variant};
@@ -207,14 +209,7 @@ impl ModelShard {
     }
 
     fn arm(&mut self, segment: &str, item: &str) -> &mut ArmStats {
-        if !self.arms.contains_key(segment) {
-            self.arms.insert(segment.to_string(), HashMap::default());
-        }
-        let items = self.arms.get_mut(segment).expect("inserted above");
-        if !items.contains_key(item) {
-            items.insert(item.to_string(), ArmStats::default());
-        }
-        items.get_mut(item).expect("inserted above")
+        self.arms.entry_ref(segment).or_default().entry_ref(item).or_default()
     }
 
     fn examination_weight(spec: &ModelSpec, position: u32) -> f64 {
@@ -256,15 +251,17 @@ impl ModelShard {
         variant: &Variant,
         slate: &[(&str, u32, f64)],
     ) {
-        self.variants.entry(variant.clone()).or_default().impressions += 1;
+        self.variant_stats(variant).impressions += 1;
         let df = self.weight(spec, imp.time_ms);
         let estimated = matches!(spec.position, PositionModel::Pbm(Examination::Estimated));
+        // The segment's map is found once per slate; arms, positions and the linear state are
+        // disjoint sums, so updating them in separate passes changes no result.
+        let items = self.arms.entry_ref(imp.segment).or_default();
         for &(item, position, propensity) in slate {
             let p = self.positions.entry(position).or_default();
             p.impressions += 1;
             p.ips_impressions += df / propensity;
-            let e = Self::examination_weight(spec, position);
-            let arm = self.arm(imp.segment, item);
+            let arm = items.entry_ref(item).or_default();
             arm.impressions += 1;
             if estimated {
                 let bucket = (position as usize).clamp(1, MAX_TRACKED_POSITIONS) - 1;
@@ -273,13 +270,25 @@ impl ModelShard {
                 }
                 arm.position_exposure[bucket] += df;
             } else {
-                arm.exposure += e * df;
-            }
-            self.linear_update(spec, imp, item, e * df, 0.0);
-            if let Some(l) = &mut self.linear {
-                l.updates += 1;
+                arm.exposure += Self::examination_weight(spec, position) * df;
             }
         }
+        if self.linear.is_some() {
+            for &(item, position, _) in slate {
+                let e = Self::examination_weight(spec, position);
+                self.linear_update(spec, imp, item, e * df, 0.0);
+                if let Some(l) = &mut self.linear {
+                    l.updates += 1;
+                }
+            }
+        }
+    }
+
+    fn variant_stats(&mut self, variant: &Variant) -> &mut VariantStats {
+        if !self.variants.contains_key(variant) {
+            self.variants.insert(variant.clone(), VariantStats::default());
+        }
+        self.variants.get_mut(variant).expect("inserted above")
     }
 
     /// Cascade bookkeeping: adds (`sign` = 1) or retracts (`sign` = -1) the examination of one
@@ -306,7 +315,7 @@ impl ModelShard {
         prior_total: i64,
     ) {
         let df = self.weight(spec, imp.time_ms);
-        let v = self.variants.entry(variant.clone()).or_default();
+        let v = self.variant_stats(variant);
         v.reward_micros += reward_micros;
         let (before, after) = (i128::from(prior_total), i128::from(prior_total) + i128::from(reward_micros));
         v.reward_sq_micros2 += after * after - before * before;

@@ -56,13 +56,16 @@ impl PartitionState {
     }
 
     pub fn apply(&mut self, spec: &CoreSpec, record: InputRecord<'_>) -> Applied {
-        let key = (record.topic.to_string(), record.partition);
-        if let Some(next) = self.offsets.get(&key) {
-            if record.offset < *next {
-                return Applied::AlreadyCovered;
+        // A state covers one or two (topic, partition) pairs: a scan finds the entry without
+        // allocating a key per record.
+        let next = record.offset.saturating_add(1);
+        match self.offsets.iter_mut().find(|((t, p), _)| *p == record.partition && t == record.topic) {
+            Some((_, covered)) if record.offset < *covered => return Applied::AlreadyCovered,
+            Some((_, covered)) => *covered = next,
+            None => {
+                self.offsets.insert((record.topic.to_string(), record.partition), next);
             }
         }
-        self.offsets.insert(key, record.offset.saturating_add(1));
         self.records += 1;
         let result = match event::decode(record.role, record.encoding, record.payload) {
             Ok(Event::Impression(imp)) => match spec.models.iter().position(|m| m.id == imp.model_id) {

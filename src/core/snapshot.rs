@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use rustc_hash::FxHashMap as HashMap;
+use super::model::HashMap;
 
 use prost::Message;
 use xxhash_rust::xxh3::xxh3_64;

@@ -50,9 +50,47 @@ struct OwnedRecord {
     topic: usize,
     offset: i64,
     timestamp_ms: Option<i64>,
-    key: Option<Vec<u8>>,
+    /// The payload followed by the key, copied in one allocation (the key is only read again
+    /// for dead letters).
+    bytes: Vec<u8>,
+    payload_len: usize,
+    has_key: bool,
     headers: Vec<(String, Vec<u8>)>,
-    payload: Vec<u8>,
+}
+
+impl OwnedRecord {
+    fn copy(topic: usize, m: &rdkafka::message::BorrowedMessage<'_>) -> OwnedRecord {
+        let payload = m.payload().unwrap_or_default();
+        let key = m.key();
+        let mut bytes = Vec::with_capacity(payload.len() + key.map_or(0, <[u8]>::len));
+        bytes.extend_from_slice(payload);
+        bytes.extend_from_slice(key.unwrap_or_default());
+        let headers = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        OwnedRecord {
+            topic,
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            bytes,
+            payload_len: payload.len(),
+            has_key: key.is_some(),
+            headers,
+        }
+    }
+
+    fn payload(&self) -> &[u8] {
+        &self.bytes[..self.payload_len]
+    }
+
+    fn key(&self) -> Option<&[u8]> {
+        self.has_key.then(|| &self.bytes[self.payload_len..])
+    }
 }
 
 struct DeadLetter {
@@ -248,22 +286,7 @@ impl Session {
     fn route(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
         let Some(&topic) = self.topic_index.get(m.topic()) else { return };
         let Some(task) = self.tasks.get_mut(&m.partition()) else { return };
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        task.batch.push(OwnedRecord {
-            topic,
-            offset: m.offset(),
-            timestamp_ms: m.timestamp().to_millis(),
-            key: m.key().map(<[u8]>::to_vec),
-            headers,
-            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-        });
+        task.batch.push(OwnedRecord::copy(topic, m));
         if task.batch.len() >= BATCH {
             let batch = std::mem::replace(&mut task.batch, Vec::with_capacity(BATCH));
             if task.tx.blocking_send(Cmd::Records(batch)).is_err() {
@@ -362,8 +385,8 @@ impl Session {
                 ] {
                     h = h.insert(Header { key: name, value: Some(v.as_bytes()) });
                 }
-                let key = d.record.key.as_deref().unwrap_or_default();
-                self.send(&k.dead_letter_topic, None, key, Some(&d.record.payload), Some(h))?;
+                let key = d.record.key().unwrap_or_default();
+                self.send(&k.dead_letter_topic, None, key, Some(d.record.payload()), Some(h))?;
                 counter!("banditflow_dead_letters_total", "reason" => d.reason.code()).increment(1);
             }
         }
@@ -548,7 +571,7 @@ async fn partition_task(config: Arc<Config>, mut state: PartitionState, mut rx: 
             offset: r.offset,
             role: t.role,
             encoding: t.encoding,
-            payload: &r.payload,
+            payload: r.payload(),
         };
         match state.apply(spec, input) {
             Applied::Invalid(reason) => dead.push(DeadLetter { record: r, reason }),
