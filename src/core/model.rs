@@ -253,6 +253,10 @@ impl ModelShard {
     ) {
         self.variant_stats(variant).impressions += 1;
         let df = self.weight(spec, imp.time_ms);
+        if slate.is_empty() {
+            // No arm is touched, so no segment map may appear (it would change equality).
+            return;
+        }
         let estimated = matches!(spec.position, PositionModel::Pbm(Examination::Estimated));
         // The segment's map is found once per slate; arms, positions and the linear state are
         // disjoint sums, so updating them in separate passes changes no result.
