@@ -318,6 +318,7 @@ impl Session {
         only: Option<&[i32]>,
         stop: bool,
     ) -> anyhow::Result<()> {
+        let gather_started = Instant::now();
         self.flush_batches();
         let targets: Vec<i32> = match only {
             Some(ps) => ps.to_vec(),
@@ -337,6 +338,8 @@ impl Session {
         for rx in replies {
             outputs.push(rx.blocking_recv().map_err(|_| anyhow!("partition task ended without reporting"))?);
         }
+        // Time the tasks took to apply what was queued before the request and to encode.
+        histogram!("banditflow_snapshot_gather_seconds").record(gather_started.elapsed().as_secs_f64());
         if outputs.iter().all(|o| o.saved.is_none() && o.dead_letters.is_empty()) {
             return Ok(());
         }
