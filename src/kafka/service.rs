@@ -12,8 +12,11 @@
 //! in-memory state ahead of what is stored, so the whole session is discarded and rebuilt from
 //! Kafka: nothing is lost, nothing counted twice.
 //!
-//! Threads: one consumer thread (polls, routes records, runs rebalance callbacks and
-//! transactions) and a small tokio runtime running one task per assigned partition.
+//! Threads: one consumer thread (polls, routes records, runs rebalance callbacks, collects the
+//! tasks' snapshots), a small tokio runtime running one task per assigned partition, and a
+//! commit thread per interval transaction, so the tasks go on learning while it commits. At
+//! most one transaction runs at a time: the next commit, a rebalance and the end of a session
+//! first wait for it, and its failure discards the session as above.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -135,10 +138,10 @@ enum SessionEnd {
 struct Session {
     config: Arc<Config>,
     runtime: tokio::runtime::Handle,
-    producer: BaseProducer,
+    /// `None` while a transaction runs in the background (`inflight`).
+    txn: Option<Txn>,
+    inflight: Option<std::thread::JoinHandle<(Txn, anyhow::Result<()>)>>,
     tasks: BTreeMap<i32, Task>,
-    /// Chunk counts of stored snapshot keys, to delete surplus chunks.
-    chunks: HashMap<String, u32>,
     /// Set when a transaction or restore failed; the session must be rebuilt.
     poisoned: Option<anyhow::Error>,
     topic_index: HashMap<String, usize>,
@@ -211,6 +214,10 @@ impl Session {
 
     /// Restores the newly assigned partitions and returns the assignment with their offsets.
     fn assign(&mut self, tpl: &TopicPartitionList) -> TopicPartitionList {
+        if let Err(e) = self.settle() {
+            self.poison(e);
+            return TopicPartitionList::new();
+        }
         let parts: Vec<i32> =
             input_partitions(tpl).into_iter().filter(|p| !self.tasks.contains_key(p)).collect();
         let started = Instant::now();
@@ -232,7 +239,9 @@ impl Session {
         for (p, s) in &stores {
             match store::restore_partition(&self.config, *p, s) {
                 Ok(state) => {
-                    self.chunks.extend(store::chunk_counts(s));
+                    if let Some(txn) = self.txn.as_mut() {
+                        txn.chunks.extend(store::chunk_counts(s));
+                    }
                     states.insert(*p, state);
                 }
                 Err(e) => {
@@ -272,7 +281,7 @@ impl Session {
         let parts: Vec<i32> =
             input_partitions(tpl).into_iter().filter(|p| self.tasks.contains_key(p)).collect();
         if self.poisoned.is_none() {
-            if let Err(e) = self.commit(consumer, Some(&parts), true) {
+            if let Err(e) = self.commit(consumer, Some(&parts), true, false) {
                 self.poison(e.context("committing revoked partitions"));
             }
         }
@@ -311,13 +320,18 @@ impl Session {
     }
 
     /// One transaction: snapshots of `only` (or all) partitions, their dead letters, and their
-    /// input offsets. With `stop` the tasks end after reporting.
+    /// input offsets. With `stop` the tasks end after reporting. The previous transaction is
+    /// settled first (its failure is this call's error). With `background` the transaction runs
+    /// on a commit thread while the consumer thread goes on feeding the tasks; it is settled by
+    /// the next commit, a rebalance, or the end of the session.
     fn commit(
         &mut self,
         consumer: &BaseConsumer<Ctx>,
         only: Option<&[i32]>,
         stop: bool,
+        background: bool,
     ) -> anyhow::Result<()> {
+        self.settle()?;
         let gather_started = Instant::now();
         self.flush_batches();
         let targets: Vec<i32> = match only {
@@ -343,6 +357,63 @@ impl Session {
         if outputs.iter().all(|o| o.saved.is_none() && o.dead_letters.is_empty()) {
             return Ok(());
         }
+        let cgm = consumer.group_metadata().ok_or_else(|| anyhow!("no consumer group metadata"))?;
+        if background {
+            let mut txn = self.txn.take().ok_or_else(|| anyhow!("the transactional producer is gone"))?;
+            let handle = std::thread::Builder::new()
+                .name("banditflow-commit".into())
+                .spawn(move || {
+                    let result = txn.run(&outputs, &cgm);
+                    (txn, result)
+                })
+                .context("starting the commit thread")?;
+            self.inflight = Some(handle);
+            Ok(())
+        } else {
+            self.txn
+                .as_mut()
+                .ok_or_else(|| anyhow!("the transactional producer is gone"))?
+                .run(&outputs, &cgm)
+        }
+    }
+
+    /// Waits for the transaction running in the background, if any, and returns its outcome.
+    fn settle(&mut self) -> anyhow::Result<()> {
+        let Some(handle) = self.inflight.take() else { return Ok(()) };
+        match handle.join() {
+            Ok((txn, result)) => {
+                self.txn = Some(txn);
+                result
+            }
+            Err(_) => Err(anyhow!("the commit thread panicked")),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The producer must not outlive the session in a detached thread.
+        let _ = self.settle();
+    }
+}
+
+/// The transactional producer and what it needs to write a transaction: one at a time, on the
+/// consumer thread or on a commit thread.
+struct Txn {
+    config: Arc<Config>,
+    producer: BaseProducer,
+    /// Chunk counts of stored snapshot keys, to delete surplus chunks.
+    chunks: HashMap<String, u32>,
+}
+
+impl Txn {
+    /// One transaction: the shard snapshots and dead letters of `outputs` and their input
+    /// offsets, committed with the consumer's group metadata `cgm`.
+    fn run(
+        &mut self,
+        outputs: &[ShardOutput],
+        cgm: &rdkafka::consumer::ConsumerGroupMetadata,
+    ) -> anyhow::Result<()> {
         let started = Instant::now();
         let k = &self.config.kafka;
         let timeout = Duration::from_millis(k.transaction_timeout_ms as u64);
@@ -350,7 +421,7 @@ impl Session {
         let mut offsets = TopicPartitionList::new();
         let mut bytes = 0usize;
         let mut new_chunks = Vec::new();
-        for out in &outputs {
+        for out in outputs {
             for (t, p, o) in &out.offsets {
                 offsets.add_partition_offset(t, *p, Offset::Offset(*o))?;
             }
@@ -393,9 +464,8 @@ impl Session {
                 counter!("banditflow_dead_letters_total", "reason" => d.reason.code()).increment(1);
             }
         }
-        let cgm = consumer.group_metadata().ok_or_else(|| anyhow!("no consumer group metadata"))?;
         self.producer
-            .send_offsets_to_transaction(&offsets, &cgm, timeout)
+            .send_offsets_to_transaction(&offsets, cgm, timeout)
             .map_err(|e| self.txn_error("send offsets", e))?;
         // Drain deliveries first: commit_transaction alone waits in 100 ms steps.
         let deadline = Instant::now() + timeout;
@@ -404,7 +474,7 @@ impl Session {
         }
         self.producer.commit_transaction(timeout).map_err(|e| self.txn_error("commit", e))?;
         let now = super::now_ms();
-        for out in &outputs {
+        for out in outputs {
             for ts in &out.timestamps {
                 histogram!("banditflow_event_to_snapshot_seconds").record((now - ts).max(0) as f64 / 1e3);
             }
@@ -711,9 +781,9 @@ fn session(
         session: Mutex::new(Some(Session {
             config: Arc::clone(config),
             runtime: runtime.handle().clone(),
-            producer,
+            txn: Some(Txn { config: Arc::clone(config), producer, chunks: HashMap::new() }),
+            inflight: None,
             tasks: BTreeMap::new(),
-            chunks: HashMap::new(),
             poisoned: None,
             topic_index,
         })),
@@ -759,7 +829,7 @@ fn session(
             return Ok(SessionEnd::Restart(anyhow!("{e:#}")));
         }
         if Instant::now() >= next_commit {
-            if let Err(e) = s.commit(&consumer, None, false) {
+            if let Err(e) = s.commit(&consumer, None, false, true) {
                 s.poison(anyhow!("{e:#}"));
                 return Ok(SessionEnd::Restart(e));
             }
@@ -772,7 +842,7 @@ fn session(
         let mut guard = consumer.context().lock();
         let Some(s) = guard.as_mut() else { return Err(anyhow!("session vanished")) };
         let parts: Vec<i32> = s.tasks.keys().copied().collect();
-        if let Err(e) = s.commit(&consumer, Some(&parts), true) {
+        if let Err(e) = s.commit(&consumer, Some(&parts), true, false) {
             s.poison(anyhow!("{e:#}"));
             return Ok(SessionEnd::Restart(e));
         }
