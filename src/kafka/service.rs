@@ -260,20 +260,48 @@ impl Session {
                 self.poison(anyhow!("building the assignment: {err}"));
             }
         }
+        let ends = self.input_ends(&parts);
         for (p, state) in states {
             tracing::info!(partition = p, records = state.records, "partition assigned and restored");
-            self.spawn(p, state);
+            // Which input topics have nothing to deliver right now (the state's next offset, or
+            // the earliest one if it has none, is at the end): the aligner waits for the first
+            // record of the others before it lets one topic run ahead.
+            let at_end = self
+                .config
+                .topics
+                .iter()
+                .map(|t| {
+                    let key = (t.name.clone(), p);
+                    ends.get(&key)
+                        .is_some_and(|&(low, high)| state.offsets.get(&key).copied().unwrap_or(low) >= high)
+                })
+                .collect();
+            self.spawn(p, state, at_end);
         }
         histogram!("banditflow_restore_seconds").record(started.elapsed().as_secs_f64());
         gauge!("banditflow_assigned_partitions").set(self.tasks.len() as f64);
         out
     }
 
-    fn spawn(&mut self, partition: i32, state: PartitionState) {
+    /// The input topics' watermarks for `parts`, needed only to align two topics (empty with
+    /// one topic, or when the query fails: the aligner then waits for first records).
+    fn input_ends(&self, parts: &[i32]) -> BTreeMap<(String, i32), (i64, i64)> {
+        let topics: Vec<&str> = self.config.topics.iter().map(|t| t.name.as_str()).collect();
+        if topics.len() < 2 || parts.is_empty() {
+            return BTreeMap::new();
+        }
+        let client = super::client_config(&self.config.kafka);
+        store::watermarks(client, &topics, parts, Duration::from_secs(10)).unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "input end offsets unknown; waiting for first records");
+            BTreeMap::new()
+        })
+    }
+
+    fn spawn(&mut self, partition: i32, state: PartitionState, at_end: Vec<bool>) {
         let cap = (self.config.kafka.partition_queue_records / BATCH).max(2);
         let (tx, rx) = mpsc::channel(cap);
         let config = Arc::clone(&self.config);
-        self.runtime.spawn(partition_task(config, state, rx));
+        self.runtime.spawn(partition_task(config, state, at_end, rx));
         self.tasks.insert(partition, Task { tx, batch: Vec::with_capacity(BATCH) });
     }
 
@@ -557,19 +585,30 @@ impl Txn {
 /// Records waiting in a partition task, one queue per input topic, released in timestamp order
 /// so that impressions and feedback read from two topics meet in event order even when the
 /// consumer reads one topic far ahead of the other (e.g. while catching up on lag).
+///
+/// A topic that has delivered nothing yet since the task started, and was not at its end then,
+/// is waited for up to [`FIRST_RECORD_WAIT`] rather than `max_idle`: right after an assignment
+/// the consumer may fetch one topic a good while before the other, and giving up after
+/// `max_idle` would apply one topic's backlog alone (feedback held past its grace and orphaned).
 struct Aligner {
     queues: Vec<std::collections::VecDeque<OwnedRecord>>,
     empty_since: Vec<Instant>,
+    /// Whether the topic has delivered a record, or had nothing to deliver at the start.
+    heard: Vec<bool>,
     queued: usize,
     max_idle: Duration,
     cap: usize,
 }
 
+/// The longest wait for the first record of a topic that had records to deliver at the start.
+const FIRST_RECORD_WAIT: Duration = Duration::from_secs(10);
+
 impl Aligner {
-    fn new(topics: usize, max_idle: Duration, cap: usize) -> Aligner {
+    fn new(at_end: Vec<bool>, max_idle: Duration, cap: usize) -> Aligner {
         Aligner {
-            queues: (0..topics).map(|_| std::collections::VecDeque::new()).collect(),
-            empty_since: vec![Instant::now(); topics],
+            queues: at_end.iter().map(|_| std::collections::VecDeque::new()).collect(),
+            empty_since: vec![Instant::now(); at_end.len()],
+            heard: at_end,
             queued: 0,
             max_idle,
             cap,
@@ -578,12 +617,22 @@ impl Aligner {
 
     fn push(&mut self, r: OwnedRecord) {
         let t = r.topic;
+        self.heard[t] = true;
         self.queues[t].push_back(r);
         self.queued += 1;
     }
 
+    /// How long an empty topic is waited for before the others may run ahead of it.
+    fn idle_limit(&self, u: usize) -> Duration {
+        if self.heard[u] {
+            self.max_idle
+        } else {
+            FIRST_RECORD_WAIT.max(self.max_idle)
+        }
+    }
+
     /// The next record to apply: the oldest head, if every other topic either has records or
-    /// has had none for `max_idle` (or the queues are over their cap).
+    /// has had none for its idle limit (or the queues are over their cap).
     fn pop(&mut self, now: Instant) -> Option<OwnedRecord> {
         let (t, _) = self
             .queues
@@ -591,10 +640,9 @@ impl Aligner {
             .enumerate()
             .filter_map(|(i, q)| q.front().map(|r| (i, (r.timestamp_ms.unwrap_or(i64::MIN), i))))
             .min_by_key(|(_, key)| *key)?;
-        let waiting =
-            self.queues.iter().enumerate().any(|(u, q)| {
-                u != t && q.is_empty() && now.duration_since(self.empty_since[u]) < self.max_idle
-            });
+        let waiting = self.queues.iter().enumerate().any(|(u, q)| {
+            u != t && q.is_empty() && now.duration_since(self.empty_since[u]) < self.idle_limit(u)
+        });
         if waiting && self.queued <= self.cap {
             return None;
         }
@@ -615,13 +663,18 @@ impl Aligner {
             .iter()
             .enumerate()
             .filter(|(_, q)| q.is_empty())
-            .map(|(u, _)| self.max_idle.saturating_sub(now.duration_since(self.empty_since[u])))
+            .map(|(u, _)| self.idle_limit(u).saturating_sub(now.duration_since(self.empty_since[u])))
             .min()
             .map(|d| d.max(Duration::from_millis(1)))
     }
 }
 
-async fn partition_task(config: Arc<Config>, mut state: PartitionState, mut rx: mpsc::Receiver<Cmd>) {
+async fn partition_task(
+    config: Arc<Config>,
+    mut state: PartitionState,
+    at_end: Vec<bool>,
+    mut rx: mpsc::Receiver<Cmd>,
+) {
     let mut last_saved = state.records;
     let mut dead: Vec<DeadLetter> = Vec::new();
     let mut timestamps = Vec::new();
@@ -629,7 +682,7 @@ async fn partition_task(config: Arc<Config>, mut state: PartitionState, mut rx: 
     let mut reported_invalid = state.invalid.clone();
     let spec = &config.core;
     let mut aligner = Aligner::new(
-        config.topics.len(),
+        at_end,
         Duration::from_millis(config.kafka.max_idle_ms as u64),
         config.kafka.partition_queue_records,
     );
@@ -857,4 +910,69 @@ fn session(
     drop(consumer);
     tracing::info!("left the group");
     Ok(SessionEnd::Shutdown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(topic: usize, timestamp_ms: i64) -> OwnedRecord {
+        OwnedRecord {
+            topic,
+            offset: 0,
+            timestamp_ms: Some(timestamp_ms),
+            bytes: Vec::new(),
+            payload_len: 0,
+            has_key: false,
+            headers: Vec::new(),
+        }
+    }
+
+    const IDLE: Duration = Duration::from_millis(200);
+
+    #[test]
+    fn a_topic_with_a_backlog_is_waited_for_until_its_first_record() {
+        let t0 = Instant::now();
+        let mut a = Aligner::new(vec![false, false], IDLE, 1000);
+        a.push(record(1, 10));
+        assert!(
+            a.pop(t0 + Duration::from_secs(5)).is_none(),
+            "feedback must not run ahead of unseen impressions"
+        );
+        a.push(record(0, 5));
+        let first = a.pop(t0 + Duration::from_secs(5)).expect("both topics heard");
+        assert_eq!(first.topic, 0, "oldest timestamp first");
+        // Topic 0 is now heard and empty: the steady-state idle limit applies.
+        let t1 = t0 + Duration::from_secs(5);
+        assert!(a.pop(t1 + IDLE / 2).is_none());
+        assert_eq!(a.pop(t1 + IDLE * 2).map(|r| r.topic), Some(1));
+    }
+
+    #[test]
+    fn a_topic_at_its_end_is_waited_for_only_the_idle_limit() {
+        let t0 = Instant::now();
+        let mut a = Aligner::new(vec![true, false], IDLE, 1000);
+        a.push(record(1, 10));
+        assert_eq!(a.pop(t0 + IDLE * 2).map(|r| r.topic), Some(1));
+    }
+
+    #[test]
+    fn the_wait_for_a_first_record_is_bounded() {
+        let t0 = Instant::now();
+        let mut a = Aligner::new(vec![false, false], IDLE, 1000);
+        a.push(record(1, 10));
+        assert!(a.pop(t0 + FIRST_RECORD_WAIT / 2).is_none());
+        assert_eq!(a.pop(t0 + FIRST_RECORD_WAIT + IDLE).map(|r| r.topic), Some(1));
+        assert!(a.wait_hint(t0).is_none(), "nothing queued");
+    }
+
+    #[test]
+    fn a_full_queue_is_released_without_waiting() {
+        let t0 = Instant::now();
+        let mut a = Aligner::new(vec![false, false], IDLE, 2);
+        for ts in 0..3 {
+            a.push(record(1, ts));
+        }
+        assert_eq!(a.pop(t0).map(|r| r.timestamp_ms), Some(Some(0)));
+    }
 }

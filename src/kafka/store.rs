@@ -39,6 +39,29 @@ impl rdkafka::consumer::ConsumerContext for QuietEof {}
 
 pub use crate::core::checkpoint::{header_key as checkpoint_key, model_key};
 
+/// The (low, high) watermarks of `partitions` of each of `topics`, as a read_committed
+/// consumer sees them (one ListOffsets query each, through one client).
+pub fn watermarks(
+    client: rdkafka::config::ClientConfig,
+    topics: &[&str],
+    partitions: &[i32],
+    timeout: Duration,
+) -> anyhow::Result<BTreeMap<(String, i32), (i64, i64)>> {
+    let mut c = client;
+    c.set("isolation.level", "read_committed").set("group.id", "banditflow-watermarks");
+    let consumer: BaseConsumer = c.create().context("creating the watermark client")?;
+    let mut out = BTreeMap::new();
+    for topic in topics {
+        for p in partitions {
+            let w = consumer
+                .fetch_watermarks(topic, *p, timeout)
+                .with_context(|| format!("watermarks of `{topic}` partition {p}"))?;
+            out.insert((topic.to_string(), *p), w);
+        }
+    }
+    Ok(out)
+}
+
 /// Reads snapshot-topic partitions to their current end (read_committed) and returns the
 /// newest value per key of each.
 pub fn read_partitions(
