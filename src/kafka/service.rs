@@ -261,6 +261,12 @@ impl Session {
             }
         }
         let ends = self.input_ends(&parts);
+        let latest = self
+            .config
+            .kafka
+            .properties
+            .get("auto.offset.reset")
+            .is_some_and(|v| matches!(v.as_str(), "latest" | "largest" | "end"));
         for (p, state) in states {
             tracing::info!(partition = p, records = state.records, "partition assigned and restored");
             // Which input topics have nothing to deliver right now (the state's next offset, or
@@ -272,8 +278,11 @@ impl Session {
                 .iter()
                 .map(|t| {
                     let key = (t.name.clone(), p);
-                    ends.get(&key)
-                        .is_some_and(|&(low, high)| state.offsets.get(&key).copied().unwrap_or(low) >= high)
+                    ends.get(&key).is_some_and(|&(low, high)| {
+                        let start =
+                            state.offsets.get(&key).copied().unwrap_or(if latest { high } else { low });
+                        start.max(low) >= high
+                    })
                 })
                 .collect();
             self.spawn(p, state, at_end);
@@ -291,7 +300,7 @@ impl Session {
             return BTreeMap::new();
         }
         let client = super::client_config(&self.config.kafka);
-        store::watermarks(client, &topics, parts, Duration::from_secs(10)).unwrap_or_else(|e| {
+        store::watermarks(client, &topics, parts, Duration::from_secs(5)).unwrap_or_else(|e| {
             tracing::warn!(error = %format!("{e:#}"), "input end offsets unknown; waiting for first records");
             BTreeMap::new()
         })
@@ -308,6 +317,12 @@ impl Session {
     fn revoke(&mut self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
         let parts: Vec<i32> =
             input_partitions(tpl).into_iter().filter(|p| self.tasks.contains_key(p)).collect();
+        // The transaction in flight must end before this member gives the partitions up, even
+        // when the session is poisoned: otherwise it could still commit after the next owner
+        // restored from the snapshot before it.
+        if let Err(e) = self.settle() {
+            self.poison(e);
+        }
         if self.poisoned.is_none() {
             if let Err(e) = self.commit(consumer, Some(&parts), true, false) {
                 self.poison(e.context("committing revoked partitions"));
@@ -601,7 +616,9 @@ struct Aligner {
 }
 
 /// The longest wait for the first record of a topic that had records to deliver at the start.
-const FIRST_RECORD_WAIT: Duration = Duration::from_secs(10);
+/// (A quiet topic written with Kafka transactions ends in a commit marker, which looks like one
+/// record to deliver: it costs this wait once after each assignment.)
+const FIRST_RECORD_WAIT: Duration = Duration::from_secs(5);
 
 impl Aligner {
     fn new(at_end: Vec<bool>, max_idle: Duration, cap: usize) -> Aligner {
@@ -654,7 +671,8 @@ impl Aligner {
         Some(r)
     }
 
-    /// How long until a waiting record may be released by the idle rule.
+    /// How long until a waiting record may be released by the idle rule (the longest remaining
+    /// wait: `pop` releases only when no empty topic is still waited for).
     fn wait_hint(&self, now: Instant) -> Option<Duration> {
         if self.queued == 0 {
             return None;
@@ -664,7 +682,7 @@ impl Aligner {
             .enumerate()
             .filter(|(_, q)| q.is_empty())
             .map(|(u, _)| self.idle_limit(u).saturating_sub(now.duration_since(self.empty_since[u])))
-            .min()
+            .max()
             .map(|d| d.max(Duration::from_millis(1)))
     }
 }
@@ -879,7 +897,10 @@ fn session(
         // A poisoned session stays poisoned until dropped, so the revocation that closing the
         // consumer triggers commits nothing.
         if let Some(e) = &s.poisoned {
-            return Ok(SessionEnd::Restart(anyhow!("{e:#}")));
+            let e = anyhow!("{e:#}");
+            // End the transaction in flight before closing the consumer leaves the group.
+            let _ = s.settle();
+            return Ok(SessionEnd::Restart(e));
         }
         if Instant::now() >= next_commit {
             if let Err(e) = s.commit(&consumer, None, false, true) {
@@ -935,15 +956,12 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Aligner::new(vec![false, false], IDLE, 1000);
         a.push(record(1, 10));
-        assert!(
-            a.pop(t0 + Duration::from_secs(5)).is_none(),
-            "feedback must not run ahead of unseen impressions"
-        );
+        let t1 = t0 + FIRST_RECORD_WAIT / 2;
+        assert!(a.pop(t1).is_none(), "feedback must not run ahead of unseen impressions");
         a.push(record(0, 5));
-        let first = a.pop(t0 + Duration::from_secs(5)).expect("both topics heard");
+        let first = a.pop(t1).expect("both topics heard");
         assert_eq!(first.topic, 0, "oldest timestamp first");
         // Topic 0 is now heard and empty: the steady-state idle limit applies.
-        let t1 = t0 + Duration::from_secs(5);
         assert!(a.pop(t1 + IDLE / 2).is_none());
         assert_eq!(a.pop(t1 + IDLE * 2).map(|r| r.topic), Some(1));
     }
@@ -964,6 +982,15 @@ mod tests {
         assert!(a.pop(t0 + FIRST_RECORD_WAIT / 2).is_none());
         assert_eq!(a.pop(t0 + FIRST_RECORD_WAIT + IDLE).map(|r| r.topic), Some(1));
         assert!(a.wait_hint(t0).is_none(), "nothing queued");
+    }
+
+    #[test]
+    fn the_wait_hint_is_the_longest_remaining_wait() {
+        let t0 = Instant::now();
+        let mut a = Aligner::new(vec![true, false, false], IDLE, 1000);
+        a.push(record(2, 10));
+        let hint = a.wait_hint(t0 + IDLE * 2).expect("a record waits");
+        assert!(hint > FIRST_RECORD_WAIT / 2, "topic 1 is still waited for: {hint:?}");
     }
 
     #[test]

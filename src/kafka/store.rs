@@ -40,7 +40,7 @@ impl rdkafka::consumer::ConsumerContext for QuietEof {}
 pub use crate::core::checkpoint::{header_key as checkpoint_key, model_key};
 
 /// The (low, high) watermarks of `partitions` of each of `topics`, as a read_committed
-/// consumer sees them (one ListOffsets query each, through one client).
+/// consumer sees them (one ListOffsets query each, through one client), all within `timeout`.
 pub fn watermarks(
     client: rdkafka::config::ClientConfig,
     topics: &[&str],
@@ -50,11 +50,16 @@ pub fn watermarks(
     let mut c = client;
     c.set("isolation.level", "read_committed").set("group.id", "banditflow-watermarks");
     let consumer: BaseConsumer = c.create().context("creating the watermark client")?;
+    let deadline = Instant::now() + timeout;
     let mut out = BTreeMap::new();
     for topic in topics {
         for p in partitions {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("watermarks of `{topic}` not read within {timeout:?}");
+            }
             let w = consumer
-                .fetch_watermarks(topic, *p, timeout)
+                .fetch_watermarks(topic, *p, left)
                 .with_context(|| format!("watermarks of `{topic}` partition {p}"))?;
             out.insert((topic.to_string(), *p), w);
         }
