@@ -112,19 +112,24 @@ fn report_state_size() {
     }
     let after = LIVE.load(Ordering::Relaxed);
     COUNTING.store(false, Ordering::Relaxed);
-    let meta = SnapshotMeta {
-        model_id: m.id.clone(),
-        source_partition: 0,
-        version: 1,
-        watermark_ms: T0,
-        input_offsets: vec![],
-    };
+    let meta = meta(&m);
     let bytes = snapshot::encode(&m, &shard, &meta);
     println!(
         "state size: {n} arms (item ids of 10 bytes): {:.1} heap bytes per arm in memory, {:.1} bytes per arm in the snapshot",
         (after - before) as f64 / n as f64,
         bytes.len() as f64 / n as f64
     );
+}
+
+/// Snapshot metadata for a bench shard (partition 0, version 1).
+fn meta(m: &ModelSpec) -> SnapshotMeta {
+    SnapshotMeta {
+        model_id: m.id.clone(),
+        source_partition: 0,
+        version: 1,
+        watermark_ms: T0,
+        input_offsets: vec![],
+    }
 }
 
 fn decode(c: &mut Criterion) {
@@ -314,13 +319,7 @@ fn snapshots(c: &mut Criterion) {
     let m = beta_model(&core);
     let n = 100_000;
     let shard = big_shard(&m, n, 0);
-    let meta = SnapshotMeta {
-        model_id: m.id.clone(),
-        source_partition: 0,
-        version: 1,
-        watermark_ms: T0,
-        input_offsets: vec![],
-    };
+    let meta = meta(&m);
     let bytes = snapshot::encode(&m, &shard, &meta);
     let mut g = c.benchmark_group("snapshot_100k_arms");
     g.sample_size(10);

@@ -54,20 +54,19 @@ struct OwnedRecord {
     offset: i64,
     timestamp_ms: Option<i64>,
     /// The payload followed by the key, copied in one allocation (the key is only read again
-    /// for dead letters).
+    /// for dead letters, which carry a missing key as an empty one).
     bytes: Vec<u8>,
     payload_len: usize,
-    has_key: bool,
     headers: Vec<(String, Vec<u8>)>,
 }
 
 impl OwnedRecord {
     fn copy(topic: usize, m: &rdkafka::message::BorrowedMessage<'_>) -> OwnedRecord {
         let payload = m.payload().unwrap_or_default();
-        let key = m.key();
-        let mut bytes = Vec::with_capacity(payload.len() + key.map_or(0, <[u8]>::len));
+        let key = m.key().unwrap_or_default();
+        let mut bytes = Vec::with_capacity(payload.len() + key.len());
         bytes.extend_from_slice(payload);
-        bytes.extend_from_slice(key.unwrap_or_default());
+        bytes.extend_from_slice(key);
         let headers = m
             .headers()
             .map(|hs| {
@@ -82,7 +81,6 @@ impl OwnedRecord {
             timestamp_ms: m.timestamp().to_millis(),
             bytes,
             payload_len: payload.len(),
-            has_key: key.is_some(),
             headers,
         }
     }
@@ -91,8 +89,8 @@ impl OwnedRecord {
         &self.bytes[..self.payload_len]
     }
 
-    fn key(&self) -> Option<&[u8]> {
-        self.has_key.then(|| &self.bytes[self.payload_len..])
+    fn key(&self) -> &[u8] {
+        &self.bytes[self.payload_len..]
     }
 }
 
@@ -502,7 +500,7 @@ impl Txn {
                 ] {
                     h = h.insert(Header { key: name, value: Some(v.as_bytes()) });
                 }
-                let key = d.record.key().unwrap_or_default();
+                let key = d.record.key();
                 self.send(&k.dead_letter_topic, None, key, Some(d.record.payload()), Some(h))?;
                 counter!("banditflow_dead_letters_total", "reason" => d.reason.code()).increment(1);
             }
@@ -944,7 +942,6 @@ mod tests {
             timestamp_ms: Some(timestamp_ms),
             bytes: Vec::new(),
             payload_len: 0,
-            has_key: false,
             headers: Vec::new(),
         }
     }
