@@ -108,7 +108,7 @@ fn report_state_size() {
     for i in 0..n {
         let item = format!("sku-{i:06}");
         let imp = ImpressionRef { time_ms: T0 + i as i64, segment: "women", features: &[] };
-        shard.observe_impression(&m, imp, &Variant::Treatment, &[(item.as_str(), 1, 0.5)]);
+        shard.observe_impression(&m, imp, &Variant::Treatment, &[(item.as_str(), 1, 0.5)], usize::MAX);
     }
     let after = LIVE.load(Ordering::Relaxed);
     COUNTING.store(false, Ordering::Relaxed);
@@ -173,6 +173,7 @@ fn beta_update(c: &mut Criterion) {
             ImpressionRef { time_ms: T0, segment: "women", features: &[] },
             &Variant::Treatment,
             s,
+            usize::MAX,
         );
     }
     let mut g = c.benchmark_group("beta_update");
@@ -181,7 +182,7 @@ fn beta_update(c: &mut Criterion) {
         b.iter(|| {
             for (k, s) in slates.iter().enumerate() {
                 let imp = ImpressionRef { time_ms: T0 + k as i64, segment: "women", features: &[] };
-                shard.observe_impression(&m, imp, &Variant::Treatment, s);
+                shard.observe_impression(&m, imp, &Variant::Treatment, s, usize::MAX);
             }
         })
     });
@@ -309,7 +310,13 @@ fn big_shard(m: &ModelSpec, n: usize, offset: usize) -> ModelShard {
     for i in 0..n {
         let item = format!("sku-{:06}", i + offset);
         let imp = ImpressionRef { time_ms: T0 + i as i64, segment: ["women", "men"][i % 2], features: &[] };
-        shard.observe_impression(m, imp, &Variant::Treatment, &[(item.as_str(), (i % 5) as u32 + 1, 0.5)]);
+        shard.observe_impression(
+            m,
+            imp,
+            &Variant::Treatment,
+            &[(item.as_str(), (i % 5) as u32 + 1, 0.5)],
+            usize::MAX,
+        );
     }
     shard
 }

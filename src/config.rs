@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::core::event::{Encoding, FeedbackKind, TopicRole};
 use crate::core::params::{
-    Algorithm, CoreSpec, Examination, JoinSpec, KindReward, ModelSpec, PositionModel, Prior, Rewards,
+    Algorithm, CoreSpec, Examination, JoinSpec, KindReward, Limits, ModelSpec, PositionModel, Prior, Rewards,
 };
 use crate::core::policy::{PolicySpec, Strategy};
 
@@ -41,8 +41,19 @@ struct RawConfig {
     kafka: RawKafka,
     rewards: RawRewards,
     join: RawJoin,
+    limits: RawLimits,
     policy: RawPolicy,
     models: Vec<RawModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_event_time_skew: String,
+    propensity_floor: f64,
+    max_id_bytes: i64,
+    max_features: i64,
+    max_arms_per_model: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -350,11 +361,15 @@ fn duration(field: &str, s: &str) -> Result<i64, ConfigError> {
         .ok_or_else(|| field_err(field, format!("`{s}` is not a duration (e.g. 500ms, 30s, 5m, 2h, 7d)")))
 }
 
-fn finite(field: &str, v: f64) -> Result<f64, ConfigError> {
-    if v.is_finite() {
+/// Largest |reward| and |value_weight| a config may give: far beyond any real reward mix, far
+/// enough from overflow that sums of millions of events stay exact integers.
+const MAX_CONFIG_REWARD: f64 = 1e6;
+
+fn bounded(field: &str, v: f64, max: f64) -> Result<f64, ConfigError> {
+    if v.is_finite() && v.abs() <= max {
         Ok(v)
     } else {
-        Err(field_err(field, "must be a finite number"))
+        Err(field_err(field, format!("must be a finite number within ±{max:e}, got {v}")))
     }
 }
 
@@ -435,8 +450,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             return Err(field_err(f("window"), "must be positive"));
         }
         kinds[kind.index()] = KindReward {
-            reward: finite(&f("reward"), rk.reward)?,
-            value_weight: finite(&f("value_weight"), rk.value_weight)?,
+            reward: bounded(&f("reward"), rk.reward, MAX_CONFIG_REWARD)?,
+            value_weight: bounded(&f("value_weight"), rk.value_weight, MAX_CONFIG_REWARD)?,
             window_ms,
         };
     }
@@ -458,6 +473,26 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         learn_late: j.learn_late,
         max_impressions: count("join.max_impressions", j.max_impressions)?,
         max_pending_feedback: count("join.max_pending_feedback", j.max_pending_feedback)?,
+    };
+
+    let l = raw.limits;
+    let propensity_floor = l.propensity_floor;
+    if !(propensity_floor > 0.0 && propensity_floor <= 1.0) {
+        return Err(field_err(
+            "limits.propensity_floor",
+            format!("must be in (0, 1], got {propensity_floor}"),
+        ));
+    }
+    let max_event_time_skew_ms = duration("limits.max_event_time_skew", &l.max_event_time_skew)?;
+    if max_event_time_skew_ms <= 0 {
+        return Err(field_err("limits.max_event_time_skew", "must be positive"));
+    }
+    let limits = Limits {
+        max_event_time_skew_ms,
+        propensity_floor,
+        max_id_bytes: count("limits.max_id_bytes", l.max_id_bytes)?,
+        max_features: count("limits.max_features", l.max_features)?,
+        max_arms_per_model: count("limits.max_arms_per_model", l.max_arms_per_model)?,
     };
 
     let p = raw.policy;
@@ -580,8 +615,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         });
     }
     let kafka = validate_kafka(raw.kafka, &topics)?;
-    Ok(Config { topics, kafka, core: CoreSpec { models, rewards, join }, policy })
+    Ok(Config { topics, kafka, core: CoreSpec { models, rewards, join, limits }, policy })
 }
+
+/// librdkafka's default `session.timeout.ms`.
+const DEFAULT_SESSION_TIMEOUT_MS: i64 = 45_000;
 
 fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, ConfigError> {
     let non_empty = |field: &str, v: String| {
@@ -645,6 +683,27 @@ fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, Config
         };
         properties.insert(name, text);
     }
+    let transaction_timeout_ms = positive_ms("kafka.transaction_timeout", &k.transaction_timeout)?;
+    // Restore hands explicit offsets to the assignment. That is safe against a zombie (an old
+    // owner whose transaction is still open) only if the broker aborts that transaction before
+    // the group can give the partition to someone else, i.e. before the zombie's session
+    // expires: the transaction timeout must be the shorter one.
+    let session_timeout_ms = match properties.get("session.timeout.ms") {
+        None => DEFAULT_SESSION_TIMEOUT_MS,
+        Some(v) => v.trim().parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(|| {
+            field_err("kafka.properties.session.timeout.ms", format!("`{v}` is not a positive number of ms"))
+        })?,
+    };
+    if transaction_timeout_ms >= session_timeout_ms {
+        return Err(field_err(
+            "kafka.transaction_timeout",
+            format!(
+                "{transaction_timeout_ms} ms must be shorter than the consumer's session timeout \
+                 (kafka.properties.\"session.timeout.ms\" = {session_timeout_ms} ms): otherwise a \
+                 partition can move to a new owner while the old owner's transaction is still open"
+            ),
+        ));
+    }
     Ok(KafkaSpec {
         bootstrap_servers: non_empty("kafka.bootstrap_servers", k.bootstrap_servers)?,
         group_id: non_empty("kafka.group_id", k.group_id)?,
@@ -655,7 +714,7 @@ fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, Config
         replication_factor: i32::try_from(count("kafka.replication_factor", k.replication_factor)?)
             .map_err(|_| field_err("kafka.replication_factor", "too large"))?,
         snapshot_interval_ms: positive_ms("kafka.snapshot_interval", &k.snapshot_interval)?,
-        transaction_timeout_ms: positive_ms("kafka.transaction_timeout", &k.transaction_timeout)?,
+        transaction_timeout_ms,
         max_record_bytes,
         restore_timeout_ms: positive_ms("kafka.restore_timeout", &k.restore_timeout)?,
         prefetch_kbytes: count("kafka.prefetch_kbytes", k.prefetch_kbytes)?,
@@ -707,6 +766,17 @@ mod tests {
             ("[kafka]\nmetrics_address = \"localhost\"", &[], "kafka.metrics_address"),
             ("[kafka]\nsnapshot_topic = \"feedback\"", &[], "kafka.snapshot_topic"),
             ("", &[("BANDITFLOW__KAFKA__GROUP_ID", "\"\"")], "kafka.group_id"),
+            (
+                "[kafka]\ntransaction_timeout = \"10s\"\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"",
+                &[],
+                "kafka.transaction_timeout",
+            ),
+            ("[kafka]\ntransaction_timeout = \"50s\"", &[], "kafka.transaction_timeout"),
+            ("[limits]\npropensity_floor = 0.0", &[], "limits.propensity_floor"),
+            ("[limits]\nmax_event_time_skew = \"0s\"", &[], "limits.max_event_time_skew"),
+            ("[limits]\nmax_arms_per_model = 0", &[], "limits.max_arms_per_model"),
+            ("[rewards.purchase]\nreward = 5\nvalue_weight = 1e300\nwindow = \"7d\"", &[], "rewards.purchase.value_weight"),
+            ("[rewards.click]\nreward = -1e9\nwindow = \"1h\"", &[], "rewards.click.reward"),
         ];
         for (file, env, field) in cases {
             match load(file, env) {

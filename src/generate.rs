@@ -37,6 +37,9 @@ pub struct ShopSpec {
     pub combined_topic: Option<String>,
     /// Event time of the first impression (ms since the Unix epoch).
     pub start_ms: i64,
+    /// Impression and item ids with the characters that separate or escape snapshot-topic
+    /// keys (`/`, `#`, `%`), as real ids may (e.g. `women/shoes#42`).
+    pub odd_ids: bool,
 }
 
 impl Default for ShopSpec {
@@ -56,6 +59,7 @@ impl Default for ShopSpec {
             feedback_encoding: Encoding::Json,
             combined_topic: None,
             start_ms: 1_767_225_600_000, // 2026-01-01T00:00:00Z
+            odd_ids: false,
         }
     }
 }
@@ -79,6 +83,15 @@ pub struct Shop {
 
 pub fn item_id(i: usize) -> String {
     format!("sku-{i:04}")
+}
+
+/// The id of item `i` under `spec` (see [`ShopSpec::odd_ids`]).
+pub fn item_id_for(spec: &ShopSpec, i: usize) -> String {
+    if spec.odd_ids {
+        format!("cat/sku#{i:04}%")
+    } else {
+        item_id(i)
+    }
 }
 
 /// The partition an impression id maps to (both topics use it, so they are co-partitioned).
@@ -136,7 +149,11 @@ pub fn generate(spec: &ShopSpec) -> Shop {
     let mut t = spec.start_ms;
     for i in 0..spec.impressions {
         t += gap.as_ref().map_or(250.0, |g| g.sample(&mut rng)) as i64 + 1;
-        let id = format!("imp-{:x}-{i}", spec.seed);
+        let id = if spec.odd_ids {
+            format!("imp/{:x}#{i}%2F", spec.seed)
+        } else {
+            format!("imp-{:x}-{i}", spec.seed)
+        };
         let seg = rng.random_range(0..SEGMENTS.len());
         let holdout = rng.random::<f64>() < spec.holdout_share;
         let explore = rng.random::<f64>() < 0.2;
@@ -164,7 +181,7 @@ pub fn generate(spec: &ShopSpec) -> Shop {
                 } else {
                     0.8 * f64::from(u8::from(best[p] == it)) + 0.2 / n as f64
                 };
-                SlateEntry { item_id: item_id(it), position: p as u32 + 1, propensity }
+                SlateEntry { item_id: item_id_for(spec, it), position: p as u32 + 1, propensity }
             })
             .collect();
         let opted_out = rng.random::<f64>() < 0.02;
@@ -241,7 +258,7 @@ pub fn generate(spec: &ShopSpec) -> Shop {
             let ghost = format!("ghost-{:x}-{i}", spec.seed);
             let fb = Event::Feedback(Feedback {
                 impression_id: ghost.clone(),
-                item_id: item_id(0),
+                item_id: item_id_for(spec, 0),
                 position: 1,
                 kind: FeedbackKind::Click,
                 value: 0.0,

@@ -61,6 +61,7 @@ pub fn apply_record(config: &Config, run: &mut ReplayRun, record: Record) {
         role: topic.role,
         encoding: topic.encoding,
         payload: &record.payload,
+        timestamp_ms: record.timestamp_ms,
     };
     match state.apply(&config.core, input) {
         Applied::Event(_) => {}

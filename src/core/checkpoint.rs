@@ -17,10 +17,11 @@ use prost::Message;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::event::{self, Feedback, FeedbackKind, InvalidEvent};
-use super::join::{AttributionJoin, Entry, JoinCounters};
+use super::join::{AttributionJoin, Entry, JoinChanges, JoinCounters};
 use super::params::CoreSpec;
 use super::partition::PartitionState;
 use super::pb;
+use super::reconfigure::{self, ModelChange};
 use super::snapshot::{self, DecodedSnapshot, SnapshotError, SnapshotMeta};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -30,7 +31,59 @@ pub fn header_key(partition: i32) -> String {
 }
 
 pub fn impression_key(partition: i32, id: &str) -> String {
-    format!("imp/{partition}/{id}")
+    format!("imp/{partition}/{}", escape_key_part(id))
+}
+
+/// An id as one segment of a snapshot-topic key: `%`, `/` and `#` are percent-encoded, so that
+/// `/` only ever separates segments and `#` only ever marks a chunk (`core::blob`), whatever
+/// the id holds. Ids without those characters are unchanged.
+pub fn escape_key_part(id: &str) -> std::borrow::Cow<'_, str> {
+    if !id.contains(['%', '/', '#']) {
+        return std::borrow::Cow::Borrowed(id);
+    }
+    let mut out = String::with_capacity(id.len() + 8);
+    for c in id.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '/' => out.push_str("%2F"),
+            '#' => out.push_str("%23"),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// The inverse of [`escape_key_part`]; `None` for text it cannot have produced.
+pub fn unescape_key_part(part: &str) -> Option<String> {
+    let mut out = String::with_capacity(part.len());
+    let mut rest = part;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 3)?;
+        out.push(match code {
+            "25" => '%',
+            "2F" => '/',
+            "23" => '#',
+            _ => return None,
+        });
+        rest = &rest[i + 3..];
+    }
+    if rest.contains(['/', '#']) {
+        return None;
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// The model id and partition of a `model/<model>/<p>` key (`None` for any other key, chunks
+/// included).
+pub fn parse_model_key(key: &str) -> Option<(String, i32)> {
+    let rest = key.strip_prefix("model/")?;
+    let (model, partition) = rest.split_once('/')?;
+    if partition.contains('#') {
+        return None;
+    }
+    Some((unescape_key_part(model)?, partition.parse().ok()?))
 }
 
 pub fn held_key(partition: i32, sequence: u64) -> String {
@@ -38,7 +91,7 @@ pub fn held_key(partition: i32, sequence: u64) -> String {
 }
 
 pub fn model_key(model: &str, partition: i32) -> String {
-    format!("model/{model}/{partition}")
+    format!("model/{}/{partition}", escape_key_part(model))
 }
 
 /// The encoded records of one save.
@@ -85,6 +138,10 @@ fn counters_from(rows: &[pb::Counter]) -> Result<JoinCounters, SnapshotError> {
     c.feedback_evicted = take("feedback_evicted");
     c.feedback_opted_out = take("feedback_opted_out");
     c.feedback_not_in_slate = take("feedback_not_in_slate");
+    c.propensities_clipped = take("propensities_clipped");
+    c.rewards_clamped = take("rewards_clamped");
+    c.arms_rejected = take("arms_rejected");
+    c.sums_saturated = take("sums_saturated");
     match named.keys().next() {
         Some(unknown) => Err(invalid(format!("unknown join counter `{unknown}`"))),
         None => Ok(c),
@@ -308,6 +365,7 @@ pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartiti
     let mut deletes: Vec<String> =
         changes.impressions_deleted.iter().map(|id| impression_key(p, id)).collect();
     deletes.extend(changes.held_deleted.iter().map(|s| held_key(p, *s)));
+    deletes.extend(changes.models_retired.iter().map(|m| model_key(m, p)));
     let (header, models) = header_and_models(spec, state);
     SavedPartition { header, puts, deletes, models }
 }
@@ -328,16 +386,18 @@ pub fn save_all(spec: &CoreSpec, state: &PartitionState) -> SavedPartition {
 }
 
 /// Rebuilds a partition from its header, its buffer entries (values of `imp/…` and `held/…`
-/// keys) and the model snapshots of the header's version. Models configured now but absent
-/// from the checkpoint start empty; a model in the checkpoint that is no longer configured is an
-/// error (its statistics would silently vanish).
+/// keys) and the model snapshots of the header's version, under the parameters configured now.
+/// Configuration changes never fail a restore: each model's outcome is returned
+/// ([`ModelChange`], classes in `core::reconfigure`). A model reset or removed loses its
+/// buffered impressions too (their deletion is recorded in the join's changes, so the next save
+/// writes tombstones); a removed model's snapshot record is deleted likewise.
 pub fn restore(
     spec: &CoreSpec,
     header: &[u8],
     impressions: &[Vec<u8>],
     held: &[Vec<u8>],
     models: &[DecodedSnapshot],
-) -> Result<PartitionState, SnapshotError> {
+) -> Result<(PartitionState, Vec<(String, ModelChange)>), SnapshotError> {
     let decode_err = |e: prost::DecodeError| SnapshotError::Decode(e.to_string());
     let mut cp = pb::PartitionCheckpoint::decode(header).map_err(decode_err)?;
     if cp.format_version != FORMAT_VERSION {
@@ -354,9 +414,15 @@ pub fn restore(
     for o in &cp.input_offsets {
         state.offsets.insert((o.topic.clone(), o.partition), o.next_offset);
     }
+    let mut report = Vec::new();
+    // Buffered impressions of these models are dropped.
+    let mut dropped: Vec<String> = Vec::new();
+    let mut changes = JoinChanges::default();
     for id in &cp.models {
         if spec.model(id).is_none() {
-            return Err(invalid(format!("checkpoint holds model `{id}`, which is not configured any more")));
+            report.push((id.clone(), ModelChange::Removed));
+            dropped.push(id.clone());
+            changes.models_retired.push(id.clone());
         }
     }
     for (i, m) in spec.models.iter().enumerate() {
@@ -369,13 +435,26 @@ pub fn restore(
                         m.id, s.meta.version, s.meta.source_partition, cp.records, cp.partition
                     )));
                 }
-                if s.spec != *m {
-                    return Err(invalid(format!(
-                        "model `{}` was learned with other parameters than configured now",
-                        m.id
-                    )));
+                if let Some(field) = reconfigure::reset_field(&s.spec, m) {
+                    report.push((m.id.clone(), ModelChange::Reset { field }));
+                    dropped.push(m.id.clone());
+                    continue;
                 }
-                state.models[i] = s.shard.clone();
+                let mut shard = s.shard.clone();
+                if s.spec.half_life_ms != m.half_life_ms {
+                    let at = cp.max_event_time_ms.or(shard.landmark_ms).unwrap_or(0);
+                    shard.change_half_life(s.spec.half_life_ms, m.half_life_ms, at);
+                    report.push((
+                        m.id.clone(),
+                        ModelChange::HalfLifeChanged { from_ms: s.spec.half_life_ms, to_ms: m.half_life_ms },
+                    ));
+                } else {
+                    report.push((
+                        m.id.clone(),
+                        ModelChange::Kept { read_time: reconfigure::read_time_fields(&s.spec, m) },
+                    ));
+                }
+                state.models[i] = shard;
             }
             None if cp.models.contains(&m.id) => {
                 return Err(invalid(format!(
@@ -383,7 +462,7 @@ pub fn restore(
                     m.id, cp.records
                 )))
             }
-            None => {}
+            None => report.push((m.id.clone(), ModelChange::Added)),
         }
     }
     let mut join = AttributionJoin::new();
@@ -401,10 +480,16 @@ pub fn restore(
     // Held feedback is kept per impression in arrival (sequence) order.
     held_all.sort_by_key(|h| h.sequence);
     for b in buffered {
-        let model =
-            spec.models.iter().position(|m| m.id == b.model_id).ok_or_else(|| {
-                invalid(format!("buffered impression of unconfigured model `{}`", b.model_id))
-            })?;
+        if dropped.contains(&b.model_id) {
+            changes.impressions_deleted.insert(b.impression_id);
+            continue;
+        }
+        let model = spec.models.iter().position(|m| m.id == b.model_id).ok_or_else(|| {
+            invalid(format!(
+                "buffered impression of model `{}`, which the checkpoint does not list",
+                b.model_id
+            ))
+        })?;
         let mut seen = Vec::with_capacity(b.seen.len());
         for code in &b.seen {
             let kind = FeedbackKind::ALL
@@ -445,13 +530,14 @@ pub fn restore(
         join.pending_order.insert((fb.time_ms, fb.impression_id.clone(), h.sequence));
         join.pending.entry(fb.impression_id.clone()).or_default().push((h.sequence, fb));
     }
+    join.changes = changes;
     state.join = join;
     for c in cp.invalid_counts {
         let code = InvalidEvent::code_named(&c.name)
             .ok_or_else(|| invalid(format!("unknown invalid reason `{}`", c.name)))?;
         state.invalid.insert(code, c.value);
     }
-    Ok(state)
+    Ok((state, report))
 }
 
 #[cfg(test)]

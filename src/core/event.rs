@@ -170,11 +170,22 @@ pub enum InvalidEvent {
     EmptyPayload,
     #[error("topic `{0}` is not an input topic of this processor")]
     UnknownTopic(String),
+    #[error(
+        "event time {time_ms} is {} ms ahead of its reference time {reference_ms} (record timestamp or the partition's newest event time); at most {max_skew_ms} ms is allowed — a wrong clock or microseconds sent as milliseconds?",
+        time_ms.saturating_sub(*reference_ms)
+    )]
+    FutureEventTime { time_ms: i64, reference_ms: i64, max_skew_ms: i64 },
+    #[error("field `{field}` is {len} bytes long, at most {max} allowed")]
+    IdTooLong { field: &'static str, len: usize, max: usize },
+    #[error("{count} context features, at most {max} allowed")]
+    TooManyFeatures { count: usize, max: usize },
+    #[error("field `{field}` is {value:e}, outside ±{max:e}")]
+    OutOfRange { field: &'static str, value: f64, max: f64 },
 }
 
 impl InvalidEvent {
     /// Every reason code, for metrics that should show zeros and for restoring counts.
-    pub const CODES: [&'static str; 12] = [
+    pub const CODES: [&'static str; 16] = [
         "bad_protobuf",
         "bad_json",
         "missing_field",
@@ -187,6 +198,10 @@ impl InvalidEvent {
         "unknown_model",
         "empty_payload",
         "unknown_topic",
+        "future_event_time",
+        "id_too_long",
+        "too_many_features",
+        "out_of_range",
     ];
 
     /// The static code equal to `name`, if it is one.
@@ -208,12 +223,64 @@ impl InvalidEvent {
             InvalidEvent::UnknownModel(_) => "unknown_model",
             InvalidEvent::EmptyPayload => "empty_payload",
             InvalidEvent::UnknownTopic(_) => "unknown_topic",
+            InvalidEvent::FutureEventTime { .. } => "future_event_time",
+            InvalidEvent::IdTooLong { .. } => "id_too_long",
+            InvalidEvent::TooManyFeatures { .. } => "too_many_features",
+            InvalidEvent::OutOfRange { .. } => "out_of_range",
         }
     }
 }
 
 /// Longest slate accepted; longer ones are almost certainly a logging bug.
 pub const MAX_SLATE_LEN: usize = 256;
+
+/// Largest |value| a feedback event (e.g. an order value) or a context feature may carry.
+/// Beyond it the number is a unit or logging error, and squares or sums of it would overflow.
+pub const MAX_ABS_VALUE: f64 = 1e12;
+
+fn check_range(field: &'static str, v: f64) -> Result<f64, InvalidEvent> {
+    if v.abs() <= MAX_ABS_VALUE {
+        Ok(v)
+    } else {
+        Err(InvalidEvent::OutOfRange { field, value: v, max: MAX_ABS_VALUE })
+    }
+}
+
+/// Checks an event against the configured bounds on ids and features (`max_id_bytes`,
+/// `max_features`), which `decode` cannot know.
+pub fn check_limits(event: &Event, max_id_bytes: usize, max_features: usize) -> Result<(), InvalidEvent> {
+    let id = |field: &'static str, s: &str| {
+        if s.len() > max_id_bytes {
+            Err(InvalidEvent::IdTooLong { field, len: s.len(), max: max_id_bytes })
+        } else {
+            Ok(())
+        }
+    };
+    match event {
+        Event::Impression(i) => {
+            id("impression_id", &i.impression_id)?;
+            id("model_id", &i.model_id)?;
+            id("context.segment", &i.segment)?;
+            if let Variant::Arm(a) = &i.variant {
+                id("variant.arm", a)?;
+            }
+            if i.features.len() > max_features {
+                return Err(InvalidEvent::TooManyFeatures { count: i.features.len(), max: max_features });
+            }
+            for (name, _) in &i.features {
+                id("context.features.name", name)?;
+            }
+            for e in &i.slate {
+                id("slate.item_id", &e.item_id)?;
+            }
+        }
+        Event::Feedback(f) => {
+            id("impression_id", &f.impression_id)?;
+            id("item_id", &f.item_id)?;
+        }
+    }
+    Ok(())
+}
 
 /// Decodes and validates one record payload.
 pub fn decode(role: TopicRole, encoding: Encoding, payload: &[u8]) -> Result<Event, InvalidEvent> {
@@ -328,6 +395,7 @@ fn build_impression(raw: RawImpression) -> Result<Impression, InvalidEvent> {
             return Err(InvalidEvent::MissingField("context.features.name"));
         }
         check_finite("context.features.value", *v)?;
+        check_range("context.features.value", *v)?;
     }
     if slate.is_empty() && !opted_out {
         return Err(InvalidEvent::MissingField("slate"));
@@ -419,7 +487,7 @@ fn build_feedback(
     let item_id = require(item_id, "item_id")?;
     let position = check_position("position", position)?;
     let kind = kind.ok_or(InvalidEvent::UnknownKind(kind_text))?;
-    let value = check_finite("value", value)?;
+    let value = check_range("value", check_finite("value", value)?)?;
     let time_ms = check_time(time_ms)?;
     Ok(Feedback { impression_id, item_id, position, kind, value, time_ms })
 }

@@ -44,11 +44,19 @@ pub struct JoinCounters {
     pub feedback_evicted: u64,
     pub feedback_opted_out: u64,
     pub feedback_not_in_slate: u64,
+    /// Slate propensities raised to `limits.propensity_floor`.
+    pub propensities_clipped: u64,
+    /// Feedback rewards bounded to ±`MAX_REWARD_MICROS`.
+    pub rewards_clamped: u64,
+    /// Placements not learned because their model's arm cap was reached.
+    pub arms_rejected: u64,
+    /// Integer reward sums that hit their bound and saturated.
+    pub sums_saturated: u64,
 }
 
 impl JoinCounters {
     /// (name, value) pairs in a fixed order, for reports and metrics.
-    pub fn rows(&self) -> [(&'static str, u64); 14] {
+    pub fn rows(&self) -> [(&'static str, u64); 18] {
         [
             ("impressions_learned", self.impressions_learned),
             ("impressions_duplicate", self.impressions_duplicate),
@@ -64,6 +72,10 @@ impl JoinCounters {
             ("feedback_evicted", self.feedback_evicted),
             ("feedback_opted_out", self.feedback_opted_out),
             ("feedback_not_in_slate", self.feedback_not_in_slate),
+            ("propensities_clipped", self.propensities_clipped),
+            ("rewards_clamped", self.rewards_clamped),
+            ("arms_rejected", self.arms_rejected),
+            ("sums_saturated", self.sums_saturated),
         ]
     }
 
@@ -83,6 +95,10 @@ impl JoinCounters {
             feedback_evicted,
             feedback_opted_out,
             feedback_not_in_slate,
+            propensities_clipped,
+            rewards_clamped,
+            arms_rejected,
+            sums_saturated,
         } = o;
         self.impressions_learned += impressions_learned;
         self.impressions_duplicate += impressions_duplicate;
@@ -98,6 +114,10 @@ impl JoinCounters {
         self.feedback_evicted += feedback_evicted;
         self.feedback_opted_out += feedback_opted_out;
         self.feedback_not_in_slate += feedback_not_in_slate;
+        self.propensities_clipped += propensities_clipped;
+        self.rewards_clamped += rewards_clamped;
+        self.arms_rejected += arms_rejected;
+        self.sums_saturated += sums_saturated;
     }
 
     /// Feedback events that reached a final outcome (held feedback is not final yet).
@@ -156,6 +176,8 @@ pub struct JoinChanges {
     pub impressions_deleted: rustc_hash::FxHashSet<String>,
     pub held_written: rustc_hash::FxHashSet<u64>,
     pub held_deleted: rustc_hash::FxHashSet<u64>,
+    /// Models no longer configured whose snapshot records must be deleted.
+    pub models_retired: Vec<String>,
 }
 
 impl PartialEq for JoinChanges {
@@ -300,7 +322,13 @@ impl AttributionJoin {
             };
             let slate: Vec<(&str, u32, f64)> =
                 entry.slate.iter().map(|(i, p, q)| (i.as_str(), *p, *q)).collect();
-            shard.observe_impression(mspec, entry_ref(&entry), &entry.variant, &slate);
+            self.counters.arms_rejected += shard.observe_impression(
+                mspec,
+                entry_ref(&entry),
+                &entry.variant,
+                &slate,
+                spec.limits.max_arms_per_model,
+            );
             self.counters.impressions_learned += 1;
             Outcome::ImpressionLearned
         };
@@ -407,10 +435,11 @@ fn apply_feedback(
         counters.feedback_not_in_slate += 1;
         return Outcome::FeedbackNotInSlate;
     };
-    let reward = spec.rewards.micros(fb.kind, fb.value);
+    let (reward, clamped) = spec.rewards.micros_clamped(fb.kind, fb.value);
+    counters.rewards_clamped += u64::from(clamped);
     let (item, position, propensity) = &entry.slate[idx];
     let imp = ImpressionRef { time_ms: entry.time_ms, segment: &entry.segment, features: &entry.features };
-    shard.observe_feedback(
+    let saturated = shard.observe_feedback(
         mspec,
         imp,
         &entry.variant,
@@ -421,6 +450,8 @@ fn apply_feedback(
         reward,
         entry.total_reward_micros,
     );
+    let total = entry.total_reward_micros.checked_add(reward);
+    counters.sums_saturated += u64::from(saturated) + u64::from(total.is_none());
     if mspec.position == PositionModel::Cascade && fb.position > entry.last_feedback_position {
         // Examined set: every item up to the deepest feedback (all items while there is none).
         let before = entry.last_feedback_position;
@@ -433,7 +464,7 @@ fn apply_feedback(
         }
         entry.last_feedback_position = fb.position;
     }
-    entry.total_reward_micros += reward;
+    entry.total_reward_micros = entry.total_reward_micros.saturating_add(reward);
     if late {
         counters.feedback_late_learned += 1;
         Outcome::FeedbackLateLearned

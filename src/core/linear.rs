@@ -36,7 +36,18 @@ pub fn features(
     for (name, v) in context {
         put(&["f", name, item], *v);
     }
-    let norm = out.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let mut norm = out.iter().map(|v| v * v).sum::<f64>().sqrt();
+    if !norm.is_finite() {
+        // Squares of huge values overflow: scale by the largest first (only then, so ordinary
+        // vectors keep their exact bits).
+        let max = out.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        if max.is_finite() && max > 0.0 {
+            out.iter_mut().for_each(|v| *v /= max);
+        } else {
+            out.iter_mut().for_each(|v| *v = 0.0);
+        }
+        norm = out.iter().map(|v| v * v).sum::<f64>().sqrt();
+    }
     if norm > 0.0 {
         for v in out.iter_mut() {
             *v /= norm;

@@ -16,4 +16,5 @@ pub mod params;
 pub mod partition;
 pub mod pb;
 pub mod policy;
+pub mod reconfigure;
 pub mod snapshot;

@@ -46,7 +46,7 @@ impl ArmStats {
         for (a, b) in self.feedback.iter_mut().zip(o.feedback) {
             *a += b;
         }
-        self.reward_micros += o.reward_micros;
+        self.reward_micros = self.reward_micros.saturating_add(o.reward_micros);
         self.exposure += o.exposure;
         self.success += o.success;
         if self.position_exposure.len() < o.position_exposure.len() {
@@ -148,6 +148,8 @@ pub struct ModelShard {
     pub positions: BTreeMap<u32, PositionStats>,
     pub variants: BTreeMap<Variant, VariantStats>,
     pub linear: Option<LinearState>,
+    /// Number of arms over all segments (kept, so the arm cap costs nothing per placement).
+    pub arm_total: usize,
 }
 
 /// What the join knows about the impression a change belongs to.
@@ -169,11 +171,12 @@ impl ModelShard {
                 Algorithm::Linear { dim, .. } => Some(LinearState::new(dim as usize)),
                 Algorithm::BetaBernoulli => None,
             },
+            arm_total: 0,
         }
     }
 
     pub fn arm_count(&self) -> usize {
-        self.arms.values().map(HashMap::len).sum()
+        self.arm_total
     }
 
     /// Moves the landmark forward to `to` (no-op if not later), rescaling decayed sums exactly.
@@ -186,7 +189,12 @@ impl ModelShard {
             Some(l) if l >= to => return,
             Some(l) => l,
         };
-        let f = decay::rebase_factor(spec.half_life_ms, from, to);
+        self.scale_decayed(decay::rebase_factor(spec.half_life_ms, from, to));
+        self.landmark_ms = Some(to);
+    }
+
+    /// Multiplies every decayed sum by `f` (counters are untouched).
+    fn scale_decayed(&mut self, f: f64) {
         for items in self.arms.values_mut() {
             for a in items.values_mut() {
                 a.scale(f);
@@ -199,7 +207,23 @@ impl ModelShard {
         if let Some(l) = &mut self.linear {
             l.scale(f);
         }
-        self.landmark_ms = Some(to);
+    }
+
+    /// Re-expresses the decayed sums, kept under half-life `old_half_life_ms`, for a new
+    /// half-life: every sum takes the value it has at `at_ms` under the old half-life and decays
+    /// under the new one from then on (as if all that was learned happened at `at_ms`). Exact
+    /// for the reading at `at_ms`; the shape of the past is not recoverable from sums.
+    pub fn change_half_life(&mut self, old_half_life_ms: i64, new_half_life_ms: i64, at_ms: i64) {
+        let Some(old_landmark) = self.landmark_ms else {
+            return;
+        };
+        let new_landmark = decay::landmark_for(new_half_life_ms, at_ms);
+        let now_old = decay::weight(old_half_life_ms, old_landmark, at_ms);
+        let now_new = decay::weight(new_half_life_ms, new_landmark, at_ms);
+        let f = now_new / now_old;
+        // An infinite old weight means everything decayed away long ago.
+        self.scale_decayed(if f.is_finite() { f } else { 0.0 });
+        self.landmark_ms = Some(new_landmark);
     }
 
     /// Decay weight of an event at `t`, moving the landmark first if `t` is past its grid cell.
@@ -208,8 +232,21 @@ impl ModelShard {
         decay::weight(spec.half_life_ms, self.landmark_ms.unwrap_or(0), t)
     }
 
+    /// The arm, created if new (merges only: learning goes through the arm cap).
     fn arm(&mut self, segment: &str, item: &str) -> &mut ArmStats {
-        self.arms.entry_ref(segment).or_default().entry_ref(item).or_default()
+        match self.arms.entry_ref(segment).or_default().entry_ref(item) {
+            hashbrown::hash_map::EntryRef::Occupied(o) => o.into_mut(),
+            hashbrown::hash_map::EntryRef::Vacant(v) => {
+                self.arm_total += 1;
+                v.insert(ArmStats::default())
+            }
+        }
+    }
+
+    /// An existing arm; feedback and cascade corrections never create one (an arm is missing
+    /// only when the arm cap kept its placement from being learned).
+    fn known_arm(&mut self, segment: &str, item: &str) -> Option<&mut ArmStats> {
+        self.arms.get_mut(segment).and_then(|m| m.get_mut(item))
     }
 
     fn examination_weight(spec: &ModelSpec, position: u32) -> f64 {
@@ -243,20 +280,24 @@ impl ModelShard {
     }
 
     /// A learned impression: the variant's impression count and one exposure per placed item.
-    /// Under cascade every item counts as examined until a click says otherwise.
+    /// Under cascade every item counts as examined until a click says otherwise. A placement
+    /// that would create an arm beyond `max_arms` keeps its position and linear statistics but
+    /// gets no arm; returns how many placements were refused so.
     pub fn observe_impression(
         &mut self,
         spec: &ModelSpec,
         imp: ImpressionRef<'_>,
         variant: &Variant,
         slate: &[(&str, u32, f64)],
-    ) {
+        max_arms: usize,
+    ) -> u64 {
         self.variant_stats(variant).impressions += 1;
         let df = self.weight(spec, imp.time_ms);
         if slate.is_empty() {
             // No arm is touched, so no segment map may appear (it would change equality).
-            return;
+            return 0;
         }
+        let mut rejected = 0;
         let estimated = matches!(spec.position, PositionModel::Pbm(Examination::Estimated));
         // The segment's map is found once per slate; arms, positions and the linear state are
         // disjoint sums, so updating them in separate passes changes no result.
@@ -265,7 +306,17 @@ impl ModelShard {
             let p = self.positions.entry(position).or_default();
             p.impressions += 1;
             p.ips_impressions += df / propensity;
-            let arm = items.entry_ref(item).or_default();
+            let arm = match items.entry_ref(item) {
+                hashbrown::hash_map::EntryRef::Occupied(o) => o.into_mut(),
+                hashbrown::hash_map::EntryRef::Vacant(_) if self.arm_total >= max_arms => {
+                    rejected += 1;
+                    continue;
+                }
+                hashbrown::hash_map::EntryRef::Vacant(v) => {
+                    self.arm_total += 1;
+                    v.insert(ArmStats::default())
+                }
+            };
             arm.impressions += 1;
             if estimated {
                 let bucket = (position as usize).clamp(1, MAX_TRACKED_POSITIONS) - 1;
@@ -277,6 +328,9 @@ impl ModelShard {
                 arm.exposure += Self::examination_weight(spec, position) * df;
             }
         }
+        if items.is_empty() {
+            self.arms.remove(imp.segment);
+        }
         if self.linear.is_some() {
             for &(item, position, _) in slate {
                 let e = Self::examination_weight(spec, position);
@@ -286,6 +340,7 @@ impl ModelShard {
                 }
             }
         }
+        rejected
     }
 
     fn variant_stats(&mut self, variant: &Variant) -> &mut VariantStats {
@@ -299,12 +354,15 @@ impl ModelShard {
     /// placed item. Counters are untouched: the item was shown either way.
     pub fn cascade_examination(&mut self, spec: &ModelSpec, imp: ImpressionRef<'_>, item: &str, sign: f64) {
         let df = self.weight(spec, imp.time_ms);
-        self.arm(imp.segment, item).exposure += sign * df;
+        if let Some(arm) = self.known_arm(imp.segment, item) {
+            arm.exposure += sign * df;
+        }
         self.linear_update(spec, imp, item, sign * df, 0.0);
     }
 
     /// An attributed (or late and learned) feedback event. `prior_total` is the impression's
-    /// reward before this event, so the variant's sum of squares stays exact.
+    /// reward before this event, so the variant's sum of squares stays exact. Integer sums
+    /// saturate at their bounds instead of overflowing; returns whether one did.
     #[allow(clippy::too_many_arguments)]
     pub fn observe_feedback(
         &mut self,
@@ -317,23 +375,32 @@ impl ModelShard {
         kind: FeedbackKind,
         reward_micros: i64,
         prior_total: i64,
-    ) {
+    ) -> bool {
         let df = self.weight(spec, imp.time_ms);
+        let mut saturated = false;
         let v = self.variant_stats(variant);
-        v.reward_micros += reward_micros;
-        let (before, after) = (i128::from(prior_total), i128::from(prior_total) + i128::from(reward_micros));
-        v.reward_sq_micros2 += after * after - before * before;
+        v.reward_micros = add_i64(v.reward_micros, reward_micros, &mut saturated);
+        // |total| ≤ i64::MAX, so the squares fit in i128; their running sum may not.
+        let (before, after) =
+            (i128::from(prior_total), i128::from(prior_total.saturating_add(reward_micros)));
+        let delta = after * after - before * before;
+        v.reward_sq_micros2 = v.reward_sq_micros2.checked_add(delta).unwrap_or_else(|| {
+            saturated = true;
+            v.reward_sq_micros2.saturating_add(delta)
+        });
         if kind == FeedbackKind::Click {
             let p = self.positions.entry(position).or_default();
             p.clicks += 1;
             p.ips_clicks += df / propensity;
         }
         let scaled = reward_micros as f64 / 1e6 / spec.rewards.scale * df;
-        let arm = self.arm(imp.segment, item);
-        arm.feedback[kind.index()] += 1;
-        arm.reward_micros += reward_micros;
-        arm.success += scaled;
+        if let Some(arm) = self.known_arm(imp.segment, item) {
+            arm.feedback[kind.index()] += 1;
+            arm.reward_micros = add_i64(arm.reward_micros, reward_micros, &mut saturated);
+            arm.success += scaled;
+        }
         self.linear_update(spec, imp, item, 0.0, scaled);
+        saturated
     }
 
     /// Examination weight per position (index 0 = position 1) under estimated examination:
@@ -409,8 +476,8 @@ impl ModelShard {
         for (v, o) in &other.variants {
             let s = self.variants.entry(v.clone()).or_default();
             s.impressions += o.impressions;
-            s.reward_micros += o.reward_micros;
-            s.reward_sq_micros2 += o.reward_sq_micros2;
+            s.reward_micros = s.reward_micros.saturating_add(o.reward_micros);
+            s.reward_sq_micros2 = s.reward_sq_micros2.saturating_add(o.reward_sq_micros2);
         }
         if let (Some(a), Some(b)) = (&mut self.linear, &other.linear) {
             let mut b = b.clone();
@@ -418,6 +485,14 @@ impl ModelShard {
             a.add(&b);
         }
     }
+}
+
+/// `a + b`, saturating; sets `saturated` when it had to.
+fn add_i64(a: i64, b: i64, saturated: &mut bool) -> i64 {
+    a.checked_add(b).unwrap_or_else(|| {
+        *saturated = true;
+        a.saturating_add(b)
+    })
 }
 
 impl BetaPosterior {

@@ -40,6 +40,10 @@ pub struct KindReward {
     pub window_ms: i64,
 }
 
+/// Largest reward one feedback event may carry, in millionths (10⁹ reward units). Anything
+/// larger is a unit or logging error; bounding it keeps integer sums far from overflow.
+pub const MAX_REWARD_MICROS: i64 = 1_000_000_000_000_000;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rewards {
     /// Indexed by `FeedbackKind::index()`.
@@ -57,10 +61,22 @@ impl Rewards {
     /// Reward of one feedback event in millionths, rounded half away from zero. Integer so that
     /// reward counters add exactly in any order.
     pub fn micros(&self, kind: FeedbackKind, value: f64) -> i64 {
+        self.micros_clamped(kind, value).0
+    }
+
+    /// [`Rewards::micros`], bounded to ±[`MAX_REWARD_MICROS`]; `true` when it had to be bounded.
+    pub fn micros_clamped(&self, kind: FeedbackKind, value: f64) -> (i64, bool) {
         let k = self.of(kind);
-        let r = (k.reward + k.value_weight * value) * 1e6;
-        // Saturating float-to-int cast: absurd values cannot overflow.
-        r.round() as i64
+        let r = ((k.reward + k.value_weight * value) * 1e6).round();
+        if r.is_nan() {
+            return (0, true);
+        }
+        let bound = MAX_REWARD_MICROS as f64;
+        if r.abs() > bound {
+            (if r > 0.0 { MAX_REWARD_MICROS } else { -MAX_REWARD_MICROS }, true)
+        } else {
+            (r as i64, false)
+        }
     }
 
     pub fn max_window_ms(&self) -> i64 {
@@ -100,12 +116,44 @@ pub struct JoinSpec {
     pub max_pending_feedback: usize,
 }
 
+/// Bounds on what one record may carry and on what state it may create: the defences against
+/// bad clocks, extreme numbers and unbounded cardinality (ARCHITECTURE.md, "Bounds").
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// An event dated more than this after its reference time (the Kafka record timestamp, or
+    /// without one the partition's newest accepted event time) is invalid: it would move the
+    /// watermark and the decay landmarks into the future.
+    pub max_event_time_skew_ms: i64,
+    /// Propensities below this are raised to it before they divide anything (counted).
+    pub propensity_floor: f64,
+    /// Longest id (impression, item, model, segment, experiment arm, feature name), in bytes.
+    pub max_id_bytes: usize,
+    /// Most named context features on one impression.
+    pub max_features: usize,
+    /// Most (segment, item) arms one model keeps per partition; placements that would create
+    /// more are not learned (counted).
+    pub max_arms_per_model: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_event_time_skew_ms: 10 * 60 * 1000,
+            propensity_floor: 1e-4,
+            max_id_bytes: 256,
+            max_features: 64,
+            max_arms_per_model: 1_000_000,
+        }
+    }
+}
+
 /// Everything the core of one partition needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CoreSpec {
     pub models: Vec<ModelSpec>,
     pub rewards: Rewards,
     pub join: JoinSpec,
+    pub limits: Limits,
 }
 
 impl CoreSpec {

@@ -18,6 +18,9 @@ pub struct InputRecord<'a> {
     pub role: TopicRole,
     pub encoding: Encoding,
     pub payload: &'a [u8],
+    /// The Kafka record timestamp (ms), when the record has one: the reference that bounds how
+    /// far ahead of it an event may be dated (`limits.max_event_time_skew`).
+    pub timestamp_ms: Option<i64>,
 }
 
 /// What became of a record.
@@ -67,11 +70,22 @@ impl PartitionState {
             }
         }
         self.records += 1;
-        let result = match event::decode(record.role, record.encoding, record.payload) {
-            Ok(Event::Impression(imp)) => match spec.models.iter().position(|m| m.id == imp.model_id) {
-                Some(model) => Ok(self.join.process_impression(spec, &mut self.models, model, imp)),
-                None => Err(InvalidEvent::UnknownModel(imp.model_id)),
-            },
+        let decoded = event::decode(record.role, record.encoding, record.payload)
+            .and_then(|e| self.check_bounds(spec, record.timestamp_ms, e));
+        let result = match decoded {
+            Ok(Event::Impression(mut imp)) => {
+                let floor = spec.limits.propensity_floor;
+                for e in &mut imp.slate {
+                    if e.propensity < floor {
+                        e.propensity = floor;
+                        self.join.counters.propensities_clipped += 1;
+                    }
+                }
+                match spec.models.iter().position(|m| m.id == imp.model_id) {
+                    Some(model) => Ok(self.join.process_impression(spec, &mut self.models, model, imp)),
+                    None => Err(InvalidEvent::UnknownModel(imp.model_id)),
+                }
+            }
             Ok(Event::Feedback(fb)) => Ok(self.join.process_feedback(spec, &mut self.models, fb)),
             Err(e) => Err(e),
         };
@@ -82,6 +96,33 @@ impl PartitionState {
                 Applied::Invalid(reason)
             }
         }
+    }
+
+    /// The bounds `decode` cannot check: id lengths and feature counts from config, and event
+    /// time against a reference. The reference is the record's Kafka timestamp when it has one
+    /// (set by the producing client or, with `LogAppendTime`, by the broker — not by the code
+    /// that fills in `event_time_ms`). A record without a timestamp (a hand-written recording;
+    /// every Kafka record has one) is not bounded: the partition's own event times are no
+    /// trustworthy reference, since a quiet partition may legitimately jump by hours.
+    /// A rejected event moves nothing: it is checked before the join sees it.
+    fn check_bounds(
+        &self,
+        spec: &CoreSpec,
+        timestamp_ms: Option<i64>,
+        e: Event,
+    ) -> Result<Event, InvalidEvent> {
+        event::check_limits(&e, spec.limits.max_id_bytes, spec.limits.max_features)?;
+        if let Some(reference_ms) = timestamp_ms.filter(|t| *t > 0) {
+            let max_skew_ms = spec.limits.max_event_time_skew_ms;
+            if e.time_ms() > reference_ms.saturating_add(max_skew_ms) {
+                return Err(InvalidEvent::FutureEventTime {
+                    time_ms: e.time_ms(),
+                    reference_ms,
+                    max_skew_ms,
+                });
+            }
+        }
+        Ok(e)
     }
 
     pub fn invalid_total(&self) -> u64 {

@@ -4,8 +4,11 @@
 //! Propensities: for UCB and greedy they are exact — the ranking is deterministic, and with
 //! probability `epsilon` the slate is a uniformly random permutation, so
 //! P(item i at position k) = (1 − ε)·[i ranked k] + ε / n. For Thompson sampling there is no
-//! closed form; P is estimated by `propensity_samples` seeded Monte Carlo rankings (a separate
-//! random stream from the one that drew the served ranking), mixed with ε / n the same way.
+//! closed form; P is estimated from `propensity_samples` seeded Monte Carlo rankings (a separate
+//! random stream from the one that drew the served ranking) plus the served draw itself — all
+//! independent draws of the same posterior, so the estimate stays unbiased, and the placement
+//! that was served never gets an estimate of 0 (with ε = 0 it is at least 1 / (samples + 1)).
+//! It is mixed with ε / n the same way, so no placement is ever reported below ε / n.
 //! The seed comes in as an argument; the policy draws no other randomness.
 
 use rand::{Rng, SeedableRng};
@@ -186,6 +189,10 @@ pub fn rank(
         Strategy::Thompson => {
             let samples = policy.propensity_samples.max(1);
             let mut counts = vec![vec![0u32; k]; n];
+            // The served draw is one more sample of the same posterior.
+            for (pos, &i) in top_k(&scores, k).iter().enumerate() {
+                counts[i][pos] += 1;
+            }
             let mut mc = ChaCha8Rng::seed_from_u64(req.seed ^ 0x5851_f42d_4c95_7f2d);
             let mut s = Vec::with_capacity(n);
             for _ in 0..samples {
@@ -194,10 +201,8 @@ pub fn rank(
                     counts[i][pos] += 1;
                 }
             }
-            counts
-                .iter()
-                .map(|row| row.iter().map(|&c| f64::from(c) / f64::from(samples)).collect())
-                .collect()
+            let total = f64::from(samples) + 1.0;
+            counts.iter().map(|row| row.iter().map(|&c| f64::from(c) / total).collect()).collect()
         }
         Strategy::Ucb { .. } | Strategy::Greedy => {
             let mut m = vec![vec![0.0; k]; n];
@@ -213,7 +218,9 @@ pub fn rank(
         .map(|(pos, &i)| Placement {
             item_id: candidates[i].clone(),
             position: pos as u32 + 1,
-            propensity: ((1.0 - eps) * base[i][pos] + eps / n as f64).clamp(f64::MIN_POSITIVE, 1.0),
+            // A convex mix of probabilities: within [ε / n, 1] up to rounding, which the
+            // bounds make exact.
+            propensity: ((1.0 - eps) * base[i][pos] + eps / n as f64).clamp(eps / n as f64, 1.0),
             score: scores[i],
         })
         .collect()

@@ -316,7 +316,9 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
         (Algorithm::BetaBernoulli, _) => None,
     };
     let has_data = !arms.is_empty() || !variants.is_empty() || !positions.is_empty();
+    let arm_total = arms.values().map(HashMap::len).sum();
     let shard = ModelShard {
+        arm_total,
         landmark_ms: if has_data { Some(snap.decay_landmark_ms) } else { None },
         arms,
         positions,

@@ -714,6 +714,7 @@ async fn partition_task(
             role: t.role,
             encoding: t.encoding,
             payload: r.payload(),
+            timestamp_ms: r.timestamp_ms,
         };
         match state.apply(spec, input) {
             Applied::Invalid(reason) => dead.push(DeadLetter { record: r, reason }),

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::core::blob::LatestByKey;
 use crate::core::checkpoint;
 use crate::core::partition::PartitionState;
+use crate::core::reconfigure::ModelChange;
 use crate::core::snapshot::{self, DecodedSnapshot};
 
 /// A client context that does not report reaching the end of a partition as an error (the
@@ -125,13 +126,13 @@ pub fn restore_partition(
     let mut models = Vec::new();
     let mut impressions = Vec::new();
     let mut held = Vec::new();
-    let suffix = format!("/{partition}");
     let (imp_prefix, held_prefix) = (format!("imp/{partition}/"), format!("held/{partition}/"));
     for key in store.values.keys() {
+        // Ids are escaped in keys (`checkpoint::escape_key_part`), so `#` marks a chunk only.
         if key.contains('#') {
             continue;
         }
-        if key.starts_with("model/") && key.ends_with(&suffix) {
+        if checkpoint::parse_model_key(key).is_some_and(|(_, p)| p == partition) {
             if let Some((v, bytes)) = store.get(key)? {
                 if v == version {
                     models.push(snapshot::decode(&bytes).with_context(|| format!("snapshot `{key}`"))?);
@@ -147,8 +148,47 @@ pub fn restore_partition(
             }
         }
     }
-    checkpoint::restore(&config.core, &cp, &impressions, &held, &models)
-        .with_context(|| format!("restoring partition {partition} from version {version}"))
+    let (state, changes) = checkpoint::restore(&config.core, &cp, &impressions, &held, &models)
+        .with_context(|| format!("restoring partition {partition} from version {version}"))?;
+    for (model, change) in &changes {
+        report_model_change(partition, model, change);
+    }
+    Ok(state)
+}
+
+/// Logs and counts what a configuration change did to a restored model (`core::reconfigure`).
+fn report_model_change(partition: i32, model: &str, change: &ModelChange) {
+    metrics::counter!(
+        "banditflow_model_restores_total",
+        "model" => model.to_string(),
+        "change" => change.code()
+    )
+    .increment(1);
+    match change {
+        ModelChange::Kept { read_time } if read_time.is_empty() => {}
+        ModelChange::Kept { read_time } => tracing::info!(
+            model, partition, fields = ?read_time,
+            "configuration change applies at once (read-time parameters)"
+        ),
+        ModelChange::HalfLifeChanged { from_ms, to_ms } => {
+            tracing::warn!(
+            model, partition, from_ms, to_ms,
+            "half-life changed: learned statistics keep their current value and decay with the new half-life"
+        )
+        }
+        ModelChange::Reset { field } => {
+            tracing::warn!(
+            model, partition, field = field.as_str(),
+            "`{field}` changed what this model's statistics mean: the model starts afresh on this partition"
+        )
+        }
+        ModelChange::Added => tracing::info!(model, partition, "model added: starts empty"),
+        ModelChange::Removed => tracing::warn!(
+            model,
+            partition,
+            "model no longer configured: its statistics and buffered impressions are dropped"
+        ),
+    }
 }
 
 /// Every model snapshot on the topic: (model, partition) → snapshot. For tests, tools and
@@ -170,13 +210,9 @@ pub fn read_models(
     let mut out = BTreeMap::new();
     for (p, store) in &stores {
         for key in store.values.keys() {
-            if let Some(rest) = key.strip_prefix("model/") {
-                if key.contains('#') {
-                    continue;
-                }
+            if let Some((model, _)) = checkpoint::parse_model_key(key) {
                 if let Some((_, bytes)) = store.get(key)? {
                     let s = snapshot::decode(&bytes).with_context(|| format!("snapshot `{key}`"))?;
-                    let model = rest.rsplit_once('/').map_or(rest, |(m, _)| m).to_string();
                     out.insert((model, *p), s);
                 }
             }

@@ -91,7 +91,9 @@ group_id = "{group}"
 snapshot_topic = "{snapshots}"
 dead_letter_topic = "{dlq}"
 snapshot_interval = "250ms"
-transaction_timeout = "10s"
+# Shorter than the session timeout below, as zombie fencing at restore requires (checked at
+# start-up).
+transaction_timeout = "5s"
 restore_timeout = "60s"
 metrics_address = ""
 

@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod golden;
+mod hardening;
 mod join;
 mod kafka;
 mod policy;

@@ -139,6 +139,7 @@ fn a_partition_restores_exactly_from_its_checkpoint_and_model_snapshots() {
                     role: role(&r.topic),
                     encoding: enc(&r.topic),
                     payload: &r.payload,
+                    timestamp_ms: r.timestamp_ms,
                 },
             );
         }
@@ -152,7 +153,9 @@ fn a_partition_restores_exactly_from_its_checkpoint_and_model_snapshots() {
     let imps: Vec<Vec<u8>> = imps.into_iter().map(|(_, v)| v.clone()).collect();
     let held: Vec<Vec<u8>> = held.into_iter().map(|(_, v)| v.clone()).collect();
     assert!(!imps.is_empty());
-    let mut restored = checkpoint::restore(&spec, &saved.header, &imps, &held, &models).expect("restores");
+    let (mut restored, changes) =
+        checkpoint::restore(&spec, &saved.header, &imps, &held, &models).expect("restores");
+    assert!(changes.iter().all(|(_, c)| c.code() == "unchanged"), "{changes:?}");
     assert!(restored.join == straight.join, "join state differs after restore");
     for (i, (a, b)) in restored.models.iter().zip(&straight.models).enumerate() {
         assert!(a == b, "model {i} differs after restore");

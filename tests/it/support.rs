@@ -7,7 +7,7 @@ use banditflow::core::event::{
 };
 use banditflow::core::model::ModelShard;
 use banditflow::core::params::{
-    Algorithm, CoreSpec, Examination, JoinSpec, KindReward, ModelSpec, PositionModel, Prior, Rewards,
+    Algorithm, CoreSpec, Examination, JoinSpec, KindReward, Limits, ModelSpec, PositionModel, Prior, Rewards,
 };
 use banditflow::core::partition::{Applied, InputRecord, PartitionState};
 
@@ -54,6 +54,7 @@ pub fn spec_with_join(join: JoinSpec) -> CoreSpec {
         ],
         rewards: rewards(),
         join,
+        limits: Limits::default(),
     }
 }
 
@@ -118,6 +119,7 @@ impl Feeder {
             role: TopicRole::Combined,
             encoding: Encoding::Protobuf,
             payload: &payload,
+            timestamp_ms: None,
         };
         self.next += 1;
         self.state.apply(spec, r)
