@@ -183,7 +183,7 @@ enum Command {
         propensity_samples: u32,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Reading time in ms since the epoch (default: the snapshot's watermark).
+        /// Reading time in ms since the epoch (default: the newest impression the snapshot learned, else its watermark).
         #[arg(long)]
         now_ms: Option<i64>,
         /// Context features as name=value.
@@ -480,7 +480,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 features: &features,
                 candidates: &candidates,
                 slate_size,
-                now_ms: now_ms.unwrap_or(s.meta.watermark_ms),
+                now_ms: now_ms.unwrap_or_else(|| s.shard.read_time(s.meta.watermark_ms)),
                 seed,
             };
             println!("{:>8}  {:<16} {:>10} {:>10}", "position", "item", "score", "propensity");

@@ -204,12 +204,15 @@ fn describe(spec: &ModelSpec) -> String {
 /// The model part of the summary: variants, lift, and the top items by posterior mean.
 pub fn describe_model(out: &mut String, m: &DecodedSnapshot, top: usize) {
     let spec = &m.spec;
-    let now = m.meta.watermark_ms;
+    // Read at the newest impression: every decayed sum is keyed by impression time, and the
+    // tail of late feedback at the end of a recording would otherwise decay everything.
+    let now = m.shard.read_time(m.meta.watermark_ms);
     let _ = writeln!(out, "model {} — {}", spec.id, describe(spec));
     let _ = writeln!(
         out,
-        "  version {}, watermark {}, {} arms",
+        "  version {}, watermark {}, read at {} (newest impression), {} arms",
         m.meta.version,
+        if m.meta.watermark_ms > 0 { format_time(m.meta.watermark_ms) } else { "-".into() },
         if now > 0 { format_time(now) } else { "-".into() },
         m.shard.arm_count()
     );

@@ -150,6 +150,9 @@ pub struct ModelShard {
     pub linear: Option<LinearState>,
     /// Number of arms over all segments (kept, so the arm cap costs nothing per placement).
     pub arm_total: usize,
+    /// Event time of the newest impression learned (see `newest_impression_ms` in
+    /// snapshot.proto).
+    pub newest_impression_ms: Option<i64>,
 }
 
 /// What the join knows about the impression a change belongs to.
@@ -172,6 +175,7 @@ impl ModelShard {
                 Algorithm::BetaBernoulli => None,
             },
             arm_total: 0,
+            newest_impression_ms: None,
         }
     }
 
@@ -292,6 +296,8 @@ impl ModelShard {
         max_arms: usize,
     ) -> u64 {
         self.variant_stats(variant).impressions += 1;
+        self.newest_impression_ms =
+            Some(self.newest_impression_ms.map_or(imp.time_ms, |t| t.max(imp.time_ms)));
         let df = self.weight(spec, imp.time_ms);
         if slate.is_empty() {
             // No arm is touched, so no segment map may appear (it would change equality).
@@ -440,6 +446,11 @@ impl ModelShard {
         BetaPosterior { alpha: prior.alpha + s, beta: prior.beta + (e - s).max(0.0) }
     }
 
+    /// When to read a finished stream: the newest impression learned, else `fallback_ms`.
+    pub fn read_time(&self, fallback_ms: i64) -> i64 {
+        self.newest_impression_ms.unwrap_or(fallback_ms)
+    }
+
     /// Factor that turns landmark-relative sums into values at `now_ms`.
     pub fn read_factor(&self, spec: &ModelSpec, now_ms: i64) -> f64 {
         match self.landmark_ms {
@@ -456,6 +467,7 @@ impl ModelShard {
             // has a landmark; nothing to add otherwise.
             return;
         };
+        self.newest_impression_ms = self.newest_impression_ms.max(other.newest_impression_ms);
         let target = self.landmark_ms.map_or(ol, |l| l.max(ol));
         self.rebase(spec, target);
         let f = decay::rebase_factor(spec.half_life_ms, ol, target);

@@ -235,6 +235,7 @@ pub fn to_pb(spec: &ModelSpec, shard: &ModelShard, meta: &SnapshotMeta) -> pb::M
             xr: l.xr.clone(),
             updates: l.updates,
         }),
+        newest_impression_ms: shard.newest_impression_ms.unwrap_or(0),
         checksum: 0,
     };
     snap.checksum = xxh3_64(&snap.encode_to_vec());
@@ -319,6 +320,7 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
     let arm_total = arms.values().map(HashMap::len).sum();
     let shard = ModelShard {
         arm_total,
+        newest_impression_ms: (snap.newest_impression_ms > 0).then_some(snap.newest_impression_ms),
         landmark_ms: if has_data { Some(snap.decay_landmark_ms) } else { None },
         arms,
         positions,

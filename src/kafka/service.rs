@@ -17,6 +17,13 @@
 //! commit thread per interval transaction, so the tasks go on learning while it commits. At
 //! most one transaction runs at a time: the next commit, a rebalance and the end of a session
 //! first wait for it, and its failure discards the session as above.
+//!
+//! Two input topics are aligned per partition task (see [`Aligner`]): records are applied in
+//! timestamp order across both, and a topic whose partition still has records on the broker is
+//! never overtaken. The consumer thread tells each task, in order with its records, which of
+//! its inputs are behind (the consumer's position below the end offset last reported by the
+//! broker); a task that holds too many records of one topic while it waits for another asks
+//! the consumer thread to pause that topic-partition, and to resume it once the other caught up.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,6 +108,12 @@ struct DeadLetter {
 
 enum Cmd {
     Records(Vec<OwnedRecord>),
+    /// What the consumer now knows of input `topic`'s records on the broker; sent after the
+    /// records routed before it, so "caught up" covers every record the task has been sent.
+    Backlog {
+        topic: usize,
+        backlog: Backlog,
+    },
     /// Report the state; with `stop`, end the task afterwards.
     Snapshot {
         stop: bool,
@@ -122,7 +135,89 @@ struct ShardOutput {
 struct Task {
     tx: mpsc::Sender<Cmd>,
     batch: Vec<OwnedRecord>,
+    /// Per input topic (index into `config.topics`), when two or more are aligned; else empty.
+    inputs: Vec<InputLag>,
+    /// The task's pause requests (read on the consumer thread only).
+    flow: Arc<Flow>,
+    started: Instant,
 }
+
+/// What an input topic of a partition task has left on the broker, as far as the consumer
+/// knows. Decides whether the task may skip the topic when it has no records of it queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backlog {
+    /// Not known yet (end offsets unreadable, or where the consumer starts is not known): the
+    /// topic is waited for up to [`FIRST_RECORD_WAIT`] for its first record, then `max_idle`.
+    Unknown,
+    /// Records are known to exist on the broker past the ones delivered: never skipped.
+    Behind,
+    /// Delivered up to the end offset last reported: may be skipped after `max_idle`.
+    CaughtUp,
+}
+
+/// The consumer thread's view of one (input topic, partition): how far it has delivered
+/// records and where the partition ends.
+#[derive(Clone, Copy, Debug)]
+struct InputLag {
+    /// The consumer's position: past the last record routed, or librdkafka's own position,
+    /// which also moves past transaction markers (control records). -1: not known.
+    next: i64,
+    /// `next` is where the consumer should start (the log start: the state had no offset) but
+    /// nothing has confirmed it yet. A group offset committed without a state (a re-created
+    /// snapshot topic) would start it elsewhere, possibly at the end with nothing to deliver:
+    /// without confirmation within [`FIRST_RECORD_WAIT`] the position counts as unknown.
+    assumed: bool,
+    /// The end offset last known (read_committed: the last stable offset, from the watermarks
+    /// read at assignment and the fetch responses reported in the statistics). -1: not known.
+    end: i64,
+    /// What the task was last told.
+    told: Backlog,
+    /// Paused on the consumer at the task's request.
+    paused: bool,
+}
+
+impl InputLag {
+    /// The consumer delivered up to `next` (a record, or its position).
+    fn delivered(&mut self, next: i64) -> bool {
+        self.assumed = false;
+        let moved = next > self.next;
+        self.next = self.next.max(next);
+        moved
+    }
+
+    fn backlog(&self) -> Backlog {
+        if self.next < 0 || self.end < 0 {
+            Backlog::Unknown
+        } else if self.next < self.end {
+            Backlog::Behind
+        } else {
+            Backlog::CaughtUp
+        }
+    }
+}
+
+/// A partition task's pause requests to the consumer thread, which alone may call
+/// `pause`/`resume` on the consumer it owns. A fresh one per task, so a request of a task that
+/// has already been revoked never reaches the partition's next task.
+struct Flow {
+    /// Per input topic: whether the task wants it paused.
+    want: Vec<AtomicBool>,
+    /// Set after `want` changed; one flag per session, checked after every poll.
+    changed: Arc<AtomicBool>,
+}
+
+impl Flow {
+    fn request(&self, paused: &[bool]) {
+        for (w, p) in self.want.iter().zip(paused) {
+            w.store(*p, Ordering::SeqCst);
+        }
+        self.changed.store(true, Ordering::SeqCst);
+    }
+}
+
+/// How often, while an input is not known to be caught up, the consumer's positions are read
+/// (a local call): they move past transaction markers, which no record reports.
+const POSITION_CHECK: Duration = Duration::from_millis(50);
 
 /// Why a session ended.
 enum SessionEnd {
@@ -143,6 +238,13 @@ struct Session {
     /// Set when a transaction or restore failed; the session must be rebuilt.
     poisoned: Option<anyhow::Error>,
     topic_index: HashMap<String, usize>,
+    /// Two or more input topics, aligned per partition task.
+    align: bool,
+    /// Set by a task that changed its pause requests (see [`Flow`]).
+    flow_changed: Arc<AtomicBool>,
+    /// Set when an input's position or end offset moved (the tasks may need telling).
+    lag_changed: bool,
+    next_position_check: Instant,
 }
 
 struct Ctx {
@@ -157,6 +259,7 @@ impl Ctx {
 }
 
 impl ClientContext for Ctx {
+    /// Runs on the consumer thread, inside `poll` (never while the session is locked).
     fn stats(&self, stats: Statistics) {
         for (topic, t) in &stats.topics {
             for (p, part) in &t.partitions {
@@ -165,6 +268,9 @@ impl ClientContext for Ctx {
                         .set(part.consumer_lag as f64);
                 }
             }
+        }
+        if let Some(session) = self.lock().as_mut() {
+            session.observe_stats(&stats);
         }
     }
 }
@@ -176,9 +282,15 @@ impl ConsumerContext for Ctx {
         counter!("banditflow_rebalances_total").increment(1);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let with_offsets = session.assign(tpl);
+                let (with_offsets, fresh) = session.assign(tpl);
                 if let Err(e) = consumer.assign(&with_offsets) {
                     session.poison(anyhow!("assigning partitions failed: {e}"));
+                } else if fresh.count() > 0 {
+                    // A pause outlives an assignment in librdkafka: a partition that comes back
+                    // to a new task starts resumed, whatever happened to it before.
+                    if let Err(e) = consumer.resume(&fresh) {
+                        session.poison(anyhow!("resuming assigned partitions failed: {e}"));
+                    }
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -202,6 +314,25 @@ fn input_partitions(tpl: &TopicPartitionList) -> Vec<i32> {
     ps
 }
 
+/// An aligned input at assignment: where the consumer starts (`restored`, the state's next
+/// offset) against the partition's (low, high) watermarks read just before (read_committed, so
+/// `high` is the last stable offset), when they could be read.
+fn input_lag(restored: Option<i64>, watermarks: Option<(i64, i64)>, latest: bool) -> InputLag {
+    let (next, end, assumed) = match (restored, watermarks) {
+        // Below the log start the consumer is reset: to the start, or with `latest` to the end.
+        (Some(o), Some((low, high))) => (if o < low && latest { high } else { o.max(low) }, high, false),
+        // No offset in the state: the consumer starts where `auto.offset.reset` says (the
+        // group has no committed offsets where the state has none, unless the snapshot topic
+        // was lost: hence `assumed`).
+        (None, Some((low, high))) if latest || low >= high => (high, high, false),
+        (None, Some((low, high))) => (low, high, true),
+        (restored, None) => (restored.unwrap_or(-1), -1, false),
+    };
+    let mut lag = InputLag { next, end, assumed, told: Backlog::Unknown, paused: false };
+    lag.told = lag.backlog();
+    lag
+}
+
 impl Session {
     fn poison(&mut self, e: anyhow::Error) {
         tracing::error!(error = %format!("{e:#}"), "session state is no longer stored safely; rebuilding from Kafka");
@@ -210,11 +341,12 @@ impl Session {
         }
     }
 
-    /// Restores the newly assigned partitions and returns the assignment with their offsets.
-    fn assign(&mut self, tpl: &TopicPartitionList) -> TopicPartitionList {
+    /// Restores the newly assigned partitions and returns the assignment with their offsets,
+    /// and the input topic-partitions of the tasks it started (to be resumed once assigned).
+    fn assign(&mut self, tpl: &TopicPartitionList) -> (TopicPartitionList, TopicPartitionList) {
         if let Err(e) = self.settle() {
             self.poison(e);
-            return TopicPartitionList::new();
+            return (TopicPartitionList::new(), TopicPartitionList::new());
         }
         let parts: Vec<i32> =
             input_partitions(tpl).into_iter().filter(|p| !self.tasks.contains_key(p)).collect();
@@ -230,7 +362,7 @@ impl Session {
             Ok(s) => s,
             Err(e) => {
                 self.poison(e.context("restoring assigned partitions"));
-                return TopicPartitionList::new();
+                return (TopicPartitionList::new(), TopicPartitionList::new());
             }
         };
         let mut states = BTreeMap::new();
@@ -244,7 +376,7 @@ impl Session {
                 }
                 Err(e) => {
                     self.poison(e);
-                    return TopicPartitionList::new();
+                    return (TopicPartitionList::new(), TopicPartitionList::new());
                 }
             }
         }
@@ -265,29 +397,28 @@ impl Session {
             .properties
             .get("auto.offset.reset")
             .is_some_and(|v| matches!(v.as_str(), "latest" | "largest" | "end"));
+        let mut fresh = TopicPartitionList::new();
         for (p, state) in states {
             tracing::info!(partition = p, records = state.records, "partition assigned and restored");
-            // Which input topics have nothing to deliver right now (the state's next offset, or
-            // the earliest one if it has none, is at the end): the aligner waits for the first
-            // record of the others before it lets one topic run ahead.
-            let at_end = self
-                .config
-                .topics
-                .iter()
-                .map(|t| {
-                    let key = (t.name.clone(), p);
-                    ends.get(&key).is_some_and(|&(low, high)| {
-                        let start =
-                            state.offsets.get(&key).copied().unwrap_or(if latest { high } else { low });
-                        start.max(low) >= high
+            let inputs: Vec<InputLag> = if self.align {
+                self.config
+                    .topics
+                    .iter()
+                    .map(|t| {
+                        fresh.add_partition(&t.name, p);
+                        let key = (t.name.clone(), p);
+                        input_lag(state.offsets.get(&key).copied(), ends.get(&key).copied(), latest)
                     })
-                })
-                .collect();
-            self.spawn(p, state, at_end);
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            self.spawn(p, state, inputs);
         }
         histogram!("banditflow_restore_seconds").record(started.elapsed().as_secs_f64());
         gauge!("banditflow_assigned_partitions").set(self.tasks.len() as f64);
-        out
+        self.report_lag();
+        (out, fresh)
     }
 
     /// The input topics' watermarks for `parts`, needed only to align two topics (empty with
@@ -304,12 +435,24 @@ impl Session {
         })
     }
 
-    fn spawn(&mut self, partition: i32, state: PartitionState, at_end: Vec<bool>) {
+    fn spawn(&mut self, partition: i32, state: PartitionState, inputs: Vec<InputLag>) {
         let cap = (self.config.kafka.partition_queue_records / BATCH).max(2);
         let (tx, rx) = mpsc::channel(cap);
         let config = Arc::clone(&self.config);
-        self.runtime.spawn(partition_task(config, state, at_end, rx));
-        self.tasks.insert(partition, Task { tx, batch: Vec::with_capacity(BATCH) });
+        let flow = Arc::new(Flow {
+            want: inputs.iter().map(|_| AtomicBool::new(false)).collect(),
+            changed: Arc::clone(&self.flow_changed),
+        });
+        let backlog: Vec<Backlog> = inputs.iter().map(|i| i.told).collect();
+        for (i, b) in backlog.iter().enumerate() {
+            tracing::debug!(
+                partition, topic = %self.config.topics[i].name, next = inputs[i].next, end = inputs[i].end,
+                backlog = ?b, "input backlog at assignment"
+            );
+        }
+        self.runtime.spawn(partition_task(config, state, backlog, Arc::clone(&flow), rx));
+        let task = Task { tx, batch: Vec::with_capacity(BATCH), inputs, flow, started: Instant::now() };
+        self.tasks.insert(partition, task);
     }
 
     fn revoke(&mut self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
@@ -326,23 +469,245 @@ impl Session {
                 self.poison(e.context("committing revoked partitions"));
             }
         }
+        // The tasks have ended; what they had paused must not stay paused for whoever gets the
+        // partitions next (this member included: a pause outlives the assignment).
+        self.release_pauses(consumer, &parts);
         for p in &parts {
             self.tasks.remove(p);
         }
         tracing::info!(partitions = ?parts, "partitions revoked");
         gauge!("banditflow_assigned_partitions").set(self.tasks.len() as f64);
+        self.report_lag();
     }
 
     fn route(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
         let Some(&topic) = self.topic_index.get(m.topic()) else { return };
         let Some(task) = self.tasks.get_mut(&m.partition()) else { return };
         task.batch.push(OwnedRecord::copy(topic, m));
-        if task.batch.len() >= BATCH {
+        // With aligned topics: the record may be the last one the broker reported (or the first
+        // that tells where the consumer is); the task hears so right after the record.
+        let mut told = None;
+        if let Some(input) = task.inputs.get_mut(topic) {
+            input.delivered(m.offset() + 1);
+            let backlog = input.backlog();
+            if backlog != input.told {
+                input.told = backlog;
+                told = Some(backlog);
+            }
+        }
+        if task.batch.len() >= BATCH || told.is_some() {
             let batch = std::mem::replace(&mut task.batch, Vec::with_capacity(BATCH));
-            if task.tx.blocking_send(Cmd::Records(batch)).is_err() {
+            let mut ok = task.tx.blocking_send(Cmd::Records(batch)).is_ok();
+            if let Some(backlog) = told {
+                ok = ok && task.tx.blocking_send(Cmd::Backlog { topic, backlog }).is_ok();
+            }
+            if !ok {
                 self.poison(anyhow!("partition task {} ended unexpectedly", m.partition()));
             }
         }
+        if let Some(backlog) = told {
+            tracing::debug!(
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                ?backlog,
+                "input backlog changed"
+            );
+            self.report_lag();
+        }
+    }
+
+    /// Takes the end offsets (last stable offsets) and the consumer's positions that librdkafka
+    /// reports for the aligned inputs. `ls_offset` comes from the last fetch response of the
+    /// partition; `app_offset` is the position after the last record (or transaction marker)
+    /// handed to this thread, so every record before it has been routed already.
+    fn observe_stats(&mut self, stats: &Statistics) {
+        if !self.align {
+            return;
+        }
+        for (topic, t) in &stats.topics {
+            let Some(&u) = self.topic_index.get(topic) else { continue };
+            for (p, part) in &t.partitions {
+                let Some(input) = self.tasks.get_mut(p).and_then(|task| task.inputs.get_mut(u)) else {
+                    continue;
+                };
+                // The end only moves forward: a value older than the watermarks read at
+                // assignment (left from an earlier assignment of the partition) must not hide
+                // a backlog.
+                if part.ls_offset >= 0 && part.ls_offset > input.end {
+                    input.end = part.ls_offset;
+                    self.lag_changed = true;
+                }
+                if part.app_offset >= 0 && input.delivered(part.app_offset) {
+                    self.lag_changed = true;
+                }
+            }
+        }
+    }
+
+    /// After every poll, with aligned inputs: reads the consumer's positions while an input is
+    /// not known to be caught up (they move past transaction markers, which no record
+    /// reports), and tells the tasks whose inputs changed between behind and caught up.
+    fn track_backlog(&mut self, consumer: &BaseConsumer<Ctx>) {
+        if !self.align {
+            return;
+        }
+        let now = Instant::now();
+        if now >= self.next_position_check {
+            self.next_position_check = now + POSITION_CHECK;
+            for task in self.tasks.values_mut() {
+                if now.duration_since(task.started) >= FIRST_RECORD_WAIT {
+                    for input in task.inputs.iter_mut().filter(|i| i.assumed) {
+                        input.assumed = false;
+                        input.next = -1;
+                        self.lag_changed = true;
+                    }
+                }
+            }
+            let unsettled = self.tasks.values().any(|t| t.inputs.iter().any(|i| i.told != Backlog::CaughtUp));
+            if unsettled {
+                match consumer.position() {
+                    Ok(positions) => {
+                        for e in positions.elements() {
+                            let Some(&u) = self.topic_index.get(e.topic()) else { continue };
+                            let Offset::Offset(o) = e.offset() else { continue };
+                            let Some(input) =
+                                self.tasks.get_mut(&e.partition()).and_then(|t| t.inputs.get_mut(u))
+                            else {
+                                continue;
+                            };
+                            if input.delivered(o) {
+                                self.lag_changed = true;
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "consumer positions unavailable"),
+                }
+            }
+        }
+        if std::mem::take(&mut self.lag_changed) {
+            self.publish_backlog();
+        }
+    }
+
+    /// Sends each task the inputs whose backlog changed, after the records routed so far.
+    fn publish_backlog(&mut self) {
+        let mut dead = Vec::new();
+        let mut changed = false;
+        for (p, task) in &mut self.tasks {
+            for (u, input) in task.inputs.iter_mut().enumerate() {
+                let backlog = input.backlog();
+                if backlog == input.told {
+                    continue;
+                }
+                input.told = backlog;
+                changed = true;
+                tracing::debug!(
+                    topic = %self.config.topics[u].name, partition = *p, next = input.next, end = input.end,
+                    ?backlog, "input backlog changed"
+                );
+                if !task.batch.is_empty() {
+                    let batch = std::mem::replace(&mut task.batch, Vec::with_capacity(BATCH));
+                    if task.tx.blocking_send(Cmd::Records(batch)).is_err() {
+                        dead.push(*p);
+                        break;
+                    }
+                }
+                if task.tx.blocking_send(Cmd::Backlog { topic: u, backlog }).is_err() {
+                    dead.push(*p);
+                    break;
+                }
+            }
+        }
+        for p in dead {
+            self.poison(anyhow!("partition task {p} ended unexpectedly"));
+        }
+        if changed {
+            self.report_lag();
+        }
+    }
+
+    /// Carries out the tasks' pause requests on the consumer (this thread owns it).
+    fn apply_pauses(&mut self, consumer: &BaseConsumer<Ctx>) {
+        let mut pause = TopicPartitionList::new();
+        let mut resume = TopicPartitionList::new();
+        let mut changes = Vec::new();
+        for (p, task) in &self.tasks {
+            for (u, input) in task.inputs.iter().enumerate() {
+                let want = task.flow.want.get(u).is_some_and(|w| w.load(Ordering::SeqCst));
+                if want != input.paused {
+                    let list = if want { &mut pause } else { &mut resume };
+                    list.add_partition(&self.config.topics[u].name, *p);
+                    changes.push((*p, u, want));
+                }
+            }
+        }
+        if changes.is_empty() {
+            return;
+        }
+        if pause.count() > 0 {
+            if let Err(e) = consumer.pause(&pause) {
+                self.poison(anyhow!("pausing input partitions failed: {e}"));
+                return;
+            }
+        }
+        if resume.count() > 0 {
+            if let Err(e) = consumer.resume(&resume) {
+                self.poison(anyhow!("resuming input partitions failed: {e}"));
+                return;
+            }
+        }
+        for (p, u, want) in changes {
+            let name = &self.config.topics[u].name;
+            if let Some(input) = self.tasks.get_mut(&p).and_then(|t| t.inputs.get_mut(u)) {
+                input.paused = want;
+            }
+            if want {
+                counter!("banditflow_input_pauses_total", "topic" => name.clone()).increment(1);
+                tracing::debug!(
+                    topic = %name, partition = p,
+                    "paused: the partition task waits for another topic that is behind"
+                );
+            } else {
+                tracing::debug!(topic = %name, partition = p, "resumed");
+            }
+        }
+        self.report_lag();
+    }
+
+    /// Resumes what the tasks of `parts` had paused (they are ending).
+    fn release_pauses(&mut self, consumer: &BaseConsumer<Ctx>, parts: &[i32]) {
+        let mut resume = TopicPartitionList::new();
+        for p in parts {
+            let Some(task) = self.tasks.get_mut(p) else { continue };
+            for (u, input) in task.inputs.iter_mut().enumerate() {
+                if input.paused {
+                    resume.add_partition(&self.config.topics[u].name, *p);
+                    input.paused = false;
+                }
+            }
+        }
+        if resume.count() > 0 {
+            tracing::debug!(partitions = ?parts, "resuming the inputs of ending partition tasks");
+            if let Err(e) = consumer.resume(&resume) {
+                self.poison(anyhow!("resuming input partitions failed: {e}"));
+            }
+        }
+    }
+
+    /// Gauges of the aligned inputs: paused ones, and ones known to have records on the broker.
+    fn report_lag(&self) {
+        if !self.align {
+            return;
+        }
+        let inputs = self.tasks.values().flat_map(|t| t.inputs.iter());
+        let (mut paused, mut behind) = (0usize, 0usize);
+        for i in inputs {
+            paused += usize::from(i.paused);
+            behind += usize::from(i.told == Backlog::Behind);
+        }
+        gauge!("banditflow_paused_input_partitions").set(paused as f64);
+        gauge!("banditflow_behind_input_partitions").set(behind as f64);
     }
 
     fn flush_batches(&mut self) {
@@ -597,36 +962,60 @@ impl Txn {
 
 /// Records waiting in a partition task, one queue per input topic, released in timestamp order
 /// so that impressions and feedback read from two topics meet in event order even when the
-/// consumer reads one topic far ahead of the other (e.g. while catching up on lag).
+/// consumer reads one topic far ahead of the other (catching up on lag, unequal fetch sizes,
+/// a loaded broker).
 ///
-/// A topic that has delivered nothing yet since the task started, and was not at its end then,
-/// is waited for up to [`FIRST_RECORD_WAIT`] rather than `max_idle`: right after an assignment
-/// the consumer may fetch one topic a good while before the other, and giving up after
-/// `max_idle` would apply one topic's backlog alone (feedback held past its grace and orphaned).
+/// The oldest head is released unless another topic has no records queued and
+///
+/// - is [`Backlog::Behind`]: its partition still has records on the broker. It is waited for
+///   however long that takes (as Kafka Streams' task idling and Flink's per-input watermarks
+///   do): applying the other topic meanwhile would move the event-time watermark past records
+///   not read yet, and orphan feedback that is merely early. Only a record or news of its
+///   backlog can end the wait, so no timer runs for it;
+/// - is [`Backlog::CaughtUp`] and has been so, and empty, for less than `max_idle` (a quiet
+///   topic is skipped after that);
+/// - is [`Backlog::Unknown`] and has been empty for less than `max_idle`, or, before its first
+///   record, [`FIRST_RECORD_WAIT`].
+///
+/// Waiting for a topic that is caught up or unknown ends early once more than `cap` records
+/// are queued. Waiting for a topic that is behind does not: instead, a topic whose queue
+/// reaches `pause_at` is marked to be paused on the consumer, and resumed once its queue is
+/// down to `resume_at` or no other topic is behind. A topic with an empty queue is never left
+/// paused, so the topic waited for always keeps being fetched.
 struct Aligner {
     queues: Vec<std::collections::VecDeque<OwnedRecord>>,
     empty_since: Vec<Instant>,
-    /// Whether the topic has delivered a record, or had nothing to deliver at the start.
+    /// Whether the topic has delivered a record (or was known caught up).
     heard: Vec<bool>,
+    backlog: Vec<Backlog>,
+    /// Which topics the task wants paused.
+    paused: Vec<bool>,
     queued: usize,
     max_idle: Duration,
     cap: usize,
+    pause_at: usize,
+    resume_at: usize,
 }
 
-/// The longest wait for the first record of a topic that had records to deliver at the start.
-/// (A quiet topic written with Kafka transactions ends in a commit marker, which looks like one
-/// record to deliver: it costs this wait once after each assignment.)
+/// The longest wait for the first record of a topic whose backlog is unknown (the watermarks
+/// could not be read at assignment, or where the consumer starts is not known).
 const FIRST_RECORD_WAIT: Duration = Duration::from_secs(5);
 
 impl Aligner {
-    fn new(at_end: Vec<bool>, max_idle: Duration, cap: usize) -> Aligner {
+    fn new(backlog: Vec<Backlog>, max_idle: Duration, cap: usize) -> Aligner {
+        let n = backlog.len();
+        let pause_at = (cap / 2).max(1);
         Aligner {
-            queues: at_end.iter().map(|_| std::collections::VecDeque::new()).collect(),
-            empty_since: vec![Instant::now(); at_end.len()],
-            heard: at_end,
+            queues: (0..n).map(|_| std::collections::VecDeque::new()).collect(),
+            empty_since: vec![Instant::now(); n],
+            heard: backlog.iter().map(|b| *b == Backlog::CaughtUp).collect(),
+            backlog,
+            paused: vec![false; n],
             queued: 0,
             max_idle,
             cap,
+            pause_at,
+            resume_at: pause_at / 2,
         }
     }
 
@@ -637,17 +1026,36 @@ impl Aligner {
         self.queued += 1;
     }
 
-    /// How long an empty topic is waited for before the others may run ahead of it.
+    /// What the consumer now knows of topic `t`'s records on the broker.
+    fn set_backlog(&mut self, t: usize, backlog: Backlog, now: Instant) {
+        if self.backlog[t] == backlog {
+            return;
+        }
+        if backlog == Backlog::CaughtUp {
+            self.heard[t] = true;
+            // Idle counts from when the topic is known to have nothing more.
+            if self.queues[t].is_empty() {
+                self.empty_since[t] = now;
+            }
+        }
+        self.backlog[t] = backlog;
+    }
+
+    /// Whether some topic is behind with nothing queued: then nothing may be released.
+    fn blocked(&self) -> bool {
+        self.queues.iter().zip(&self.backlog).any(|(q, b)| q.is_empty() && *b == Backlog::Behind)
+    }
+
+    /// How long an empty topic that is not behind is waited for before others may run ahead.
     fn idle_limit(&self, u: usize) -> Duration {
-        if self.heard[u] {
+        if self.heard[u] || self.backlog[u] == Backlog::CaughtUp {
             self.max_idle
         } else {
             FIRST_RECORD_WAIT.max(self.max_idle)
         }
     }
 
-    /// The next record to apply: the oldest head, if every other topic either has records or
-    /// has had none for its idle limit (or the queues are over their cap).
+    /// The next record to apply: the oldest head, if no topic is waited for (see the type).
     fn pop(&mut self, now: Instant) -> Option<OwnedRecord> {
         let (t, _) = self
             .queues
@@ -655,6 +1063,9 @@ impl Aligner {
             .enumerate()
             .filter_map(|(i, q)| q.front().map(|r| (i, (r.timestamp_ms.unwrap_or(i64::MIN), i))))
             .min_by_key(|(_, key)| *key)?;
+        if self.blocked() {
+            return None;
+        }
         let waiting = self.queues.iter().enumerate().any(|(u, q)| {
             u != t && q.is_empty() && now.duration_since(self.empty_since[u]) < self.idle_limit(u)
         });
@@ -670,9 +1081,10 @@ impl Aligner {
     }
 
     /// How long until a waiting record may be released by the idle rule (the longest remaining
-    /// wait: `pop` releases only when no empty topic is still waited for).
+    /// wait: `pop` releases only when no empty topic is still waited for). `None` when nothing
+    /// waits, or when a topic that is behind is waited for: only a command can end that wait.
     fn wait_hint(&self, now: Instant) -> Option<Duration> {
-        if self.queued == 0 {
+        if self.queued == 0 || self.blocked() {
             return None;
         }
         self.queues
@@ -683,12 +1095,33 @@ impl Aligner {
             .max()
             .map(|d| d.max(Duration::from_millis(1)))
     }
+
+    /// Updates which topics should be paused on the consumer; `true` when that changed.
+    fn update_pauses(&mut self) -> bool {
+        let mut changed = false;
+        for u in 0..self.queues.len() {
+            let others = || (0..self.queues.len()).filter(move |v| *v != u);
+            let len = self.queues[u].len();
+            let want = if self.paused[u] {
+                len > self.resume_at && others().any(|v| self.backlog[v] == Backlog::Behind)
+            } else {
+                len >= self.pause_at
+                    && others().any(|v| self.backlog[v] == Backlog::Behind && self.queues[v].is_empty())
+            };
+            if want != self.paused[u] {
+                self.paused[u] = want;
+                changed = true;
+            }
+        }
+        changed
+    }
 }
 
 async fn partition_task(
     config: Arc<Config>,
     mut state: PartitionState,
-    at_end: Vec<bool>,
+    backlog: Vec<Backlog>,
+    flow: Arc<Flow>,
     mut rx: mpsc::Receiver<Cmd>,
 ) {
     let mut last_saved = state.records;
@@ -698,10 +1131,20 @@ async fn partition_task(
     let mut reported_invalid = state.invalid.clone();
     let spec = &config.core;
     let mut aligner = Aligner::new(
-        at_end,
+        backlog,
         Duration::from_millis(config.kafka.max_idle_ms as u64),
         config.kafka.partition_queue_records,
     );
+    let partition = state.partition;
+    // Asks the consumer thread to pause or resume topics as the aligner's queues say.
+    let steer = |aligner: &mut Aligner| {
+        if aligner.update_pauses() {
+            tracing::debug!(
+                partition, paused = ?aligner.paused, queued = aligner.queued, "pause requests changed"
+            );
+            flow.request(&aligner.paused);
+        }
+    };
     let apply = |state: &mut PartitionState,
                  r: OwnedRecord,
                  dead: &mut Vec<DeadLetter>,
@@ -734,6 +1177,7 @@ async fn partition_task(
                     while let Some(r) = aligner.pop(Instant::now()) {
                         apply(&mut state, r, &mut dead, &mut timestamps);
                     }
+                    steer(&mut aligner);
                     continue;
                 }
             },
@@ -753,7 +1197,15 @@ async fn partition_task(
                     while let Some(r) = aligner.pop(Instant::now()) {
                         apply(&mut state, r, &mut dead, &mut timestamps);
                     }
+                    steer(&mut aligner);
                 }
+            }
+            Cmd::Backlog { topic, backlog } => {
+                aligner.set_backlog(topic, backlog, Instant::now());
+                while let Some(r) = aligner.pop(Instant::now()) {
+                    apply(&mut state, r, &mut dead, &mut timestamps);
+                }
+                steer(&mut aligner);
             }
             Cmd::Snapshot { stop, reply } => {
                 let saved = (state.records != last_saved || !dead.is_empty())
@@ -856,6 +1308,10 @@ fn session(
             tasks: BTreeMap::new(),
             poisoned: None,
             topic_index,
+            align: config.topics.len() > 1,
+            flow_changed: Arc::new(AtomicBool::new(false)),
+            lag_changed: false,
+            next_position_check: Instant::now(),
         })),
     };
     let mut cc = super::client_config(k);
@@ -868,7 +1324,9 @@ fn session(
         cc.set("auto.offset.reset", "earliest");
     }
     if !k.properties.contains_key("statistics.interval.ms") {
-        cc.set("statistics.interval.ms", "5000");
+        // With two topics the statistics also carry the end offsets of the inputs' fetch
+        // responses, which tell the aligner that a topic fell behind while running.
+        cc.set("statistics.interval.ms", if config.topics.len() > 1 { "1000" } else { "5000" });
     }
     // Impressions and feedback of partition p must meet in one task: range assignment gives a
     // member the same partition numbers of co-partitioned topics.
@@ -892,6 +1350,12 @@ fn session(
                 tracing::warn!(error = %e, "consumer error");
             }
             None => s.flush_batches(),
+        }
+        if s.align {
+            s.track_backlog(&consumer);
+            if s.flow_changed.swap(false, Ordering::SeqCst) {
+                s.apply_pauses(&consumer);
+            }
         }
         // A poisoned session stays poisoned until dropped, so the revocation that closing the
         // consumer triggers commits nothing.
@@ -919,7 +1383,9 @@ fn session(
             s.poison(anyhow!("{e:#}"));
             return Ok(SessionEnd::Restart(e));
         }
+        s.release_pauses(&consumer, &parts);
         s.tasks.clear();
+        s.report_lag();
     }
     consumer.unsubscribe();
     // Serve the resulting revocation (nothing left to commit) and leave the group.
@@ -934,6 +1400,7 @@ fn session(
 
 #[cfg(test)]
 mod tests {
+    use super::Backlog::{Behind, CaughtUp, Unknown};
     use super::*;
 
     fn record(topic: usize, timestamp_ms: i64) -> OwnedRecord {
@@ -947,12 +1414,18 @@ mod tests {
         }
     }
 
+    /// Everything `pop` releases at `now`, as (topic, timestamp).
+    fn drain(a: &mut Aligner, now: Instant) -> Vec<(usize, i64)> {
+        std::iter::from_fn(|| a.pop(now)).map(|r| (r.topic, r.timestamp_ms.unwrap_or(0))).collect()
+    }
+
     const IDLE: Duration = Duration::from_millis(200);
+    const HOUR: Duration = Duration::from_secs(3600);
 
     #[test]
-    fn a_topic_with_a_backlog_is_waited_for_until_its_first_record() {
+    fn an_unknown_topic_is_waited_for_until_its_first_record() {
         let t0 = Instant::now();
-        let mut a = Aligner::new(vec![false, false], IDLE, 1000);
+        let mut a = Aligner::new(vec![Unknown, Unknown], IDLE, 1000);
         a.push(record(1, 10));
         let t1 = t0 + FIRST_RECORD_WAIT / 2;
         assert!(a.pop(t1).is_none(), "feedback must not run ahead of unseen impressions");
@@ -965,9 +1438,9 @@ mod tests {
     }
 
     #[test]
-    fn a_topic_at_its_end_is_waited_for_only_the_idle_limit() {
+    fn a_caught_up_topic_is_waited_for_only_the_idle_limit() {
         let t0 = Instant::now();
-        let mut a = Aligner::new(vec![true, false], IDLE, 1000);
+        let mut a = Aligner::new(vec![CaughtUp, Unknown], IDLE, 1000);
         a.push(record(1, 10));
         assert_eq!(a.pop(t0 + IDLE * 2).map(|r| r.topic), Some(1));
     }
@@ -975,7 +1448,7 @@ mod tests {
     #[test]
     fn the_wait_for_a_first_record_is_bounded() {
         let t0 = Instant::now();
-        let mut a = Aligner::new(vec![false, false], IDLE, 1000);
+        let mut a = Aligner::new(vec![Unknown, Unknown], IDLE, 1000);
         a.push(record(1, 10));
         assert!(a.pop(t0 + FIRST_RECORD_WAIT / 2).is_none());
         assert_eq!(a.pop(t0 + FIRST_RECORD_WAIT + IDLE).map(|r| r.topic), Some(1));
@@ -985,19 +1458,138 @@ mod tests {
     #[test]
     fn the_wait_hint_is_the_longest_remaining_wait() {
         let t0 = Instant::now();
-        let mut a = Aligner::new(vec![true, false, false], IDLE, 1000);
+        let mut a = Aligner::new(vec![CaughtUp, Unknown, Unknown], IDLE, 1000);
         a.push(record(2, 10));
         let hint = a.wait_hint(t0 + IDLE * 2).expect("a record waits");
         assert!(hint > FIRST_RECORD_WAIT / 2, "topic 1 is still waited for: {hint:?}");
     }
 
     #[test]
-    fn a_full_queue_is_released_without_waiting() {
+    fn a_full_queue_is_released_without_waiting_for_a_topic_that_is_not_behind() {
         let t0 = Instant::now();
-        let mut a = Aligner::new(vec![false, false], IDLE, 2);
+        let mut a = Aligner::new(vec![Unknown, Unknown], IDLE, 2);
         for ts in 0..3 {
             a.push(record(1, ts));
         }
         assert_eq!(a.pop(t0).map(|r| r.timestamp_ms), Some(Some(0)));
+    }
+
+    #[test]
+    fn a_topic_behind_is_never_overtaken() {
+        let t0 = Instant::now();
+        let mut a = Aligner::new(vec![Behind, CaughtUp], IDLE, 4);
+        for ts in 10..20 {
+            a.push(record(1, ts));
+        }
+        let later = t0 + HOUR;
+        assert!(a.pop(later).is_none(), "neither time nor a full queue lets feedback overtake impressions");
+        assert_eq!(a.wait_hint(later), None, "no timer: only a record or news of the backlog ends the wait");
+        a.push(record(0, 12));
+        assert_eq!(drain(&mut a, later), vec![(1, 10), (1, 11), (0, 12)], "merged, then waiting again");
+        assert!(a.pop(later + HOUR).is_none());
+    }
+
+    #[test]
+    fn a_topic_that_caught_up_is_skipped_after_max_idle() {
+        let t0 = Instant::now();
+        let mut a = Aligner::new(vec![Behind, CaughtUp], IDLE, 1000);
+        a.push(record(1, 10));
+        let t1 = t0 + IDLE * 10;
+        assert!(a.pop(t1).is_none());
+        a.set_backlog(0, CaughtUp, t1);
+        assert!(a.pop(t1 + IDLE / 2).is_none(), "idle counts from when the topic is known caught up");
+        assert_eq!(a.wait_hint(t1 + IDLE / 2), Some(IDLE / 2));
+        assert_eq!(a.pop(t1 + IDLE).map(|r| r.topic), Some(1));
+    }
+
+    #[test]
+    fn a_full_queue_waiting_for_a_topic_behind_is_paused_then_resumed() {
+        let t0 = Instant::now();
+        let later = t0 + HOUR;
+        // pause at 4 queued records of one topic, resume at 2.
+        let mut a = Aligner::new(vec![Behind, CaughtUp], IDLE, 8);
+        for ts in 10..13 {
+            a.push(record(1, ts));
+        }
+        assert!(!a.update_pauses(), "below the pause mark");
+        a.push(record(1, 13));
+        assert!(a.update_pauses());
+        assert_eq!(a.paused, vec![false, true]);
+        // Records already on their way when the pause took effect: held, beyond the cap.
+        for ts in 14..30 {
+            a.push(record(1, ts));
+        }
+        assert!(a.pop(later).is_none());
+        assert!(!a.update_pauses(), "stays paused");
+        // The lagging topic delivers: the merge goes on and waits again at its newest record.
+        a.push(record(0, 11));
+        a.push(record(0, 25));
+        let out = drain(&mut a, later);
+        assert_eq!(out.len(), 17);
+        assert_eq!(out.last(), Some(&(0, 25)));
+        assert!(!a.update_pauses(), "5 queued: above the resume mark while topic 0 is behind");
+        a.push(record(0, 28));
+        assert_eq!(drain(&mut a, later), vec![(1, 25), (1, 26), (1, 27), (0, 28)]);
+        assert!(a.update_pauses(), "down to the resume mark");
+        assert_eq!(a.paused, vec![false, false]);
+    }
+
+    #[test]
+    fn a_topic_that_catches_up_releases_the_pause() {
+        let mut a = Aligner::new(vec![Behind, CaughtUp], IDLE, 2);
+        a.push(record(1, 10));
+        a.push(record(1, 11));
+        assert!(a.update_pauses());
+        assert_eq!(a.paused, vec![false, true]);
+        a.set_backlog(0, CaughtUp, Instant::now());
+        assert!(a.update_pauses(), "nothing behind any more");
+        assert_eq!(a.paused, vec![false, false]);
+    }
+
+    #[test]
+    fn the_topic_waited_for_is_never_left_paused() {
+        let later = Instant::now() + HOUR;
+        let mut a = Aligner::new(vec![Behind, Behind], IDLE, 8);
+        for ts in 0..4 {
+            a.push(record(1, ts));
+        }
+        assert!(a.update_pauses());
+        assert_eq!(a.paused, vec![false, true]);
+        // Topic 0 delivers records newer than all of topic 1's: topic 1 drains and becomes the
+        // topic waited for.
+        for ts in 10..15 {
+            a.push(record(0, ts));
+        }
+        assert_eq!(drain(&mut a, later), vec![(1, 0), (1, 1), (1, 2), (1, 3)]);
+        assert!(a.update_pauses());
+        assert_eq!(a.paused, vec![true, false], "the topic now ahead is paused, the one waited for resumed");
+    }
+
+    #[test]
+    fn the_backlog_at_assignment_follows_the_watermarks() {
+        let b = |restored, watermarks, latest| input_lag(restored, watermarks, latest).told;
+        assert_eq!(b(Some(5), Some((0, 10)), false), Behind);
+        assert_eq!(b(Some(10), Some((0, 10)), false), CaughtUp);
+        assert_eq!(b(Some(2), Some((5, 5)), false), CaughtUp, "below the start of an empty log");
+        assert_eq!(b(Some(2), Some((5, 9)), false), Behind, "reset to the start");
+        assert_eq!(b(Some(2), Some((5, 9)), true), CaughtUp, "reset to the end");
+        assert_eq!(b(None, Some((0, 10)), true), CaughtUp);
+        assert_eq!(b(None, Some((3, 3)), false), CaughtUp);
+        assert_eq!(b(None, Some((0, 10)), false), Behind, "assumed to start at the log start");
+        assert!(input_lag(None, Some((0, 10)), false).assumed);
+        assert_eq!(b(Some(5), None, false), Unknown);
+        let mut lag = input_lag(None, Some((0, 10)), false);
+        assert!(!lag.delivered(0), "a position at the log start confirms the assumption");
+        assert!(!lag.assumed);
+    }
+
+    #[test]
+    fn a_transaction_marker_is_passed_by_the_position_not_by_records() {
+        // Record 8 was the last one; offset 9 is the commit marker, so the end is 10.
+        let mut lag = input_lag(Some(9), Some((0, 10)), false);
+        assert_eq!(lag.backlog(), Behind);
+        // The consumer's position (librdkafka's, after serving the marker) moves past it.
+        lag.next = lag.next.max(10);
+        assert_eq!(lag.backlog(), CaughtUp);
     }
 }

@@ -127,3 +127,46 @@ fn bad_config_names_the_field_and_exits_non_zero() {
         assert!(err.contains(field), "{field} not named in: {err}");
     }
 }
+
+#[test]
+fn every_model_of_the_fixture_learns_something_real() {
+    // A summary that shows only priors would pass a golden comparison; this would not. Each
+    // model's most-clicked arm, read as the summary reads it, must carry evidence well beyond
+    // its prior: successes and exposures that have not decayed away.
+    let config = banditflow::config::Config::load(Some(&root().join("tests/fixtures/shop.toml")), Vec::new())
+        .expect("fixture config");
+    let text = std::fs::read_to_string(root().join("tests/fixtures/shop.jsonl")).expect("fixture");
+    let mut run = banditflow::replay::ReplayRun::default();
+    for (i, l) in text.lines().enumerate() {
+        let r = banditflow::recording::parse_line(i + 1, l).expect("fixture line");
+        banditflow::replay::apply_record(&config, &mut run, r);
+    }
+    for m in banditflow::replay::merged_models(&config, &run).expect("merges") {
+        let spec = &m.spec;
+        let now = m.shard.read_time(m.meta.watermark_ms);
+        let exam = matches!(
+            spec.position,
+            banditflow::core::params::PositionModel::Pbm(banditflow::core::params::Examination::Estimated)
+        )
+        .then(|| m.shard.estimated_examination());
+        let (seg, item, _) = m
+            .shard
+            .arms
+            .iter()
+            .flat_map(|(s, items)| items.iter().map(move |(i, a)| (s, i, a.feedback[0])))
+            .max_by_key(|(s, i, clicks)| (*clicks, (*s).clone(), (*i).clone()))
+            .expect("arms");
+        let post = m.shard.posterior(spec, seg, item, now, exam.as_deref());
+        let prior = spec.prior_for(seg);
+        let evidence = (post.alpha + post.beta) - (prior.alpha + prior.beta);
+        assert!(
+            post.alpha - prior.alpha > 5.0 && evidence > 50.0,
+            "model {}: top arm {seg}/{item} reads as Beta({}, {}) against prior Beta({}, {})",
+            spec.id,
+            post.alpha,
+            post.beta,
+            prior.alpha,
+            prior.beta
+        );
+    }
+}

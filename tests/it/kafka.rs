@@ -54,6 +54,37 @@ fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The three learning paths of the core, as in the golden fixture: Beta with configured
+/// examination, linear with cascade, Beta with estimated examination.
+const MODELS: &str = r#"
+[[models]]
+id = "home"
+algorithm = "beta"
+position_model = "pbm"
+examination = [1.0, 0.77, 0.63, 0.53, 0.45, 0.4]
+half_life = "7d"
+prior = { alpha = 1.0, beta = 9.0 }
+
+[[models]]
+id = "search"
+algorithm = "linear"
+position_model = "cascade"
+half_life = "3d"
+linear = { dim = 16, lambda = 1.0, hash_seed = 11 }
+
+[[models]]
+id = "recs"
+algorithm = "beta"
+position_model = "pbm"
+examination = "estimated"
+half_life = "1d"
+"#;
+
+/// The model ids the test shops draw impressions for.
+fn model_ids() -> Vec<String> {
+    ["home", "search", "recs"].map(String::from).to_vec()
+}
+
 /// One test's topics, group and config.
 struct Setup {
     bootstrap: String,
@@ -100,12 +131,13 @@ metrics_address = ""
 [kafka.properties]
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "500"
-"#,
+{MODELS}"#,
             input = s.input,
             group = s.group,
             snapshots = s.snapshots,
             dlq = s.dead_letters,
-        );
+        )
+        .replace("{MODELS}", MODELS);
         let config_path = s.dir.path().join("banditflow.toml");
         std::fs::write(&config_path, text).expect("config");
         Setup { config_path, ..s }
@@ -116,15 +148,38 @@ metrics_address = ""
     }
 
     fn shop(&self, seed: u64, impressions: usize, malformed_share: f64) -> Vec<Record> {
+        self.shop_with(ShopSpec { seed, impressions, malformed_share, ..ShopSpec::default() }).records
+    }
+
+    /// A shop on this setup's combined topic and partitions, for all three models.
+    fn shop_with(&self, spec: ShopSpec) -> generate::Shop {
         generate::generate(&ShopSpec {
-            seed,
-            impressions,
             partitions: self.partitions,
-            malformed_share,
             combined_topic: Some(self.input.clone()),
-            ..ShopSpec::default()
+            model_ids: model_ids(),
+            ..spec
         })
-        .records
+    }
+
+    /// The committed shards merged per model must hold exactly the generator's ground truth
+    /// (`support::truth`): an oracle that shares no code with the join.
+    fn assert_totals_match_truth(&self, events: &[banditflow::core::event::Event]) {
+        let config = self.config();
+        let truth = crate::support::truth(&config, events);
+        let shards = store::read_models(
+            banditflow::kafka::bootstrap_config(&self.bootstrap),
+            &self.snapshots,
+            Duration::from_secs(60),
+        )
+        .expect("snapshot topic readable");
+        for m in &config.core.models {
+            let mine: Vec<_> =
+                shards.iter().filter(|((id, _), _)| *id == m.id).map(|(_, s)| s.clone()).collect();
+            let merged = snapshot::merge(&mine).expect("shards merge");
+            let got = crate::support::Totals::of(&merged.shard);
+            let want = truth.get(&m.id).cloned().unwrap_or_default();
+            assert!(got == want, "model {}: learned totals differ from the generator's truth", m.id);
+        }
     }
 
     fn produce(&self, records: Vec<Record>) {
@@ -694,4 +749,171 @@ fn mismatched_partition_counts_are_refused_with_a_clear_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not co-partitioned") && err.contains("has 2") && err.contains("has 3"), "{err}");
+}
+
+/// Runs `first`, stops with SIGTERM, then runs `second` (after `between`) and stops again.
+/// Returns the second processor's log. Waiting for every record to be committed is the proof
+/// that the service neither stopped nor crash-looped.
+fn run_in_two_phases(s: &Setup, first: &[Record], second: &[Record], between: impl FnOnce()) -> String {
+    s.produce(first.to_vec());
+    let mut p = s.start("0");
+    s.wait_caught_up(Duration::from_secs(120));
+    let (status, _) = p.terminate();
+    assert!(status.success(), "log:\n{}", p.log_text());
+    between();
+    s.produce(second.to_vec());
+    let mut p = s.start("0");
+    s.wait_caught_up(Duration::from_secs(120));
+    let (status, _) = p.terminate();
+    assert!(status.success(), "log:\n{}", p.log_text());
+    p.log_text()
+}
+
+/// A shop split in two halves by record position; the second half's offsets continue the first.
+fn halves(shop: &generate::Shop) -> (Vec<Record>, Vec<Record>) {
+    let (a, b) = shop.records.split_at(shop.records.len() / 2);
+    (a.to_vec(), b.to_vec())
+}
+
+#[test]
+fn ids_with_key_separators_survive_a_restart_byte_for_byte() {
+    let b = bootstrap();
+    let s = Setup::new("oddids", &b, 2);
+    let shop = s.shop_with(ShopSpec { seed: 21, impressions: 3000, odd_ids: true, ..ShopSpec::default() });
+    assert!(shop.records.iter().any(|r| r.key.as_deref().is_some_and(|k| k.contains(&b'#'))));
+    let (first, second) = halves(&shop);
+    run_in_two_phases(&s, &first, &second, || {});
+    s.assert_matches_offline(&shop.records);
+    s.assert_totals_match_truth(&shop.events);
+}
+
+/// Rewrites the config file with `from` replaced by `to` (which must occur).
+fn edit_config(s: &Setup, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&s.config_path).expect("config");
+    assert!(text.contains(from), "config has no {from:?}");
+    std::fs::write(&s.config_path, text.replacen(from, to, 1)).expect("config");
+}
+
+#[test]
+fn a_read_time_config_change_applies_at_once_and_keeps_every_statistic() {
+    let b = bootstrap();
+    let s = Setup::new("cfgprior", &b, 2);
+    let shop = s.shop_with(ShopSpec { seed: 22, impressions: 3000, ..ShopSpec::default() });
+    let (first, second) = halves(&shop);
+    let log = run_in_two_phases(&s, &first, &second, || {
+        edit_config(&s, "prior = { alpha = 1.0, beta = 9.0 }", "prior = { alpha = 2.0, beta = 30.0 }");
+        edit_config(&s, "examination = [1.0, 0.77,", "examination = [1.0, 0.8,");
+    });
+    assert!(log.contains("read-time parameters"), "log:\n{log}");
+    // Priors are read-time, so the statistics equal a replay of everything under the new
+    // config except `home`'s exposures, half of which used the old examination weights.
+    let want = s.offline_shards(&shop.records);
+    let got = s.committed_shards();
+    for model in ["search", "recs"] {
+        for p in 0..2 {
+            assert!(got[&(model.to_string(), p)] == want[&(model.to_string(), p)], "{model}/{p} differs");
+        }
+    }
+    s.assert_totals_match_truth(&shop.events);
+}
+
+#[test]
+fn a_half_life_change_keeps_counters_and_rescales_decayed_sums() {
+    let b = bootstrap();
+    let s = Setup::new("cfghalflife", &b, 2);
+    let shop = s.shop_with(ShopSpec { seed: 23, impressions: 3000, ..ShopSpec::default() });
+    let (first, second) = halves(&shop);
+    let log = run_in_two_phases(&s, &first, &second, || {
+        edit_config(&s, "half_life = \"1d\"", "half_life = \"6h\"")
+    });
+    assert!(log.contains("half-life changed"), "log:\n{log}");
+    let got = s.committed_shards();
+    let recs = snapshot::decode(&got[&("recs".to_string(), 0)]).expect("decodes");
+    assert_eq!(recs.spec.half_life_ms, 6 * 3_600_000, "the snapshot carries the new half-life");
+    // Integer statistics do not decay: all of them survive, exactly as produced.
+    s.assert_totals_match_truth(&shop.events);
+}
+
+#[test]
+fn a_meaning_changing_config_change_starts_that_model_afresh() {
+    let b = bootstrap();
+    let s = Setup::new("cfgreset", &b, 2);
+    let shop = s.shop_with(ShopSpec { seed: 24, impressions: 3000, ..ShopSpec::default() });
+    let (first, second) = halves(&shop);
+    let log = run_in_two_phases(&s, &first, &second, || {
+        edit_config(&s, "linear = { dim = 16,", "linear = { dim = 8,")
+    });
+    assert!(log.contains("starts afresh") && log.contains("linear.dim"), "log:\n{log}");
+    // `search` holds only what its impressions of the second phase brought; the other models
+    // everything.
+    let config = s.config();
+    let impression_ids = |records: &[Record]| -> std::collections::BTreeSet<String> {
+        records
+            .iter()
+            .filter_map(|r| {
+                match banditflow::core::event::decode(
+                    banditflow::core::event::TopicRole::Combined,
+                    banditflow::core::event::Encoding::Protobuf,
+                    &r.payload,
+                ) {
+                    Ok(banditflow::core::event::Event::Impression(i)) => Some(i.impression_id),
+                    _ => None,
+                }
+            })
+            .collect()
+    };
+    let (before, after) = (impression_ids(&first), impression_ids(&second));
+    // Impressions logged after the reset, with none of their feedback: the reset model counts
+    // exactly these impressions.
+    let fresh: Vec<banditflow::core::event::Event> = shop
+        .events
+        .iter()
+        .filter(|e| match e {
+            banditflow::core::event::Event::Impression(i) => {
+                after.contains(&i.impression_id) && !before.contains(&i.impression_id)
+            }
+            banditflow::core::event::Event::Feedback(_) => false,
+        })
+        .cloned()
+        .collect();
+    let truth_fresh = crate::support::truth(&config, &fresh);
+    let shards =
+        store::read_models(banditflow::kafka::bootstrap_config(&b), &s.snapshots, Duration::from_secs(60))
+            .expect("readable");
+    let search: Vec<_> = shards.iter().filter(|((m, _), _)| m == "search").map(|(_, v)| v.clone()).collect();
+    let merged = snapshot::merge(&search).expect("merges");
+    let impressions: u64 = merged.shard.variants.values().map(|v| v.impressions).sum();
+    let want: u64 = truth_fresh.get("search").map_or(0, |t| t.variants.values().map(|v| v.0).sum());
+    assert_eq!(impressions, want, "search counts exactly the impressions logged after the reset");
+    assert_eq!(merged.spec.algorithm, config.core.model("search").expect("search").algorithm);
+    // The other models kept everything.
+    let all = crate::support::truth(&config, &shop.events);
+    for model in ["home", "recs"] {
+        let mine: Vec<_> = shards.iter().filter(|((m, _), _)| m == model).map(|(_, v)| v.clone()).collect();
+        let merged = snapshot::merge(&mine).expect("merges");
+        assert!(crate::support::Totals::of(&merged.shard) == all[model], "{model} lost statistics");
+    }
+}
+
+#[test]
+fn removing_and_adding_models_drops_and_starts_them_without_a_restart_loop() {
+    let b = bootstrap();
+    let s = Setup::new("cfgmodels", &b, 2);
+    let shop = s.shop_with(ShopSpec { seed: 25, impressions: 3000, ..ShopSpec::default() });
+    let (first, second) = halves(&shop);
+    let log = run_in_two_phases(&s, &first, &second, || {
+        // `recs` (the last model of the file) removed; a new model whose id has a key separator.
+        let text = std::fs::read_to_string(&s.config_path).expect("config");
+        let cut = text.find("\n[[models]]\nid = \"recs\"").expect("recs configured");
+        let text = format!("{}\n[[models]]\nid = \"fresh#1\"\nhalf_life = \"1d\"\n", &text[..cut]);
+        std::fs::write(&s.config_path, text).expect("config");
+    });
+    assert!(log.contains("no longer configured") && log.contains("model added"), "log:\n{log}");
+    let shards = s.committed_shards();
+    let models: std::collections::BTreeSet<&str> = shards.keys().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(models, ["fresh#1", "home", "search"].into_iter().collect(), "recs is deleted from the topic");
+    // The new model never saw an impression of its own id: it is empty but published.
+    let fresh = snapshot::decode(&shards[&("fresh#1".to_string(), 0)]).expect("decodes");
+    assert_eq!(fresh.shard.arm_count(), 0);
+    s.assert_totals_match_truth(&shop.events);
 }

@@ -1,10 +1,12 @@
 //! The integration tests, as one binary (one link, shared helpers).
 
+mod alignment;
 mod bad_input;
 mod golden;
 mod hardening;
 mod join;
 mod kafka;
+mod lift;
 mod policy;
 mod properties;
 mod snapshot;

@@ -113,3 +113,147 @@ fn thompson_explores_unseen_items_and_favours_the_best() {
     // The never-shown item starts from its prior and so gets shown, ahead of a known loser.
     assert!(new_shown > 200, "cold item shown only {new_shown} of 400 times");
 }
+
+/// CDF of Beta(a, b) for integer a, b ≥ 1: P(X ≤ x) = P(Binomial(a + b − 1, x) ≥ a).
+fn beta_cdf_int(a: u32, b: u32, x: f64) -> f64 {
+    let n = a + b - 1;
+    let mut choose = 1.0f64; // C(n, j), built up from j = 0
+    let mut sum = 0.0;
+    for j in 0..=n {
+        if j > 0 {
+            choose = choose * f64::from(n - j + 1) / f64::from(j);
+        }
+        if j >= a {
+            sum += choose * x.powi(j as i32) * (1.0 - x).powi((n - j) as i32);
+        }
+    }
+    sum
+}
+
+fn beta_pdf_int(a: u32, b: u32, x: f64) -> f64 {
+    // 1 / B(a, b) = (a + b − 1)! / ((a − 1)! (b − 1)!)
+    let fact = |k: u32| (1..=k).map(f64::from).product::<f64>();
+    fact(a + b - 1) / (fact(a - 1) * fact(b - 1)) * x.powi(a as i32 - 1) * (1.0 - x).powi(b as i32 - 1)
+}
+
+/// Exact P(item i is ranked at position p) for independent Beta draws, slates of two:
+/// position 1 = i beats all; position 2 = exactly one other beats i. Simpson's rule.
+fn exact_slate_probabilities(params: &[(u32, u32)]) -> Vec<[f64; 2]> {
+    let steps = 20_000;
+    let h = 1.0 / steps as f64;
+    params
+        .iter()
+        .enumerate()
+        .map(|(i, &(a, b))| {
+            let mut first = 0.0;
+            let mut second = 0.0;
+            for s in 0..=steps {
+                let x = s as f64 * h;
+                let w = if s == 0 || s == steps {
+                    1.0
+                } else if s % 2 == 1 {
+                    4.0
+                } else {
+                    2.0
+                };
+                let f = beta_pdf_int(a, b, x);
+                let below: Vec<f64> = params
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, &(aj, bj))| beta_cdf_int(aj, bj, x))
+                    .collect();
+                let all_below: f64 = below.iter().product();
+                // Exactly one of the others above x.
+                let one_above: f64 = (0..below.len())
+                    .map(|k| {
+                        (1.0 - below[k])
+                            * below
+                                .iter()
+                                .enumerate()
+                                .filter(|(m, _)| *m != k)
+                                .map(|(_, v)| v)
+                                .product::<f64>()
+                    })
+                    .sum();
+                first += w * f * all_below;
+                second += w * f * one_above;
+            }
+            [first * h / 3.0, second * h / 3.0]
+        })
+        .collect()
+}
+
+#[test]
+fn thompson_propensities_of_an_asymmetric_slate_match_the_exact_integral() {
+    // Four arms with different posteriors (prior Beta(1, 1), no decay), a slate of two.
+    let mut spec = unbounded_spec();
+    spec.models[2].prior = banditflow::core::params::Prior { alpha: 1.0, beta: 1.0 };
+    let m = &spec.models[2];
+    let params: [(u32, u32); 4] = [(3, 9), (5, 5), (2, 2), (8, 4)];
+    let mut shard = banditflow::core::model::ModelShard::new(m);
+    shard.landmark_ms = Some(0);
+    let mut items = banditflow::core::model::HashMap::default();
+    for (k, &(a, b)) in params.iter().enumerate() {
+        // The estimated-examination model reads exposure from per-position counts (weight 1).
+        let arm = banditflow::core::model::ArmStats {
+            success: f64::from(a - 1),
+            position_exposure: vec![f64::from(a + b - 2)],
+            ..Default::default()
+        };
+        items.insert(format!("item{k}"), arm);
+    }
+    shard.arms.insert("s".to_string(), items);
+    shard.arm_total = params.len();
+    let c: Vec<String> = (0..params.len()).map(|k| format!("item{k}")).collect();
+    for (k, &(a, b)) in params.iter().enumerate() {
+        let p = shard.posterior(m, "s", &c[k], 0, Some(&shard.estimated_examination()));
+        assert_eq!((p.alpha, p.beta), (f64::from(a), f64::from(b)), "posterior set up as intended");
+    }
+    let exact = exact_slate_probabilities(&params);
+    for (i, e) in exact.iter().enumerate() {
+        assert!(e.iter().all(|v| (0.0..=1.0).contains(v)), "item {i}: {e:?}");
+    }
+    let samples = 20_000;
+    let policy = PolicySpec { strategy: Strategy::Thompson, epsilon: 0.0, propensity_samples: samples };
+    let mut checked = 0;
+    for seed in 0..40 {
+        let req = RankRequest { segment: "s", features: &[], candidates: &c, slate_size: 2, now_ms: 0, seed };
+        for p in rank(m, &shard, &policy, &req) {
+            let i: usize = p.item_id[4..].parse().expect("index");
+            let want = exact[i][p.position as usize - 1];
+            // Binomial standard error of the estimate; 4.5 of them (plus the served draw).
+            let se = (want * (1.0 - want) / f64::from(samples)).sqrt();
+            assert!(
+                (p.propensity - want).abs() < 4.5 * se + 1.0 / f64::from(samples),
+                "seed {seed}: {} at {}: estimate {} vs exact {want}",
+                p.item_id,
+                p.position,
+                p.propensity
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 80);
+}
+
+#[test]
+fn no_propensity_is_below_the_epsilon_floor_and_the_served_draw_counts() {
+    let (spec, f, i) = trained("pbm");
+    let c: Vec<String> = (0..50).map(|k| format!("cold{k}")).chain(candidates()).collect();
+    for eps in [0.0, 0.01, 0.2] {
+        // One Monte Carlo sample only: the served placement must still get a positive estimate.
+        let policy = PolicySpec { strategy: Strategy::Thompson, epsilon: eps, propensity_samples: 1 };
+        for seed in 0..200 {
+            let req = RankRequest { slate_size: 5, ..request(&c, seed) };
+            for p in rank(&spec.models[i], &f.state.models[i], &policy, &req) {
+                let floor = eps / c.len() as f64;
+                assert!(p.propensity >= floor, "eps {eps} seed {seed}: {p:?}");
+                if eps == 0.0 {
+                    // Served draw + 1 sample: every served placement has at least 1/2.
+                    assert!(p.propensity >= 0.5, "seed {seed}: {p:?}");
+                }
+            }
+        }
+    }
+}

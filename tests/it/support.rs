@@ -199,3 +199,75 @@ pub fn assert_shards_equivalent(a: &ModelShard, b: &ModelShard, spec: &ModelSpec
         _ => panic!("{what}: linear state present on one side only"),
     }
 }
+
+/// Totals a model must hold: per (segment, item) impressions, feedback per kind and reward;
+/// per variant impressions and reward.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub arms: BTreeMap<(String, String), (u64, [u64; 4], i64)>,
+    pub variants: BTreeMap<Variant, (u64, i64)>,
+}
+
+impl Totals {
+    pub fn of(shard: &ModelShard) -> Totals {
+        let mut t = Totals::default();
+        for (seg, items) in &shard.arms {
+            for (it, a) in items {
+                t.arms.insert((seg.clone(), it.clone()), (a.impressions, a.feedback, a.reward_micros));
+            }
+        }
+        t.variants =
+            shard.variants.iter().map(|(v, s)| (v.clone(), (s.impressions, s.reward_micros))).collect();
+        t
+    }
+}
+
+/// Ground truth from a generator's own events, per configured model, counted without the
+/// join: the first copy of each impression, opted-out impressions and their feedback excluded,
+/// feedback for never-logged impressions excluded, repeated (impression, item, kind) counted
+/// once. Valid when no window, grace or cap is crossed (the test shops stay well inside).
+pub fn truth(config: &banditflow::config::Config, events: &[Event]) -> BTreeMap<String, Totals> {
+    type Shown = (String, Variant, String, bool, Vec<String>);
+    let mut shown: std::collections::HashMap<String, Shown> = std::collections::HashMap::new();
+    for e in events {
+        if let Event::Impression(i) = e {
+            shown.entry(i.impression_id.clone()).or_insert((
+                i.model_id.clone(),
+                i.variant.clone(),
+                i.segment.clone(),
+                i.opted_out,
+                i.slate.iter().map(|s| s.item_id.clone()).collect(),
+            ));
+        }
+    }
+    let mut out: BTreeMap<String, Totals> = BTreeMap::new();
+    for (model, variant, seg, opted, items) in shown.values() {
+        if *opted || config.core.model(model).is_none() {
+            continue;
+        }
+        let t = out.entry(model.clone()).or_default();
+        t.variants.entry(variant.clone()).or_default().0 += 1;
+        for it in items {
+            t.arms.entry((seg.clone(), it.clone())).or_default().0 += 1;
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for e in events {
+        if let Event::Feedback(f) = e {
+            let Some((model, variant, seg, opted, _)) = shown.get(&f.impression_id) else { continue };
+            if *opted
+                || config.core.model(model).is_none()
+                || !seen.insert((f.impression_id.clone(), f.item_id.clone(), f.kind))
+            {
+                continue;
+            }
+            let reward = config.core.rewards.micros(f.kind, f.value);
+            let t = out.entry(model.clone()).or_default();
+            let a = t.arms.entry((seg.clone(), f.item_id.clone())).or_default();
+            a.1[f.kind.index()] += 1;
+            a.2 += reward;
+            t.variants.entry(variant.clone()).or_default().1 += reward;
+        }
+    }
+    out
+}
