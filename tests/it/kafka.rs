@@ -26,7 +26,7 @@ use banditflow::kafka::{admin, store, transfer};
 use banditflow::recording::Record;
 use banditflow::replay;
 
-fn bootstrap() -> String {
+pub(crate) fn bootstrap() -> String {
     let b = std::env::var("BANDITFLOW_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:39092".into());
     let c: BaseConsumer = banditflow::kafka::bootstrap_config(&b).create().expect("client");
     if let Err(e) = c.fetch_metadata(None, Duration::from_secs(15)) {
@@ -35,7 +35,7 @@ fn bootstrap() -> String {
     b
 }
 
-fn unique(name: &str) -> String {
+pub(crate) fn unique(name: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!(
         "{name}-{}-{}-{}",
@@ -46,7 +46,7 @@ fn unique(name: &str) -> String {
 }
 
 /// Waits for `cond`, checking every 100 ms, failing after `limit`.
-fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
@@ -81,24 +81,24 @@ half_life = "1d"
 "#;
 
 /// The model ids the test shops draw impressions for.
-fn model_ids() -> Vec<String> {
+pub(crate) fn model_ids() -> Vec<String> {
     ["home", "search", "recs"].map(String::from).to_vec()
 }
 
 /// One test's topics, group and config.
-struct Setup {
-    bootstrap: String,
-    input: String,
-    snapshots: String,
+pub(crate) struct Setup {
+    pub(crate) bootstrap: String,
+    pub(crate) input: String,
+    pub(crate) snapshots: String,
     dead_letters: String,
     group: String,
     partitions: i32,
     dir: tempfile::TempDir,
-    config_path: PathBuf,
+    pub(crate) config_path: PathBuf,
 }
 
 impl Setup {
-    fn new(name: &str, bootstrap: &str, partitions: i32) -> Setup {
+    pub(crate) fn new(name: &str, bootstrap: &str, partitions: i32) -> Setup {
         let input = unique(&format!("{name}-events"));
         let s = Setup {
             bootstrap: bootstrap.into(),
@@ -143,7 +143,23 @@ metrics_address = ""
         Setup { config_path, ..s }
     }
 
-    fn config(&self) -> Config {
+    /// Switches the config from the combined input topic to `input` (impressions, protobuf) and
+    /// a new co-partitioned `feedback` topic (JSON), whose name it returns.
+    pub(crate) fn use_two_topics(&self, name: &str) -> String {
+        let fb = unique(&format!("{name}-feedback"));
+        admin::create_topics(&self.bootstrap, &[(&fb, self.partitions, false)]).expect("topic");
+        edit_config(
+            self,
+            &format!(r#"topics = [{{ name = "{}", role = "combined", encoding = "protobuf" }}]"#, self.input),
+            &format!(
+                r#"topics = [{{ name = "{}", role = "impressions", encoding = "protobuf" }}, {{ name = "{fb}", role = "feedback", encoding = "json" }}]"#,
+                self.input
+            ),
+        );
+        fb
+    }
+
+    pub(crate) fn config(&self) -> Config {
         Config::load(Some(&self.config_path), Vec::new()).expect("test config is valid")
     }
 
@@ -163,7 +179,7 @@ metrics_address = ""
 
     /// The committed shards merged per model must hold exactly the generator's ground truth
     /// (`support::truth`): an oracle that shares no code with the join.
-    fn assert_totals_match_truth(&self, events: &[banditflow::core::event::Event]) {
+    pub(crate) fn assert_totals_match_truth(&self, events: &[banditflow::core::event::Event]) {
         let config = self.config();
         let truth = crate::support::truth(&config, events);
         let shards = store::read_models(
@@ -217,14 +233,19 @@ metrics_address = ""
         })
     }
 
-    fn start(&self, instance: &str) -> Processor {
+    pub(crate) fn start(&self, instance: &str) -> Processor {
+        self.start_logging(instance, "info")
+    }
+
+    /// Starts a processor whose log shows `filter` (a tracing filter, e.g. with debug targets).
+    pub(crate) fn start_logging(&self, instance: &str, filter: &str) -> Processor {
         let log = self.dir.path().join(format!("processor-{instance}-{}.log", unique("run")));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_banditflow"))
             .args(["run", "--config"])
             .arg(&self.config_path)
             .env("BANDITFLOW__KAFKA__INSTANCE_ID", instance)
-            .env("BANDITFLOW_LOG", "info")
+            .env("BANDITFLOW_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)
@@ -233,25 +254,42 @@ metrics_address = ""
         Processor { child: Some(child), log }
     }
 
-    fn end_offsets(&self) -> Vec<i64> {
+    /// End offsets of every partition of each of `topics`, in order.
+    pub(crate) fn end_offsets_of(&self, topics: &[String]) -> Vec<i64> {
         let c: BaseConsumer = banditflow::kafka::bootstrap_config(&self.bootstrap).create().expect("client");
-        (0..self.partitions)
-            .map(|p| c.fetch_watermarks(&self.input, p, Duration::from_secs(10)).expect("watermarks").1)
+        topics
+            .iter()
+            .flat_map(|t| {
+                (0..self.partitions)
+                    .map(|p| c.fetch_watermarks(t, p, Duration::from_secs(10)).expect("watermarks").1)
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
-    fn committed_offsets(&self) -> Vec<i64> {
+    /// The group's committed offsets of every partition of each of `topics` (-1: none).
+    pub(crate) fn committed_offsets_of(&self, topics: &[String]) -> Vec<i64> {
         let mut cfg = banditflow::kafka::bootstrap_config(&self.bootstrap);
         cfg.set("group.id", &self.group);
         let c: BaseConsumer = cfg.create().expect("client");
         let mut tpl = TopicPartitionList::new();
-        for p in 0..self.partitions {
-            tpl.add_partition(&self.input, p);
+        for t in topics {
+            for p in 0..self.partitions {
+                tpl.add_partition(t, p);
+            }
         }
         match c.committed_offsets(tpl, Duration::from_secs(10)) {
             Ok(t) => t.elements().iter().map(|e| e.offset().to_raw().unwrap_or(-1)).collect(),
-            Err(_) => vec![-1; self.partitions as usize],
+            Err(_) => vec![-1; topics.len() * self.partitions as usize],
         }
+    }
+
+    pub(crate) fn end_offsets(&self) -> Vec<i64> {
+        self.end_offsets_of(std::slice::from_ref(&self.input))
+    }
+
+    pub(crate) fn committed_offsets(&self) -> Vec<i64> {
+        self.committed_offsets_of(std::slice::from_ref(&self.input))
     }
 
     /// Sum of the group's committed offsets over the input partitions (0 for none yet).
@@ -265,7 +303,7 @@ metrics_address = ""
     }
 
     /// Shard snapshots on the snapshot topic, re-encoded: (model, partition) → bytes.
-    fn committed_shards(&self) -> BTreeMap<(String, i32), Vec<u8>> {
+    pub(crate) fn committed_shards(&self) -> BTreeMap<(String, i32), Vec<u8>> {
         store::read_models(
             banditflow::kafka::bootstrap_config(&self.bootstrap),
             &self.snapshots,
@@ -278,7 +316,7 @@ metrics_address = ""
     }
 
     /// What the offline replay makes of `records`: (model, partition) → shard snapshot bytes.
-    fn offline_shards(&self, records: &[Record]) -> BTreeMap<(String, i32), Vec<u8>> {
+    pub(crate) fn offline_shards(&self, records: &[Record]) -> BTreeMap<(String, i32), Vec<u8>> {
         let config = self.config();
         let mut run = replay::ReplayRun::default();
         for r in records {
@@ -317,7 +355,7 @@ metrics_address = ""
     }
 }
 
-struct Processor {
+pub(crate) struct Processor {
     child: Option<Child>,
     log: PathBuf,
 }
@@ -340,7 +378,7 @@ impl Processor {
     }
 
     /// SIGTERM, then the exit status and how long it took.
-    fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+    pub(crate) fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
         let started = Instant::now();
         self.signal("-TERM");
         let mut child = self.child.take().expect("running");
@@ -357,7 +395,7 @@ impl Processor {
         }
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -636,23 +674,14 @@ fn two_topics_give_the_offline_state_up_to_interleaving() {
     // decayed sums within rounding.
     let b = bootstrap();
     let s = Setup::new("twotopics", &b, 2);
-    let fb = unique("twotopics-feedback");
-    admin::create_topics(&b, &[(&fb, 2, false)]).expect("topic");
-    let mut text = std::fs::read_to_string(&s.config_path).expect("config");
-    text = text.replace(
-        &format!(r#"topics = [{{ name = "{}", role = "combined", encoding = "protobuf" }}]"#, s.input),
-        &format!(
-            r#"topics = [{{ name = "{}", role = "impressions", encoding = "protobuf" }}, {{ name = "{fb}", role = "feedback", encoding = "json" }}]"#,
-            s.input
-        ),
-    );
-    std::fs::write(&s.config_path, text).expect("config");
+    let fb = s.use_two_topics("twotopics");
     let shop = generate::generate(&ShopSpec {
         seed: 19,
         impressions: 3000,
         partitions: 2,
         impressions_topic: s.input.clone(),
         feedback_topic: fb.clone(),
+        model_ids: model_ids(),
         ..ShopSpec::default()
     });
     s.produce(shop.records.clone());
@@ -684,6 +713,7 @@ fn two_topics_give_the_offline_state_up_to_interleaving() {
             &format!("{k:?}"),
         );
     }
+    s.assert_totals_match_truth(&shop.events);
 }
 
 #[test]
@@ -788,7 +818,7 @@ fn ids_with_key_separators_survive_a_restart_byte_for_byte() {
 }
 
 /// Rewrites the config file with `from` replaced by `to` (which must occur).
-fn edit_config(s: &Setup, from: &str, to: &str) {
+pub(crate) fn edit_config(s: &Setup, from: &str, to: &str) {
     let text = std::fs::read_to_string(&s.config_path).expect("config");
     assert!(text.contains(from), "config has no {from:?}");
     std::fs::write(&s.config_path, text.replacen(from, to, 1)).expect("config");
