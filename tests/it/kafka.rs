@@ -466,25 +466,57 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let b = bootstrap();
     let s = Setup::new("crash", &b, 3);
     // About 1.05 M events.
-    let records = s.shop(13, 500_000, 0.0);
+    let shop =
+        s.shop_with(ShopSpec { seed: 13, impressions: 500_000, malformed_share: 0.0, ..ShopSpec::default() });
+    let records = shop.records.clone();
     assert!(records.len() >= 1_000_000, "{} records", records.len());
     let producer = s.produce_in_background(records.clone());
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2026);
+    // Kill points spread over the whole stream: each round goes on until the committed input
+    // position has advanced by 2.5–12.5 % of the stream, then kills.
+    let total = records.len() as i64;
+    let mut targets = Vec::new();
     let mut kills = Vec::new();
-    for _ in 0..5 {
-        let mut p = s.start("0");
-        let before = s.committed_total();
-        // Kill only after it made progress since the last restart, at a random moment.
-        wait_until("progress after restart", Duration::from_secs(90), || s.committed_total() > before);
-        std::thread::sleep(Duration::from_millis(rng.random_range(50..1500)));
-        p.kill9();
-        kills.push(s.committed_total());
+    for round in 0..5 {
+        // (A group in the middle of a rebalance may not answer: never count below the last.)
+        let base = s.committed_total().max(kills.last().copied().unwrap_or(0));
+        // Commits may run ahead of a kill point; a target past the stream's end (less a
+        // margin) is capped so that it stays reachable.
+        let target = (base + rng.random_range(total / 40..total / 8)).min(total - total / 50);
+        targets.push(target);
+        // Instance ids alternate; in rounds 1 and 3 two instances share the partitions.
+        let id = ["0", "1"][round % 2];
+        let mut running = vec![s.start(id)];
+        if round % 2 == 1 {
+            running.push(s.start(["0", "1"][(round + 1) % 2]));
+        }
+        eprintln!("crash test round {round}: from {base}, kill at {target} of {total}");
+        wait_until("the committed position to reach the kill point", Duration::from_secs(180), || {
+            s.committed_total() >= target
+        });
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
+        // SIGKILL one at random (the other, if any, goes on alone for a moment), then the rest.
+        let victim = rng.random_range(0..running.len());
+        running[victim].kill9();
+        kills.push(s.committed_total().max(target));
+        if running.len() > 1 {
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
+        }
+        for p in &mut running {
+            if p.pid() != 0 {
+                p.kill9();
+            }
+        }
     }
     producer.join().expect("producer thread").expect("produced");
     let _last = s.start("0");
     s.wait_caught_up(Duration::from_secs(300));
-    eprintln!("crash test: {} records, killed at committed totals {kills:?}", records.len());
+    eprintln!(
+        "crash test: {} records, kill points {targets:?}, killed at committed totals {kills:?}",
+        records.len()
+    );
     s.assert_matches_offline(&records);
+    s.assert_totals_match_truth(&shop.events);
 }
 
 #[test]
@@ -521,30 +553,86 @@ fn rebalance_one_three_one_keeps_exact_totals() {
 fn poison_records_go_to_the_dead_letter_topic_with_their_reason() {
     let b = bootstrap();
     let s = Setup::new("poison", &b, 2);
-    let records = s.shop(15, 6000, 0.05);
-    let invalid: Vec<&Record> = records
-        .iter()
-        .filter(|r| {
-            banditflow::core::event::decode(
-                banditflow::core::event::TopicRole::Combined,
-                banditflow::core::event::Encoding::Protobuf,
-                &r.payload,
-            )
-            .is_err()
-        })
-        .collect();
-    let share = invalid.len() as f64 / records.len() as f64;
+    let shop =
+        s.shop_with(ShopSpec { seed: 15, impressions: 6000, malformed_share: 0.05, ..ShopSpec::default() });
+    let mut records = shop.records.clone();
+    let decodes = |r: &Record| {
+        banditflow::core::event::decode(
+            banditflow::core::event::TopicRole::Combined,
+            banditflow::core::event::Encoding::Protobuf,
+            &r.payload,
+        )
+    };
+    // Poison the generator does not make, each a copy of a good record's envelope: dated 2100,
+    // in microseconds, an over-long id, an extreme value; spread over the stream.
+    let mut planted = 0;
+    for k in 1..=20 {
+        let at = k * records.len() / 21;
+        let Ok(event) = decodes(&records[at]) else { continue };
+        let bad = match (k % 4, event) {
+            (0, banditflow::core::event::Event::Impression(mut i)) => {
+                i.time_ms = 4_102_444_800_000;
+                banditflow::core::event::Event::Impression(i)
+            }
+            (1, banditflow::core::event::Event::Impression(mut i)) => {
+                i.time_ms *= 1000;
+                banditflow::core::event::Event::Impression(i)
+            }
+            (2, banditflow::core::event::Event::Impression(mut i)) => {
+                i.slate[0].item_id = "x".repeat(300);
+                banditflow::core::event::Event::Impression(i)
+            }
+            (_, banditflow::core::event::Event::Feedback(mut f)) => {
+                f.value = 1e200;
+                banditflow::core::event::Event::Feedback(f)
+            }
+            _ => continue,
+        };
+        let payload = banditflow::core::event::encode(
+            banditflow::core::event::TopicRole::Combined,
+            banditflow::core::event::Encoding::Protobuf,
+            &bad,
+        );
+        let copy = Record { payload, ..records[at].clone() };
+        records.insert(at + 1, copy);
+        planted += 1;
+    }
+    assert!(planted >= 10, "{planted} planted");
+    // Offsets as the broker will assign them (fresh topic, one producer, in order).
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    for r in &mut records {
+        let o = next.entry(r.partition).or_default();
+        r.offset = *o;
+        *o += 1;
+    }
+    // Expected dead letters by source position: what does not decode (the generator's
+    // malformed records) plus the planted ones, which decode but break a bound.
+    let config = s.config();
+    let mut want: std::collections::BTreeSet<(i32, i64)> = std::collections::BTreeSet::new();
+    for r in &records {
+        let bad = match decodes(r) {
+            Err(_) => true,
+            Ok(e) => {
+                let limits = &config.core.limits;
+                let over_long =
+                    banditflow::core::event::check_limits(&e, limits.max_id_bytes, limits.max_features)
+                        .is_err();
+                let future =
+                    r.timestamp_ms.is_some_and(|ts| e.time_ms() > ts + limits.max_event_time_skew_ms);
+                over_long || future
+            }
+        };
+        if bad {
+            want.insert((r.partition, r.offset));
+        }
+    }
+    let share = want.len() as f64 / records.len() as f64;
     assert!((0.005..0.05).contains(&share), "about 1 % malformed, got {share}");
     s.produce(records.clone());
     let _p = s.start("0");
     s.wait_caught_up(Duration::from_secs(120));
     let lines = s.record_topic(&s.dead_letters);
-    assert_eq!(lines.len(), invalid.len(), "every malformed record is dead-lettered once");
-    let mut payloads: Vec<&Vec<u8>> = lines.iter().map(|r| &r.payload).collect();
-    let mut want: Vec<&Vec<u8>> = invalid.iter().map(|r| &r.payload).collect();
-    payloads.sort();
-    want.sort();
-    assert_eq!(payloads, want);
+    let mut got: Vec<(i32, i64)> = Vec::new();
     for r in &lines {
         let header = |n: &str| {
             r.headers.iter().find(|(k, _)| k == n).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
@@ -553,8 +641,19 @@ fn poison_records_go_to_the_dead_letter_topic_with_their_reason() {
             .is_some_and(|c| banditflow::core::event::InvalidEvent::code_named(&c).is_some()));
         assert!(header(replay::HEADER_REASON).is_some_and(|r| !r.is_empty()));
         assert_eq!(header("banditflow.source.topic").as_deref(), Some(s.input.as_str()));
+        let num = |n: &str| header(n).and_then(|v| v.parse::<i64>().ok()).expect("numeric source header");
+        let source = (num("banditflow.source.partition") as i32, num("banditflow.source.offset"));
+        let original =
+            records.iter().find(|o| (o.partition, o.offset) == source).expect("source record exists");
+        assert_eq!(r.payload, original.payload, "{source:?}: the dead letter carries the record as it came");
+        got.push(source);
     }
+    got.sort_unstable();
+    let unique: std::collections::BTreeSet<(i32, i64)> = got.iter().copied().collect();
+    assert_eq!(unique.len(), got.len(), "a poison record dead-lettered twice");
+    assert_eq!(unique, want, "dead letters by source partition/offset");
     s.assert_matches_offline(&records);
+    s.assert_totals_match_truth(&shop.events);
 }
 
 #[test]
