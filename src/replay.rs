@@ -50,10 +50,12 @@ pub fn apply_record(config: &Config, run: &mut ReplayRun, record: Record) {
         *run.other_topics.entry(record.topic).or_default() += 1;
         return;
     };
-    let state = run
-        .partitions
-        .entry(record.partition)
-        .or_insert_with(|| PartitionState::new(&config.core, record.partition));
+    let state = run.partitions.entry(record.partition).or_insert_with(|| {
+        let mut state = PartitionState::new(&config.core, record.partition);
+        // Nothing is persisted record by record here: keep no changelog bookkeeping.
+        state.join.changes.untracked = true;
+        state
+    });
     let input = InputRecord {
         topic: &record.topic,
         partition: record.partition,

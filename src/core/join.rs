@@ -178,6 +178,9 @@ pub struct JoinChanges {
     pub held_deleted: rustc_hash::FxHashSet<u64>,
     /// Models no longer configured whose snapshot records must be deleted.
     pub models_retired: Vec<String>,
+    /// No durable copy to keep up to date (the offline replay): nothing is recorded, so the
+    /// sets cannot grow with every impression ever seen.
+    pub untracked: bool,
 }
 
 impl PartialEq for JoinChanges {
@@ -188,6 +191,9 @@ impl PartialEq for JoinChanges {
 
 impl JoinChanges {
     fn touch(&mut self, id: &str) {
+        if self.untracked {
+            return;
+        }
         if !self.impressions_written.contains(id) {
             self.impressions_written.insert(id.to_string());
         }
@@ -195,15 +201,24 @@ impl JoinChanges {
     }
 
     fn delete(&mut self, id: String) {
+        if self.untracked {
+            return;
+        }
         self.impressions_written.remove(&id);
         self.impressions_deleted.insert(id);
     }
 
     fn hold(&mut self, seq: u64) {
+        if self.untracked {
+            return;
+        }
         self.held_written.insert(seq);
     }
 
     fn release(&mut self, seq: u64) {
+        if self.untracked {
+            return;
+        }
         // Never written: nothing to delete.
         if !self.held_written.remove(&seq) {
             self.held_deleted.insert(seq);

@@ -7,6 +7,7 @@ mod hardening;
 mod join;
 mod kafka;
 mod lift;
+mod memory;
 mod policy;
 mod properties;
 mod snapshot;
