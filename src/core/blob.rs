@@ -146,7 +146,8 @@ impl LatestByKey {
                 Ok(Some((blob.version, blob.data)))
             }
             Ok(pb::BlobKind::Manifest) => {
-                let mut data = Vec::with_capacity(usize::try_from(blob.total_len).unwrap_or(0).min(1 << 30));
+                // The manifest is outside data: reserve at most 16 MiB up front, whatever it claims.
+                let mut data = Vec::with_capacity(usize::try_from(blob.total_len).unwrap_or(0).min(1 << 24));
                 for i in 0..blob.chunk_count {
                     let ck = chunk_key(key, i);
                     let missing = || BlobError::MissingChunk {

@@ -163,10 +163,6 @@ metrics_address = ""
         Config::load(Some(&self.config_path), Vec::new()).expect("test config is valid")
     }
 
-    fn shop(&self, seed: u64, impressions: usize, malformed_share: f64) -> Vec<Record> {
-        self.shop_with(ShopSpec { seed, impressions, malformed_share, ..ShopSpec::default() }).records
-    }
-
     /// A shop on this setup's combined topic and partitions, for all three models.
     fn shop_with(&self, spec: ShopSpec) -> generate::Shop {
         generate::generate(&ShopSpec {
@@ -421,7 +417,9 @@ impl Drop for Processor {
 fn kafka_path_equals_offline_path_and_sigterm_exits_cleanly() {
     let b = bootstrap();
     let s = Setup::new("equal", &b, 3);
-    let records = s.shop(11, 4000, 0.01);
+    let shop =
+        s.shop_with(ShopSpec { seed: 11, impressions: 4000, malformed_share: 0.01, ..ShopSpec::default() });
+    let records = shop.records.clone();
     s.produce(records.clone());
     let mut p = s.start("0");
     s.wait_caught_up(Duration::from_secs(120));
@@ -430,13 +428,16 @@ fn kafka_path_equals_offline_path_and_sigterm_exits_cleanly() {
     assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
     assert!(p.log_text().contains("left the group"), "log:\n{}", p.log_text());
     s.assert_matches_offline(&records);
+    s.assert_totals_match_truth(&shop.events);
 }
 
 #[test]
 fn sigterm_mid_stream_commits_final_snapshots_and_a_successor_finishes_exactly() {
     let b = bootstrap();
     let s = Setup::new("sigterm", &b, 2);
-    let records = s.shop(12, 30_000, 0.0);
+    let shop =
+        s.shop_with(ShopSpec { seed: 12, impressions: 30_000, malformed_share: 0.0, ..ShopSpec::default() });
+    let records = shop.records.clone();
     let producer = s.produce_in_background(records.clone());
     let mut p = s.start("0");
     wait_until("some progress", Duration::from_secs(60), || s.committed_offsets().iter().any(|o| *o > 0));
@@ -459,6 +460,7 @@ fn sigterm_mid_stream_commits_final_snapshots_and_a_successor_finishes_exactly()
     let _next = s.start("0");
     s.wait_caught_up(Duration::from_secs(120));
     s.assert_matches_offline(&records);
+    s.assert_totals_match_truth(&shop.events);
 }
 
 #[test]
@@ -523,7 +525,9 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
 fn rebalance_one_three_one_keeps_exact_totals() {
     let b = bootstrap();
     let s = Setup::new("rebalance", &b, 6);
-    let records = s.shop(14, 120_000, 0.0);
+    let shop =
+        s.shop_with(ShopSpec { seed: 14, impressions: 120_000, malformed_share: 0.0, ..ShopSpec::default() });
+    let records = shop.records.clone();
     let producer = s.produce_in_background(records.clone());
     let progress = || s.committed_total();
     let _a = s.start("0");
@@ -547,6 +551,7 @@ fn rebalance_one_three_one_keeps_exact_totals() {
         records.len()
     );
     s.assert_matches_offline(&records);
+    s.assert_totals_match_truth(&shop.events);
 }
 
 #[test]
@@ -840,7 +845,9 @@ fn broker_restart_mid_stream_keeps_exact_totals() {
     let _stop = StopBroker(&kafka);
     let b = format!("127.0.0.1:{port}");
     let s = Setup::new("brokerrestart", &b, 2);
-    let records = s.shop(20, 60_000, 0.0);
+    let shop =
+        s.shop_with(ShopSpec { seed: 20, impressions: 60_000, malformed_share: 0.0, ..ShopSpec::default() });
+    let records = shop.records.clone();
     let (first, second) = records.split_at(records.len() / 2);
     s.produce(first.to_vec());
     let _p = s.start("0");
@@ -857,6 +864,7 @@ fn broker_restart_mid_stream_keeps_exact_totals() {
     s.produce(second.to_vec());
     s.wait_caught_up(Duration::from_secs(240));
     s.assert_matches_offline(&records);
+    s.assert_totals_match_truth(&shop.events);
 }
 
 #[test]

@@ -2,6 +2,7 @@
 
 mod alignment;
 mod bad_input;
+mod fuzz_corpus;
 mod golden;
 mod hardening;
 mod join;
