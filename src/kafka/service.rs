@@ -838,6 +838,15 @@ impl Txn {
                 }
                 for key in &saved.deletes {
                     self.send(&k.snapshot_topic, Some(out.partition), key.as_bytes(), None, None)?;
+                    // A deleted value that was chunked (a removed model's snapshot) takes its
+                    // chunks with it, so compaction can drop them.
+                    if let Some(&n) = self.chunks.get(key) {
+                        for i in 0..n {
+                            let ck = blob::chunk_key(key, i);
+                            self.send(&k.snapshot_topic, Some(out.partition), ck.as_bytes(), None, None)?;
+                        }
+                        new_chunks.push((key.clone(), 0));
+                    }
                 }
                 let mut values = vec![(store::checkpoint_key(out.partition), &saved.header)];
                 for (model, b) in &saved.models {
