@@ -160,7 +160,9 @@ pub enum InvalidEvent {
     BadPropensity { item: String, value: f64 },
     #[error("unknown feedback kind {0}; expected click, add_to_cart, purchase or return")]
     UnknownKind(String),
-    #[error("event time must be positive milliseconds since the Unix epoch, got {0}")]
+    #[error(
+        "event time must be milliseconds since the Unix epoch, at or after 2000-01-01, got {0} (seconds?)"
+    )]
     BadEventTime(i64),
     #[error("slate is invalid: {0}")]
     BadSlate(String),
@@ -338,8 +340,12 @@ fn require(s: String, field: &'static str) -> Result<String, InvalidEvent> {
     }
 }
 
+/// 2000-01-01T00:00:00Z. Anything earlier is a unit error (seconds sent as milliseconds read
+/// as January 1970) or garbage; it would be learned with counters but no weight.
+pub const MIN_EVENT_TIME_MS: i64 = 946_684_800_000;
+
 fn check_time(t: i64) -> Result<i64, InvalidEvent> {
-    if t > 0 {
+    if t >= MIN_EVENT_TIME_MS {
         Ok(t)
     } else {
         Err(InvalidEvent::BadEventTime(t))

@@ -112,6 +112,13 @@ fn malformed_records_get_their_reason() {
             "bad_slate",
         ),
         ("negative time", Impressions, Protobuf, pb_impression(|m| m.event_time_ms = -5), "bad_event_time"),
+        (
+            "seconds sent as milliseconds",
+            Impressions,
+            Protobuf,
+            pb_impression(|m| m.event_time_ms = 1_767_225_600),
+            "bad_event_time",
+        ),
         ("unknown kind (protobuf)", Feedback, Protobuf, pb_feedback(|m| m.kind = 9), "unknown_feedback_kind"),
         ("unspecified kind", Feedback, Protobuf, pb_feedback(|m| m.kind = 0), "unknown_feedback_kind"),
         ("NaN value", Feedback, Protobuf, pb_feedback(|m| m.value = f64::NAN), "non_finite_value"),
