@@ -457,6 +457,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let positive_sum: f64 = kinds.iter().map(|k| k.reward.max(0.0)).sum();
     let scale = match r.scale {
+        // Rewards are divided by it: a tiny scale would make decayed sums overflow.
+        Some(s) if !(1e-6..=1e12).contains(&s) => {
+            return Err(field_err("rewards.scale", format!("must be within [1e-6, 1e12], got {s}")))
+        }
         Some(s) => positive("rewards.scale", s)?,
         None if positive_sum > 0.0 => positive_sum,
         None => {
@@ -773,6 +777,7 @@ mod tests {
             ),
             ("[kafka]\ntransaction_timeout = \"50s\"", &[], "kafka.transaction_timeout"),
             ("[limits]\npropensity_floor = 0.0", &[], "limits.propensity_floor"),
+            ("[rewards]\nscale = 1e-310", &[], "rewards.scale"),
             ("[limits]\nmax_event_time_skew = \"0s\"", &[], "limits.max_event_time_skew"),
             ("[limits]\nmax_arms_per_model = 0", &[], "limits.max_arms_per_model"),
             ("[rewards.purchase]\nreward = 5\nvalue_weight = 1e300\nwindow = \"7d\"", &[], "rewards.purchase.value_weight"),

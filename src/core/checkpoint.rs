@@ -55,6 +55,9 @@ pub fn escape_key_part(id: &str) -> std::borrow::Cow<'_, str> {
 
 /// The inverse of [`escape_key_part`]; `None` for text it cannot have produced.
 pub fn unescape_key_part(part: &str) -> Option<String> {
+    if part.contains(['/', '#']) {
+        return None;
+    }
     let mut out = String::with_capacity(part.len());
     let mut rest = part;
     while let Some(i) = rest.find('%') {
@@ -68,11 +71,14 @@ pub fn unescape_key_part(part: &str) -> Option<String> {
         });
         rest = &rest[i + 3..];
     }
-    if rest.contains(['/', '#']) {
-        return None;
-    }
     out.push_str(rest);
     Some(out)
+}
+
+/// Whether `part` is a key segment as [`escape_key_part`] writes it. Keys written by versions
+/// that did not escape (ids with `%` or `/`) are not, and are rewritten at restore.
+pub fn is_escaped_key_part(part: &str) -> bool {
+    unescape_key_part(part).is_some_and(|id| escape_key_part(&id) == part)
 }
 
 /// The model id and partition of a `model/<model>/<p>` key (`None` for any other key, chunks
@@ -83,7 +89,10 @@ pub fn parse_model_key(key: &str) -> Option<(String, i32)> {
     if partition.contains('#') {
         return None;
     }
-    Some((unescape_key_part(model)?, partition.parse().ok()?))
+    // A key written before ids were escaped holds the raw id (any but `/`, which model ids
+    // never had): read it as such, so an upgrade restores it (and rewrites it escaped).
+    let id = unescape_key_part(model).unwrap_or_else(|| model.to_string());
+    Some((id, partition.parse().ok()?))
 }
 
 pub fn held_key(partition: i32, sequence: u64) -> String {
@@ -366,6 +375,7 @@ pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartiti
         changes.impressions_deleted.iter().map(|id| impression_key(p, id)).collect();
     deletes.extend(changes.held_deleted.iter().map(|s| held_key(p, *s)));
     deletes.extend(changes.models_retired.iter().map(|m| model_key(m, p)));
+    deletes.extend(changes.keys_deleted.iter().cloned());
     let (header, models) = header_and_models(spec, state);
     SavedPartition { header, puts, deletes, models }
 }
@@ -448,11 +458,10 @@ pub fn restore(
                         m.id.clone(),
                         ModelChange::HalfLifeChanged { from_ms: s.spec.half_life_ms, to_ms: m.half_life_ms },
                     ));
-                } else {
-                    report.push((
-                        m.id.clone(),
-                        ModelChange::Kept { read_time: reconfigure::read_time_fields(&s.spec, m) },
-                    ));
+                }
+                let read_time = reconfigure::read_time_fields(&s.spec, m);
+                if !read_time.is_empty() || s.spec.half_life_ms == m.half_life_ms {
+                    report.push((m.id.clone(), ModelChange::Kept { read_time }));
                 }
                 state.models[i] = shard;
             }
@@ -530,8 +539,12 @@ pub fn restore(
         join.pending_order.insert((fb.time_ms, fb.impression_id.clone(), h.sequence));
         join.pending.entry(fb.impression_id.clone()).or_default().push((h.sequence, fb));
     }
+    // Anything but an unchanged model means the stored records are out of date.
+    changes.dirty = report.iter().any(|(_, c)| c.code() != "unchanged");
     join.changes = changes;
     state.join = join;
+    // Caps lowered since the save apply at once.
+    state.join.enforce_caps(spec);
     for c in cp.invalid_counts {
         let code = InvalidEvent::code_named(&c.name)
             .ok_or_else(|| invalid(format!("unknown invalid reason `{}`", c.name)))?;

@@ -173,7 +173,7 @@ pub enum InvalidEvent {
     #[error("topic `{0}` is not an input topic of this processor")]
     UnknownTopic(String),
     #[error(
-        "event time {time_ms} is {} ms ahead of its reference time {reference_ms} (record timestamp or the partition's newest event time); at most {max_skew_ms} ms is allowed — a wrong clock or microseconds sent as milliseconds?",
+        "event time {time_ms} is {} ms ahead of its reference time {reference_ms} (the record's timestamp); at most {max_skew_ms} ms is allowed — a wrong clock or microseconds sent as milliseconds?",
         time_ms.saturating_sub(*reference_ms)
     )]
     FutureEventTime { time_ms: i64, reference_ms: i64, max_skew_ms: i64 },

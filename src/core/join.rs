@@ -178,6 +178,11 @@ pub struct JoinChanges {
     pub held_deleted: rustc_hash::FxHashSet<u64>,
     /// Models no longer configured whose snapshot records must be deleted.
     pub models_retired: Vec<String>,
+    /// Snapshot-topic keys to delete as they are (keys written by an older version).
+    pub keys_deleted: Vec<String>,
+    /// The stored state is out of date even without new records (a configuration change was
+    /// applied at restore): the next save must write it.
+    pub dirty: bool,
     /// No durable copy to keep up to date (the offline replay): nothing is recorded, so the
     /// sets cannot grow with every impression ever seen.
     pub untracked: bool,
@@ -315,13 +320,18 @@ impl AttributionJoin {
             }
         }
         let Impression { impression_id, time_ms, variant, segment, features, slate, opted_out, .. } = imp;
+        // Propensities divide inverse-propensity sums: raised to the floor (counted) here, for
+        // impressions that are kept, so a rejected or duplicate record counts nothing.
+        let floor = spec.limits.propensity_floor;
+        let clipped = slate.iter().filter(|s| s.propensity < floor).count() as u64;
+        self.counters.propensities_clipped += clipped;
         let entry = Entry {
             time_ms,
             model,
             variant,
             segment,
             features,
-            slate: slate.into_iter().map(|s| (s.item_id, s.position, s.propensity)).collect(),
+            slate: slate.into_iter().map(|s| (s.item_id, s.position, s.propensity.max(floor))).collect(),
             opted_out,
             total_reward_micros: 0,
             seen: Vec::new(),
@@ -359,6 +369,22 @@ impl AttributionJoin {
             }
         }
         outcome
+    }
+
+    /// Evicts down to the caps (oldest first, counted), for a buffer restored under caps that
+    /// were lowered since it was saved.
+    pub fn enforce_caps(&mut self, spec: &CoreSpec) {
+        while self.impressions.len() > spec.join.max_impressions {
+            let Some((_, id)) = self.impression_order.pop_first() else { break };
+            self.impressions.remove(&id);
+            self.changes.delete(id);
+            self.counters.impressions_evicted += 1;
+        }
+        while self.pending_order.len() > spec.join.max_pending_feedback {
+            if !self.orphan_oldest(|c| c.feedback_evicted += 1) {
+                break;
+            }
+        }
     }
 
     fn hold(&mut self, spec: &CoreSpec, fb: Feedback) {
@@ -465,8 +491,7 @@ fn apply_feedback(
         reward,
         entry.total_reward_micros,
     );
-    let total = entry.total_reward_micros.checked_add(reward);
-    counters.sums_saturated += u64::from(saturated) + u64::from(total.is_none());
+    counters.sums_saturated += u64::from(saturated);
     if mspec.position == PositionModel::Cascade && fb.position > entry.last_feedback_position {
         // Examined set: every item up to the deepest feedback (all items while there is none).
         let before = entry.last_feedback_position;
@@ -479,6 +504,7 @@ fn apply_feedback(
         }
         entry.last_feedback_position = fb.position;
     }
+    // At most 4 kinds × 256 slots × MAX_REWARD_MICROS per impression: cannot overflow.
     entry.total_reward_micros = entry.total_reward_micros.saturating_add(reward);
     if late {
         counters.feedback_late_learned += 1;

@@ -120,9 +120,9 @@ pub struct JoinSpec {
 /// bad clocks, extreme numbers and unbounded cardinality (ARCHITECTURE.md, "Bounds").
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
-    /// An event dated more than this after its reference time (the Kafka record timestamp, or
-    /// without one the partition's newest accepted event time) is invalid: it would move the
-    /// watermark and the decay landmarks into the future.
+    /// An event dated more than this after its Kafka record timestamp is invalid: it would move
+    /// the watermark and the decay landmarks into the future. (Records without a timestamp are
+    /// not bounded; see `PartitionState::apply`.)
     pub max_event_time_skew_ms: i64,
     /// Propensities below this are raised to it before they divide anything (counted).
     pub propensity_floor: f64,

@@ -73,19 +73,10 @@ impl PartitionState {
         let decoded = event::decode(record.role, record.encoding, record.payload)
             .and_then(|e| self.check_bounds(spec, record.timestamp_ms, e));
         let result = match decoded {
-            Ok(Event::Impression(mut imp)) => {
-                let floor = spec.limits.propensity_floor;
-                for e in &mut imp.slate {
-                    if e.propensity < floor {
-                        e.propensity = floor;
-                        self.join.counters.propensities_clipped += 1;
-                    }
-                }
-                match spec.models.iter().position(|m| m.id == imp.model_id) {
-                    Some(model) => Ok(self.join.process_impression(spec, &mut self.models, model, imp)),
-                    None => Err(InvalidEvent::UnknownModel(imp.model_id)),
-                }
-            }
+            Ok(Event::Impression(imp)) => match spec.models.iter().position(|m| m.id == imp.model_id) {
+                Some(model) => Ok(self.join.process_impression(spec, &mut self.models, model, imp)),
+                None => Err(InvalidEvent::UnknownModel(imp.model_id)),
+            },
             Ok(Event::Feedback(fb)) => Ok(self.join.process_feedback(spec, &mut self.models, fb)),
             Err(e) => Err(e),
         };

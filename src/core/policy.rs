@@ -5,10 +5,12 @@
 //! probability `epsilon` the slate is a uniformly random permutation, so
 //! P(item i at position k) = (1 − ε)·[i ranked k] + ε / n. For Thompson sampling there is no
 //! closed form; P is estimated from `propensity_samples` seeded Monte Carlo rankings (a separate
-//! random stream from the one that drew the served ranking) plus the served draw itself — all
-//! independent draws of the same posterior, so the estimate stays unbiased, and the placement
-//! that was served never gets an estimate of 0 (with ε = 0 it is at least 1 / (samples + 1)).
-//! It is mixed with ε / n the same way, so no placement is ever reported below ε / n.
+//! random stream from the one that drew the served ranking) plus the served draw itself. The
+//! served placement therefore never gets an estimate of 0 (with ε = 0 it is at least
+//! 1 / (samples + 1), which bounds its inverse-propensity weight by samples + 1). The price is a
+//! small upward bias for the placement that was served — (1 − p) / (samples + 1) at most,
+//! 0.001 with the default 1,000 samples — i.e. a slightly conservative weight. It is mixed with
+//! ε / n the same way, so no placement is ever reported below ε / n.
 //! The seed comes in as an argument; the policy draws no other randomness.
 
 use rand::{Rng, SeedableRng};

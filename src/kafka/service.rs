@@ -1217,7 +1217,9 @@ async fn partition_task(
                 steer(&mut aligner);
             }
             Cmd::Snapshot { stop, reply } => {
-                let saved = (state.records != last_saved || !dead.is_empty())
+                // A configuration change applied at restore must reach the snapshot topic even
+                // on a partition that receives nothing (serving nodes merge all its shards).
+                let saved = (state.records != last_saved || !dead.is_empty() || state.join.changes.dirty)
                     .then(|| checkpoint::save_changes(spec, &mut state));
                 for ((name, now), (_, before)) in state.join.counters.rows().iter().zip(reported.rows()) {
                     if *now > before {

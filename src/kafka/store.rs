@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -127,6 +128,10 @@ pub fn restore_partition(
     let mut impressions = Vec::new();
     let mut held = Vec::new();
     let (imp_prefix, held_prefix) = (format!("imp/{partition}/"), format!("held/{partition}/"));
+    // Keys written before ids were escaped (ids with `%` or `/`): read, then deleted and
+    // written again under their escaped key.
+    let mut legacy_keys = Vec::new();
+    let mut legacy_impressions = Vec::new();
     for key in store.values.keys() {
         // Ids are escaped in keys (`checkpoint::escape_key_part`), so `#` marks a chunk only.
         if key.contains('#') {
@@ -138,8 +143,16 @@ pub fn restore_partition(
                     models.push(snapshot::decode(&bytes).with_context(|| format!("snapshot `{key}`"))?);
                 }
             }
-        } else if key.starts_with(&imp_prefix) {
+            let segment = key.trim_start_matches("model/").rsplit_once('/').map_or("", |(m, _)| m);
+            if !checkpoint::is_escaped_key_part(segment) {
+                legacy_keys.push(key.clone());
+            }
+        } else if let Some(id) = key.strip_prefix(&imp_prefix) {
             if let Some((_, bytes)) = store.get(key)? {
+                if !checkpoint::is_escaped_key_part(id) {
+                    legacy_keys.push(key.clone());
+                    legacy_impressions.push(bytes.clone());
+                }
                 impressions.push(bytes);
             }
         } else if key.starts_with(&held_prefix) {
@@ -148,8 +161,21 @@ pub fn restore_partition(
             }
         }
     }
-    let (state, changes) = checkpoint::restore(&config.core, &cp, &impressions, &held, &models)
+    let (mut state, changes) = checkpoint::restore(&config.core, &cp, &impressions, &held, &models)
         .with_context(|| format!("restoring partition {partition} from version {version}"))?;
+    if !legacy_keys.is_empty() {
+        tracing::info!(partition, keys = legacy_keys.len(), "rewriting snapshot-topic keys of unescaped ids");
+        for bytes in &legacy_impressions {
+            let id = crate::core::pb::BufferedImpression::decode(bytes.as_slice())
+                .map(|b| b.impression_id)
+                .context("a buffered impression")?;
+            if state.join.impressions.contains_key(&id) {
+                state.join.changes.impressions_written.insert(id);
+            }
+        }
+        state.join.changes.keys_deleted = legacy_keys;
+        state.join.changes.dirty = true;
+    }
     for (model, change) in &changes {
         report_model_change(partition, model, change);
     }

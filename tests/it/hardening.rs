@@ -413,7 +413,13 @@ fn tiny_propensities_are_clipped_and_counted() {
     let mut f = crate::support::Feeder::new(&spec, 0);
     let mut imp = impression("i", "est", T0, Variant::Treatment, "s", &["a", "b"]);
     imp.slate[0].propensity = 1e-300;
-    f.feed(&spec, &Event::Impression(imp));
+    f.feed(&spec, &Event::Impression(imp.clone()));
+    assert_eq!(f.state.join.counters.propensities_clipped, 1);
+    // A duplicate, and an impression of an unknown model, count nothing but their own outcome.
+    f.feed(&spec, &Event::Impression(imp.clone()));
+    imp.impression_id = "j".into();
+    imp.model_id = "nope".into();
+    assert!(matches!(f.feed(&spec, &Event::Impression(imp)), Applied::Invalid(_)));
     assert_eq!(f.state.join.counters.propensities_clipped, 1);
     let p1 = &f.state.models[2].positions[&1];
     assert_eq!(p1.ips_impressions, 1.0 / spec.limits.propensity_floor);
@@ -493,4 +499,89 @@ fn every_config_change_restores_with_a_defined_outcome() {
         "the removed model's record is deleted"
     );
     assert!(next.models.iter().any(|(m, _)| m == "new#model"));
+}
+
+/// The records of a save keyed as a version before id escaping wrote them (raw ids).
+fn legacy_store(config: &Config, state: &PartitionState) -> LatestByKey {
+    let saved = checkpoint::save_all(&config.core, state);
+    let mut store = LatestByKey::default();
+    let p = state.partition;
+    let mut values: Vec<(String, Vec<u8>)> = Vec::new();
+    for (key, value) in &saved.puts {
+        let key = match key.strip_prefix(&format!("imp/{p}/")) {
+            Some(escaped) => format!("imp/{p}/{}", checkpoint::unescape_key_part(escaped).expect("escaped")),
+            None => key.clone(),
+        };
+        values.push((key, value.clone()));
+    }
+    values.push((checkpoint::header_key(p), saved.header.clone()));
+    for (m, b) in &saved.models {
+        values.push((format!("model/{m}/{p}"), b.clone()));
+    }
+    for (key, value) in values {
+        for r in blob::split(&key, state.records, &value, 1 << 20, 0) {
+            store.put(r.key, r.value);
+        }
+    }
+    store
+}
+
+#[test]
+fn keys_written_before_ids_were_escaped_are_restored_and_rewritten() {
+    let mut config = fixture_config();
+    config.core.models[0].id = "home%1".into();
+    let spec = config.core.clone();
+    let mut state = PartitionState::new(&spec, 0);
+    for (i, id) in ["plain", "a/b", "50%off"].iter().enumerate() {
+        let e = impression(id, "home%1", T0 + i as i64, Variant::Treatment, "s", &["x"]);
+        let payload = event::encode(TopicRole::Combined, Encoding::Protobuf, &Event::Impression(e));
+        state.apply(
+            &spec,
+            InputRecord {
+                topic: "impressions",
+                partition: 0,
+                offset: i as i64,
+                role: TopicRole::Combined,
+                encoding: Encoding::Protobuf,
+                payload: &payload,
+                timestamp_ms: None,
+            },
+        );
+    }
+    let store = legacy_store(&config, &state);
+    assert!(store.values.contains_key("imp/0/a/b") && store.values.contains_key("model/home%1/0"));
+    let mut restored = banditflow::kafka::store::restore_partition(&config, 0, &store).expect("restores");
+    assert!(restored.join == state.join && restored.models == state.models, "legacy keys restore exactly");
+    let next = checkpoint::save_changes(&spec, &mut restored);
+    let mut deleted = next.deletes.clone();
+    deleted.sort();
+    assert_eq!(deleted, ["imp/0/50%off", "imp/0/a/b", "model/home%1/0"], "legacy keys deleted");
+    let mut written: Vec<&str> = next.puts.iter().map(|(k, _)| k.as_str()).collect();
+    written.sort_unstable();
+    assert_eq!(written, ["imp/0/50%25off", "imp/0/a%2Fb"], "and written again escaped");
+    assert!(next.models.iter().any(|(m, _)| m == "home%1"));
+}
+
+#[test]
+fn caps_lowered_since_the_save_apply_at_restore() {
+    let base = fixture_config();
+    let (state, _) = apply_all(&base, &fixture_partition(0));
+    let buffered = state.join.buffered_impressions();
+    assert!(buffered > 100);
+    let saved = checkpoint::save_all(&base.core, &state);
+    let models: Vec<_> = saved.models.iter().map(|(_, b)| snapshot::decode(b).expect("decodes")).collect();
+    let imps: Vec<Vec<u8>> =
+        saved.puts.iter().filter(|(k, _)| k.starts_with("imp/")).map(|(_, v)| v.clone()).collect();
+    let mut spec = base.core.clone();
+    spec.join.max_impressions = 100;
+    let (restored, _) = checkpoint::restore(&spec, &saved.header, &imps, &[], &models).expect("restores");
+    assert_eq!(restored.join.buffered_impressions(), 100);
+    assert_eq!(
+        restored.join.counters.impressions_evicted,
+        state.join.counters.impressions_evicted + (buffered - 100) as u64
+    );
+    // The newest 100 are the ones kept.
+    let oldest_kept = restored.join.impression_order.first().expect("kept").0;
+    let dropped = state.join.impression_order.iter().filter(|(t, _)| *t < oldest_kept).count();
+    assert_eq!(dropped, buffered - 100);
 }

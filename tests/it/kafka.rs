@@ -1054,3 +1054,38 @@ fn removing_and_adding_models_drops_and_starts_them_without_a_restart_loop() {
     assert_eq!(fresh.shard.arm_count(), 0);
     s.assert_totals_match_truth(&shop.events);
 }
+
+#[test]
+fn a_config_change_reaches_partitions_that_receive_no_records() {
+    let b = bootstrap();
+    let s = Setup::new("cfgquiet", &b, 2);
+    let shop = s.shop_with(ShopSpec { seed: 26, impressions: 1500, ..ShopSpec::default() });
+    s.produce(shop.records.clone());
+    let mut p = s.start("0");
+    s.wait_caught_up(Duration::from_secs(120));
+    let (status, _) = p.terminate();
+    assert!(status.success(), "log:\n{}", p.log_text());
+    // A read-time change to `home`, `recs` removed; then no input at all.
+    edit_config(&s, "prior = { alpha = 1.0, beta = 9.0 }", "prior = { alpha = 2.0, beta = 30.0 }");
+    let text = std::fs::read_to_string(&s.config_path).expect("config");
+    let cut = text.find("\n[[models]]\nid = \"recs\"").expect("recs configured");
+    std::fs::write(&s.config_path, &text[..cut]).expect("config");
+    let _p = s.start("0");
+    let mut seen = BTreeMap::new();
+    wait_until("every partition's snapshots to carry the new configuration", Duration::from_secs(60), || {
+        seen = s.committed_shards();
+        let models: std::collections::BTreeSet<(&str, i32)> =
+            seen.keys().map(|(m, p)| (m.as_str(), *p)).collect();
+        let want: std::collections::BTreeSet<(&str, i32)> =
+            [("home", 0), ("home", 1), ("search", 0), ("search", 1)].into_iter().collect();
+        models == want
+            && (0..2).all(|p| {
+                snapshot::decode(&seen[&("home".to_string(), p)]).is_ok_and(|d| d.spec.prior.beta == 30.0)
+            })
+    });
+    // Serving nodes can merge the model again: every shard has the same parameters.
+    let home: Vec<_> =
+        (0..2).map(|p| snapshot::decode(&seen[&("home".to_string(), p)]).expect("decodes")).collect();
+    snapshot::merge(&home).expect("the shards of home merge");
+    s.assert_totals_match_truth(&shop.events);
+}
