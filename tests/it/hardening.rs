@@ -8,14 +8,14 @@ use std::path::PathBuf;
 use banditflow::config::Config;
 use banditflow::core::blob::{self, LatestByKey};
 use banditflow::core::checkpoint;
-use banditflow::core::event::{self, Encoding, Event, FeedbackKind, TopicRole, Variant};
+use banditflow::core::event::{self, Event, FeedbackKind, Variant};
 use banditflow::core::partition::{Applied, InputRecord, PartitionState};
 use banditflow::core::reconfigure::ModelChange;
 use banditflow::core::snapshot;
 use banditflow::recording::Record;
 use proptest::prelude::*;
 
-use crate::support::{feedback, impression, DAY, HOUR, T0};
+use crate::support::{apply_event, feedback, impression, DAY, HOUR, T0};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -110,17 +110,7 @@ fn an_event_within_the_skew_of_its_record_timestamp_is_accepted() {
             .enumerate()
     {
         let e = Event::Impression(impression(&format!("i{i}"), "pbm", t, Variant::Treatment, "s", &["a"]));
-        let payload = event::encode(TopicRole::Combined, Encoding::Protobuf, &e);
-        let r = InputRecord {
-            topic: "events",
-            partition: 0,
-            offset: i as i64,
-            role: TopicRole::Combined,
-            encoding: Encoding::Protobuf,
-            payload: &payload,
-            timestamp_ms: Some(ts),
-        };
-        let applied = state.apply(&spec, r);
+        let applied = apply_event(&mut state, &spec, &e, i as i64, Some(ts));
         assert_eq!(
             !matches!(applied, Applied::Invalid(_)),
             ok,
@@ -184,18 +174,8 @@ proptest! {
         let mut state = PartitionState::new(spec, 0);
         let mut offset = 0;
         let mut feed = |state: &mut PartitionState, e: Event| {
-            let payload = event::encode(TopicRole::Combined, Encoding::Protobuf, &e);
-            let r = InputRecord {
-                topic: "impressions",
-                partition: 0,
-                offset,
-                role: TopicRole::Combined,
-                encoding: Encoding::Protobuf,
-                payload: &payload,
-                timestamp_ms: Some(T0 + HOUR),
-            };
             offset += 1;
-            state.apply(spec, r)
+            apply_event(state, spec, &e, offset, Some(T0 + HOUR))
         };
         for (i, (imp, item, segment)) in ids.iter().enumerate() {
             let model = ["home", "search", "recs"][i % 3];
@@ -306,16 +286,7 @@ proptest! {
                 f.value = *value;
                 Event::Feedback(f)
             };
-            let payload = event::encode(TopicRole::Combined, Encoding::Protobuf, &e);
-            state.apply(spec, InputRecord {
-                topic: "impressions",
-                partition: 0,
-                offset: i as i64,
-                role: TopicRole::Combined,
-                encoding: Encoding::Protobuf,
-                payload: &payload,
-                timestamp_ms: None,
-            });
+            apply_event(&mut state, spec, &e, i as i64, None);
         }
         let saved = checkpoint::save_all(spec, &state);
         for (m, bytes) in &saved.models {
@@ -333,20 +304,8 @@ fn the_arm_cap_bounds_a_model_and_known_arms_keep_learning() {
     let mut state = PartitionState::new(&spec, 0);
     let mut offset = 0;
     let mut feed = |state: &mut PartitionState, e: Event| {
-        let payload = event::encode(TopicRole::Combined, Encoding::Protobuf, &e);
         offset += 1;
-        state.apply(
-            &spec,
-            InputRecord {
-                topic: "events",
-                partition: 0,
-                offset,
-                role: TopicRole::Combined,
-                encoding: Encoding::Protobuf,
-                payload: &payload,
-                timestamp_ms: None,
-            },
-        )
+        apply_event(state, &spec, &e, offset, None)
     };
     // 50 impressions of 2 items each, every item new: 100 placements, 10 arms allowed.
     for i in 0..50 {
@@ -534,19 +493,7 @@ fn keys_written_before_ids_were_escaped_are_restored_and_rewritten() {
     let mut state = PartitionState::new(&spec, 0);
     for (i, id) in ["plain", "a/b", "50%off"].iter().enumerate() {
         let e = impression(id, "home%1", T0 + i as i64, Variant::Treatment, "s", &["x"]);
-        let payload = event::encode(TopicRole::Combined, Encoding::Protobuf, &Event::Impression(e));
-        state.apply(
-            &spec,
-            InputRecord {
-                topic: "impressions",
-                partition: 0,
-                offset: i as i64,
-                role: TopicRole::Combined,
-                encoding: Encoding::Protobuf,
-                payload: &payload,
-                timestamp_ms: None,
-            },
-        );
+        apply_event(&mut state, &spec, &Event::Impression(e), i as i64, None);
     }
     let store = legacy_store(&config, &state);
     assert!(store.values.contains_key("imp/0/a/b") && store.values.contains_key("model/home%1/0"));

@@ -6,11 +6,11 @@
 
 use std::process::Command;
 
-use banditflow::core::event::{self, Encoding, Event, TopicRole, Variant};
+use banditflow::core::event::{Event, Variant};
 use banditflow::core::params::JoinSpec;
-use banditflow::core::partition::{InputRecord, PartitionState};
+use banditflow::core::partition::PartitionState;
 
-use crate::support::{impression, spec_with_join, DAY, T0};
+use crate::support::{apply_event, impression, spec_with_join, DAY, T0};
 
 const PROBE_ENV: &str = "BANDITFLOW_MEMORY_PROBE";
 const IMPRESSIONS: usize = 10_000_000;
@@ -43,24 +43,10 @@ fn probe() {
     spec.models.truncate(1);
     spec.limits.max_arms_per_model = MAX_ARMS;
     let mut state = PartitionState::new(&spec, 0);
-    let mut payload = Vec::new();
     for i in 0..IMPRESSIONS {
         let item = format!("crawl-item-{i:010}");
         let imp = impression(&format!("imp-{i}"), "pbm", T0 + i as i64, Variant::Treatment, "s", &[&item]);
-        payload.clear();
-        payload.extend(event::encode(TopicRole::Combined, Encoding::Protobuf, &Event::Impression(imp)));
-        state.apply(
-            &spec,
-            InputRecord {
-                topic: "events",
-                partition: 0,
-                offset: i as i64,
-                role: TopicRole::Combined,
-                encoding: Encoding::Protobuf,
-                payload: &payload,
-                timestamp_ms: Some(T0 + i as i64),
-            },
-        );
+        apply_event(&mut state, &spec, &Event::Impression(imp), i as i64, Some(T0 + i as i64));
         // What a commit does to the changelog bookkeeping (`banditflow run` commits every
         // snapshot interval).
         if i % 100_000 == 0 {

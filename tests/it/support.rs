@@ -111,19 +111,31 @@ impl Feeder {
     }
 
     pub fn feed(&mut self, spec: &CoreSpec, e: &Event) -> Applied {
-        let payload = event::encode(TopicRole::Combined, Encoding::Protobuf, e);
-        let r = InputRecord {
-            topic: "events",
-            partition: self.state.partition,
-            offset: self.next,
-            role: TopicRole::Combined,
-            encoding: Encoding::Protobuf,
-            payload: &payload,
-            timestamp_ms: None,
-        };
         self.next += 1;
-        self.state.apply(spec, r)
+        apply_event(&mut self.state, spec, e, self.next - 1, None)
     }
+}
+
+/// Applies `e` as the record at `offset` of a combined protobuf topic, with the Kafka record
+/// timestamp `timestamp_ms` (none: not bounded in event time).
+pub fn apply_event(
+    state: &mut PartitionState,
+    spec: &CoreSpec,
+    e: &Event,
+    offset: i64,
+    timestamp_ms: Option<i64>,
+) -> Applied {
+    let payload = event::encode(TopicRole::Combined, Encoding::Protobuf, e);
+    let r = InputRecord {
+        topic: "events",
+        partition: state.partition,
+        offset,
+        role: TopicRole::Combined,
+        encoding: Encoding::Protobuf,
+        payload: &payload,
+        timestamp_ms,
+    };
+    state.apply(spec, r)
 }
 
 /// Integer statistics must match exactly; decayed floating-point sums within 1e-9 (relative,
