@@ -43,7 +43,38 @@ struct RawConfig {
     join: RawJoin,
     limits: RawLimits,
     policy: RawPolicy,
+    serving: RawServing,
     models: Vec<RawModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServing {
+    listen: String,
+    max_candidates: i64,
+    max_slate_size: i64,
+    max_body_bytes: i64,
+    holdout_share: f64,
+    cold_start: bool,
+    produce_timeout: String,
+    group_id: String,
+}
+
+/// How `banditflow serve` answers rank and feedback requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServingSpec {
+    pub listen: std::net::SocketAddr,
+    pub max_candidates: usize,
+    pub max_slate_size: usize,
+    pub max_body_bytes: usize,
+    /// Share of user keys (by hash) that get the non-learning baseline, in [0, 1].
+    pub holdout_share: f64,
+    /// Rank by the configured prior until a snapshot of the model is loaded (else 503).
+    pub cold_start: bool,
+    /// How long a rank or feedback request waits for Kafka to acknowledge its record.
+    pub produce_timeout_ms: i64,
+    /// Consumer group id the snapshot subscriber reports under (it uses no group offsets).
+    pub group_id: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +186,7 @@ struct RawPolicy {
     ucb_c: f64,
     epsilon: f64,
     propensity_samples: i64,
+    propensity_rse: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -227,6 +259,7 @@ pub struct Config {
     pub kafka: KafkaSpec,
     pub core: CoreSpec,
     pub policy: PolicySpec,
+    pub serving: ServingSpec,
 }
 
 impl Config {
@@ -519,6 +552,14 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         epsilon: p.epsilon,
         propensity_samples: u32::try_from(count("policy.propensity_samples", p.propensity_samples)?)
             .map_err(|_| field_err("policy.propensity_samples", "too large"))?,
+        propensity_rse: if p.propensity_rse.is_finite() && (0.0..1.0).contains(&p.propensity_rse) {
+            p.propensity_rse
+        } else {
+            return Err(field_err(
+                "policy.propensity_rse",
+                format!("must be in [0, 1) (0: always draw propensity_samples), got {}", p.propensity_rse),
+            ));
+        },
     };
 
     if raw.models.is_empty() {
@@ -619,7 +660,49 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         });
     }
     let kafka = validate_kafka(raw.kafka, &topics)?;
-    Ok(Config { topics, kafka, core: CoreSpec { models, rewards, join, limits }, policy })
+    let serving = validate_serving(raw.serving)?;
+    Ok(Config { topics, kafka, core: CoreSpec { models, rewards, join, limits }, policy, serving })
+}
+
+fn validate_serving(s: RawServing) -> Result<ServingSpec, ConfigError> {
+    let listen = s.listen.parse().map_err(|_| {
+        field_err("serving.listen", format!("`{}` is not an address such as 127.0.0.1:8080", s.listen))
+    })?;
+    if !(0.0..=1.0).contains(&s.holdout_share) {
+        return Err(field_err(
+            "serving.holdout_share",
+            format!("must be in [0, 1], got {}", s.holdout_share),
+        ));
+    }
+    let produce_timeout_ms = duration("serving.produce_timeout", &s.produce_timeout)?;
+    if produce_timeout_ms <= 0 {
+        return Err(field_err("serving.produce_timeout", "must be positive"));
+    }
+    let max_candidates = count("serving.max_candidates", s.max_candidates)?;
+    if max_candidates > 100_000 {
+        return Err(field_err("serving.max_candidates", format!("at most 100000, got {max_candidates}")));
+    }
+    let max_slate_size = count("serving.max_slate_size", s.max_slate_size)?;
+    if max_slate_size > 1_000 {
+        return Err(field_err("serving.max_slate_size", format!("at most 1000, got {max_slate_size}")));
+    }
+    let max_body_bytes = count("serving.max_body_bytes", s.max_body_bytes)?;
+    if max_body_bytes < 1024 {
+        return Err(field_err("serving.max_body_bytes", format!("at least 1024, got {max_body_bytes}")));
+    }
+    if s.group_id.is_empty() {
+        return Err(field_err("serving.group_id", "must not be empty"));
+    }
+    Ok(ServingSpec {
+        listen,
+        max_candidates,
+        max_slate_size,
+        max_body_bytes,
+        holdout_share: s.holdout_share,
+        cold_start: s.cold_start,
+        produce_timeout_ms,
+        group_id: s.group_id,
+    })
 }
 
 /// librdkafka's default `session.timeout.ms`.

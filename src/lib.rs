@@ -11,3 +11,4 @@ pub mod generate;
 pub mod kafka;
 pub mod recording;
 pub mod replay;
+pub mod serving;

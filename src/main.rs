@@ -44,6 +44,17 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// A ranking node: follows the snapshot topic, ranks with the newest merged model and logs
+    /// impressions and feedback to the input topics (HTTP API: api/openapi.json). Stops on
+    /// SIGTERM/SIGINT.
+    Serve {
+        /// Config file (TOML), the same file the processor reads; BANDITFLOW__… override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on (overrides serving.listen).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Replays a recording offline through the same core as the Kafka path; writes one snapshot
     /// per model and input partition, the merged model, dead letters and a summary. With
     /// --to-kafka it produces the recording to its topics instead.
@@ -179,8 +190,11 @@ enum Command {
         ucb_c: f64,
         #[arg(long, default_value_t = 0.05)]
         epsilon: f64,
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 256)]
         propensity_samples: u32,
+        /// Stop Monte Carlo rankings once each served propensity has this relative standard error (0: never).
+        #[arg(long, default_value_t = 0.1)]
+        propensity_rse: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Reading time in ms since the epoch (default: the newest impression the snapshot learned, else its watermark).
@@ -270,6 +284,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let shutdown = Arc::new(AtomicBool::new(false));
             watch_signals(Arc::clone(&shutdown))?;
             banditflow::kafka::service::run(Arc::new(config), shutdown)?;
+        }
+        Command::Serve { config, listen } => {
+            let mut config = Config::load(config.as_deref(), std::env::vars())?;
+            if let Some(l) = listen {
+                config.serving.listen = l;
+            }
+            let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .context("installing the metrics recorder")?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(banditflow::serving::serve(Arc::new(config), Some(handle), async {
+                let term = async {
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                        Ok(mut s) => {
+                            s.recv().await;
+                        }
+                        Err(_) => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    _ = term => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                tracing::info!("signal received: stopping");
+            }))?;
         }
         Command::Record {
             bootstrap,
@@ -460,6 +499,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ucb_c,
             epsilon,
             propensity_samples,
+            propensity_rse,
             seed,
             now_ms,
             features,
@@ -474,6 +514,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 epsilon,
                 propensity_samples,
+                propensity_rse,
             };
             let req = RankRequest {
                 segment: &segment,

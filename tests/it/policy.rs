@@ -40,13 +40,18 @@ fn greedy_and_ucb_put_the_best_item_first_with_exact_propensity() {
         let (spec, f, i) = trained(model);
         let c = candidates();
         for strategy in [Strategy::Greedy, Strategy::Ucb { c: 0.1 }] {
-            let policy = PolicySpec { strategy, epsilon: 0.0, propensity_samples: 100 };
+            let policy = PolicySpec { strategy, epsilon: 0.0, propensity_samples: 100, propensity_rse: 0.0 };
             let slate = rank(&spec.models[i], &f.state.models[i], &policy, &request(&c, 1));
             assert_eq!(slate[0].item_id, "good", "{model} {strategy:?}: {slate:?}");
             assert_eq!(slate[0].propensity, 1.0);
         }
         // With an exploration floor the propensity is (1 - ε)·1 + ε/n, whatever was drawn.
-        let policy = PolicySpec { strategy: Strategy::Greedy, epsilon: 0.3, propensity_samples: 100 };
+        let policy = PolicySpec {
+            strategy: Strategy::Greedy,
+            epsilon: 0.3,
+            propensity_samples: 100,
+            propensity_rse: 0.0,
+        };
         for seed in 0..20 {
             let slate = rank(&spec.models[i], &f.state.models[i], &policy, &request(&c, seed));
             for p in &slate {
@@ -61,7 +66,8 @@ fn greedy_and_ucb_put_the_best_item_first_with_exact_propensity() {
 
 fn slate_greedy_second(spec: &banditflow::core::params::CoreSpec, f: &Feeder, i: usize) -> String {
     let c = candidates();
-    let policy = PolicySpec { strategy: Strategy::Greedy, epsilon: 0.0, propensity_samples: 1 };
+    let policy =
+        PolicySpec { strategy: Strategy::Greedy, epsilon: 0.0, propensity_samples: 1, propensity_rse: 0.0 };
     rank(&spec.models[i], &f.state.models[i], &policy, &request(&c, 0))[1].item_id.clone()
 }
 
@@ -69,7 +75,12 @@ fn slate_greedy_second(spec: &banditflow::core::params::CoreSpec, f: &Feeder, i:
 fn a_seed_gives_the_same_slate() {
     let (spec, f, i) = trained("pbm");
     let c = candidates();
-    let policy = PolicySpec { strategy: Strategy::Thompson, epsilon: 0.05, propensity_samples: 500 };
+    let policy = PolicySpec {
+        strategy: Strategy::Thompson,
+        epsilon: 0.05,
+        propensity_samples: 500,
+        propensity_rse: 0.0,
+    };
     let a = rank(&spec.models[i], &f.state.models[i], &policy, &request(&c, 42));
     let b = rank(&spec.models[i], &f.state.models[i], &policy, &request(&c, 42));
     assert_eq!(a, b);
@@ -79,7 +90,12 @@ fn a_seed_gives_the_same_slate() {
 fn uniform_exploration_has_propensity_one_over_n() {
     let (spec, f, i) = trained("pbm");
     let c = candidates();
-    let policy = PolicySpec { strategy: Strategy::Thompson, epsilon: 1.0, propensity_samples: 50 };
+    let policy = PolicySpec {
+        strategy: Strategy::Thompson,
+        epsilon: 1.0,
+        propensity_samples: 50,
+        propensity_rse: 0.0,
+    };
     for p in rank(&spec.models[i], &f.state.models[i], &policy, &request(&c, 9)) {
         assert!((p.propensity - 1.0 / 3.0).abs() < 1e-12, "{p:?}");
     }
@@ -91,7 +107,12 @@ fn thompson_propensity_estimate_matches_the_exact_two_arm_probability() {
     let spec = unbounded_spec();
     let f = Feeder::new(&spec, 0);
     let c: Vec<String> = vec!["x".into(), "y".into()];
-    let policy = PolicySpec { strategy: Strategy::Thompson, epsilon: 0.0, propensity_samples: 20_000 };
+    let policy = PolicySpec {
+        strategy: Strategy::Thompson,
+        epsilon: 0.0,
+        propensity_samples: 20_000,
+        propensity_rse: 0.0,
+    };
     let slate =
         rank(&spec.models[0], &f.state.models[0], &policy, &RankRequest { slate_size: 1, ..request(&c, 5) });
     // Standard error of the estimate is 0.0035; 5 of them is a safe, still meaningful bound.
@@ -102,7 +123,12 @@ fn thompson_propensity_estimate_matches_the_exact_two_arm_probability() {
 fn thompson_explores_unseen_items_and_favours_the_best() {
     let (spec, f, i) = trained("pbm");
     let c = candidates();
-    let policy = PolicySpec { strategy: Strategy::Thompson, epsilon: 0.0, propensity_samples: 10 };
+    let policy = PolicySpec {
+        strategy: Strategy::Thompson,
+        epsilon: 0.0,
+        propensity_samples: 10,
+        propensity_rse: 0.0,
+    };
     let (mut good_first, mut new_shown) = (0, 0);
     for seed in 0..400 {
         let slate = rank(&spec.models[i], &f.state.models[i], &policy, &request(&c, seed));
@@ -215,7 +241,12 @@ fn thompson_propensities_of_an_asymmetric_slate_match_the_exact_integral() {
         assert!(e.iter().all(|v| (0.0..=1.0).contains(v)), "item {i}: {e:?}");
     }
     let samples = 20_000;
-    let policy = PolicySpec { strategy: Strategy::Thompson, epsilon: 0.0, propensity_samples: samples };
+    let policy = PolicySpec {
+        strategy: Strategy::Thompson,
+        epsilon: 0.0,
+        propensity_samples: samples,
+        propensity_rse: 0.0,
+    };
     let mut checked = 0;
     for seed in 0..40 {
         let req = RankRequest { segment: "s", features: &[], candidates: &c, slate_size: 2, now_ms: 0, seed };
@@ -243,7 +274,12 @@ fn no_propensity_is_below_the_epsilon_floor_and_the_served_draw_counts() {
     let c: Vec<String> = (0..50).map(|k| format!("cold{k}")).chain(candidates()).collect();
     for eps in [0.0, 0.01, 0.2] {
         // One Monte Carlo sample only: the served placement must still get a positive estimate.
-        let policy = PolicySpec { strategy: Strategy::Thompson, epsilon: eps, propensity_samples: 1 };
+        let policy = PolicySpec {
+            strategy: Strategy::Thompson,
+            epsilon: eps,
+            propensity_samples: 1,
+            propensity_rse: 0.0,
+        };
         for seed in 0..200 {
             let req = RankRequest { slate_size: 5, ..request(&c, seed) };
             for p in rank(&spec.models[i], &f.state.models[i], &policy, &req) {

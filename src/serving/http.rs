@@ -1,0 +1,223 @@
+//! The HTTP API of `banditflow serve` (axum): `POST /v1/rank`, `POST /v1/feedback`,
+//! `/healthz`, `/readyz`, `/metrics` and `/openapi.json` (the checked-in `api/openapi.json`).
+//! Every error is an RFC 9457 problem (`application/problem+json`) naming the field.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use metrics::{counter, histogram};
+use serde::Serialize;
+
+use super::node::{FeedbackRequest, Node, Problem, RankRequest};
+use crate::kafka::now_ms;
+
+/// The OpenAPI document of this API, as checked in.
+pub const OPENAPI: &str = include_str!("../../api/openapi.json");
+
+#[derive(Clone)]
+pub struct AppState {
+    pub node: Arc<Node>,
+    /// Renders `/metrics` (None: the endpoint answers 404).
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.node.config().serving.max_body_bytes;
+    Router::new()
+        .route("/v1/rank", post(rank))
+        .route("/v1/feedback", post(feedback))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .fallback(|| async {
+            problem(Problem::new(404, "not-found", "No such endpoint", "see /openapi.json for the endpoints"))
+        })
+        .method_not_allowed_fallback(|| async {
+            problem(Problem::new(405, "method-not-allowed", "Method not allowed", "see /openapi.json"))
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+fn problem(p: Problem) -> Response {
+    let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = (status, serde_json::to_string(&p).unwrap_or_default()).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    let mut r = (status, serde_json::to_string(body).unwrap_or_default()).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Reads a JSON body into `T`, or the problem that says why not.
+fn parse<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, Problem> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if mime != "application/json" && !(mime.starts_with("application/") && mime.ends_with("+json")) {
+        return Err(Problem::new(
+            415,
+            "unsupported-media-type",
+            "The body must be JSON",
+            format!("Content-Type is `{ct}`; send application/json"),
+        ));
+    }
+    let body = body.map_err(|r| {
+        let status = r.status().as_u16();
+        if status == 413 {
+            Problem::new(413, "body-too-large", "The body is too large", r.body_text())
+        } else {
+            Problem::new(status, "unreadable-body", "The body could not be read", r.body_text())
+        }
+    })?;
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let mut p = match inner.classify() {
+            serde_json::error::Category::Data => Problem::new(
+                422,
+                "invalid-request",
+                "The request breaks a rule of the API",
+                inner.to_string(),
+            ),
+            _ => Problem::new(400, "malformed-json", "The body is not valid JSON", inner.to_string()),
+        };
+        if path != "." && !path.is_empty() {
+            p.field = Some(path);
+        } else if let Some(f) = inner.to_string().split('`').nth(1) {
+            // "missing field `x`" / "unknown field `x`" are reported at the enclosing object.
+            p.field = Some(f.to_string());
+        }
+        p
+    })?;
+    Ok(value)
+}
+
+async fn rank(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let start = std::time::Instant::now();
+    let out = match parse::<RankRequest>(&headers, body) {
+        Ok(req) => s.node.rank(&req, now_ms()).await,
+        Err(p) => Err(p),
+    };
+    histogram!("banditflow_serving_request_seconds", "endpoint" => "rank")
+        .record(start.elapsed().as_secs_f64());
+    match out {
+        Ok(r) => {
+            counter!("banditflow_serving_requests_total", "endpoint" => "rank", "status" => "200")
+                .increment(1);
+            json(StatusCode::OK, &r)
+        }
+        Err(p) => {
+            counter!("banditflow_serving_requests_total", "endpoint" => "rank", "status" => p.status.to_string())
+                .increment(1);
+            problem(p)
+        }
+    }
+}
+
+async fn feedback(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let start = std::time::Instant::now();
+    let out = match parse::<FeedbackRequest>(&headers, body) {
+        Ok(req) => s.node.feedback(&req, now_ms()).await,
+        Err(p) => Err(p),
+    };
+    histogram!("banditflow_serving_request_seconds", "endpoint" => "feedback")
+        .record(start.elapsed().as_secs_f64());
+    match out {
+        Ok(r) => {
+            counter!("banditflow_serving_requests_total", "endpoint" => "feedback", "status" => "202")
+                .increment(1);
+            json(StatusCode::ACCEPTED, &r)
+        }
+        Err(p) => {
+            counter!("banditflow_serving_requests_total", "endpoint" => "feedback", "status" => p.status.to_string())
+                .increment(1);
+            problem(p)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ModelReadiness {
+    model: String,
+    loaded: bool,
+    model_version: u64,
+    staleness_ms: Option<i64>,
+    partitions: usize,
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    ready: bool,
+    models: Vec<ModelReadiness>,
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    let catalog = s.node.catalog().load();
+    let config = s.node.config();
+    let now = now_ms();
+    let models: Vec<ModelReadiness> = config
+        .core
+        .models
+        .iter()
+        .map(|m| match catalog.models.get(&m.id) {
+            Some(sm) => ModelReadiness {
+                model: m.id.clone(),
+                loaded: true,
+                model_version: sm.version,
+                staleness_ms: sm.staleness_ms(now),
+                partitions: sm.partitions,
+            },
+            None => ModelReadiness {
+                model: m.id.clone(),
+                loaded: false,
+                model_version: 0,
+                staleness_ms: None,
+                partitions: 0,
+            },
+        })
+        .collect();
+    let ready = config.serving.cold_start || models.iter().all(|m| m.loaded);
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json(status, &Readiness { ready, models })
+}
+
+async fn render_metrics(State(s): State<AppState>) -> Response {
+    match &s.metrics {
+        Some(h) => {
+            let mut r = h.render().into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        None => {
+            problem(Problem::new(404, "not-found", "Metrics are not enabled", "this node records no metrics"))
+        }
+    }
+}
