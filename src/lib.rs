@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod core;
+pub mod demo;
 pub mod fuzzing;
 pub mod generate;
 pub mod kafka;

@@ -1264,6 +1264,12 @@ async fn partition_task(
 pub fn run(config: Arc<Config>, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     let partitions = super::admin::prepare_topics(&config)?;
     tracing::info!(partitions, group = %config.kafka.group_id, instance = %config.kafka.instance_id, "input topics checked");
+    run_prepared(config, shutdown)
+}
+
+/// [`run`] on topics the caller has already created and checked (the demo's in-process mock
+/// cluster, which answers no admin requests).
+pub fn run_prepared(config: Arc<Config>, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("banditflow-partition")

@@ -178,6 +178,11 @@ impl Node {
         &self.config
     }
 
+    /// The topic feedback is written to.
+    pub fn feedback_topic(&self) -> &str {
+        &self.feedback.topic
+    }
+
     pub fn catalog(&self) -> &ArcSwap<Catalog> {
         &self.catalog
     }
@@ -481,7 +486,10 @@ impl Node {
         };
         let payload = event::encode(sink.role, sink.encoding, event);
         let timeout = Duration::from_millis(self.config.serving.produce_timeout_ms as u64);
-        let record = FutureRecord::to(&sink.topic).key(key).payload(&payload).timestamp(event.time_ms());
+        // The record timestamp is when the node wrote it (Kafka's CreateTime), not the event
+        // time: the processor bounds event times by it.
+        let record =
+            FutureRecord::to(&sink.topic).key(key).payload(&payload).timestamp(crate::kafka::now_ms());
         match producer.send(record, timeout).await {
             Ok(delivery) => Ok((delivery.partition, delivery.offset)),
             Err((e, _)) => Err(unavailable(format!("writing to `{}` failed: {e}", sink.topic))),

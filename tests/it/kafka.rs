@@ -164,7 +164,7 @@ metrics_address = ""
     }
 
     /// A shop on this setup's combined topic and partitions, for all three models.
-    fn shop_with(&self, spec: ShopSpec) -> generate::Shop {
+    pub(crate) fn shop_with(&self, spec: ShopSpec) -> generate::Shop {
         generate::generate(&ShopSpec {
             partitions: self.partitions,
             combined_topic: Some(self.input.clone()),
@@ -194,7 +194,7 @@ metrics_address = ""
         }
     }
 
-    fn produce(&self, records: Vec<Record>) {
+    pub(crate) fn produce(&self, records: Vec<Record>) {
         transfer::produce_recording(
             banditflow::kafka::bootstrap_config(&self.bootstrap),
             records.into_iter(),
@@ -222,7 +222,10 @@ metrics_address = ""
     }
 
     /// Produces on another thread, so processors can be started, killed and moved meanwhile.
-    fn produce_in_background(&self, records: Vec<Record>) -> std::thread::JoinHandle<anyhow::Result<u64>> {
+    pub(crate) fn produce_in_background(
+        &self,
+        records: Vec<Record>,
+    ) -> std::thread::JoinHandle<anyhow::Result<u64>> {
         let bootstrap = self.bootstrap.clone();
         std::thread::spawn(move || {
             transfer::produce_recording(banditflow::kafka::bootstrap_config(&bootstrap), records.into_iter())
@@ -289,11 +292,11 @@ metrics_address = ""
     }
 
     /// Sum of the group's committed offsets over the input partitions (0 for none yet).
-    fn committed_total(&self) -> i64 {
+    pub(crate) fn committed_total(&self) -> i64 {
         self.committed_offsets().iter().map(|o| o.max(&0)).sum()
     }
 
-    fn wait_caught_up(&self, limit: Duration) {
+    pub(crate) fn wait_caught_up(&self, limit: Duration) {
         let ends = self.end_offsets();
         wait_until("the group to commit every input record", limit, || self.committed_offsets() == ends);
     }
@@ -916,7 +919,7 @@ fn run_in_two_phases(s: &Setup, first: &[Record], second: &[Record], between: im
 }
 
 /// A shop split in two halves by record position; the second half's offsets continue the first.
-fn halves(shop: &generate::Shop) -> (Vec<Record>, Vec<Record>) {
+pub(crate) fn halves(shop: &generate::Shop) -> (Vec<Record>, Vec<Record>) {
     let (a, b) = shop.records.split_at(shop.records.len() / 2);
     (a.to_vec(), b.to_vec())
 }
