@@ -5,7 +5,7 @@
 //! report) and the CPU time per call from `/proc/self/stat`, beside same-run baselines:
 //! - `thompson_before`: the previous Thompson propensity estimate (a general Beta sampler and a
 //!   full sort of all candidates per Monte Carlo ranking), copied here to be measured;
-//! - `greedy`: the posterior-mean ranking with exact propensities (no Monte Carlo), the floor.
+//! - `greedy_floor`: the posterior-mean ranking with exact propensities (no Monte Carlo).
 //!
 //! Run: `cargo bench --bench serving` (BENCH_CALLS sets the calls per case, default 3000).
 
@@ -144,6 +144,6 @@ fn main() {
     measure("baseline_thompson_before_1000", calls.min(1000), |seed| {
         thompson_before(&m.spec, &m.shard, &candidates, 10, 1000, seed)
     });
-    measure("baseline_greedy", calls, rank(Strategy::Greedy, 1, 0.0));
+    measure("greedy_floor", calls, rank(Strategy::Greedy, 1, 0.0));
     measure("ucb", calls, rank(Strategy::Ucb { c: 2.0 }, 1, 0.0));
 }

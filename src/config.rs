@@ -22,8 +22,9 @@ pub const ENV_PREFIX: &str = "BANDITFLOW__";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config: cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    // The I/O error is part of the message, not a `source`: chained reports would repeat it.
+    #[error("config: cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("config: {origin} is not valid TOML: {message}")]
     Syntax { origin: String, message: String },
     #[error("config field `{field}`: {message}")]
@@ -277,7 +278,7 @@ impl Config {
             Some(p) => Some((
                 p.display().to_string(),
                 std::fs::read_to_string(p)
-                    .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?,
+                    .map_err(|error| ConfigError::Read { path: p.display().to_string(), error })?,
             )),
             None => None,
         };

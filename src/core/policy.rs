@@ -121,6 +121,19 @@ fn build_scorer(spec: &ModelSpec, model: &ModelShard, req: &RankRequest<'_>) -> 
     }
 }
 
+/// One Beta(α, β) draw as X / (X + Y) from the prepared Gamma samplers (the mean if they
+/// could not be built or both draws underflow).
+fn beta_draw<R: Rng>((a, b): (f64, f64), gammas: &Option<(Gamma<f64>, Gamma<f64>)>, rng: &mut R) -> f64 {
+    if let Some((ga, gb)) = gammas {
+        let x = ga.sample(rng);
+        let y = gb.sample(rng);
+        if x + y > 0.0 {
+            return x / (x + y);
+        }
+    }
+    a / (a + b)
+}
+
 impl Scorer {
     /// Thompson scores of `subset` only (for the Monte Carlo rankings).
     fn sample_subset<R: Rng>(&self, subset: &[usize], rng: &mut R, out: &mut Vec<f64>) {
@@ -128,19 +141,7 @@ impl Scorer {
         match self {
             Scorer::Beta { params, gammas } => {
                 for &i in subset {
-                    let (a, b) = params[i];
-                    out.push(match &gammas[i] {
-                        Some((ga, gb)) => {
-                            let x = ga.sample(rng);
-                            let y = gb.sample(rng);
-                            if x + y > 0.0 {
-                                x / (x + y)
-                            } else {
-                                a / (a + b)
-                            }
-                        }
-                        None => a / (a + b),
-                    });
+                    out.push(beta_draw(params[i], &gammas[i], rng));
                 }
             }
             Scorer::Linear { post: None, .. } => out.resize(subset.len(), 0.0),
@@ -165,18 +166,7 @@ impl Scorer {
                         Strategy::Ucb { c } => {
                             mean + c * (a * b / ((a + b) * (a + b) * (a + b + 1.0))).sqrt()
                         }
-                        Strategy::Thompson => match g {
-                            Some((ga, gb)) => {
-                                let x = ga.sample(rng);
-                                let y = gb.sample(rng);
-                                if x + y > 0.0 {
-                                    x / (x + y)
-                                } else {
-                                    mean
-                                }
-                            }
-                            None => mean,
-                        },
+                        Strategy::Thompson => beta_draw((a, b), g, rng),
                     };
                     out.push(s);
                 }
@@ -244,10 +234,18 @@ pub fn rank(
     policy: &PolicySpec,
     req: &RankRequest<'_>,
 ) -> Vec<Placement> {
-    let mut seen = std::collections::HashSet::new();
-    let candidates: Vec<String> =
-        req.candidates.iter().filter(|c| seen.insert(c.as_str())).cloned().collect();
-    let req = RankRequest { candidates: &candidates, ..*req };
+    // Candidates are usually unique already (serving nodes refuse repeats): copy them only if not.
+    let mut seen = rustc_hash::FxHashSet::default();
+    let unique = req.candidates.iter().all(|c| seen.insert(c.as_str()));
+    let owned: Vec<String>;
+    let candidates: &[String] = if unique {
+        req.candidates
+    } else {
+        seen.clear();
+        owned = req.candidates.iter().filter(|c| seen.insert(c.as_str())).cloned().collect();
+        &owned
+    };
+    let req = RankRequest { candidates, ..*req };
     let n = candidates.len();
     let k = req.slate_size.min(n);
     if k == 0 {
@@ -259,6 +257,7 @@ pub fn rank(
     let mut scores = Vec::with_capacity(n);
     scorer.scores(policy.strategy, &mut rng, &mut scores);
     let explore = eps > 0.0 && rng.random::<f64>() < eps;
+    let ranked = top_k(&scores, k);
     let order: Vec<usize> = if explore {
         let mut idx: Vec<usize> = (0..n).collect();
         // Fisher–Yates with the seeded stream.
@@ -269,18 +268,17 @@ pub fn rank(
         idx.truncate(k);
         idx
     } else {
-        top_k(&scores, k)
+        ranked.clone()
     };
 
-    // P(policy ranking puts candidate i at position p), before the ε mix.
-    let base: Vec<Vec<f64>> = match policy.strategy {
+    // base[pos] = P(the policy's ranking puts order[pos] at pos), before the ε mix. Only the
+    // served placements are estimated.
+    let base: Vec<f64> = match policy.strategy {
         Strategy::Thompson => {
             let samples = policy.propensity_samples.max(1);
-            let mut counts = vec![vec![0u32; k]; n];
-            // The served draw is one more sample of the same posterior.
-            for (pos, &i) in top_k(&scores, k).iter().enumerate() {
-                counts[i][pos] += 1;
-            }
+            // hits[pos]: rankings that put order[pos] at pos. The served draw is one more
+            // sample of the same posterior.
+            let mut hits: Vec<u32> = (0..k).map(|pos| u32::from(ranked[pos] == order[pos])).collect();
             // A separate, fast stream (xoshiro256++) for the Monte Carlo rankings, drawn in
             // blocks until every served placement's estimate is precise enough (see
             // `propensity_draws_needed`) or `propensity_samples` is reached.
@@ -294,30 +292,25 @@ pub fn rank(
                 for _ in 0..block {
                     scorer.sample_subset(&all, &mut mc, &mut s);
                     top_k_into(&s, k, &mut idx);
-                    for (pos, &i) in idx.iter().enumerate() {
-                        counts[i][pos] += 1;
+                    for (h, (a, b)) in hits.iter_mut().zip(idx.iter().zip(&order)) {
+                        *h += u32::from(a == b);
                     }
                 }
                 drawn += block;
                 let total = f64::from(drawn) + 1.0;
-                let precise = order.iter().enumerate().all(|(pos, &i)| {
-                    let p = f64::from(counts[i][pos]) / total;
+                let precise = hits.iter().all(|&h| {
+                    let p = f64::from(h) / total;
                     p > 0.0 && total >= propensity_draws_needed(p, policy.propensity_rse)
                 });
                 if precise {
                     break;
                 }
             }
-            let samples = drawn;
-            let total = f64::from(samples) + 1.0;
-            counts.iter().map(|row| row.iter().map(|&c| f64::from(c) / total).collect()).collect()
+            let total = f64::from(drawn) + 1.0;
+            hits.iter().map(|&h| f64::from(h) / total).collect()
         }
         Strategy::Ucb { .. } | Strategy::Greedy => {
-            let mut m = vec![vec![0.0; k]; n];
-            for (pos, &i) in top_k(&scores, k).iter().enumerate() {
-                m[i][pos] = 1.0;
-            }
-            m
+            (0..k).map(|pos| if ranked[pos] == order[pos] { 1.0 } else { 0.0 }).collect()
         }
     };
     order
@@ -328,7 +321,7 @@ pub fn rank(
             position: pos as u32 + 1,
             // A convex mix of probabilities: within [ε / n, 1] up to rounding, which the
             // bounds make exact.
-            propensity: ((1.0 - eps) * base[i][pos] + eps / n as f64).clamp(eps / n as f64, 1.0),
+            propensity: ((1.0 - eps) * base[pos] + eps / n as f64).clamp(eps / n as f64, 1.0),
             score: scores[i],
         })
         .collect()

@@ -408,10 +408,15 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Outcome> {
         &bar,
     ));
 
-    // Let the processor and the subscriber catch up with everything written (bounded).
+    // Let the processor and the subscriber catch up with everything written (bounded): every
+    // feedback record visible, and the model covering every record on the input topics.
+    let written =
+        stats.lock().map(|s| s.impressions_written + s.feedback_written + s.poison_written).unwrap_or(0);
     let catch_up = Instant::now() + Duration::from_secs(20);
     while Instant::now() < catch_up {
-        if freshness.lock().map(|f| f.pending.values().all(BTreeMap::is_empty)).unwrap_or(true) {
+        let visible = freshness.lock().map(|f| f.pending.values().all(BTreeMap::is_empty)).unwrap_or(true);
+        let version = subscriber.catalog().load().models.get(MODEL).map_or(0, |m| m.version);
+        if visible && version >= written {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));

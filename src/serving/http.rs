@@ -119,20 +119,7 @@ async fn rank(
         Ok(req) => s.node.rank(&req, now_ms()).await,
         Err(p) => Err(p),
     };
-    histogram!("banditflow_serving_request_seconds", "endpoint" => "rank")
-        .record(start.elapsed().as_secs_f64());
-    match out {
-        Ok(r) => {
-            counter!("banditflow_serving_requests_total", "endpoint" => "rank", "status" => "200")
-                .increment(1);
-            json(StatusCode::OK, &r)
-        }
-        Err(p) => {
-            counter!("banditflow_serving_requests_total", "endpoint" => "rank", "status" => p.status.to_string())
-                .increment(1);
-            problem(p)
-        }
-    }
+    answer("rank", start, StatusCode::OK, out)
 }
 
 async fn feedback(
@@ -145,19 +132,27 @@ async fn feedback(
         Ok(req) => s.node.feedback(&req, now_ms()).await,
         Err(p) => Err(p),
     };
-    histogram!("banditflow_serving_request_seconds", "endpoint" => "feedback")
+    answer("feedback", start, StatusCode::ACCEPTED, out)
+}
+
+/// The response to an API call, with its latency and status counted.
+fn answer<T: Serialize>(
+    endpoint: &'static str,
+    start: std::time::Instant,
+    ok: StatusCode,
+    out: Result<T, Problem>,
+) -> Response {
+    histogram!("banditflow_serving_request_seconds", "endpoint" => endpoint)
         .record(start.elapsed().as_secs_f64());
+    let status = match &out {
+        Ok(_) => ok.as_u16(),
+        Err(p) => p.status,
+    };
+    counter!("banditflow_serving_requests_total", "endpoint" => endpoint, "status" => status.to_string())
+        .increment(1);
     match out {
-        Ok(r) => {
-            counter!("banditflow_serving_requests_total", "endpoint" => "feedback", "status" => "202")
-                .increment(1);
-            json(StatusCode::ACCEPTED, &r)
-        }
-        Err(p) => {
-            counter!("banditflow_serving_requests_total", "endpoint" => "feedback", "status" => p.status.to_string())
-                .increment(1);
-            problem(p)
-        }
+        Ok(r) => json(ok, &r),
+        Err(p) => problem(p),
     }
 }
 

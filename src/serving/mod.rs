@@ -24,8 +24,13 @@ pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
     let mut c = crate::kafka::client_config(&config.kafka);
     c.set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "1")
         .set("message.timeout.ms", config.serving.produce_timeout_ms.to_string());
+    // Defaults that `[kafka.properties]` may override.
+    for (name, value) in [("linger.ms", "1")] {
+        if !config.kafka.properties.contains_key(name) {
+            c.set(name, value);
+        }
+    }
     c.create().context("creating the impression producer")
 }
 

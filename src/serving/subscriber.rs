@@ -295,6 +295,10 @@ impl Follower {
                     let m = ServingModel::new(merged, shards.len(), now);
                     gauge!("banditflow_serving_model_version", "model" => model.clone())
                         .set(m.version as f64);
+                    gauge!("banditflow_serving_model_newest_event_timestamp_seconds", "model" => model.clone())
+                        .set(m.newest_event_ms as f64 / 1000.0);
+                    gauge!("banditflow_serving_model_visible_timestamp_seconds", "model" => model.clone())
+                        .set(now as f64 / 1000.0);
                     counter!("banditflow_serving_model_updates_total", "model" => model.clone()).increment(1);
                     if let Some(tx) = &self.updates {
                         // A receiver that went away only stops the reports.

@@ -564,7 +564,10 @@ fn rebalance_one_three_one_keeps_exact_totals() {
     let shop =
         s.shop_with(ShopSpec { seed: 14, impressions: 120_000, malformed_share: 0.0, ..ShopSpec::default() });
     let records = shop.records.clone();
-    let producer = s.produce_in_background(records.clone());
+    // The first half is produced while one instance runs; the second only once three share the
+    // partitions, so the three have records to learn whatever the machine's speed.
+    let (first, second) = halves(&shop);
+    let producer = s.produce_in_background(first);
     let progress = || s.committed_total();
     let _a = s.start("0");
     wait_until("first instance progresses", Duration::from_secs(60), || progress() > 0);
@@ -574,7 +577,9 @@ fn rebalance_one_three_one_keeps_exact_totals() {
     wait_until("three instances share the partitions", Duration::from_secs(60), || {
         bee.log_text().contains("partition assigned") && cee.log_text().contains("partition assigned")
     });
+    producer.join().expect("producer thread").expect("produced");
     let at_three = progress();
+    let producer = s.produce_in_background(second);
     wait_until("progress with three instances", Duration::from_secs(60), || progress() > at_three);
     for p in [&mut bee, &mut cee] {
         let (status, _) = p.terminate();

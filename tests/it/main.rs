@@ -11,6 +11,7 @@ mod lift;
 mod memory;
 mod policy;
 mod properties;
+mod readme;
 mod serving;
 mod snapshot;
 mod support;

@@ -248,6 +248,23 @@ fn thompson_propensities_of_an_asymmetric_slate_match_the_exact_integral() {
         propensity_rse: 0.0,
     };
     let mut checked = 0;
+    // The adaptive count (default relative standard error 10 %, here with a cap high enough
+    // never to bind): every estimate within 4.5 relative standard errors of the exact value.
+    let adaptive = PolicySpec { propensity_rse: 0.1, ..policy };
+    for seed in 0..200 {
+        let req = RankRequest { segment: "s", features: &[], candidates: &c, slate_size: 2, now_ms: 0, seed };
+        for p in rank(m, &shard, &adaptive, &req) {
+            let i: usize = p.item_id[4..].parse().expect("index");
+            let want = exact[i][p.position as usize - 1];
+            assert!(
+                (p.propensity - want).abs() < 4.5 * 0.1 * want,
+                "adaptive, seed {seed}: {} at {}: estimate {} vs exact {want}",
+                p.item_id,
+                p.position,
+                p.propensity
+            );
+        }
+    }
     for seed in 0..40 {
         let req = RankRequest { segment: "s", features: &[], candidates: &c, slate_size: 2, now_ms: 0, seed };
         for p in rank(m, &shard, &policy, &req) {
