@@ -2,7 +2,8 @@
 # HTTP load on a ranking node, with impression logging on: wrk (Debian's package, installed when
 # missing) on 127.0.0.1 against `banditflow serve` on the development broker, beside a same-run
 # baseline (GET /healthz on the same node: the HTTP stack alone). For each case: requests/s,
-# latency percentiles (wrk --latency) and the node's CPU time per request from /proc.
+# latency percentiles (wrk --latency), the CPU time per request of the node and of the broker
+# (from /proc/<pid>/stat), and how busy the machine's cores were (from /proc/stat).
 #
 #   scripts/bench-serving.sh [SECONDS_PER_CASE] [CONNECTIONS]
 #
@@ -20,6 +21,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/banditflow/target}
 cargo build --release --locked --quiet
 bin=$CARGO_TARGET_DIR/release/banditflow
 bootstrap=$(scripts/kafka.sh start | tail -1)
+broker=$(scripts/kafka.sh status | sed -n 's/.*pid \([0-9]*\).*/\1/p')
 work=$(mktemp -d)
 trap 'kill $node 2> /dev/null || true; rm -rf "$work"' EXIT
 topic=bench-serving-$(date +%s)
@@ -43,6 +45,10 @@ cpu_ticks() { # utime + stime of a pid, in clock ticks
   awk '{print $14 + $15}' "/proc/$1/stat"
 }
 
+machine_ticks() { # busy and total clock ticks of all cores
+  awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat
+}
+
 run_case() { # name strategy method path body
   local name=$1 strategy=$2 method=$3 path=$4 body=$5
   BANDITFLOW__POLICY__STRATEGY=$strategy BANDITFLOW_LOG=warn "$bin" serve --config "$work/config.toml" &
@@ -54,11 +60,14 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.body = '$body'
 EOF
   wrk -t1 -c"$conns" -d2s -s "$work/req.lua" "http://127.0.0.1:18080$path" > /dev/null # warm-up
-  local t0
+  local t0 b0 m0 t1 b1 m1
   t0=$(cpu_ticks $node)
+  b0=$(cpu_ticks "$broker")
+  m0=$(machine_ticks)
   wrk -t1 -c"$conns" -d"${secs}s" --latency -s "$work/req.lua" "http://127.0.0.1:18080$path" > "$work/out.txt"
-  local t1
   t1=$(cpu_ticks $node)
+  b1=$(cpu_ticks "$broker")
+  m1=$(machine_ticks)
   kill $node
   wait $node || true
   local rps p50 p90 p99 errors total
@@ -68,10 +77,13 @@ EOF
   p99=$(awk '$1 == "99%" {print $2}' "$work/out.txt")
   total=$(awk '/requests in/ {print $1}' "$work/out.txt")
   errors=$(awk '/Non-2xx/ {print $5}' "$work/out.txt")
-  local cpu_us
-  cpu_us=$(python3 -c "print(f'{($t1 - $t0) / 100 / max($total, 1) * 1e6:.0f}')")
-  printf '%-44s %10s req/s  p50 %8s  p90 %8s  p99 %8s  node CPU %5s µs/req  non-2xx %s\n' \
-    "$name" "$rps" "$p50" "$p90" "$p99" "$cpu_us" "${errors:-0}"
+  local cpu
+  cpu=$(python3 -c "
+n = max($total, 1)
+busy = ($(echo $m1 | cut -d' ' -f1) - $(echo $m0 | cut -d' ' -f1)) / max($(echo $m1 | cut -d' ' -f2) - $(echo $m0 | cut -d' ' -f2), 1)
+print(f'node {($t1 - $t0) / 100 / n * 1e6:4.0f} µs/req  broker {($b1 - $b0) / 100 / n * 1e6:4.0f} µs/req  cores busy {busy * 100:3.0f} %')")
+  printf '%-40s %9s req/s  p50 %8s  p90 %8s  p99 %8s  %s  non-2xx %s\n' \
+    "$name" "$rps" "$p50" "$p90" "$p99" "$cpu" "${errors:-0}"
 }
 
 c20=$(candidates 20)

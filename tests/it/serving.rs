@@ -496,3 +496,24 @@ fn the_closed_loop_on_the_broker_learns_and_measures_freshness() {
     assert!(o.significant(), "lift {:?}", o.lift);
     assert!(o.treatment.per(o.treatment.expected) > o.treatment.per(o.treatment.random));
 }
+
+#[test]
+fn the_demo_runs_on_the_mock_cluster_and_fails_without_a_significant_lift() {
+    // Without a holdout there is nothing to beat: the table is printed, the exit code says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_banditflow"))
+        .args(["demo", "--duration", "8s", "--rate", "300", "--holdout-share", "0", "--quiet"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("in-process mock cluster"), "{stdout}");
+    assert!(stdout.contains("treatment (Thompson sampling)"), "{stdout}");
+    assert!(stdout.contains("verdict: the learning variant did NOT beat the holdout"), "{stdout}");
+    assert!(stderr.contains("did not beat the holdout"), "{stderr}");
+    // Every record written on the mock cluster was processed.
+    let events = stdout.lines().find(|l| l.starts_with("events:")).expect("events line");
+    let n: Vec<u64> = events.split_whitespace().filter_map(|w| w.replace(',', "").parse().ok()).collect();
+    assert!(n.len() >= 2 && n[0] > 0 && n[0] == n[1], "{events}");
+}
