@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
@@ -123,14 +125,7 @@ fn learning_chart(o: &Outcome, path: &Path) -> anyhow::Result<()> {
             .label(name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    legend_and_save(chart, &root)
 }
 
 fn freshness_chart(o: &Outcome, path: &Path) -> anyhow::Result<()> {
@@ -161,6 +156,14 @@ fn freshness_chart(o: &Outcome, path: &Path) -> anyhow::Result<()> {
             .label(name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
+    legend_and_save(chart, &root)
+}
+
+/// Draws the series legend (bottom right, where the curves are not) and writes the file.
+fn legend_and_save<'a>(
+    mut chart: ChartContext<'a, BitMapBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    root: &DrawingArea<BitMapBackend<'a>, Shift>,
+) -> anyhow::Result<()> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
