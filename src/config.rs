@@ -58,7 +58,6 @@ struct RawServing {
     holdout_share: f64,
     cold_start: bool,
     produce_timeout: String,
-    group_id: String,
 }
 
 /// How `banditflow serve` answers rank and feedback requests.
@@ -74,8 +73,6 @@ pub struct ServingSpec {
     pub cold_start: bool,
     /// How long a rank or feedback request waits for Kafka to acknowledge its record.
     pub produce_timeout_ms: i64,
-    /// Consumer group id the snapshot subscriber reports under (it uses no group offsets).
-    pub group_id: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -691,9 +688,6 @@ fn validate_serving(s: RawServing) -> Result<ServingSpec, ConfigError> {
     if max_body_bytes < 1024 {
         return Err(field_err("serving.max_body_bytes", format!("at least 1024, got {max_body_bytes}")));
     }
-    if s.group_id.is_empty() {
-        return Err(field_err("serving.group_id", "must not be empty"));
-    }
     Ok(ServingSpec {
         listen,
         max_candidates,
@@ -702,7 +696,6 @@ fn validate_serving(s: RawServing) -> Result<ServingSpec, ConfigError> {
         holdout_share: s.holdout_share,
         cold_start: s.cold_start,
         produce_timeout_ms,
-        group_id: s.group_id,
     })
 }
 
@@ -825,6 +818,15 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_config_file_is_named_once_with_its_cause_once() {
+        let e = Config::load(Some(std::path::Path::new("/nonexistent/my.toml")), Vec::new())
+            .expect_err("no file");
+        let chain = format!("{:#}", anyhow::Error::from(e));
+        assert!(chain.starts_with("config: cannot read /nonexistent/my.toml: "), "{chain}");
+        assert_eq!(chain.matches("os error 2").count(), 1, "{chain}");
+    }
+
+    #[test]
     fn embedded_defaults_are_valid() {
         let c = load("", &[]).expect("defaults validate");
         assert!(!c.core.models.is_empty());
@@ -852,6 +854,11 @@ mod tests {
             ("[rewards.click]\nreward = 1\nwindow = \"-1s\"", &[], "rewards.click.window"),
             ("[kafka]\nsnapshot_interval = \"0s\"", &[], "kafka.snapshot_interval"),
             ("[kafka]\nmetrics_address = \"localhost\"", &[], "kafka.metrics_address"),
+            ("[serving]\nlisten = \"localhost\"", &[], "serving.listen"),
+            ("[serving]\nholdout_share = 1.5", &[], "serving.holdout_share"),
+            ("[serving]\nmax_candidates = 0", &[], "serving.max_candidates"),
+            ("[serving]\nproduce_timeout = \"soon\"", &[], "serving.produce_timeout"),
+            ("[policy]\npropensity_rse = 1.0", &[], "policy.propensity_rse"),
             ("[kafka]\nsnapshot_topic = \"feedback\"", &[], "kafka.snapshot_topic"),
             ("", &[("BANDITFLOW__KAFKA__GROUP_ID", "\"\"")], "kafka.group_id"),
             (
