@@ -673,16 +673,25 @@ fn validate_serving(s: RawServing) -> Result<ServingSpec, ConfigError> {
         ));
     }
     let produce_timeout_ms = duration("serving.produce_timeout", &s.produce_timeout)?;
-    if produce_timeout_ms <= 0 {
-        return Err(field_err("serving.produce_timeout", "must be positive"));
+    // librdkafka's message.timeout.ms: above linger.ms, within an i32.
+    if !(10..=i64::from(i32::MAX)).contains(&produce_timeout_ms) {
+        return Err(field_err(
+            "serving.produce_timeout",
+            format!("must be between 10ms and {}ms, got {produce_timeout_ms}ms", i32::MAX),
+        ));
     }
     let max_candidates = count("serving.max_candidates", s.max_candidates)?;
     if max_candidates > 100_000 {
         return Err(field_err("serving.max_candidates", format!("at most 100000, got {max_candidates}")));
     }
     let max_slate_size = count("serving.max_slate_size", s.max_slate_size)?;
-    if max_slate_size > 1_000 {
-        return Err(field_err("serving.max_slate_size", format!("at most 1000, got {max_slate_size}")));
+    // The processor dead-letters longer slates (`bad_slate`): a node must not log them.
+    let longest = crate::core::event::MAX_SLATE_LEN;
+    if max_slate_size > longest {
+        return Err(field_err(
+            "serving.max_slate_size",
+            format!("at most {longest} (the longest slate the processor accepts), got {max_slate_size}"),
+        ));
     }
     let max_body_bytes = count("serving.max_body_bytes", s.max_body_bytes)?;
     if max_body_bytes < 1024 {

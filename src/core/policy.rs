@@ -4,18 +4,19 @@
 //! Propensities: for UCB and greedy they are exact — the ranking is deterministic, and with
 //! probability `epsilon` the slate is a uniformly random permutation, so
 //! P(item i at position k) = (1 − ε)·[i ranked k] + ε / n. For Thompson sampling there is no
-//! closed form; P is estimated from seeded Monte Carlo rankings (a separate random stream from
-//! the one that drew the served ranking) plus the served draw itself. Rankings are drawn in
-//! blocks of 64 until every served placement's estimate has a relative standard error of at
-//! most 10 % ([`propensity_draws_needed`]), or `propensity_samples` rankings were drawn; at the
-//! cap the standard error of any estimate is at most 0.5 / √(cap + 1). Posterior draws are
-//! exact: Beta(α, β) as a ratio of Marsaglia–Tsang Gamma draws, which costs a fraction of a
-//! general Beta sampler. The
-//! served placement therefore never gets an estimate of 0 (with ε = 0 it is at least
-//! 1 / (samples + 1), which bounds its inverse-propensity weight by samples + 1). The price is a
-//! small upward bias for the placement that was served — (1 − p) / (samples + 1) at most —
-//! i.e. a slightly conservative weight. It is mixed with
-//! ε / n the same way, so no placement is ever reported below ε / n.
+//! closed form; P is estimated from seeded Monte Carlo rankings drawn from a separate random
+//! stream (not from the served draw, which is conditioned on its outcome: counting it would
+//! bias small propensities upwards by (1 − p) / (N + 1)). With `propensity_rse` > 0 a pilot of
+//! 64 rankings estimates how many rankings each served placement needs for that relative
+//! standard error ([`propensity_draws_needed`]); that many fresh rankings, in blocks of 64 and
+//! at most `propensity_samples` − 64, give the estimate (the pilot is discarded, so the
+//! adaptive count does not bias it). With `propensity_rse` = 0 exactly `propensity_samples`
+//! rankings are drawn. Any estimate from N rankings has a standard error of at most
+//! 0.5 / √N. A served placement that no fresh ranking produced is reported as 0.5 / N (it has a
+//! probability, too small to resolve), which bounds its inverse-propensity weight by 2N. The
+//! result is mixed with ε / n as above, so no placement is ever reported below ε / n.
+//! Posterior draws are exact: Beta(α, β) as a ratio of Marsaglia–Tsang Gamma draws, which
+//! costs a fraction of a general Beta sampler.
 //! The seed comes in as an argument; the policy draws no other randomness.
 
 use rand::{Rng, SeedableRng};
@@ -275,39 +276,47 @@ pub fn rank(
     // served placements are estimated.
     let base: Vec<f64> = match policy.strategy {
         Strategy::Thompson => {
-            let samples = policy.propensity_samples.max(1);
-            // hits[pos]: rankings that put order[pos] at pos. The served draw is one more
-            // sample of the same posterior.
-            let mut hits: Vec<u32> = (0..k).map(|pos| u32::from(ranked[pos] == order[pos])).collect();
-            // A separate, fast stream (xoshiro256++) for the Monte Carlo rankings, drawn in
-            // blocks until every served placement's estimate is precise enough (see
-            // `propensity_draws_needed`) or `propensity_samples` is reached.
+            // Rankings from a separate, fast stream (xoshiro256++). With an adaptive count a
+            // pilot block of rankings decides how many fresh ones to draw (enough for each
+            // served placement's relative standard error to reach `propensity_rse`, within the
+            // cap); the estimate uses the fresh rankings only, so the stopping rule cannot bias
+            // it. The served draw is not counted: it is a ranking conditioned on its outcome.
             let mut mc = Xoshiro256PlusPlus::seed_from_u64(req.seed ^ 0x5851_f42d_4c95_7f2d);
+            let cap = policy.propensity_samples.max(1);
             let all: Vec<usize> = (0..n).collect();
             let mut s = Vec::with_capacity(n);
             let mut idx = Vec::with_capacity(n);
-            let mut drawn = 0u32;
-            while drawn < samples {
-                let block = PROPENSITY_BLOCK.min(samples - drawn);
-                for _ in 0..block {
+            let mut draw = |count: u32, hits: &mut Vec<u32>| {
+                hits.clear();
+                hits.resize(k, 0);
+                for _ in 0..count {
                     scorer.sample_subset(&all, &mut mc, &mut s);
                     top_k_into(&s, k, &mut idx);
                     for (h, (a, b)) in hits.iter_mut().zip(idx.iter().zip(&order)) {
                         *h += u32::from(a == b);
                     }
                 }
-                drawn += block;
-                let total = f64::from(drawn) + 1.0;
-                let precise = hits.iter().all(|&h| {
-                    let p = f64::from(h) / total;
-                    p > 0.0 && total >= propensity_draws_needed(p, policy.propensity_rse)
-                });
-                if precise {
-                    break;
-                }
-            }
-            let total = f64::from(drawn) + 1.0;
-            hits.iter().map(|&h| f64::from(h) / total).collect()
+            };
+            let mut hits = Vec::with_capacity(k);
+            let fresh = if policy.propensity_rse > 0.0 && cap > 2 * PROPENSITY_BLOCK {
+                draw(PROPENSITY_BLOCK, &mut hits);
+                let pilot = f64::from(PROPENSITY_BLOCK);
+                let needed = hits
+                    .iter()
+                    .map(|&h| propensity_draws_needed(f64::from(h) / pilot, policy.propensity_rse))
+                    .fold(0.0f64, f64::max);
+                let room = cap - PROPENSITY_BLOCK;
+                // Whole blocks, at least one, at most what the cap leaves after the pilot.
+                let blocks = (needed / pilot).ceil().clamp(1.0, f64::from(room / PROPENSITY_BLOCK).max(1.0));
+                (blocks as u32 * PROPENSITY_BLOCK).min(room)
+            } else {
+                cap
+            };
+            draw(fresh, &mut hits);
+            let total = f64::from(fresh);
+            // A placement no fresh ranking produced (it was served, so its probability is not
+            // zero) gets half a ranking's worth rather than 0.
+            hits.iter().map(|&h| if h == 0 { 0.5 / total } else { f64::from(h) / total }).collect()
         }
         Strategy::Ucb { .. } | Strategy::Greedy => {
             (0..k).map(|pos| if ranked[pos] == order[pos] { 1.0 } else { 0.0 }).collect()

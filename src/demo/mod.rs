@@ -463,7 +463,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Outcome> {
         priors_source: format!(
             "{} (sha256 {})",
             priors.source,
-            &priors.sha256[..priors.sha256.len().min(12)]
+            priors.sha256.chars().take(12).collect::<String>()
         ),
     })
 }

@@ -387,7 +387,17 @@ impl Node {
 
     /// Ranks and writes the impression; answers only once Kafka has acknowledged it.
     pub async fn rank(&self, req: &RankRequest, now_ms: i64) -> Result<RankResponse, Problem> {
-        let ranked = self.rank_only(req, self.next_impression_id(), now_ms)?;
+        let id = self.next_impression_id();
+        // Thompson sampling spends up to milliseconds of CPU on a large request: on a
+        // multi-threaded runtime it runs with the worker's other tasks moved away, so health
+        // checks and other requests are not held up behind it.
+        let on_workers = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let ranked = if on_workers && matches!(self.config.policy.strategy, policy::Strategy::Thompson) {
+            tokio::task::block_in_place(|| self.rank_only(req, id, now_ms))?
+        } else {
+            self.rank_only(req, id, now_ms)?
+        };
         self.write(
             &self.impressions,
             &ranked.impression.impression_id,

@@ -194,8 +194,13 @@ impl Follower {
                             continue;
                         }
                         self.store.put(key.to_string(), m.payload().map(<[u8]>::to_vec));
-                        self.pending.insert(base.to_string());
-                        changed = true;
+                        // Only a record under the key itself (an inline value, a manifest, which
+                        // follows its chunks, or a tombstone) makes a new value; chunks and the
+                        // tombstones of surplus chunks just wait in the store.
+                        if base == key {
+                            self.pending.insert(base.to_string());
+                            changed = true;
+                        }
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "reading the snapshot topic");

@@ -286,7 +286,7 @@ fn thompson_propensities_of_an_asymmetric_slate_match_the_exact_integral() {
 }
 
 #[test]
-fn no_propensity_is_below_the_epsilon_floor_and_the_served_draw_counts() {
+fn no_propensity_is_below_the_epsilon_floor_and_a_served_placement_is_never_zero() {
     let (spec, f, i) = trained("pbm");
     let c: Vec<String> = (0..50).map(|k| format!("cold{k}")).chain(candidates()).collect();
     for eps in [0.0, 0.01, 0.2] {

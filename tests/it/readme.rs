@@ -68,6 +68,8 @@ fn the_readme_commands_work_as_written() {
         .arg(&script)
         .current_dir(dir.path())
         .env("PATH", path)
+        // The example config names the development broker; the suite's may listen elsewhere.
+        .env("BANDITFLOW__KAFKA__BOOTSTRAP_SERVERS", &bootstrap)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).expect("log"))
         .stderr(std::fs::File::create(dir.path().join("readme.err")).expect("log"))

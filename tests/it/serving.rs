@@ -21,6 +21,8 @@ use banditflow::serving::node::{Node, RankRequest};
 use banditflow::serving::subscriber::{Catalog, ServingModel, Subscriber};
 use serde_json::{json, Value};
 
+use banditflow::kafka::store;
+
 use crate::kafka::{bootstrap, unique, wait_until, Setup};
 
 fn root() -> PathBuf {
@@ -295,9 +297,45 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
         s.shop_with(ShopSpec { seed: 21, impressions: 60_000, malformed_share: 0.0, ..ShopSpec::default() });
     let records = shop.records.clone();
     let (first, second) = crate::kafka::halves(&shop);
+    // Small records, so every model value is chunked and serving must reassemble it.
+    crate::kafka::edit_config(
+        &s,
+        "snapshot_interval = \"250ms\"",
+        "snapshot_interval = \"250ms\"\nmax_record_bytes = 2048",
+    );
     let (tx, rx) = std::sync::mpsc::channel();
-    let sub = Subscriber::start(banditflow::kafka::bootstrap_config(&b), &s.snapshots, Some(tx))
-        .expect("subscriber");
+    // Fetches of a few records, so a chunked value often arrives over several polls (as
+    // production-sized chunks of ~900 kB do against librdkafka's 1 MB per-partition fetch).
+    let mut client = banditflow::kafka::bootstrap_config(&b);
+    client.set("max.partition.fetch.bytes", "4096");
+    let sub = Subscriber::start(client, &s.snapshots, Some(tx)).expect("subscriber");
+    // What ranking sees, sampled all along: a model, once visible, never disappears and its
+    // version never goes back.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (catalog, stop) = (sub.catalog(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+            let mut problems = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let c = catalog.load();
+                for (id, last) in &seen {
+                    match c.models.get(id) {
+                        None => problems.push(format!("model {id} disappeared after version {last}")),
+                        Some(m) if m.version < *last => {
+                            problems.push(format!("model {id} went from version {last} to {}", m.version))
+                        }
+                        _ => {}
+                    }
+                }
+                for (id, m) in &c.models {
+                    seen.insert(id.clone(), m.version);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (seen, problems)
+        })
+    };
     // One instance learns the first half; a second joins (1 → 2) for the second half, then
     // leaves again (2 → 1) while records are still arriving.
     let _a = s.start("0");
@@ -344,6 +382,21 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
     wait_until("the subscriber's merged models to equal the offline merge", Duration::from_secs(60), || {
         got() == want
     });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (seen, problems) = watcher.join().expect("watcher");
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(seen.len(), config.core.models.len());
+    let chunks: usize = store::read_partitions(
+        banditflow::kafka::bootstrap_config(&b),
+        &s.snapshots,
+        &[0],
+        Duration::from_secs(30),
+    )
+    .expect("snapshot partition 0")
+    .values()
+    .map(|st| st.values.keys().filter(|k| k.starts_with("model/") && k.contains('#')).count())
+    .sum();
+    assert!(chunks > 0, "the models were meant to be chunked");
     sub.stop();
     // Versions a serving node saw never went back, through the rebalance.
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
