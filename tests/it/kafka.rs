@@ -398,6 +398,8 @@ impl Processor {
     }
 
     fn signal(&self, sig: &str) {
+        // Never `kill SIG 0`: that would signal this test's whole process group.
+        assert!(self.child.is_some(), "the processor was already stopped");
         let st = Command::new("kill").args([sig, &self.pid().to_string()]).status().expect("kill runs");
         assert!(st.success());
     }

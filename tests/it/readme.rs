@@ -87,7 +87,12 @@ fn the_readme_commands_work_as_written() {
         std::thread::sleep(Duration::from_millis(100));
     };
     // Whatever happened, nothing the script started outlives the test.
-    let _ = Command::new("kill").args(["-KILL", &format!("-{}", child.id())]).status();
+    // (The script ran in a process group of its own, `process_group(0)`: its id is the
+    // script's pid, never this test's group.)
+    let group = child.id();
+    if group > 1 {
+        let _ = Command::new("kill").args(["-KILL", &format!("-{group}")]).status();
+    }
     let out = std::fs::read_to_string(&log).unwrap_or_default();
     let err = std::fs::read_to_string(dir.path().join("readme.err")).unwrap_or_default();
     let tail = |s: &str| {
