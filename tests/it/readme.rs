@@ -3,7 +3,6 @@
 //! stands for it). So the README cannot drift from the program. Also: every example config
 //! loads.
 
-use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,9 +50,11 @@ fn the_readme_commands_work_as_written() {
     let readme = std::fs::read_to_string(root().join("README.md")).expect("README");
     let blocks = shell_blocks(&readme);
     assert!(blocks.len() >= 2, "README has {} sh blocks", blocks.len());
-    let script = format!("set -euo pipefail\n{}", blocks.join("\n"))
-        .replace("cargo run --release --", "banditflow")
-        .replace("127.0.0.1:39092", &bootstrap);
+    // Background jobs (`run`, `serve`) are stopped however the script ends.
+    let script =
+        format!("set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n{}", blocks.join("\n"))
+            .replace("cargo run --release --", "banditflow")
+            .replace("127.0.0.1:39092", &bootstrap);
     // A scratch directory that sees the repository's files but keeps what the commands write.
     let dir = tempfile::tempdir().expect("tmp");
     for d in ["config", "scripts", "tests", "api"] {
@@ -73,7 +74,6 @@ fn the_readme_commands_work_as_written() {
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).expect("log"))
         .stderr(std::fs::File::create(dir.path().join("readme.err")).expect("log"))
-        .process_group(0)
         .spawn()
         .expect("bash runs");
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -86,12 +86,15 @@ fn the_readme_commands_work_as_written() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    // Whatever happened, nothing the script started outlives the test.
-    // (The script ran in a process group of its own, `process_group(0)`: its id is the
-    // script's pid, never this test's group.)
-    let group = child.id();
-    if group > 1 {
-        let _ = Command::new("kill").args(["-KILL", &format!("-{group}")]).status();
+    if status.is_none() {
+        // Over time: SIGTERM lets the script's EXIT trap stop its background jobs.
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until && child.try_wait().ok().flatten().is_none() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
     let out = std::fs::read_to_string(&log).unwrap_or_default();
     let err = std::fs::read_to_string(dir.path().join("readme.err")).unwrap_or_default();
