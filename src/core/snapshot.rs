@@ -344,7 +344,13 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
 /// Merges shard snapshots of one model into the global model. Shards are added in order of
 /// source partition, so the result does not depend on the order they are given in.
 pub fn merge(snaps: &[DecodedSnapshot]) -> Result<DecodedSnapshot, SnapshotError> {
-    let mut order: Vec<&DecodedSnapshot> = snaps.iter().collect();
+    merge_refs(&snaps.iter().collect::<Vec<_>>())
+}
+
+/// [`merge`] of shards held elsewhere (a serving node's newest shard per partition), without
+/// copying them.
+pub fn merge_refs(snaps: &[&DecodedSnapshot]) -> Result<DecodedSnapshot, SnapshotError> {
+    let mut order: Vec<&DecodedSnapshot> = snaps.to_vec();
     order.sort_by_key(|s| s.meta.source_partition);
     let first = order.first().ok_or(SnapshotError::Empty)?;
     let spec = first.spec.clone();

@@ -286,16 +286,16 @@ impl Follower {
         let mut next = Catalog { models: current.models.clone() };
         let now = now_ms();
         for model in models {
-            let shards: Vec<DecodedSnapshot> = self
+            let shards: Vec<&DecodedSnapshot> = self
                 .shards
                 .range((model.clone(), i32::MIN)..=(model.clone(), i32::MAX))
-                .map(|(_, s)| s.clone())
+                .map(|(_, s)| s)
                 .collect();
             if shards.is_empty() {
                 next.models.remove(&model);
                 continue;
             }
-            match snapshot::merge(&shards) {
+            match snapshot::merge_refs(&shards) {
                 Ok(merged) => {
                     let m = ServingModel::new(merged, shards.len(), now);
                     gauge!("banditflow_serving_model_version", "model" => model.clone())
