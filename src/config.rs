@@ -175,6 +175,7 @@ struct RawJoin {
     learn_late: bool,
     max_impressions: i64,
     max_pending_feedback: i64,
+    funnel: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -412,6 +413,53 @@ fn positive(field: &str, v: f64) -> Result<f64, ConfigError> {
     }
 }
 
+/// `[join.funnel]`: kind → the kinds one of which must come first. Every kind is listed, none
+/// needs itself, and each can be reached from a kind that needs nothing.
+fn funnel(raw: &std::collections::BTreeMap<String, Vec<String>>) -> Result<[u8; 4], ConfigError> {
+    use crate::core::event::FeedbackKind;
+    let mut requires = [0u8; 4];
+    for (name, before) in raw {
+        let field = format!("join.funnel.{name}");
+        let kind = FeedbackKind::parse(name).ok_or_else(|| {
+            field_err(&field, "unknown feedback kind (click, add_to_cart, purchase or return)")
+        })?;
+        for b in before {
+            let k = FeedbackKind::parse(b)
+                .ok_or_else(|| field_err(&field, format!("unknown feedback kind `{b}`")))?;
+            if k == kind {
+                return Err(field_err(&field, "a kind cannot need itself"));
+            }
+            requires[kind.index()] |= 1 << k.index();
+        }
+    }
+    for k in FeedbackKind::ALL {
+        if !raw.contains_key(k.as_str()) {
+            return Err(field_err(
+                format!("join.funnel.{}", k.as_str()),
+                "missing: list the kinds it needs first ([] for none)",
+            ));
+        }
+    }
+    // Reachability: a kind that can never open would release its feedback always.
+    let mut open = 0u8;
+    loop {
+        let next =
+            (0..4)
+                .fold(open, |o, k| if requires[k] == 0 || requires[k] & open != 0 { o | 1 << k } else { o });
+        if next == open {
+            break;
+        }
+        open = next;
+    }
+    if let Some(k) = FeedbackKind::ALL.into_iter().find(|k| open & (1 << k.index()) == 0) {
+        return Err(field_err(
+            format!("join.funnel.{}", k.as_str()),
+            "can never be reached: none of the kinds it needs can come first",
+        ));
+    }
+    Ok(requires)
+}
+
 fn count(field: &str, v: i64) -> Result<usize, ConfigError> {
     if v >= 1 {
         usize::try_from(v).map_err(|_| field_err(field, "too large"))
@@ -508,6 +556,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         learn_late: j.learn_late,
         max_impressions: count("join.max_impressions", j.max_impressions)?,
         max_pending_feedback: count("join.max_pending_feedback", j.max_pending_feedback)?,
+        funnel: funnel(&j.funnel)?,
     };
 
     let l = raw.limits;
@@ -562,6 +611,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 
     if raw.models.is_empty() {
         return Err(field_err("models", "at least one model is needed"));
+    }
+    if raw.models.len() > 255 {
+        return Err(field_err("models", "at most 255 models"));
     }
     let mut models: Vec<ModelSpec> = Vec::new();
     for (i, m) in raw.models.into_iter().enumerate() {
@@ -839,6 +891,9 @@ mod tests {
     fn embedded_defaults_are_valid() {
         let c = load("", &[]).expect("defaults validate");
         assert!(!c.core.models.is_empty());
+        assert_eq!(c.core.join.funnel, crate::core::params::DEFAULT_FUNNEL, "the documented funnel");
+        let none = load("[join.funnel]\nadd_to_cart = []\npurchase = []\nreturn = []", &[]).expect("valid");
+        assert_eq!(none.core.join.funnel, [0; 4], "no funnel: every kind open");
     }
 
     #[test]
@@ -846,6 +901,10 @@ mod tests {
         type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
         let cases: &[Case] = &[
             ("[join]\ngrace = \"soon\"", &[], "join.grace"),
+            ("[join.funnel]\nclick = [\"view\"]", &[], "join.funnel.click"),
+            ("[join.funnel]\nbuy = []", &[], "join.funnel.buy"),
+            ("[join.funnel]\nreturn = [\"return\"]", &[], "join.funnel.return"),
+            ("[join.funnel]\nclick = [\"return\"]", &[], "join.funnel.click"),
             ("[join]\nmax_impressions = 0", &[], "join.max_impressions"),
             ("[policy]\nepsilon = 2.0", &[], "policy.epsilon"),
             ("[policy]\nstrategy = \"random\"", &[], "policy.strategy"),

@@ -74,7 +74,8 @@ pub fn snapshot(data: &[u8]) {
         let _ = snapshot::merge(&[s, again]);
     }
     let spec = &config().core;
-    let _ = checkpoint::restore(spec, data, &[data.to_vec()], &[data.to_vec()], &[]);
+    let _ = checkpoint::restore(spec, data, &[data.to_vec()], &[data.to_vec()], &[data.to_vec()], &[]);
+    let _ = checkpoint::decode_segment(data);
 }
 
 /// Snapshot-topic records and chunk reassembly. The input is a sequence of records

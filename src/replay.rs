@@ -54,6 +54,7 @@ pub fn apply_record(config: &Config, run: &mut ReplayRun, record: Record) {
         let mut state = PartitionState::new(&config.core, record.partition);
         // Nothing is persisted record by record here: keep no changelog bookkeeping.
         state.join.changes.untracked = true;
+        state.join.buffer.untracked = true;
         state
     });
     let input = InputRecord {

@@ -2,36 +2,60 @@
 //! snapshot topic, all written in one transaction per version:
 //!
 //! - `checkpoint/<p>`: a `PartitionCheckpoint` header (offsets, counters, watermark input);
-//! - `imp/<p>/<impression id>`: one `BufferedImpression` per buffered impression;
+//! - `buf/<p>/<sequence>`: changelog segments of the attribution buffer (`BufferSegment`,
+//!   zstd-compressed): the entries written or changed since the previous save, in one record;
 //! - `held/<p>/<sequence>`: one `HeldFeedback` per feedback waiting for its impression;
 //! - `model/<model>/<p>`: one `ModelSnapshot` per model.
 //!
-//! Only the buffer entries that changed since the previous save are written (deleted ones get
-//! tombstones), like a changelog, so the cost of a save follows the traffic, not the size of
-//! the attribution buffer. `restore(save_all(state)) == state` exactly (tested), so a partition
-//! that moves to another instance, or a process that restarts, continues as if nothing happened.
+//! The buffer is a changelog, so the cost of a save follows the traffic, not the size of the
+//! buffer, and it is written in batched, compressed segments rather than a record per
+//! impression. Restore applies a partition's segments in sequence order (newest version of a
+//! key wins; deleted keys go) and keeps a version only while the restored watermark has not
+//! passed the retention end stored with it: released impressions need no record at all.
+//!
+//! Reclaiming segments on the compacted topic: a segment is deleted (tombstone) once it holds
+//! the newest version of no retained entry and no older segment still needs one of its delete
+//! markers. Entries in old segments that are mostly dead are copied into new segments (at most
+//! [`COMPACTION_PER_SAVE`] per save) once the dead versions outnumber the live ones, so the
+//! topic holds at most about twice the retained entries (plus 64 Ki) whatever the funnel keeps.
+//!
+//! `restore(save_all(state)) == state` exactly (tested), so a partition that moves to another
+//! instance, or a process that restarts, continues as if nothing happened.
 
 use std::collections::BTreeMap;
 
 use prost::Message;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::event::{self, Feedback, FeedbackKind, InvalidEvent};
-use super::join::{AttributionJoin, Entry, JoinChanges, JoinCounters};
+use super::buffer::{Entry, Key, Slate, UNSAVED};
+use super::event::{self, Feedback, FeedbackKind, InvalidEvent, Variant};
+use super::join::{AttributionJoin, JoinChanges, JoinCounters};
 use super::params::CoreSpec;
 use super::partition::PartitionState;
 use super::pb;
 use super::reconfigure::{self, ModelChange};
 use super::snapshot::{self, DecodedSnapshot, SnapshotError, SnapshotMeta};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the buffer in changelog segments; 1 (still restored): a record per buffered impression.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Entries of sparse old segments copied forward per save.
+pub const COMPACTION_PER_SAVE: usize = 50_000;
+
+/// Largest decompressed segment accepted at restore (a corrupt length cannot exhaust memory).
+const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 
 pub fn header_key(partition: i32) -> String {
     format!("checkpoint/{partition}")
 }
 
+/// Key of a format-1 buffered-impression record (restored, then deleted).
 pub fn impression_key(partition: i32, id: &str) -> String {
     format!("imp/{partition}/{}", escape_key_part(id))
+}
+
+pub fn segment_key(partition: i32, sequence: u32) -> String {
+    format!("buf/{partition}/{sequence:010}")
 }
 
 /// An id as one segment of a snapshot-topic key: `%`, `/` and `#` are percent-encoded, so that
@@ -144,6 +168,7 @@ fn counters_from(rows: &[pb::Counter]) -> Result<JoinCounters, SnapshotError> {
     c.feedback_duplicate = take("feedback_duplicate");
     c.feedback_held = take("feedback_held");
     c.feedback_orphaned = take("feedback_orphaned");
+    c.feedback_released = take("feedback_released");
     c.feedback_evicted = take("feedback_evicted");
     c.feedback_opted_out = take("feedback_opted_out");
     c.feedback_not_in_slate = take("feedback_not_in_slate");
@@ -154,155 +179,6 @@ fn counters_from(rows: &[pb::Counter]) -> Result<JoinCounters, SnapshotError> {
     match named.keys().next() {
         Some(unknown) => Err(invalid(format!("unknown join counter `{unknown}`"))),
         None => Ok(c),
-    }
-}
-
-fn kind_code(k: FeedbackKind) -> u32 {
-    k.index() as u32
-}
-
-/// One `BufferedImpression` record: the hottest encode of the Kafka path (one per buffered
-/// impression and change), written straight from the entry's borrowed strings instead of
-/// cloning them into a `pb::BufferedImpression` first. The bytes are exactly prost's for that
-/// message (tested against it): fields in tag order, proto3 defaults left out, `seen` packed.
-fn encode_impression(spec: &CoreSpec, id: &str, e: &Entry) -> Vec<u8> {
-    encode_buffered(spec.models.get(e.model).map_or("", |m| m.id.as_str()), id, e)
-}
-
-fn encode_buffered(model_id: &str, id: &str, e: &Entry) -> Vec<u8> {
-    use wire::*;
-    let (kind, arm) = match &e.variant {
-        event::Variant::Treatment => (pb::VariantKind::Treatment, ""),
-        event::Variant::Holdout => (pb::VariantKind::Holdout, ""),
-        event::Variant::Arm(a) => (pb::VariantKind::Experiment, a.as_str()),
-    };
-    let variant_len = int_len(1, kind as i32 as u64) + string_len(2, arm);
-    let feature_len = |n: &str, v: f64| string_len(1, n) + double_len(2, v);
-    let item_len =
-        |item: &str, pos: u32, p: f64| string_len(1, item) + int_len(2, pos.into()) + double_len(3, p);
-    // `seen` is kept in attribution order (itself deterministic), so a restore is exact.
-    let seen = |(i, k): &(u16, FeedbackKind)| u64::from(u32::from(*i) * 8 + kind_code(*k));
-    let seen_len: usize = e.seen.iter().map(|x| varint_len(seen(x))).sum();
-    let len = string_len(1, id)
-        + int_len(2, e.time_ms as u64)
-        + string_len(3, model_id)
-        + message_len(4, variant_len)
-        + string_len(5, &e.segment)
-        + e.features.iter().map(|(n, v)| message_len(6, feature_len(n, *v))).sum::<usize>()
-        + e.slate.iter().map(|(i, pos, p)| message_len(7, item_len(i, *pos, *p))).sum::<usize>()
-        + int_len(8, u64::from(e.opted_out))
-        + int_len(9, e.total_reward_micros as u64)
-        + if seen_len > 0 { message_len(10, seen_len) } else { 0 }
-        + int_len(11, e.last_feedback_position.into());
-    let mut b = Vec::with_capacity(len);
-    string(&mut b, 1, id);
-    int(&mut b, 2, e.time_ms as u64);
-    string(&mut b, 3, model_id);
-    message_header(&mut b, 4, variant_len);
-    int(&mut b, 1, kind as i32 as u64);
-    string(&mut b, 2, arm);
-    string(&mut b, 5, &e.segment);
-    for (n, v) in &e.features {
-        message_header(&mut b, 6, feature_len(n, *v));
-        string(&mut b, 1, n);
-        double(&mut b, 2, *v);
-    }
-    for (i, pos, p) in &e.slate {
-        message_header(&mut b, 7, item_len(i, *pos, *p));
-        string(&mut b, 1, i);
-        int(&mut b, 2, (*pos).into());
-        double(&mut b, 3, *p);
-    }
-    int(&mut b, 8, u64::from(e.opted_out));
-    int(&mut b, 9, e.total_reward_micros as u64);
-    if seen_len > 0 {
-        message_header(&mut b, 10, seen_len);
-        for x in &e.seen {
-            varint(&mut b, seen(x));
-        }
-    }
-    int(&mut b, 11, e.last_feedback_position.into());
-    debug_assert_eq!(b.len(), len);
-    b
-}
-
-/// The few protobuf wire primitives [`encode_buffered`] needs, with prost's rules: scalar
-/// fields equal to their default are not written, integers are varints (negative `int64` as
-/// ten bytes), doubles are 8 little-endian bytes.
-mod wire {
-    pub fn varint(b: &mut Vec<u8>, mut v: u64) {
-        while v >= 0x80 {
-            b.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        b.push(v as u8);
-    }
-
-    pub fn varint_len(v: u64) -> usize {
-        (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
-    }
-
-    fn key(b: &mut Vec<u8>, tag: u32, wire_type: u32) {
-        varint(b, u64::from(tag << 3 | wire_type));
-    }
-
-    fn key_len(tag: u32) -> usize {
-        varint_len(u64::from(tag << 3))
-    }
-
-    pub fn int(b: &mut Vec<u8>, tag: u32, v: u64) {
-        if v != 0 {
-            key(b, tag, 0);
-            varint(b, v);
-        }
-    }
-
-    pub fn int_len(tag: u32, v: u64) -> usize {
-        if v != 0 {
-            key_len(tag) + varint_len(v)
-        } else {
-            0
-        }
-    }
-
-    pub fn double(b: &mut Vec<u8>, tag: u32, v: f64) {
-        if v != 0.0 {
-            key(b, tag, 1);
-            b.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-
-    pub fn double_len(tag: u32, v: f64) -> usize {
-        if v != 0.0 {
-            key_len(tag) + 8
-        } else {
-            0
-        }
-    }
-
-    pub fn string(b: &mut Vec<u8>, tag: u32, s: &str) {
-        if !s.is_empty() {
-            message_header(b, tag, s.len());
-            b.extend_from_slice(s.as_bytes());
-        }
-    }
-
-    pub fn string_len(tag: u32, s: &str) -> usize {
-        if s.is_empty() {
-            0
-        } else {
-            message_len(tag, s.len())
-        }
-    }
-
-    /// Key and length of a length-delimited field (always written, even when empty).
-    pub fn message_header(b: &mut Vec<u8>, tag: u32, len: usize) {
-        key(b, tag, 2);
-        varint(b, len as u64);
-    }
-
-    pub fn message_len(tag: u32, len: usize) -> usize {
-        key_len(tag) + varint_len(len as u64) + len
     }
 }
 
@@ -337,6 +213,7 @@ fn header_and_models(spec: &CoreSpec, state: &PartitionState) -> (Vec<u8>, Vec<(
             .map(|(n, v)| pb::Counter { name: (*n).into(), value: *v })
             .collect(),
         models: spec.models.iter().map(|m| m.id.clone()).collect(),
+        next_buffer_segment: state.join.buffer.next_segment,
         checksum: 0,
     };
     cp.checksum = xxh3_64(&cp.encode_to_vec());
@@ -349,17 +226,175 @@ fn header_and_models(spec: &CoreSpec, state: &PartitionState) -> (Vec<u8>, Vec<(
     (cp.encode_to_vec(), models)
 }
 
+/// Names of one segment, numbered in order of first use.
+#[derive(Default)]
+struct Names<'a> {
+    index: rustc_hash::FxHashMap<&'a str, u32>,
+    list: Vec<String>,
+}
+
+impl<'a> Names<'a> {
+    fn of(&mut self, s: &'a str) -> u32 {
+        if let Some(&i) = self.index.get(s) {
+            return i;
+        }
+        let i = self.list.len() as u32;
+        self.list.push(s.to_string());
+        self.index.insert(s, i);
+        i
+    }
+}
+
+fn segment_entry<'a>(
+    spec: &'a CoreSpec,
+    join: &'a AttributionJoin,
+    names: &mut Names<'a>,
+    e: &Entry,
+) -> pb::SegmentEntry {
+    let r = AttributionJoin::retention(spec);
+    let b = &join.buffer;
+    let (variant_kind, arm) = match e.variant {
+        0 => (pb::VariantKind::Treatment, 0),
+        1 => (pb::VariantKind::Holdout, 0),
+        n => (pb::VariantKind::Experiment, names.of(b.names.name(n - 2))),
+    };
+    let slots: Vec<(u32, u32, f32, u8)> = e.slate.iter().collect();
+    let first_position = slots.first().map_or(0, |s| s.1);
+    let consecutive =
+        slots.iter().enumerate().all(|(i, s)| Some(s.1) == first_position.checked_add(i as u32));
+    pb::SegmentEntry {
+        key_high: e.key.0,
+        key_low: e.key.1,
+        event_time_ms: e.time_ms,
+        retained_until_ms: r.retained_until(e),
+        model: names.of(spec.models.get(usize::from(e.model)).map_or("", |m| m.id.as_str())),
+        variant_kind: variant_kind as i32,
+        arm,
+        segment: names.of(b.names.name(e.segment)),
+        items: slots.iter().map(|s| names.of(b.names.name(s.0))).collect(),
+        first_position,
+        positions: if consecutive { Vec::new() } else { slots.iter().map(|s| s.1).collect() },
+        propensities: slots.iter().map(|s| s.2).collect(),
+        seen: if slots.iter().any(|s| s.3 != 0) { slots.iter().map(|s| s.3).collect() } else { Vec::new() },
+        total_reward_micros: e.total_reward_micros,
+        opted_out: e.opted_out,
+        depth: u32::from(e.depth),
+        features: b
+            .features
+            .get(&e.key)
+            .map(|f| f.iter().map(|(n, v)| pb::FeatureRef { name: names.of(n), value: *v }).collect())
+            .unwrap_or_default(),
+    }
+}
+
+/// One compressed segment holding `keys` (present ones) and the delete markers `deleted`.
+fn encode_segment(
+    spec: &CoreSpec,
+    join: &AttributionJoin,
+    sequence: u32,
+    keys: &[Key],
+    deleted: &[Key],
+) -> Vec<u8> {
+    let mut names = Names::default();
+    let entries: Vec<pb::SegmentEntry> = keys
+        .iter()
+        .filter_map(|k| join.buffer.get(*k))
+        .map(|e| segment_entry(spec, join, &mut names, e))
+        .collect();
+    let segment = pb::BufferSegment {
+        sequence,
+        names: names.list,
+        entries,
+        deleted: deleted.iter().flat_map(|k| [k.0, k.1]).collect(),
+    };
+    compress(&segment.encode_to_vec())
+}
+
+fn compress(raw: &[u8]) -> Vec<u8> {
+    // Level 3 (zstd's default); compressing into memory cannot fail but for allocation.
+    zstd::bulk::compress(raw, 3).unwrap_or_else(|_| raw.to_vec())
+}
+
+pub fn decode_segment(bytes: &[u8]) -> Result<pb::BufferSegment, SnapshotError> {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    let decoder =
+        zstd::stream::read::Decoder::new(bytes).map_err(|e| invalid(format!("buffer segment: {e}")))?;
+    decoder
+        .take(MAX_SEGMENT_BYTES + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| invalid(format!("buffer segment: {e}")))?;
+    if raw.len() as u64 > MAX_SEGMENT_BYTES {
+        return Err(invalid("buffer segment larger than 1 GiB"));
+    }
+    pb::BufferSegment::decode(raw.as_slice()).map_err(|e| SnapshotError::Decode(e.to_string()))
+}
+
+/// Marks entries of sparse segments for copying once dead versions outnumber live ones.
+fn plan_compaction(join: &mut AttributionJoin) {
+    let b = &mut join.buffer;
+    if !b.compaction.is_empty() {
+        return;
+    }
+    let (written, live) =
+        b.segments.values().fold((0u64, 0u64), |(w, l), s| (w + u64::from(s.written), l + u64::from(s.live)));
+    if written.saturating_sub(live) <= live + 65_536 {
+        return;
+    }
+    let sparse: rustc_hash::FxHashSet<u32> =
+        b.segments.iter().filter(|(_, s)| s.live > 0 && s.live * 2 < s.written).map(|(q, _)| *q).collect();
+    if sparse.is_empty() {
+        return;
+    }
+    let mut keys: Vec<Key> = b.entries().filter(|e| sparse.contains(&e.changelog)).map(|e| e.key).collect();
+    // Copied in key order, from the end of the list.
+    keys.sort_unstable_by(|a, b| b.cmp(a));
+    b.compaction = keys;
+}
+
 /// The records for everything that changed since the previous save; takes the changes.
 pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartition {
     let changes = std::mem::take(&mut state.join.changes);
     let p = state.partition;
     let mut puts = Vec::new();
-    // Sorted, so the same changes always give the same records.
-    let mut written: Vec<&String> = changes.impressions_written.iter().collect();
-    written.sort_unstable();
-    for id in written {
-        if let Some(e) = state.join.impressions.get(id) {
-            puts.push((impression_key(p, id), encode_impression(spec, id, e)));
+    let mut deletes: Vec<String> = Vec::new();
+    plan_compaction(&mut state.join);
+    let buf = &mut state.join.buffer;
+    let mut keys: Vec<Key> = buf.dirty.drain().collect();
+    for _ in 0..COMPACTION_PER_SAVE {
+        match buf.compaction.pop() {
+            Some(k) if buf.contains(k) => keys.push(k),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    let deleted = std::mem::take(&mut buf.deleted);
+    if !keys.is_empty() || !deleted.is_empty() {
+        let seq = buf.next_segment;
+        let deleted_keys: Vec<Key> = deleted.iter().map(|d| d.0).collect();
+        let value = encode_segment(spec, &state.join, seq, &keys, &deleted_keys);
+        let buf = &mut state.join.buffer;
+        buf.next_segment = seq.wrapping_add(1);
+        buf.segments.entry(seq).or_default().after =
+            deleted.iter().map(|d| d.1).filter(|q| *q != UNSAVED).collect();
+        for k in &keys {
+            buf.stored_in(*k, seq);
+        }
+        puts.push((segment_key(p, seq), value));
+    }
+    // Segments no retained entry needs (in order, so a delete marker goes after what it hides).
+    let buf = &mut state.join.buffer;
+    let seqs: Vec<u32> = buf.segments.keys().copied().collect();
+    for q in seqs {
+        let reclaim = buf
+            .segments
+            .get(&q)
+            .is_some_and(|s| s.live == 0 && s.after.iter().all(|a| !buf.segments.contains_key(a)));
+        if reclaim {
+            buf.segments.remove(&q);
+            deletes.push(segment_key(p, q));
         }
     }
     let held: BTreeMap<u64, &Feedback> =
@@ -371,8 +406,6 @@ pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartiti
             puts.push((held_key(p, *seq), encode_held(*seq, f)));
         }
     }
-    let mut deletes: Vec<String> =
-        changes.impressions_deleted.iter().map(|id| impression_key(p, id)).collect();
     deletes.extend(changes.held_deleted.iter().map(|s| held_key(p, *s)));
     deletes.extend(changes.models_retired.iter().map(|m| model_key(m, p)));
     deletes.extend(changes.keys_deleted.iter().cloned());
@@ -380,37 +413,100 @@ pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartiti
     SavedPartition { header, puts, deletes, models }
 }
 
-/// The records for the whole state (sorted), as for an empty store.
+/// The records for the whole state (the buffer in one segment), as for an empty store.
 pub fn save_all(spec: &CoreSpec, state: &PartitionState) -> SavedPartition {
     let p = state.partition;
-    let mut puts: Vec<(String, Vec<u8>)> = state
-        .join
-        .impressions
-        .iter()
-        .map(|(id, e)| (impression_key(p, id), encode_impression(spec, id, e)))
-        .collect();
+    let mut keys: Vec<Key> = state.join.buffer.entries().map(|e| e.key).collect();
+    keys.sort_unstable();
+    let seq = state.join.buffer.next_segment.saturating_sub(1);
+    let mut puts = vec![(segment_key(p, seq), encode_segment(spec, &state.join, seq, &keys, &[]))];
     puts.extend(state.join.pending.values().flatten().map(|(s, f)| (held_key(p, *s), encode_held(*s, f))));
     puts.sort();
-    let (header, models) = header_and_models(spec, state);
+    let mut state_for_header = state.clone();
+    state_for_header.join.buffer.next_segment = seq + 1;
+    let (header, models) = header_and_models(spec, &state_for_header);
     SavedPartition { header, puts, deletes: Vec::new(), models }
 }
 
-/// Rebuilds a partition from its header, its buffer entries (values of `imp/…` and `held/…`
-/// keys) and the model snapshots of the header's version, under the parameters configured now.
-/// Configuration changes never fail a restore: each model's outcome is returned
-/// ([`ModelChange`], classes in `core::reconfigure`). A model reset or removed loses its
-/// buffered impressions too (their deletion is recorded in the join's changes, so the next save
-/// writes tombstones); a removed model's snapshot record is deleted likewise.
+/// Restores a segment entry, or a format-1 record, as a join entry: names interned.
+fn restore_entry(
+    join: &mut AttributionJoin,
+    model: usize,
+    key: Key,
+    parts: RestoredParts<'_>,
+) -> Result<Entry, SnapshotError> {
+    let b = &mut join.buffer;
+    if parts.items.len() != parts.positions.len()
+        || parts.items.len() != parts.propensities.len()
+        || (!parts.seen.is_empty() && parts.seen.len() != parts.items.len())
+        || parts.items.len() > event::MAX_SLATE_LEN
+    {
+        return Err(invalid("buffer entry with inconsistent slate"));
+    }
+    let slots: Vec<(u32, u32, f32)> = parts
+        .items
+        .iter()
+        .zip(&parts.positions)
+        .zip(&parts.propensities)
+        .map(|((i, p), q)| (b.names.intern(i), *p, *q))
+        .collect();
+    let mut slate = Slate::new(&slots);
+    for (i, s) in parts.seen.iter().enumerate() {
+        slate.set_seen(i, *s);
+    }
+    if parts.depth as usize > slots.len() {
+        return Err(invalid("buffer entry with a cascade depth beyond its slate"));
+    }
+    let variant = b.intern_variant(&parts.variant);
+    if !parts.features.is_empty() {
+        b.features.insert(key, parts.features);
+    }
+    Ok(Entry {
+        key,
+        time_ms: parts.time_ms,
+        total_reward_micros: parts.total_reward_micros,
+        segment: b.names.intern(parts.segment),
+        variant,
+        changelog: UNSAVED,
+        depth: parts.depth as u16,
+        model: model as u8,
+        opted_out: parts.opted_out,
+        slate,
+    })
+}
+
+struct RestoredParts<'a> {
+    time_ms: i64,
+    variant: Variant,
+    segment: &'a str,
+    items: Vec<&'a str>,
+    positions: Vec<u32>,
+    propensities: Vec<f32>,
+    seen: Vec<u8>,
+    total_reward_micros: i64,
+    opted_out: bool,
+    depth: u32,
+    features: Vec<(String, f64)>,
+}
+
+/// Rebuilds a partition from its header, its buffer segments (values of `buf/…` keys, any
+/// order), format-1 buffered impressions (values of `imp/…` keys, upgraded: written into the
+/// next segment), held feedback (values of `held/…`) and the model snapshots of the header's
+/// version, under the parameters configured now. Configuration changes never fail a restore:
+/// each model's outcome is returned ([`ModelChange`], classes in `core::reconfigure`). A model
+/// reset or removed loses its buffered impressions too (deleted in the next segment); a
+/// removed model's snapshot record is deleted likewise.
 pub fn restore(
     spec: &CoreSpec,
     header: &[u8],
-    impressions: &[Vec<u8>],
+    segments: &[Vec<u8>],
+    legacy_impressions: &[Vec<u8>],
     held: &[Vec<u8>],
     models: &[DecodedSnapshot],
 ) -> Result<(PartitionState, Vec<(String, ModelChange)>), SnapshotError> {
     let decode_err = |e: prost::DecodeError| SnapshotError::Decode(e.to_string());
     let mut cp = pb::PartitionCheckpoint::decode(header).map_err(decode_err)?;
-    if cp.format_version != FORMAT_VERSION {
+    if cp.format_version != FORMAT_VERSION && cp.format_version != 1 {
         return Err(SnapshotError::Version { found: cp.format_version });
     }
     let stored = cp.checksum;
@@ -478,9 +574,144 @@ pub fn restore(
     join.max_event_time_ms = cp.max_event_time_ms;
     join.next_seq = cp.next_sequence;
     join.counters = counters_from(&cp.join_counters)?;
-    let mut buffered = std::mem::take(&mut cp.impressions);
-    for raw in impressions {
-        buffered.push(pb::BufferedImpression::decode(raw.as_slice()).map_err(decode_err)?);
+    join.buffer.next_segment = cp.next_buffer_segment;
+    let wm = join.watermark_ms(spec);
+    let r = AttributionJoin::retention(spec);
+    // Which model a stored model id is now; `None` for one dropped now or earlier (a segment
+    // may outlive the restore that dropped its model, its entries hidden by delete markers).
+    let model_index = |id: &str| -> Option<usize> {
+        if dropped.iter().any(|d| d == id) {
+            return None;
+        }
+        spec.models.iter().position(|m| m.id == id)
+    };
+    // (key, segment of the version) of dropped models' entries: deleted in the next segment.
+    let mut to_delete: Vec<(Key, u32)> = Vec::new();
+    // Format 1: a record per impression, rewritten into the next segment.
+    for raw in legacy_impressions {
+        let b = pb::BufferedImpression::decode(raw.as_slice()).map_err(decode_err)?;
+        let key = Key::of(&b.impression_id);
+        let Some(model) = model_index(&b.model_id) else { continue };
+        let mut seen = vec![0u8; b.slate.len()];
+        for code in &b.seen {
+            let kind = FeedbackKind::ALL
+                .get((code % 8) as usize)
+                .ok_or_else(|| invalid("bad feedback kind in checkpoint"))?;
+            let slot =
+                seen.get_mut((code / 8) as usize).ok_or_else(|| invalid("bad slate index in checkpoint"))?;
+            *slot |= super::buffer::kind_bit(*kind);
+        }
+        let depth = match b.last_feedback_position {
+            0 => 0,
+            p => b.slate.iter().position(|s| s.position == p).map_or(0, |i| i as u32 + 1),
+        };
+        let parts = RestoredParts {
+            time_ms: b.event_time_ms,
+            variant: snapshot::variant_from_pb(b.variant.as_ref())?,
+            segment: &b.segment,
+            items: b.slate.iter().map(|s| s.item_id.as_str()).collect(),
+            positions: b.slate.iter().map(|s| s.position).collect(),
+            propensities: b.slate.iter().map(|s| s.propensity as f32).collect(),
+            seen,
+            total_reward_micros: b.total_reward_micros,
+            opted_out: b.opted_out,
+            depth,
+            features: b.features.iter().map(|f| (f.name.clone(), f.value)).collect(),
+        };
+        let entry = restore_entry(&mut join, model, key, parts)?;
+        if wm.is_some_and(|w| r.retained_until(&entry) < w) {
+            continue;
+        }
+        join.buffer.remove(key);
+        join.buffer.insert(&r, entry);
+    }
+    // Format 2: segments in sequence order; the newest version of a key wins.
+    let mut decoded = Vec::with_capacity(segments.len());
+    for raw in segments {
+        decoded.push(decode_segment(raw)?);
+    }
+    decoded.sort_by_key(|s| s.sequence);
+    for seg in &decoded {
+        let q = seg.sequence;
+        if q >= cp.next_buffer_segment {
+            return Err(invalid(format!("buffer segment {q} is newer than the checkpoint")));
+        }
+        let name = |i: u32| -> Result<&str, SnapshotError> {
+            seg.names
+                .get(i as usize)
+                .map(String::as_str)
+                .ok_or_else(|| invalid("buffer segment name out of range"))
+        };
+        let mut after = Vec::new();
+        for pair in seg.deleted.chunks(2) {
+            let [hi, lo] = pair else { return Err(invalid("odd delete list in buffer segment")) };
+            if let Some(old) = join.buffer.remove(Key(*hi, *lo)) {
+                after.push(old.changelog);
+            }
+        }
+        join.buffer.segments.entry(q).or_default().after = after;
+        join.buffer.segments.entry(q).or_default().written = seg.entries.len() as u32;
+        for e in &seg.entries {
+            let key = Key(e.key_high, e.key_low);
+            // A newer version replaces the older one (which no longer holds it).
+            join.buffer.remove(key);
+            let Some(model) = model_index(name(e.model)?) else {
+                to_delete.push((key, q));
+                continue;
+            };
+            if wm.is_some_and(|w| e.retained_until_ms < w) {
+                continue;
+            }
+            let variant = match pb::VariantKind::try_from(e.variant_kind) {
+                Ok(pb::VariantKind::Treatment) => Variant::Treatment,
+                Ok(pb::VariantKind::Holdout) => Variant::Holdout,
+                Ok(pb::VariantKind::Experiment) => Variant::Arm(name(e.arm)?.to_string()),
+                _ => return Err(invalid("buffer entry of unknown variant")),
+            };
+            let positions = if e.positions.is_empty() {
+                (0..e.items.len() as u32).map(|i| e.first_position.saturating_add(i)).collect()
+            } else {
+                e.positions.clone()
+            };
+            let mut features = Vec::with_capacity(e.features.len());
+            for f in &e.features {
+                features.push((name(f.name)?.to_string(), f.value));
+            }
+            let items = e.items.iter().map(|i| name(*i)).collect::<Result<Vec<_>, _>>()?;
+            let parts = RestoredParts {
+                time_ms: e.event_time_ms,
+                variant,
+                segment: name(e.segment)?,
+                items,
+                positions,
+                propensities: e.propensities.clone(),
+                seen: e.seen.to_vec(),
+                total_reward_micros: e.total_reward_micros,
+                opted_out: e.opted_out,
+                depth: e.depth,
+                features,
+            };
+            let entry = restore_entry(&mut join, model, key, parts)?;
+            join.buffer.insert(&r, entry);
+            join.buffer.restored_in(key, q);
+        }
+    }
+    join.buffer.dirty.clear();
+    // Legacy records are written again; entries of dropped models are deleted.
+    let legacy: Vec<Key> = if legacy_impressions.is_empty() {
+        Vec::new()
+    } else {
+        join.buffer.entries().filter(|e| e.changelog == UNSAVED).map(|e| e.key).collect()
+    };
+    for k in legacy {
+        join.buffer.mark(k);
+    }
+    to_delete.sort_unstable();
+    to_delete.dedup();
+    for (k, q) in to_delete {
+        if !join.buffer.contains(k) {
+            join.buffer.deleted.push((k, q));
+        }
     }
     let mut held_all = std::mem::take(&mut cp.held);
     for raw in held {
@@ -488,40 +719,6 @@ pub fn restore(
     }
     // Held feedback is kept per impression in arrival (sequence) order.
     held_all.sort_by_key(|h| h.sequence);
-    for b in buffered {
-        if dropped.contains(&b.model_id) {
-            changes.impressions_deleted.insert(b.impression_id);
-            continue;
-        }
-        let model = spec.models.iter().position(|m| m.id == b.model_id).ok_or_else(|| {
-            invalid(format!(
-                "buffered impression of model `{}`, which the checkpoint does not list",
-                b.model_id
-            ))
-        })?;
-        let mut seen = Vec::with_capacity(b.seen.len());
-        for code in &b.seen {
-            let kind = FeedbackKind::ALL
-                .get((code % 8) as usize)
-                .ok_or_else(|| invalid("bad feedback kind in checkpoint"))?;
-            let idx = u16::try_from(code / 8).map_err(|_| invalid("bad slate index in checkpoint"))?;
-            seen.push((idx, *kind));
-        }
-        let entry = Entry {
-            time_ms: b.event_time_ms,
-            model,
-            variant: snapshot::variant_from_pb(b.variant.as_ref())?,
-            segment: b.segment,
-            features: b.features.into_iter().map(|f| (f.name, f.value)).collect(),
-            slate: b.slate.into_iter().map(|s| (s.item_id, s.position, s.propensity)).collect(),
-            opted_out: b.opted_out,
-            total_reward_micros: b.total_reward_micros,
-            seen,
-            last_feedback_position: b.last_feedback_position,
-        };
-        join.impression_order.insert((entry.time_ms, b.impression_id.clone()));
-        join.impressions.insert(b.impression_id, entry);
-    }
     for h in held_all {
         let f = h.feedback.ok_or_else(|| invalid("held feedback without body"))?;
         let kind = FeedbackKind::ALL
@@ -540,7 +737,7 @@ pub fn restore(
         join.pending.entry(fb.impression_id.clone()).or_default().push((h.sequence, fb));
     }
     // Anything but an unchanged model means the stored records are out of date.
-    changes.dirty = report.iter().any(|(_, c)| c.code() != "unchanged");
+    changes.dirty = report.iter().any(|(_, c)| c.code() != "unchanged") || !legacy_impressions.is_empty();
     join.changes = changes;
     state.join = join;
     // Caps lowered since the save apply at once.
@@ -551,98 +748,4 @@ pub fn restore(
         state.invalid.insert(code, c.value);
     }
     Ok((state, report))
-}
-
-#[cfg(test)]
-mod tests {
-    use proptest::prelude::*;
-
-    use super::*;
-    use crate::core::event::Variant;
-
-    /// The straightforward encoding through prost's generated struct: the reference.
-    fn encode_with_prost(model_id: &str, id: &str, e: &Entry) -> Vec<u8> {
-        pb::BufferedImpression {
-            impression_id: id.to_string(),
-            event_time_ms: e.time_ms,
-            model_id: model_id.to_string(),
-            variant: Some(snapshot::variant_to_pb(&e.variant)),
-            segment: e.segment.clone(),
-            features: e.features.iter().map(|(n, v)| pb::Feature { name: n.clone(), value: *v }).collect(),
-            slate: e
-                .slate
-                .iter()
-                .map(|(item, pos, p)| pb::SlateItem {
-                    item_id: item.clone(),
-                    position: *pos,
-                    propensity: *p,
-                    score: 0.0,
-                })
-                .collect(),
-            opted_out: e.opted_out,
-            total_reward_micros: e.total_reward_micros,
-            // Kept in attribution order (itself deterministic), so a restore is exact.
-            seen: e.seen.iter().map(|(i, k)| u32::from(*i) * 8 + kind_code(*k)).collect(),
-            last_feedback_position: e.last_feedback_position,
-        }
-        .encode_to_vec()
-    }
-
-    fn variant() -> impl Strategy<Value = Variant> {
-        prop_oneof![Just(Variant::Treatment), Just(Variant::Holdout), "[a-z]{0,12}".prop_map(Variant::Arm)]
-    }
-
-    fn kind() -> impl Strategy<Value = FeedbackKind> {
-        prop_oneof![
-            Just(FeedbackKind::Click),
-            Just(FeedbackKind::AddToCart),
-            Just(FeedbackKind::Purchase),
-            Just(FeedbackKind::Return),
-        ]
-    }
-
-    fn float() -> impl Strategy<Value = f64> {
-        prop_oneof![Just(0.0), Just(-0.0), any::<f64>(), -1e6..1e6f64]
-    }
-
-    fn entry() -> impl Strategy<Value = Entry> {
-        (
-            (any::<i64>(), 0usize..3, variant(), "[a-zé-]{0,20}"),
-            prop::collection::vec(("[a-z]{0,8}", float()), 0..4),
-            prop::collection::vec(("[a-z0-9-]{0,200}", any::<u32>(), float()), 0..20),
-            (any::<bool>(), any::<i64>(), prop::collection::vec((any::<u16>(), kind()), 0..40), any::<u32>()),
-        )
-            .prop_map(
-                |((time_ms, model, variant, segment), features, slate, (opted_out, total, seen, last))| {
-                    Entry {
-                        time_ms,
-                        model,
-                        variant,
-                        segment,
-                        features,
-                        slate,
-                        opted_out,
-                        total_reward_micros: total,
-                        seen,
-                        last_feedback_position: last,
-                    }
-                },
-            )
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(1000))]
-
-        /// The hand-written encoding is prost's, byte for byte, and decodes back with prost.
-        #[test]
-        fn buffered_impression_bytes_equal_prost(
-            model in "[a-z]{0,10}",
-            id in "[a-z0-9-]{0,140}",
-            e in entry(),
-        ) {
-            let ours = encode_buffered(&model, &id, &e);
-            prop_assert_eq!(&ours, &encode_with_prost(&model, &id, &e));
-            prop_assert!(pb::BufferedImpression::decode(ours.as_slice()).is_ok());
-        }
-    }
 }

@@ -12,21 +12,34 @@
 //! | duplicate impression | an impression id already buffered | no (first copy wins) |
 //! | duplicate feedback | same (impression, item, kind) seen before | no |
 //! | held | feedback before its impression: waits `grace` past its event time | later |
-//! | orphaned | held feedback whose impression never came (or evicted at the cap) | no |
+//! | orphaned | held feedback of a first funnel step (no required kind) whose impression never came | no |
+//! | released | held feedback of a kind that needs an earlier step, whose impression is not retained | no |
 //! | opted out | impression flagged opted-out, and all its feedback | no |
 //! | not in slate | the impression did not show that item at that position | no |
 //!
-//! Memory is bounded: at `max_impressions` the impression with the oldest event time (ties: the
-//! smallest id) is evicted; at `max_pending_feedback` the oldest held feedback is orphaned. Both
-//! are counted. The join never panics on input and never reads a clock.
+//! Retention follows the funnel (`JoinSpec::funnel`): an impression is kept while feedback can
+//! still come for it given what it has received — the longest window among the kinds its items
+//! have opened (a kind is open for an item when it needs no earlier kind, or the item received
+//! one of the kinds it needs), plus `late_retention`. With the default funnel an unclicked
+//! impression is kept for the click window, a clicked one for the cart and purchase windows, a
+//! purchased one for the return window. Feedback for a released impression finds nothing:
+//! after `grace` it is counted as `released` if its kind needs an earlier step (a purchase
+//! without a retained click), as `orphaned` otherwise. Released and never-arrived impressions
+//! cannot be told apart without remembering every released id for a month, the memory
+//! retention exists to save.
+//!
+//! Memory is bounded: at `max_impressions` the impression retained for the shortest time (ties:
+//! the smallest key) is evicted; at `max_pending_feedback` the oldest held feedback is orphaned.
+//! Both are counted. The join never panics on input and never reads a clock.
 
 use std::collections::BTreeSet;
 
 use rustc_hash::FxHashMap as HashMap;
 
-use super::event::{Feedback, FeedbackKind, Impression, Variant};
+use super::buffer::{kind_bit, Buffer, Entry, Key, Retention, Slate, UNSAVED};
+use super::event::{Feedback, FeedbackKind, Impression};
 use super::model::{ImpressionRef, ModelShard};
-use super::params::{CoreSpec, PositionModel};
+use super::params::{Algorithm, CoreSpec, PositionModel};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JoinCounters {
@@ -41,6 +54,9 @@ pub struct JoinCounters {
     pub feedback_duplicate: u64,
     pub feedback_held: u64,
     pub feedback_orphaned: u64,
+    /// Held feedback of a kind that needs an earlier funnel step, whose impression was not
+    /// retained (released by the funnel, or never arrived).
+    pub feedback_released: u64,
     pub feedback_evicted: u64,
     pub feedback_opted_out: u64,
     pub feedback_not_in_slate: u64,
@@ -56,7 +72,7 @@ pub struct JoinCounters {
 
 impl JoinCounters {
     /// (name, value) pairs in a fixed order, for reports and metrics.
-    pub fn rows(&self) -> [(&'static str, u64); 18] {
+    pub fn rows(&self) -> [(&'static str, u64); 19] {
         [
             ("impressions_learned", self.impressions_learned),
             ("impressions_duplicate", self.impressions_duplicate),
@@ -69,6 +85,7 @@ impl JoinCounters {
             ("feedback_duplicate", self.feedback_duplicate),
             ("feedback_held", self.feedback_held),
             ("feedback_orphaned", self.feedback_orphaned),
+            ("feedback_released", self.feedback_released),
             ("feedback_evicted", self.feedback_evicted),
             ("feedback_opted_out", self.feedback_opted_out),
             ("feedback_not_in_slate", self.feedback_not_in_slate),
@@ -92,6 +109,7 @@ impl JoinCounters {
             feedback_duplicate,
             feedback_held,
             feedback_orphaned,
+            feedback_released,
             feedback_evicted,
             feedback_opted_out,
             feedback_not_in_slate,
@@ -111,6 +129,7 @@ impl JoinCounters {
         self.feedback_duplicate += feedback_duplicate;
         self.feedback_held += feedback_held;
         self.feedback_orphaned += feedback_orphaned;
+        self.feedback_released += feedback_released;
         self.feedback_evicted += feedback_evicted;
         self.feedback_opted_out += feedback_opted_out;
         self.feedback_not_in_slate += feedback_not_in_slate;
@@ -127,6 +146,7 @@ impl JoinCounters {
             + self.feedback_late_ignored
             + self.feedback_duplicate
             + self.feedback_orphaned
+            + self.feedback_released
             + self.feedback_evicted
             + self.feedback_opted_out
             + self.feedback_not_in_slate
@@ -148,32 +168,12 @@ pub enum Outcome {
     FeedbackNotInSlate,
 }
 
-/// A buffered impression.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Entry {
-    pub time_ms: i64,
-    pub model: usize,
-    pub variant: Variant,
-    pub segment: String,
-    pub features: Vec<(String, f64)>,
-    /// (item, position, propensity), sorted by position.
-    pub slate: Vec<(String, u32, f64)>,
-    pub opted_out: bool,
-    pub total_reward_micros: i64,
-    /// (slate index, kind) already seen, for de-duplication.
-    pub seen: Vec<(u16, FeedbackKind)>,
-    /// Largest position with feedback; 0 = none yet (cascade examination depth).
-    pub last_feedback_position: u32,
-}
-
-/// What changed in the join since the changes were last taken: which buffered impressions and
-/// held feedback must be written to (or deleted from) durable storage. Bookkeeping of the
-/// persistence edge, not join state: it is excluded from equality, so a restored join equals
-/// the one that was saved.
+/// What changed in the join since the changes were last taken, besides the buffer's own
+/// changelog (`Buffer::dirty`, `Buffer::deleted`): held feedback to write or delete, and what a
+/// restore decided. Bookkeeping of the persistence edge, not join state: it is excluded from
+/// equality, so a restored join equals the one that was saved.
 #[derive(Debug, Clone, Default)]
 pub struct JoinChanges {
-    pub impressions_written: rustc_hash::FxHashSet<String>,
-    pub impressions_deleted: rustc_hash::FxHashSet<String>,
     pub held_written: rustc_hash::FxHashSet<u64>,
     pub held_deleted: rustc_hash::FxHashSet<u64>,
     /// Models no longer configured whose snapshot records must be deleted.
@@ -195,24 +195,6 @@ impl PartialEq for JoinChanges {
 }
 
 impl JoinChanges {
-    fn touch(&mut self, id: &str) {
-        if self.untracked {
-            return;
-        }
-        if !self.impressions_written.contains(id) {
-            self.impressions_written.insert(id.to_string());
-        }
-        self.impressions_deleted.remove(id);
-    }
-
-    fn delete(&mut self, id: String) {
-        if self.untracked {
-            return;
-        }
-        self.impressions_written.remove(&id);
-        self.impressions_deleted.insert(id);
-    }
-
     fn hold(&mut self, seq: u64) {
         if self.untracked {
             return;
@@ -231,11 +213,24 @@ impl JoinChanges {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+/// A retained impression with its names resolved: what equality and tests compare.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntryView {
+    pub key: Key,
+    pub time_ms: i64,
+    pub model: usize,
+    pub variant: super::event::Variant,
+    pub segment: String,
+    pub features: Vec<(String, f64)>,
+    /// (item, position, propensity, seen kinds).
+    pub slate: Vec<(String, u32, f32, u8)>,
+    pub opted_out: bool,
+    pub total_reward_micros: i64,
+}
+
+#[derive(Debug, Clone, Default)]
 pub struct AttributionJoin {
-    pub impressions: HashMap<String, Entry>,
-    /// (event time, id): eviction and expiry order.
-    pub impression_order: BTreeSet<(i64, String)>,
+    pub buffer: Buffer,
     /// impression id → held feedback with its arrival sequence number.
     pub pending: HashMap<String, Vec<(u64, Feedback)>>,
     /// (event time, impression id, sequence): expiry order of held feedback.
@@ -246,9 +241,31 @@ pub struct AttributionJoin {
     pub changes: JoinChanges,
 }
 
+impl PartialEq for AttributionJoin {
+    /// The join as a function of its records: retained impressions (names resolved, storage
+    /// layout and changelog bookkeeping aside), held feedback, watermark input and counters.
+    fn eq(&self, o: &AttributionJoin) -> bool {
+        self.pending == o.pending
+            && self.pending_order == o.pending_order
+            && self.next_seq == o.next_seq
+            && self.max_event_time_ms == o.max_event_time_ms
+            && self.counters == o.counters
+            && self.buffer.len() == o.buffer.len()
+            && self.views() == o.views()
+    }
+}
+
 impl AttributionJoin {
     pub fn new() -> AttributionJoin {
         AttributionJoin::default()
+    }
+
+    /// A join whose changes are not recorded (the offline replay).
+    pub fn untracked() -> AttributionJoin {
+        let mut j = AttributionJoin::default();
+        j.changes.untracked = true;
+        j.buffer.untracked = true;
+        j
     }
 
     pub fn watermark_ms(&self, spec: &CoreSpec) -> Option<i64> {
@@ -256,15 +273,39 @@ impl AttributionJoin {
     }
 
     pub fn buffered_impressions(&self) -> usize {
-        self.impressions.len()
+        self.buffer.len()
     }
 
     pub fn pending_feedback(&self) -> usize {
         self.pending_order.len()
     }
 
-    fn retention_ms(spec: &CoreSpec) -> i64 {
-        spec.rewards.max_window_ms().saturating_add(spec.join.late_retention_ms)
+    pub fn retention(spec: &CoreSpec) -> Retention {
+        let windows = [0, 1, 2, 3].map(|k| spec.rewards.kinds[k].window_ms);
+        Retention::new(spec.join.funnel, windows, spec.join.late_retention_ms)
+    }
+
+    /// A retained impression with its names resolved.
+    pub fn view(&self, e: &Entry) -> EntryView {
+        let names = &self.buffer.names;
+        EntryView {
+            key: e.key,
+            time_ms: e.time_ms,
+            model: usize::from(e.model),
+            variant: self.buffer.variant(e),
+            segment: names.name(e.segment).to_string(),
+            features: self.buffer.features.get(&e.key).cloned().unwrap_or_default(),
+            slate: e.slate.iter().map(|(i, p, q, s)| (names.name(i).to_string(), p, q, s)).collect(),
+            opted_out: e.opted_out,
+            total_reward_micros: e.total_reward_micros,
+        }
+    }
+
+    /// Every retained impression, sorted by key.
+    pub fn views(&self) -> Vec<EntryView> {
+        let mut v: Vec<EntryView> = self.buffer.entries().map(|e| self.view(e)).collect();
+        v.sort_by_key(|e| e.key);
+        v
     }
 
     /// Processes one valid event whose model index (for impressions) the caller resolved.
@@ -275,68 +316,92 @@ impl AttributionJoin {
         model: usize,
         imp: Impression,
     ) -> Outcome {
+        let r = Self::retention(spec);
         self.advance(imp.time_ms);
-        let outcome = self.insert_impression(spec, models, model, imp);
-        self.expire(spec);
+        let outcome = self.insert_impression(spec, &r, models, model, imp);
+        self.expire(spec, &r);
         outcome
     }
 
     pub fn process_feedback(&mut self, spec: &CoreSpec, models: &mut [ModelShard], fb: Feedback) -> Outcome {
+        let r = Self::retention(spec);
         self.advance(fb.time_ms);
-        let outcome = match self.impressions.get_mut(&fb.impression_id) {
-            Some(entry) => {
-                self.changes.touch(&fb.impression_id);
-                apply_feedback(spec, models, entry, &fb, &mut self.counters)
+        let key = Key::of(&fb.impression_id);
+        let features = self.buffer_features(key);
+        let outcome = match self.buffer.get_mut(key) {
+            Some((entry, names)) => {
+                let before = r.retained_until(entry);
+                let outcome = apply_feedback(spec, models, entry, names, &features, &fb, &mut self.counters);
+                self.buffer.mark(key);
+                self.buffer.reschedule(&r, key, before);
+                outcome
             }
             None => {
                 self.hold(spec, fb);
                 Outcome::FeedbackHeld
             }
         };
-        self.expire(spec);
+        self.expire(spec, &r);
         outcome
+    }
+
+    fn buffer_features(&self, key: Key) -> Vec<(String, f64)> {
+        self.buffer.features.get(&key).cloned().unwrap_or_default()
     }
 
     fn advance(&mut self, t: i64) {
         self.max_event_time_ms = Some(self.max_event_time_ms.map_or(t, |m| m.max(t)));
     }
 
+    fn evict_one(&mut self, r: &Retention) {
+        if let Some(e) = self.buffer.pop_first(r, None) {
+            if !self.buffer.untracked && e.changelog != UNSAVED {
+                self.buffer.deleted.push((e.key, e.changelog));
+            }
+            self.counters.impressions_evicted += 1;
+        }
+    }
+
     fn insert_impression(
         &mut self,
         spec: &CoreSpec,
+        r: &Retention,
         models: &mut [ModelShard],
         model: usize,
         imp: Impression,
     ) -> Outcome {
-        if self.impressions.contains_key(&imp.impression_id) {
+        let key = Key::of(&imp.impression_id);
+        if self.buffer.contains(key) {
             self.counters.impressions_duplicate += 1;
             return Outcome::ImpressionDuplicate;
         }
-        if self.impressions.len() >= spec.join.max_impressions {
-            if let Some(oldest) = self.impression_order.pop_first() {
-                self.impressions.remove(&oldest.1);
-                self.changes.delete(oldest.1);
-                self.counters.impressions_evicted += 1;
-            }
+        if self.buffer.len() >= spec.join.max_impressions {
+            self.evict_one(r);
         }
         let Impression { impression_id, time_ms, variant, segment, features, slate, opted_out, .. } = imp;
         // Propensities divide inverse-propensity sums: raised to the floor (counted) here, for
-        // impressions that are kept, so a rejected or duplicate record counts nothing.
+        // impressions that are kept, so a rejected or duplicate record counts nothing. They are
+        // stored (and learned) as f32: 7 significant digits, far finer than any estimate.
         let floor = spec.limits.propensity_floor;
         let clipped = slate.iter().filter(|s| s.propensity < floor).count() as u64;
         self.counters.propensities_clipped += clipped;
+        let slots: Vec<(u32, u32, f32)> = slate
+            .iter()
+            .map(|s| (self.buffer.names.intern(&s.item_id), s.position, s.propensity.max(floor) as f32))
+            .collect();
         let entry = Entry {
+            key,
             time_ms,
-            model,
-            variant,
-            segment,
-            features,
-            slate: slate.into_iter().map(|s| (s.item_id, s.position, s.propensity.max(floor))).collect(),
-            opted_out,
             total_reward_micros: 0,
-            seen: Vec::new(),
-            last_feedback_position: 0,
+            segment: self.buffer.names.intern(&segment),
+            variant: self.buffer.intern_variant(&variant),
+            changelog: UNSAVED,
+            depth: 0,
+            model: model as u8,
+            opted_out,
+            slate: Slate::new(&slots),
         };
+        let linear = spec.models.get(model).is_some_and(|m| matches!(m.algorithm, Algorithm::Linear { .. }));
         let outcome = if opted_out {
             self.counters.impressions_opted_out += 1;
             Outcome::ImpressionOptedOut
@@ -345,43 +410,50 @@ impl AttributionJoin {
                 // The caller resolved `model` against the same spec; unreachable by construction.
                 return Outcome::ImpressionDuplicate;
             };
-            let slate: Vec<(&str, u32, f64)> =
-                entry.slate.iter().map(|(i, p, q)| (i.as_str(), *p, *q)).collect();
-            self.counters.arms_rejected += shard.observe_impression(
-                mspec,
-                entry_ref(&entry),
-                &entry.variant,
-                &slate,
-                spec.limits.max_arms_per_model,
-            );
+            let learned: Vec<(&str, u32, f64)> = slate
+                .iter()
+                .zip(&slots)
+                .map(|(s, (_, p, q))| (s.item_id.as_str(), *p, f64::from(*q)))
+                .collect();
+            let imp = ImpressionRef { time_ms, segment: &segment, features: &features };
+            self.counters.arms_rejected +=
+                shard.observe_impression(mspec, imp, &variant, &learned, spec.limits.max_arms_per_model);
             self.counters.impressions_learned += 1;
             Outcome::ImpressionLearned
         };
-        self.impression_order.insert((time_ms, impression_id.clone()));
-        self.changes.touch(&impression_id);
-        let entry = self.impressions.entry(impression_id.clone()).or_insert(entry);
+        if linear && !features.is_empty() {
+            self.buffer.features.insert(key, features);
+        }
+        self.buffer.insert(r, entry);
         // Feedback that arrived first is applied now, in arrival order.
         if let Some(held) = self.pending.remove(&impression_id) {
+            let feats = self.buffer_features(key);
             for (seq, fb) in held {
                 self.pending_order.remove(&(fb.time_ms, impression_id.clone(), seq));
                 self.changes.release(seq);
-                apply_feedback(spec, models, entry, &fb, &mut self.counters);
+                if let Some((entry, names)) = self.buffer.get_mut(key) {
+                    let before = r.retained_until(entry);
+                    apply_feedback(spec, models, entry, names, &feats, &fb, &mut self.counters);
+                    self.buffer.reschedule(r, key, before);
+                }
             }
         }
         outcome
     }
 
-    /// Evicts down to the caps (oldest first, counted), for a buffer restored under caps that
-    /// were lowered since it was saved.
+    /// Evicts down to the caps (first to expire first, counted), for a buffer restored under
+    /// caps that were lowered since it was saved.
     pub fn enforce_caps(&mut self, spec: &CoreSpec) {
-        while self.impressions.len() > spec.join.max_impressions {
-            let Some((_, id)) = self.impression_order.pop_first() else { break };
-            self.impressions.remove(&id);
-            self.changes.delete(id);
-            self.counters.impressions_evicted += 1;
+        let r = Self::retention(spec);
+        while self.buffer.len() > spec.join.max_impressions {
+            let before = self.buffer.len();
+            self.evict_one(&r);
+            if self.buffer.len() == before {
+                break;
+            }
         }
         while self.pending_order.len() > spec.join.max_pending_feedback {
-            if !self.orphan_oldest(|c| c.feedback_evicted += 1) {
+            if !self.orphan_oldest(|c, _| c.feedback_evicted += 1) {
                 break;
             }
         }
@@ -390,7 +462,7 @@ impl AttributionJoin {
     fn hold(&mut self, spec: &CoreSpec, fb: Feedback) {
         self.counters.feedback_held += 1;
         if self.pending_order.len() >= spec.join.max_pending_feedback {
-            self.orphan_oldest(|c| c.feedback_evicted += 1);
+            self.orphan_oldest(|c, _| c.feedback_evicted += 1);
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -399,56 +471,56 @@ impl AttributionJoin {
         self.pending.entry(fb.impression_id.clone()).or_default().push((seq, fb));
     }
 
-    fn orphan_oldest(&mut self, count: impl Fn(&mut JoinCounters)) -> bool {
+    fn orphan_oldest(&mut self, count: impl Fn(&mut JoinCounters, FeedbackKind)) -> bool {
         let Some((_, id, seq)) = self.pending_order.pop_first() else {
             return false;
         };
+        let mut kind = FeedbackKind::Click;
         if let Some(list) = self.pending.get_mut(&id) {
-            list.retain(|(s, _)| *s != seq);
+            if let Some(at) = list.iter().position(|(s, _)| *s == seq) {
+                kind = list.remove(at).1.kind;
+            }
             if list.is_empty() {
                 self.pending.remove(&id);
             }
         }
         self.changes.release(seq);
-        count(&mut self.counters);
+        count(&mut self.counters, kind);
         true
     }
 
-    /// Drops impressions past their retention and orphans held feedback past its grace period.
-    fn expire(&mut self, spec: &CoreSpec) {
+    /// Releases impressions past their retention and gives up on held feedback past its grace.
+    fn expire(&mut self, spec: &CoreSpec, r: &Retention) {
         let Some(wm) = self.watermark_ms(spec) else {
             return;
         };
-        let retention = Self::retention_ms(spec);
-        while let Some((t, _)) = self.impression_order.first() {
-            if t.saturating_add(retention) >= wm {
-                break;
-            }
-            if let Some((_, id)) = self.impression_order.pop_first() {
-                self.impressions.remove(&id);
-                self.changes.delete(id);
-                self.counters.impressions_expired += 1;
-            }
+        while self.buffer.pop_first(r, Some(wm)).is_some() {
+            self.counters.impressions_expired += 1;
         }
         let grace = spec.join.grace_ms;
+        let funnel = spec.join.funnel;
         while let Some((t, _, _)) = self.pending_order.first() {
             if t.saturating_add(grace) >= wm {
                 break;
             }
-            self.orphan_oldest(|c| c.feedback_orphaned += 1);
+            self.orphan_oldest(|c, kind| {
+                if funnel[kind.index()] != 0 {
+                    c.feedback_released += 1;
+                } else {
+                    c.feedback_orphaned += 1;
+                }
+            });
         }
     }
 }
 
-fn entry_ref(e: &Entry) -> ImpressionRef<'_> {
-    ImpressionRef { time_ms: e.time_ms, segment: &e.segment, features: &e.features }
-}
-
-/// Attributes one feedback event to its buffered impression.
+/// Attributes one feedback event to its retained impression.
 fn apply_feedback(
     spec: &CoreSpec,
     models: &mut [ModelShard],
     entry: &mut Entry,
+    names: &super::buffer::Interner,
+    features: &[(String, f64)],
     fb: &Feedback,
     counters: &mut JoinCounters,
 ) -> Outcome {
@@ -456,53 +528,66 @@ fn apply_feedback(
         counters.feedback_opted_out += 1;
         return Outcome::FeedbackOptedOut;
     }
-    let Some(idx) = entry.slate.iter().position(|(item, pos, _)| *item == fb.item_id && *pos == fb.position)
-    else {
+    let item = names.find(&fb.item_id);
+    let Some(idx) = (0..entry.slate.len()).find(|&i| {
+        let s = entry.slate.get(i);
+        Some(s.0) == item && s.1 == fb.position
+    }) else {
         counters.feedback_not_in_slate += 1;
         return Outcome::FeedbackNotInSlate;
     };
-    let key = (idx as u16, fb.kind);
-    if entry.seen.contains(&key) {
+    let (_, position, propensity, seen) = entry.slate.get(idx);
+    let bit = kind_bit(fb.kind);
+    if seen & bit != 0 {
         counters.feedback_duplicate += 1;
         return Outcome::FeedbackDuplicate;
     }
-    entry.seen.push(key);
+    let last_feedback_position = match entry.depth {
+        0 => 0,
+        d => entry.slate.get(usize::from(d) - 1).1,
+    };
+    entry.slate.set_seen(idx, seen | bit);
     let late = fb.time_ms.saturating_sub(entry.time_ms) > spec.rewards.of(fb.kind).window_ms;
     if late && !spec.join.learn_late {
         counters.feedback_late_ignored += 1;
         return Outcome::FeedbackLateIgnored;
     }
-    let (Some(shard), Some(mspec)) = (models.get_mut(entry.model), spec.models.get(entry.model)) else {
+    let model = usize::from(entry.model);
+    let (Some(shard), Some(mspec)) = (models.get_mut(model), spec.models.get(model)) else {
         counters.feedback_not_in_slate += 1;
         return Outcome::FeedbackNotInSlate;
     };
     let (reward, clamped) = spec.rewards.micros_clamped(fb.kind, fb.value);
     counters.rewards_clamped += u64::from(clamped);
-    let (item, position, propensity) = &entry.slate[idx];
-    let imp = ImpressionRef { time_ms: entry.time_ms, segment: &entry.segment, features: &entry.features };
+    let variant = match entry.variant {
+        0 => super::event::Variant::Treatment,
+        1 => super::event::Variant::Holdout,
+        n => super::event::Variant::Arm(names.name(n - 2).to_string()),
+    };
+    let imp = ImpressionRef { time_ms: entry.time_ms, segment: names.name(entry.segment), features };
     let saturated = shard.observe_feedback(
         mspec,
         imp,
-        &entry.variant,
-        item,
-        *position,
-        *propensity,
+        &variant,
+        &fb.item_id,
+        position,
+        f64::from(propensity),
         fb.kind,
         reward,
         entry.total_reward_micros,
     );
     counters.sums_saturated += u64::from(saturated);
-    if mspec.position == PositionModel::Cascade && fb.position > entry.last_feedback_position {
+    if mspec.position == PositionModel::Cascade && fb.position > last_feedback_position {
         // Examined set: every item up to the deepest feedback (all items while there is none).
-        let before = entry.last_feedback_position;
-        for (item, pos, _) in &entry.slate {
-            let was = before == 0 || *pos <= before;
-            let now = *pos <= fb.position;
+        let before = last_feedback_position;
+        for (item, pos, _, _) in entry.slate.iter() {
+            let was = before == 0 || pos <= before;
+            let now = pos <= fb.position;
             if was != now {
-                shard.cascade_examination(mspec, imp, item, if now { 1.0 } else { -1.0 });
+                shard.cascade_examination(mspec, imp, names.name(item), if now { 1.0 } else { -1.0 });
             }
         }
-        entry.last_feedback_position = fb.position;
+        entry.depth = idx as u16 + 1;
     }
     // At most 4 kinds × 256 slots × MAX_REWARD_MICROS per impression: cannot overflow.
     entry.total_reward_micros = entry.total_reward_micros.saturating_add(reward);

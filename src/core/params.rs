@@ -114,7 +114,16 @@ pub struct JoinSpec {
     pub learn_late: bool,
     pub max_impressions: usize,
     pub max_pending_feedback: usize,
+    /// The funnel, per kind (`FeedbackKind::index()`): the kinds (bit `index()`) one of which an
+    /// item must have received before this kind can come for it; 0 = none. It decides how long
+    /// an impression is retained (`core::buffer::Retention`); all 0 keeps every impression for
+    /// the longest window.
+    pub funnel: [u8; 4],
 }
+
+/// The default funnel: a click needs nothing; a cart or a purchase needs a click (or a cart);
+/// a return needs a purchase.
+pub const DEFAULT_FUNNEL: [u8; 4] = [0, 0b0001, 0b0011, 0b0100];
 
 /// Bounds on what one record may carry and on what state it may create: the defences against
 /// bad clocks, extreme numbers and unbounded cardinality (ARCHITECTURE.md, "Bounds").

@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -125,13 +124,14 @@ pub fn restore_partition(
         return Ok(PartitionState::new(&config.core, partition));
     };
     let mut models = Vec::new();
-    let mut impressions = Vec::new();
-    let mut held = Vec::new();
-    let (imp_prefix, held_prefix) = (format!("imp/{partition}/"), format!("held/{partition}/"));
-    // Keys written before ids were escaped (ids with `%` or `/`): read, then deleted and
-    // written again under their escaped key.
-    let mut legacy_keys = Vec::new();
+    let mut segments = Vec::new();
     let mut legacy_impressions = Vec::new();
+    let mut held = Vec::new();
+    let (seg_prefix, imp_prefix, held_prefix) =
+        (format!("buf/{partition}/"), format!("imp/{partition}/"), format!("held/{partition}/"));
+    // Keys written by older versions: read, then deleted (model keys of unescaped ids are
+    // written again under their escaped key; format-1 impressions go into a segment).
+    let mut legacy_keys = Vec::new();
     for key in store.values.keys() {
         // Ids are escaped in keys (`checkpoint::escape_key_part`), so `#` marks a chunk only.
         if key.contains('#') {
@@ -147,13 +147,14 @@ pub fn restore_partition(
             if !checkpoint::is_escaped_key_part(segment) {
                 legacy_keys.push(key.clone());
             }
-        } else if let Some(id) = key.strip_prefix(&imp_prefix) {
+        } else if key.starts_with(&seg_prefix) {
             if let Some((_, bytes)) = store.get(key)? {
-                if !checkpoint::is_escaped_key_part(id) {
-                    legacy_keys.push(key.clone());
-                    legacy_impressions.push(bytes.clone());
-                }
-                impressions.push(bytes);
+                segments.push(bytes);
+            }
+        } else if key.starts_with(&imp_prefix) {
+            if let Some((_, bytes)) = store.get(key)? {
+                legacy_keys.push(key.clone());
+                legacy_impressions.push(bytes);
             }
         } else if key.starts_with(&held_prefix) {
             if let Some((_, bytes)) = store.get(key)? {
@@ -161,18 +162,15 @@ pub fn restore_partition(
             }
         }
     }
-    let (mut state, changes) = checkpoint::restore(&config.core, &cp, &impressions, &held, &models)
-        .with_context(|| format!("restoring partition {partition} from version {version}"))?;
+    let (mut state, changes) =
+        checkpoint::restore(&config.core, &cp, &segments, &legacy_impressions, &held, &models)
+            .with_context(|| format!("restoring partition {partition} from version {version}"))?;
     if !legacy_keys.is_empty() {
-        tracing::info!(partition, keys = legacy_keys.len(), "rewriting snapshot-topic keys of unescaped ids");
-        for bytes in &legacy_impressions {
-            let id = crate::core::pb::BufferedImpression::decode(bytes.as_slice())
-                .map(|b| b.impression_id)
-                .context("a buffered impression")?;
-            if state.join.impressions.contains_key(&id) {
-                state.join.changes.impressions_written.insert(id);
-            }
-        }
+        tracing::info!(
+            partition,
+            keys = legacy_keys.len(),
+            "rewriting snapshot-topic records of an older format"
+        );
         state.join.changes.keys_deleted = legacy_keys;
         state.join.changes.dirty = true;
     }

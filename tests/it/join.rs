@@ -15,6 +15,7 @@ fn bounded() -> JoinSpec {
         learn_late: true,
         max_impressions: 1000,
         max_pending_feedback: 1000,
+        funnel: [0; 4],
     }
 }
 
@@ -258,4 +259,95 @@ fn variant_rewards_and_lift_are_exact() {
     );
     let l = banditflow::core::model::lift(t, &v[&Variant::Holdout]).expect("both variants");
     assert_eq!((l.treatment_mean, l.holdout_mean, l.diff), (4.5, 1.5, 3.0));
+}
+
+fn funnel() -> JoinSpec {
+    JoinSpec { late_retention_ms: HOUR, funnel: banditflow::core::params::DEFAULT_FUNNEL, ..bounded() }
+}
+
+/// Funnel retention, end to end: purchases and returns that come days and weeks later are
+/// attributed to the clicked impression they belong to, while impressions nobody clicked are
+/// released after the click window (plus late retention), and feedback for those is counted
+/// under its own outcome. Windows (support::rewards): click 1 h, cart 1 d, purchase 7 d,
+/// return 30 d; the default funnel: cart and purchase need a click, a return needs a purchase.
+#[test]
+fn the_funnel_keeps_what_can_still_convert_and_releases_the_rest() {
+    let spec = spec_with_join(funnel());
+    let mut f = Feeder::new(&spec, 0);
+    let buffered = |f: &Feeder| f.state.join.buffered_impressions();
+    for id in ["a", "b", "c"] {
+        f.feed(&spec, &imp(id, T0));
+    }
+    f.feed(&spec, &fb("a", "b", 2, Click, T0 + 10 * MIN));
+    // 2 h 1 min later: the unclicked impressions have passed click window + late retention.
+    f.feed(&spec, &imp("d", T0 + 2 * HOUR + MIN));
+    assert_eq!(buffered(&f), 2, "a (clicked) and d are retained; b and c are released");
+    assert_eq!(f.state.join.counters.impressions_expired, 2);
+    // Three days later: a's purchase is attributed; b's purchase finds nothing, and so does a
+    // click on c long after its window.
+    f.feed(&spec, &fb("a", "b", 2, Purchase, T0 + 3 * DAY));
+    f.feed(&spec, &fb("b", "a", 1, Purchase, T0 + 3 * DAY));
+    f.feed(&spec, &fb("c", "a", 1, Click, T0 + 3 * DAY));
+    // Ten days: a was purchased, so it waits for a return (30 d); d (never clicked) is gone.
+    f.feed(&spec, &imp("e", T0 + 10 * DAY));
+    assert_eq!(buffered(&f), 2, "a (purchased) and e");
+    // Twenty days: the return is attributed to a.
+    f.feed(&spec, &fb("a", "b", 2, Return, T0 + 20 * DAY));
+    // 31 days: a is released after its return window.
+    f.feed(&spec, &imp("g", T0 + 30 * DAY + HOUR + MIN));
+    assert_eq!(buffered(&f), 1, "only g");
+    let got = f.state.join.counters.clone();
+    let want = JoinCounters {
+        impressions_learned: 6,
+        impressions_expired: 5,
+        feedback_attributed: 3,
+        feedback_held: 2,
+        feedback_released: 1,
+        feedback_orphaned: 1,
+        ..JoinCounters::default()
+    };
+    assert_eq!(got, want);
+    // What was attributed was learned: item b in segment women has a click, a purchase and a
+    // return (model 0, Beta + configured examination).
+    let arm = &f.state.models[0].arms["women"]["b"];
+    assert_eq!((arm.impressions, arm.feedback), (6, [1, 0, 1, 1]), "{arm:?}");
+}
+
+/// Without a funnel (every kind needs nothing), every impression is kept for the longest
+/// window: the same stream keeps all impressions and attributes the same feedback, except that
+/// b's purchase now finds its (unclicked) impression.
+#[test]
+fn without_a_funnel_every_impression_is_kept_for_the_longest_window() {
+    let spec = spec_with_join(JoinSpec { funnel: [0; 4], ..funnel() });
+    let mut f = Feeder::new(&spec, 0);
+    for id in ["a", "b", "c"] {
+        f.feed(&spec, &imp(id, T0));
+    }
+    f.feed(&spec, &fb("a", "b", 2, Click, T0 + 10 * MIN));
+    f.feed(&spec, &imp("d", T0 + 2 * HOUR + MIN));
+    assert_eq!(f.state.join.buffered_impressions(), 4);
+    f.feed(&spec, &fb("b", "a", 1, Purchase, T0 + 3 * DAY));
+    assert_eq!(f.state.join.counters.feedback_attributed, 2);
+    assert_eq!(f.state.join.counters.feedback_released, 0);
+}
+
+/// A cart opens the purchase window without a click when the funnel says so, and a shown item
+/// of a clicked impression can still be clicked within the click window.
+#[test]
+fn each_item_of_a_slate_follows_its_own_funnel() {
+    let spec = spec_with_join(funnel());
+    let mut f = Feeder::new(&spec, 0);
+    f.feed(&spec, &imp("i", T0));
+    f.feed(&spec, &fb("i", "a", 1, Click, T0 + MIN));
+    // c was not clicked: its purchase two days later is not the funnel's, but the impression is
+    // retained (a was clicked), so it is attributed like any feedback within its window.
+    f.feed(&spec, &imp("x", T0 + 2 * DAY));
+    f.feed(&spec, &fb("i", "c", 3, Purchase, T0 + 2 * DAY));
+    assert_eq!(f.state.join.counters.feedback_attributed, 2);
+    // After the purchase window (7 d + 1 h), nothing opened the return window for a, but c was
+    // purchased: the impression stays for c's return.
+    f.feed(&spec, &imp("y", T0 + 8 * DAY));
+    assert!(f.state.join.buffer.contains(banditflow::core::buffer::Key::of("i")));
+    f.feed(&spec, &imp("z", T0 + 31 * DAY));
+    assert!(!f.state.join.buffer.contains(banditflow::core::buffer::Key::of("i")));
 }

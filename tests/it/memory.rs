@@ -39,6 +39,7 @@ fn probe() {
         learn_late: true,
         max_impressions: MAX_IMPRESSIONS,
         max_pending_feedback: 10_000,
+        funnel: [0; 4],
     });
     spec.models.truncate(1);
     spec.limits.max_arms_per_model = MAX_ARMS;

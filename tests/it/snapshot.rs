@@ -105,6 +105,7 @@ fn a_partition_restores_exactly_from_its_checkpoint_and_model_snapshots() {
         learn_late: true,
         max_impressions: 1000,
         max_pending_feedback: 1000,
+        funnel: banditflow::core::params::DEFAULT_FUNNEL,
     });
     let shop = banditflow::generate::generate(&banditflow::generate::ShopSpec {
         impressions: 400,
@@ -149,12 +150,12 @@ fn a_partition_restores_exactly_from_its_checkpoint_and_model_snapshots() {
     assert!(straight.join.pending_feedback() > 0 || straight.join.counters.feedback_held > 0);
     let saved = checkpoint::save_all(&spec, &straight);
     let models: Vec<_> = saved.models.iter().map(|(_, b)| snapshot::decode(b).expect("decodes")).collect();
-    let (imps, held): (Vec<_>, Vec<_>) = saved.puts.iter().partition(|(k, _)| k.starts_with("imp/"));
-    let imps: Vec<Vec<u8>> = imps.into_iter().map(|(_, v)| v.clone()).collect();
+    let (segs, held): (Vec<_>, Vec<_>) = saved.puts.iter().partition(|(k, _)| k.starts_with("buf/"));
+    let segs: Vec<Vec<u8>> = segs.into_iter().map(|(_, v)| v.clone()).collect();
     let held: Vec<Vec<u8>> = held.into_iter().map(|(_, v)| v.clone()).collect();
-    assert!(!imps.is_empty());
+    assert!(straight.join.buffered_impressions() > 0);
     let (mut restored, changes) =
-        checkpoint::restore(&spec, &saved.header, &imps, &held, &models).expect("restores");
+        checkpoint::restore(&spec, &saved.header, &segs, &[], &held, &models).expect("restores");
     assert!(changes.iter().all(|(_, c)| c.code() == "unchanged"), "{changes:?}");
     assert!(restored.join == straight.join, "join state differs after restore");
     for (i, (a, b)) in restored.models.iter().zip(&straight.models).enumerate() {
@@ -176,5 +177,5 @@ fn a_partition_restores_exactly_from_its_checkpoint_and_model_snapshots() {
     // Mismatched versions are refused.
     let other = checkpoint::save_all(&spec, &straight);
     let newer: Vec<_> = other.models.iter().map(|(_, b)| snapshot::decode(b).expect("decodes")).collect();
-    assert!(checkpoint::restore(&spec, &saved.header, &imps, &held, &newer).is_err());
+    assert!(checkpoint::restore(&spec, &saved.header, &segs, &[], &held, &newer).is_err());
 }

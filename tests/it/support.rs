@@ -67,6 +67,7 @@ pub fn unbounded_spec() -> CoreSpec {
         learn_late: true,
         max_impressions: 1_000_000,
         max_pending_feedback: 1_000_000,
+        funnel: [0; 4],
     })
 }
 
