@@ -149,6 +149,8 @@ fn report_buffer_size() {
             .map(|i| {
                 let mut imp = impression(i, items);
                 imp.features.clear();
+                // 1 ms apart: all within the retention of an unclicked impression (2 h).
+                imp.time_ms = T0 + i as i64;
                 imp
             })
             .collect();
@@ -165,6 +167,7 @@ fn report_buffer_size() {
             state.join.process_impression(&core, &mut state.models, 0, imp);
         }
         let after = LIVE.load(Ordering::Relaxed);
+        assert_eq!(state.join.buffered_impressions(), n, "all retained");
         let mut old: HashMap<String, OldEntry> = HashMap::new();
         let mut order = std::collections::BTreeSet::new();
         let old_start = LIVE.load(Ordering::Relaxed);

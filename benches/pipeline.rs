@@ -9,9 +9,22 @@
 //!    for every committed checkpoint, takes `visible - timestamp` of every input record it
 //!    newly covers. Reports p50 / p99 / max.
 //!
+//! 3. restore: a partition state with BENCH_RESTORE_IMPRESSIONS (default 1,000,000) retained
+//!    impressions, saved as `banditflow run` saves it (a changelog segment per save), is written
+//!    to a snapshot topic; then reading that partition back and rebuilding its state is timed
+//!    (wall and CPU).
+//!
+//! Each throughput run also reports CPU seconds per million events (utime + stime from /proc:
+//! of this process for the raw consumer, of the `banditflow run` child for the pipeline) and
+//! the bytes the run wrote to the snapshot topic per input event, by kind of key (buffer
+//! changelog, held feedback, models, checkpoint headers). With BENCH_BASELINE_BIN set to
+//! another build of `banditflow`, each run also runs that binary on the same records: a
+//! same-run baseline of a previous version.
+//!
 //! Run: `scripts/kafka.sh start && BANDITFLOW_KAFKA_BOOTSTRAP=127.0.0.1:39092 cargo bench --bench pipeline`
 //! Environment: BENCH_EVENTS, BENCH_RATE (or BENCH_RATES, a list; empty skips freshness),
-//! BENCH_SECONDS, BENCH_PARTITIONS, BENCH_REPEAT (throughput runs, default 3; medians reported).
+//! BENCH_SECONDS, BENCH_PARTITIONS, BENCH_REPEAT (throughput runs, default 3; medians reported),
+//! BENCH_BASELINE_BIN, BENCH_RESTORE_IMPRESSIONS (0 skips the restore measurement).
 //! The processor runs with the default configuration (snapshot interval 1 s).
 
 use std::collections::BTreeMap;
@@ -106,7 +119,62 @@ fn produce(bootstrap: &str, topic: &str, evs: &[(i32, Vec<u8>, Vec<u8>)], rate: 
     p.flush(Duration::from_secs(120)).expect("flushed");
 }
 
-fn raw_consume(bootstrap: &str, topic: &str, partitions: i32, total: usize, run: usize) -> f64 {
+/// CPU seconds (user + system) of a process so far, from /proc/<pid>/stat.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime (fields 14 and 15) are the 12th and 13th after the command name.
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Bytes (key + value) on a snapshot topic by kind of key: buffer changelog (`buf/`, `imp/`),
+/// held feedback, models, checkpoint headers.
+fn snapshot_bytes(bootstrap: &str, topic: &str, partitions: i32) -> BTreeMap<&'static str, usize> {
+    let mut c = bootstrap_config(bootstrap);
+    c.set("group.id", "bench-bytes")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed");
+    let consumer: BaseConsumer = c.create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = BTreeMap::new();
+    let mut open = partitions;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while open > 0 && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+                let class = match key.split('/').next().unwrap_or("") {
+                    "buf" | "imp" => "changelog",
+                    "held" => "held",
+                    "model" => "models",
+                    "checkpoint" => "checkpoint",
+                    _ => "other",
+                };
+                *out.entry(class).or_default() += key.len() + m.payload().map_or(0, <[u8]>::len);
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => open -= 1,
+            _ => {}
+        }
+    }
+    out
+}
+
+fn raw_consume(bootstrap: &str, topic: &str, partitions: i32, total: usize, run: usize) -> (f64, f64) {
     let mut c = bootstrap_config(bootstrap);
     c.set("group.id", format!("bench-raw-{run}"))
         .set("enable.auto.commit", "false")
@@ -120,6 +188,7 @@ fn raw_consume(bootstrap: &str, topic: &str, partitions: i32, total: usize, run:
     let mut n = 0usize;
     let mut bytes = 0usize;
     let mut first = None;
+    let cpu0 = cpu_seconds("self");
     while n < total {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
             first.get_or_insert_with(Instant::now);
@@ -128,8 +197,9 @@ fn raw_consume(bootstrap: &str, topic: &str, partitions: i32, total: usize, run:
         }
     }
     let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    let cpu = cpu_seconds("self") - cpu0;
     std::hint::black_box(bytes);
-    n as f64 / secs
+    (n as f64 / secs, cpu / n as f64 * 1e6)
 }
 
 fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> i64 {
@@ -151,7 +221,15 @@ fn start_pipeline(
     config: &std::path::Path,
     partitions: i32,
 ) -> (std::process::Child, Arc<AtomicBool>, Arc<std::sync::Mutex<Option<Instant>>>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_banditflow"))
+    start_binary(env!("CARGO_BIN_EXE_banditflow"), config, partitions)
+}
+
+fn start_binary(
+    bin: &str,
+    config: &std::path::Path,
+    partitions: i32,
+) -> (std::process::Child, Arc<AtomicBool>, Arc<std::sync::Mutex<Option<Instant>>>) {
+    let mut child = Command::new(bin)
         .args(["run", "--config"])
         .arg(config)
         .stderr(Stdio::piped())
@@ -213,30 +291,46 @@ fn main() {
     // Raw and pipeline runs alternate, so both see the same machine load; the medians are the
     // figures (a shared two-core machine varies by tens of percent between runs).
     let repeat: usize = env_or("BENCH_REPEAT", 3).max(1);
-    let (mut raws, mut pipes) = (Vec::new(), Vec::new());
+    let baseline_bin = std::env::var("BENCH_BASELINE_BIN").ok().filter(|b| !b.is_empty());
+    let (mut raws, mut pipes, mut bases) = (Vec::new(), Vec::new(), Vec::new());
+    let n = evs.len();
     for r in 0..repeat {
-        let raw = raw_consume(&bootstrap, &topic, partitions, evs.len(), r);
-        println!("run {}: raw rdkafka consumption: {:.0} events/s", r + 1, raw);
-        let cfg = config_file(dir.path(), &bootstrap, &topic, &format!("{tag}-tp{r}"));
-        let (child, assigned, at) = start_pipeline(&cfg, partitions);
-        while !assigned.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let t0 = at.lock().expect("lock").unwrap_or_else(Instant::now);
-        let group = format!("{tag}-tp{r}-group");
-        while committed(&bootstrap, &group, &topic, partitions) < evs.len() as i64 {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let pipeline = evs.len() as f64 / t0.elapsed().as_secs_f64();
-        stop(child);
+        let (raw, raw_cpu) = raw_consume(&bootstrap, &topic, partitions, n, r);
         println!(
-            "run {}: pipeline (consume → decode → attribute → update → snapshot → commit): {:.0} events/s (ratio {:.2})",
-            r + 1,
-            pipeline,
-            pipeline / raw
+            "run {}: raw rdkafka consumption: {raw:.0} events/s, {raw_cpu:.2} CPU s per million events",
+            r + 1
         );
+        let pipeline =
+            pipeline_run(&bootstrap, &topic, partitions, n, dir.path(), &format!("{tag}-tp{r}"), None);
+        println!(
+            "run {}: pipeline (consume → decode → attribute → update → snapshot → commit): {:.0} events/s (ratio {:.2}), {:.2} CPU s per million events (ratio {:.2})",
+            r + 1,
+            pipeline.0,
+            pipeline.0 / raw,
+            pipeline.1,
+            pipeline.1 / raw_cpu
+        );
+        if let Some(bin) = &baseline_bin {
+            let base = pipeline_run(
+                &bootstrap,
+                &topic,
+                partitions,
+                n,
+                dir.path(),
+                &format!("{tag}-bl{r}"),
+                Some(bin),
+            );
+            println!(
+                "run {}: baseline {bin}: {:.0} events/s (ratio {:.2}), {:.2} CPU s per million events",
+                r + 1,
+                base.0,
+                base.0 / raw,
+                base.1
+            );
+            bases.push(base.0);
+        }
         raws.push(raw);
-        pipes.push(pipeline);
+        pipes.push(pipeline.0);
     }
     raws.sort_by(f64::total_cmp);
     pipes.sort_by(f64::total_cmp);
@@ -249,6 +343,16 @@ fn main() {
         pipes[pipes.len() - 1]
     );
     println!("ratio of medians pipeline / raw: {:.2}", pipeline / raw);
+    if !bases.is_empty() {
+        bases.sort_by(f64::total_cmp);
+        println!("baseline median: {:.0} events/s", percentile(&bases, 0.5));
+    }
+
+    // 3. Restore of a large buffer from the snapshot topic.
+    let restore_n: usize = env_or("BENCH_RESTORE_IMPRESSIONS", 1_000_000);
+    if restore_n > 0 {
+        restore(&bootstrap, &tag, restore_n);
+    }
 
     // 2. Freshness at steady rates.
     let rates: Vec<f64> = std::env::var("BENCH_RATES")
@@ -258,6 +362,158 @@ fn main() {
     for (i, rate) in rates.into_iter().enumerate() {
         freshness(&bootstrap, &tag, i, partitions, rate, seconds, dir.path());
     }
+}
+
+/// One pipeline run over the topic: (events/s from assignment to the last committed offset,
+/// CPU seconds per million events), and what it wrote to its snapshot topic per event.
+fn pipeline_run(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    n: usize,
+    dir: &std::path::Path,
+    tag: &str,
+    bin: Option<&str>,
+) -> (f64, f64) {
+    let cfg = config_file(dir, bootstrap, topic, tag);
+    let (child, assigned, at) = match bin {
+        Some(b) => start_binary(b, &cfg, partitions),
+        None => start_pipeline(&cfg, partitions),
+    };
+    let pid = child.id().to_string();
+    while !assigned.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t0 = at.lock().expect("lock").unwrap_or_else(Instant::now);
+    let cpu0 = cpu_seconds(&pid);
+    let group = format!("{tag}-group");
+    while committed(bootstrap, &group, topic, partitions) < n as i64 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rate = n as f64 / t0.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds(&pid) - cpu0) / n as f64 * 1e6;
+    stop(child);
+    let bytes = snapshot_bytes(bootstrap, &format!("{tag}-snapshots"), partitions);
+    let per = |k: &str| bytes.get(k).copied().unwrap_or(0) as f64 / n as f64;
+    println!(
+        "  snapshot topic per input event: changelog {:.1} B, held {:.1} B, models {:.1} B, checkpoints {:.1} B",
+        per("changelog"),
+        per("held"),
+        per("models"),
+        per("checkpoint")
+    );
+    (rate, cpu)
+}
+
+/// Writes a partition with `n` retained impressions (6-item slates) to a snapshot topic as the
+/// processor does (a save, i.e. a segment, per 20,000 impressions), then times reading it back
+/// and restoring the partition.
+fn restore(bootstrap: &str, tag: &str, n: usize) {
+    use banditflow::core::checkpoint;
+    use banditflow::core::event::{Event, SlateEntry, TopicRole, Variant};
+    use banditflow::core::partition::{InputRecord, PartitionState};
+    let config = banditflow::config::Config::from_layers(None, Vec::new()).expect("defaults");
+    let spec = &config.core;
+    let topic = format!("{tag}-restore-snapshots");
+    admin::create_topics(bootstrap, &[(&topic, 1, true)]).expect("topic");
+    let mut c = bootstrap_config(bootstrap);
+    c.set("linger.ms", "20").set("message.max.bytes", "2000000");
+    let p: BaseProducer = c.create().expect("producer");
+    let send = |key: &str, value: &[u8]| {
+        for r in banditflow::core::blob::split(key, 1, value, 900_000, 0) {
+            let Some(v) = r.value else { continue };
+            let mut rec = BaseRecord::to(&topic).partition(0).key(r.key.as_str()).payload(v.as_slice());
+            loop {
+                match p.send(rec) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        rec = back;
+                        p.poll(Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+    };
+    let mut state = PartitionState::new(spec, 0);
+    let t0 = 1_767_225_600_000i64;
+    let mut bytes = 0usize;
+    let mut last = None;
+    for i in 0..n {
+        let imp = banditflow::core::event::Impression {
+            impression_id: format!("{:016x}-{i}", 0x5eed_u64),
+            time_ms: t0 + i as i64,
+            model_id: "home".into(),
+            model_version: 1,
+            variant: Variant::Treatment,
+            segment: ["women", "men", "kids"][i % 3].into(),
+            features: Vec::new(),
+            slate: (0..6)
+                .map(|k| SlateEntry {
+                    item_id: format!("sku-{:06}", (i * 7 + k * 13) % 20_000),
+                    position: k as u32 + 1,
+                    propensity: 0.2,
+                })
+                .collect(),
+            opted_out: false,
+        };
+        let payload = banditflow::core::event::encode(
+            TopicRole::Impressions,
+            banditflow::core::event::Encoding::Protobuf,
+            &Event::Impression(imp),
+        );
+        state.apply(
+            spec,
+            InputRecord {
+                topic: "impressions",
+                partition: 0,
+                offset: i as i64,
+                role: TopicRole::Impressions,
+                encoding: banditflow::core::event::Encoding::Protobuf,
+                payload: &payload,
+                timestamp_ms: Some(t0 + i as i64),
+            },
+        );
+        if (i + 1) % 20_000 == 0 || i + 1 == n {
+            let saved = checkpoint::save_changes(spec, &mut state);
+            for (k, v) in &saved.puts {
+                bytes += v.len();
+                send(k, v);
+            }
+            last = Some(saved);
+        }
+    }
+    let saved = last.expect("saved");
+    send(&checkpoint::header_key(0), &saved.header);
+    for (m, b) in &saved.models {
+        send(&checkpoint::model_key(m, 0), b);
+    }
+    p.flush(Duration::from_secs(120)).expect("flushed");
+    let retained = state.join.buffered_impressions();
+    drop(state);
+    let cpu0 = cpu_seconds("self");
+    let t = Instant::now();
+    let stores = banditflow::kafka::store::read_partitions(
+        bootstrap_config(bootstrap),
+        &topic,
+        &[0],
+        Duration::from_secs(300),
+    )
+    .expect("read");
+    let read = t.elapsed().as_secs_f64();
+    let restored = banditflow::kafka::store::restore_partition(&config, 0, &stores[&0]).expect("restores");
+    let total = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds("self") - cpu0;
+    assert_eq!(restored.join.buffered_impressions(), retained);
+    println!(
+        "restore: {retained} retained impressions from {:.1} MB of changelog segments ({:.1} B each): read {:.2} s + rebuild {:.2} s = {:.2} s wall, {:.2} CPU s ({:.2} s per million)",
+        bytes as f64 / 1e6,
+        bytes as f64 / retained as f64,
+        read,
+        total - read,
+        total,
+        cpu,
+        total / retained as f64 * 1e6
+    );
 }
 
 fn freshness(

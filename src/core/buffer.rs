@@ -10,7 +10,8 @@
 //!   references, so ids of released impressions are freed and cardinality is bounded by what
 //!   is retained);
 //! - a slate of up to [`INLINE`] items at consecutive positions is stored inline: item numbers,
-//!   propensities as `f32`, and the kinds of feedback seen per item as 4 bits each;
+//!   propensities as `f32`, and the kinds of feedback seen per item as 4 bits each (a 104-byte
+//!   entry in all); longer slates go to a side map;
 //! - entries live in a chunked slab indexed by a `hashbrown::HashTable<u32>` (4 bytes a slot),
 //!   and expire through a wheel of one-minute buckets (unordered) whose first buckets are in a
 //!   min-heap, instead of an ordered set of every entry.
@@ -120,12 +121,20 @@ impl Interner {
 /// Slates up to this long at consecutive positions are stored inline.
 pub const INLINE: usize = 6;
 
+/// `len` of a slate stored in [`Buffer::large`].
+const ON_HEAP: u32 = 0xFF;
+
 /// A stored slate: per item its interned id, position, propensity (as `f32`) and the feedback
-/// kinds seen for it (bit `kind.index()`).
+/// kinds seen for it (bit `kind.index()`). Up to [`INLINE`] items at consecutive positions are
+/// inline; a longer slate, or one with gaps, lives in [`Buffer::large`] under the entry's key.
+/// `meta` packs the length (top 8 bits) with the seen kinds: 4 bits per inline item, or, for a
+/// slate on the heap, the union of its items' kinds (which is all retention needs).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Slate {
-    Inline { len: u8, first_position: u32, items: [u32; INLINE], propensities: [f32; INLINE], seen: u32 },
-    Heap(Box<HeapSlate>),
+pub struct Slate {
+    first_position: u32,
+    items: [u32; INLINE],
+    propensities: [f32; INLINE],
+    meta: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -137,8 +146,9 @@ pub struct HeapSlate {
 }
 
 impl Slate {
-    /// From (item, position, propensity) in slate order.
-    pub fn new(slots: &[(u32, u32, f32)]) -> Slate {
+    /// From (item, position, propensity) in slate order; `None` for the inline part of a slate
+    /// that goes on the heap, with the heap part.
+    pub fn new(slots: &[(u32, u32, f32)]) -> (Slate, Option<HeapSlate>) {
         let consecutive = slots
             .first()
             .is_some_and(|f| slots.iter().enumerate().all(|(i, s)| Some(s.1) == f.1.checked_add(i as u32)));
@@ -149,54 +159,70 @@ impl Slate {
                 items[i] = s.0;
                 propensities[i] = s.2;
             }
-            return Slate::Inline {
-                len: slots.len() as u8,
+            let slate = Slate {
                 first_position: slots.first().map_or(0, |s| s.1),
                 items,
                 propensities,
-                seen: 0,
+                meta: (slots.len() as u32) << 24,
             };
+            return (slate, None);
         }
-        Slate::Heap(Box::new(HeapSlate {
+        let heap = HeapSlate {
             items: slots.iter().map(|s| s.0).collect(),
             positions: slots.iter().map(|s| s.1).collect(),
             propensities: slots.iter().map(|s| s.2).collect(),
             seen: vec![0; slots.len()],
-        }))
+        };
+        let slate =
+            Slate { first_position: 0, items: [0; INLINE], propensities: [0.0; INLINE], meta: ON_HEAP << 24 };
+        (slate, Some(heap))
     }
 
-    pub fn len(&self) -> usize {
-        match self {
-            Slate::Inline { len, .. } => usize::from(*len),
-            Slate::Heap(h) => h.items.len(),
+    pub fn on_heap(&self) -> bool {
+        self.meta >> 24 == ON_HEAP
+    }
+
+    /// The feedback kinds seen for any item.
+    pub fn seen_union(&self) -> u8 {
+        if self.on_heap() {
+            return (self.meta & 0xF) as u8;
         }
+        (0..INLINE).fold(0u8, |u, i| u | ((self.meta >> (4 * i)) & 0xF) as u8)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    pub fn len(&self, heap: Option<&HeapSlate>) -> usize {
+        match heap {
+            Some(h) if self.on_heap() => h.items.len(),
+            _ if self.on_heap() => 0,
+            _ => (self.meta >> 24) as usize,
+        }
     }
 
     /// (item, position, propensity, seen kinds) of slot `i` (< `len()`).
-    pub fn get(&self, i: usize) -> (u32, u32, f32, u8) {
-        match self {
-            Slate::Inline { first_position, items, propensities, seen, .. } => {
-                (items[i], first_position + i as u32, propensities[i], ((seen >> (4 * i)) & 0xF) as u8)
-            }
-            Slate::Heap(h) => (h.items[i], h.positions[i], h.propensities[i], h.seen[i]),
+    pub fn get(&self, i: usize, heap: Option<&HeapSlate>) -> (u32, u32, f32, u8) {
+        match heap {
+            Some(h) if self.on_heap() => (h.items[i], h.positions[i], h.propensities[i], h.seen[i]),
+            _ => (
+                self.items[i],
+                self.first_position + i as u32,
+                self.propensities[i],
+                ((self.meta >> (4 * i)) & 0xF) as u8,
+            ),
         }
     }
 
-    pub fn set_seen(&mut self, i: usize, kinds: u8) {
-        match self {
-            Slate::Inline { seen, .. } => {
-                *seen = (*seen & !(0xF << (4 * i))) | (u32::from(kinds & 0xF) << (4 * i));
+    pub fn set_seen(&mut self, i: usize, kinds: u8, heap: Option<&mut HeapSlate>) {
+        match heap {
+            Some(h) if self.on_heap() => {
+                h.seen[i] = kinds;
+                self.meta |= u32::from(kinds & 0xF);
             }
-            Slate::Heap(h) => h.seen[i] = kinds,
+            _ => self.meta = (self.meta & !(0xF << (4 * i))) | (u32::from(kinds & 0xF) << (4 * i)),
         }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (u32, u32, f32, u8)> + '_ {
-        (0..self.len()).map(|i| self.get(i))
+    pub fn iter<'a>(&'a self, heap: Option<&'a HeapSlate>) -> impl Iterator<Item = (u32, u32, f32, u8)> + 'a {
+        (0..self.len(heap)).map(move |i| self.get(i, heap))
     }
 }
 
@@ -248,13 +274,11 @@ impl Retention {
     }
 
     /// The last event time at which an entry is still retained: the watermark releases it once
-    /// it passes this.
+    /// it passes this. The kinds open for an item are those whose requirement meets its seen
+    /// kinds; a requirement is "any of", so the kinds open for some item are exactly those open
+    /// for the union of all items' seen kinds, and the longest horizon is that union's.
     pub fn retained_until(&self, e: &Entry) -> i64 {
-        let horizon = if e.slate.is_empty() {
-            self.horizon_by_seen[0]
-        } else {
-            e.slate.iter().map(|s| self.horizon_by_seen[usize::from(s.3 & 0xF)]).max().unwrap_or(0)
-        };
+        let horizon = self.horizon_by_seen[usize::from(e.slate.seen_union() & 0xF)];
         e.time_ms.saturating_add(horizon).saturating_add(self.late_ms)
     }
 }
@@ -288,6 +312,8 @@ pub struct Buffer {
     head: BinaryHeap<Reverse<(i64, Key, u32)>>,
     head_bucket: Option<i64>,
     pub names: Interner,
+    /// Slates that are not stored inline (longer than [`INLINE`] or with gaps), by key.
+    pub large: FxHashMap<Key, HeapSlate>,
     /// Context features of impressions whose model needs them (linear models).
     pub features: FxHashMap<Key, Vec<(String, f64)>>,
     /// Changelog: entries written since the last save, entries deleted (evicted or dropped;
@@ -338,21 +364,39 @@ impl Buffer {
         self.find_slot(key).and_then(|i| self.slot(i))
     }
 
-    /// The entry and the names it refers to.
-    pub fn get_mut(&mut self, key: Key) -> Option<(&mut Entry, &Interner)> {
+    /// The entry, the names it refers to and its slate if that is on the heap.
+    pub fn get_mut(&mut self, key: Key) -> Option<(&mut Entry, &Interner, Option<&mut HeapSlate>)> {
         let i = self.find_slot(key)?;
         let names = &self.names;
         let e = self.chunks.get_mut(i as usize / CHUNK)?.get_mut(i as usize % CHUNK)?.as_mut()?;
-        Some((e, names))
+        let heap = if e.slate.on_heap() { self.large.get_mut(&key) } else { None };
+        Some((e, names, heap))
+    }
+
+    /// The heap part of an entry's slate, if it has one.
+    pub fn heap(&self, e: &Entry) -> Option<&HeapSlate> {
+        if e.slate.on_heap() {
+            self.large.get(&e.key)
+        } else {
+            None
+        }
+    }
+
+    /// (item, position, propensity, seen kinds) of every slot of an entry's slate.
+    pub fn slate<'a>(&'a self, e: &'a Entry) -> impl Iterator<Item = (u32, u32, f32, u8)> + 'a {
+        e.slate.iter(self.heap(e))
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
         self.chunks.iter().flatten().flatten()
     }
 
-    /// Inserts an entry whose key is not present.
-    pub fn insert(&mut self, r: &Retention, entry: Entry) {
+    /// Inserts an entry whose key is not present (with its slate's heap part, if any).
+    pub fn insert(&mut self, r: &Retention, entry: Entry, heap: Option<HeapSlate>) {
         let key = entry.key;
+        if let Some(h) = heap {
+            self.large.insert(key, h);
+        }
         let until = r.retained_until(&entry);
         let i = match self.free.pop() {
             Some(i) => {
@@ -452,7 +496,8 @@ impl Buffer {
         if e.variant >= 2 {
             self.names.release(e.variant - 2);
         }
-        for s in e.slate.iter() {
+        let heap = if e.slate.on_heap() { self.large.remove(&e.key) } else { None };
+        for s in e.slate.iter(heap.as_ref()) {
             self.names.release(s.0);
         }
         self.features.remove(&e.key);
@@ -541,18 +586,18 @@ mod tests {
             vec![(1, 1, 0.5), (2, 3, 0.5)],
             vec![],
         ] {
-            let mut s = Slate::new(&slots);
-            assert_eq!(
-                matches!(s, Slate::Inline { .. }),
-                slots.len() <= 6 && slots != [(1, 1, 0.5), (2, 3, 0.5)]
-            );
-            assert_eq!(s.len(), slots.len());
+            let (mut s, mut heap) = Slate::new(&slots);
+            assert_eq!(heap.is_none(), slots.len() <= 6 && slots != [(1, 1, 0.5), (2, 3, 0.5)]);
+            assert_eq!(s.len(heap.as_ref()), slots.len());
             for (i, want) in slots.iter().enumerate() {
-                assert_eq!(s.get(i), (want.0, want.1, want.2, 0));
+                assert_eq!(s.get(i, heap.as_ref()), (want.0, want.1, want.2, 0));
             }
             if !slots.is_empty() {
-                s.set_seen(slots.len() - 1, 0b1010);
-                assert_eq!(s.get(slots.len() - 1).3, 0b1010);
+                let last = slots.len() - 1;
+                s.set_seen(last, 0b1010, heap.as_mut());
+                assert_eq!(s.get(last, heap.as_ref()).3, 0b1010);
+                s.set_seen(0, 0b0001, heap.as_mut());
+                assert_eq!(s.seen_union(), if last == 0 { 0b0001 } else { 0b1011 });
             }
         }
     }
@@ -560,7 +605,7 @@ mod tests {
     #[test]
     fn a_retained_entry_fits_the_size_goal() {
         // The fixed part: 128 bytes per impression is the goal, with the table and the wheel.
-        assert!(std::mem::size_of::<Option<Entry>>() <= 112, "{}", std::mem::size_of::<Option<Entry>>());
+        assert!(std::mem::size_of::<Option<Entry>>() <= 104, "{}", std::mem::size_of::<Option<Entry>>());
     }
 
     #[test]

@@ -258,7 +258,7 @@ fn segment_entry<'a>(
         1 => (pb::VariantKind::Holdout, 0),
         n => (pb::VariantKind::Experiment, names.of(b.names.name(n - 2))),
     };
-    let slots: Vec<(u32, u32, f32, u8)> = e.slate.iter().collect();
+    let slots: Vec<(u32, u32, f32, u8)> = b.slate(e).collect();
     let first_position = slots.first().map_or(0, |s| s.1);
     let consecutive =
         slots.iter().enumerate().all(|(i, s)| Some(s.1) == first_position.checked_add(i as u32));
@@ -434,7 +434,7 @@ fn restore_entry(
     model: usize,
     key: Key,
     parts: RestoredParts<'_>,
-) -> Result<Entry, SnapshotError> {
+) -> Result<(Entry, Option<super::buffer::HeapSlate>), SnapshotError> {
     let b = &mut join.buffer;
     if parts.items.len() != parts.positions.len()
         || parts.items.len() != parts.propensities.len()
@@ -450,9 +450,9 @@ fn restore_entry(
         .zip(&parts.propensities)
         .map(|((i, p), q)| (b.names.intern(i), *p, *q))
         .collect();
-    let mut slate = Slate::new(&slots);
+    let (mut slate, mut heap) = Slate::new(&slots);
     for (i, s) in parts.seen.iter().enumerate() {
-        slate.set_seen(i, *s);
+        slate.set_seen(i, *s, heap.as_mut());
     }
     if parts.depth as usize > slots.len() {
         return Err(invalid("buffer entry with a cascade depth beyond its slate"));
@@ -461,7 +461,7 @@ fn restore_entry(
     if !parts.features.is_empty() {
         b.features.insert(key, parts.features);
     }
-    Ok(Entry {
+    let entry = Entry {
         key,
         time_ms: parts.time_ms,
         total_reward_micros: parts.total_reward_micros,
@@ -472,7 +472,8 @@ fn restore_entry(
         model: model as u8,
         opted_out: parts.opted_out,
         slate,
-    })
+    };
+    Ok((entry, heap))
 }
 
 struct RestoredParts<'a> {
@@ -618,12 +619,14 @@ pub fn restore(
             depth,
             features: b.features.iter().map(|f| (f.name.clone(), f.value)).collect(),
         };
-        let entry = restore_entry(&mut join, model, key, parts)?;
-        if wm.is_some_and(|w| r.retained_until(&entry) < w) {
-            continue;
-        }
+        let (entry, heap) = restore_entry(&mut join, model, key, parts)?;
+        let released = wm.is_some_and(|w| r.retained_until(&entry) < w);
         join.buffer.remove(key);
-        join.buffer.insert(&r, entry);
+        join.buffer.insert(&r, entry, heap);
+        if released {
+            // Inserted only to release its names again.
+            join.buffer.remove(key);
+        }
     }
     // Format 2: segments in sequence order; the newest version of a key wins.
     let mut decoded = Vec::with_capacity(segments.len());
@@ -691,8 +694,8 @@ pub fn restore(
                 depth: e.depth,
                 features,
             };
-            let entry = restore_entry(&mut join, model, key, parts)?;
-            join.buffer.insert(&r, entry);
+            let (entry, heap) = restore_entry(&mut join, model, key, parts)?;
+            join.buffer.insert(&r, entry, heap);
             join.buffer.restored_in(key, q);
         }
     }

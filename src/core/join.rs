@@ -295,7 +295,7 @@ impl AttributionJoin {
             variant: self.buffer.variant(e),
             segment: names.name(e.segment).to_string(),
             features: self.buffer.features.get(&e.key).cloned().unwrap_or_default(),
-            slate: e.slate.iter().map(|(i, p, q, s)| (names.name(i).to_string(), p, q, s)).collect(),
+            slate: self.buffer.slate(e).map(|(i, p, q, s)| (names.name(i).to_string(), p, q, s)).collect(),
             opted_out: e.opted_out,
             total_reward_micros: e.total_reward_micros,
         }
@@ -329,9 +329,10 @@ impl AttributionJoin {
         let key = Key::of(&fb.impression_id);
         let features = self.buffer_features(key);
         let outcome = match self.buffer.get_mut(key) {
-            Some((entry, names)) => {
+            Some((entry, names, heap)) => {
                 let before = r.retained_until(entry);
-                let outcome = apply_feedback(spec, models, entry, names, &features, &fb, &mut self.counters);
+                let outcome =
+                    apply_feedback(spec, models, entry, names, heap, &features, &fb, &mut self.counters);
                 self.buffer.mark(key);
                 self.buffer.reschedule(&r, key, before);
                 outcome
@@ -389,6 +390,7 @@ impl AttributionJoin {
             .iter()
             .map(|s| (self.buffer.names.intern(&s.item_id), s.position, s.propensity.max(floor) as f32))
             .collect();
+        let (stored, heap) = Slate::new(&slots);
         let entry = Entry {
             key,
             time_ms,
@@ -399,7 +401,7 @@ impl AttributionJoin {
             depth: 0,
             model: model as u8,
             opted_out,
-            slate: Slate::new(&slots),
+            slate: stored,
         };
         let linear = spec.models.get(model).is_some_and(|m| matches!(m.algorithm, Algorithm::Linear { .. }));
         let outcome = if opted_out {
@@ -424,16 +426,16 @@ impl AttributionJoin {
         if linear && !features.is_empty() {
             self.buffer.features.insert(key, features);
         }
-        self.buffer.insert(r, entry);
+        self.buffer.insert(r, entry, heap);
         // Feedback that arrived first is applied now, in arrival order.
         if let Some(held) = self.pending.remove(&impression_id) {
             let feats = self.buffer_features(key);
             for (seq, fb) in held {
                 self.pending_order.remove(&(fb.time_ms, impression_id.clone(), seq));
                 self.changes.release(seq);
-                if let Some((entry, names)) = self.buffer.get_mut(key) {
+                if let Some((entry, names, heap)) = self.buffer.get_mut(key) {
                     let before = r.retained_until(entry);
-                    apply_feedback(spec, models, entry, names, &feats, &fb, &mut self.counters);
+                    apply_feedback(spec, models, entry, names, heap, &feats, &fb, &mut self.counters);
                     self.buffer.reschedule(r, key, before);
                 }
             }
@@ -515,11 +517,13 @@ impl AttributionJoin {
 }
 
 /// Attributes one feedback event to its retained impression.
+#[allow(clippy::too_many_arguments)]
 fn apply_feedback(
     spec: &CoreSpec,
     models: &mut [ModelShard],
     entry: &mut Entry,
     names: &super::buffer::Interner,
+    mut heap: Option<&mut super::buffer::HeapSlate>,
     features: &[(String, f64)],
     fb: &Feedback,
     counters: &mut JoinCounters,
@@ -529,14 +533,15 @@ fn apply_feedback(
         return Outcome::FeedbackOptedOut;
     }
     let item = names.find(&fb.item_id);
-    let Some(idx) = (0..entry.slate.len()).find(|&i| {
-        let s = entry.slate.get(i);
+    let len = entry.slate.len(heap.as_deref());
+    let Some(idx) = (0..len).find(|&i| {
+        let s = entry.slate.get(i, heap.as_deref());
         Some(s.0) == item && s.1 == fb.position
     }) else {
         counters.feedback_not_in_slate += 1;
         return Outcome::FeedbackNotInSlate;
     };
-    let (_, position, propensity, seen) = entry.slate.get(idx);
+    let (_, position, propensity, seen) = entry.slate.get(idx, heap.as_deref());
     let bit = kind_bit(fb.kind);
     if seen & bit != 0 {
         counters.feedback_duplicate += 1;
@@ -544,9 +549,9 @@ fn apply_feedback(
     }
     let last_feedback_position = match entry.depth {
         0 => 0,
-        d => entry.slate.get(usize::from(d) - 1).1,
+        d => entry.slate.get(usize::from(d) - 1, heap.as_deref()).1,
     };
-    entry.slate.set_seen(idx, seen | bit);
+    entry.slate.set_seen(idx, seen | bit, heap.as_deref_mut());
     let late = fb.time_ms.saturating_sub(entry.time_ms) > spec.rewards.of(fb.kind).window_ms;
     if late && !spec.join.learn_late {
         counters.feedback_late_ignored += 1;
@@ -580,7 +585,7 @@ fn apply_feedback(
     if mspec.position == PositionModel::Cascade && fb.position > last_feedback_position {
         // Examined set: every item up to the deepest feedback (all items while there is none).
         let before = last_feedback_position;
-        for (item, pos, _, _) in entry.slate.iter() {
+        for (item, pos, _, _) in entry.slate.iter(heap.as_deref()) {
             let was = before == 0 || pos <= before;
             let now = pos <= fb.position;
             if was != now {
