@@ -328,6 +328,8 @@ pub struct Buffer {
     pub next_segment: u32,
     /// Entries to copy into the next segments so sparse old segments can be deleted.
     pub compaction: Vec<Key>,
+    /// Entries copied so far (for metrics and tests).
+    pub copied: u64,
 }
 
 impl Buffer {

@@ -363,7 +363,10 @@ pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartiti
     let mut keys: Vec<Key> = buf.dirty.drain().collect();
     for _ in 0..COMPACTION_PER_SAVE {
         match buf.compaction.pop() {
-            Some(k) if buf.contains(k) => keys.push(k),
+            Some(k) if buf.contains(k) => {
+                buf.copied += 1;
+                keys.push(k);
+            }
             Some(_) => {}
             None => break,
         }

@@ -1144,6 +1144,7 @@ async fn partition_task(
     let mut timestamps = Vec::new();
     let mut reported = state.join.counters.clone();
     let mut reported_invalid = state.invalid.clone();
+    let mut reported_copied = state.join.buffer.copied;
     let spec = &config.core;
     let mut aligner = Aligner::new(
         backlog,
@@ -1245,6 +1246,12 @@ async fn partition_task(
                     .set(state.join.buffered_impressions() as f64);
                 gauge!("banditflow_held_feedback", "partition" => p.clone())
                     .set(state.join.pending_feedback() as f64);
+                // The buffer changelog: segments stored, entries copied out of sparse ones.
+                gauge!("banditflow_changelog_segments", "partition" => p.clone())
+                    .set(state.join.buffer.segments.len() as f64);
+                let copied = state.join.buffer.copied;
+                counter!("banditflow_changelog_copied_total").increment(copied - reported_copied);
+                reported_copied = copied;
                 if let Some(wm) = state.watermark_ms(spec) {
                     gauge!("banditflow_watermark_seconds", "partition" => p).set(wm as f64 / 1e3);
                 }

@@ -2,6 +2,7 @@
 
 mod alignment;
 mod bad_input;
+mod changelog;
 mod fuzz_corpus;
 mod golden;
 mod hardening;

@@ -1,0 +1,184 @@
+//! The buffer changelog (`core::checkpoint`): segments written at every save, reclaimed on a
+//! compacted topic, compacted when mostly dead; a partition restored from what the topic holds
+//! at any save is the partition that was saved. The topic is simulated as "latest value per
+//! key" (what compaction keeps), so a reclaimed segment that was still needed would show as a
+//! restore that differs.
+
+use std::collections::BTreeMap;
+
+use banditflow::core::checkpoint;
+use banditflow::core::event::{Event, FeedbackKind, Variant};
+use banditflow::core::params::{CoreSpec, DEFAULT_FUNNEL};
+use banditflow::core::partition::PartitionState;
+use banditflow::core::snapshot;
+
+use crate::support::*;
+
+/// What a compacted topic holds: the newest value of each key.
+#[derive(Default)]
+struct Topic {
+    values: BTreeMap<String, Vec<u8>>,
+    /// Bytes of every value ever written to a `buf/` key.
+    segment_bytes_written: usize,
+}
+
+impl Topic {
+    fn apply(&mut self, saved: checkpoint::SavedPartition, p: i32) {
+        for (k, v) in saved.puts {
+            if k.starts_with("buf/") {
+                self.segment_bytes_written += v.len();
+            }
+            self.values.insert(k, v);
+        }
+        for k in saved.deletes {
+            self.values.remove(&k);
+        }
+        self.values.insert(checkpoint::header_key(p), saved.header);
+        for (m, b) in saved.models {
+            self.values.insert(checkpoint::model_key(&m, p), b);
+        }
+    }
+
+    fn restore(&self, spec: &CoreSpec, p: i32) -> PartitionState {
+        let with = |prefix: &str| -> Vec<Vec<u8>> {
+            self.values.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v.clone()).collect()
+        };
+        let models: Vec<_> = self
+            .values
+            .iter()
+            .filter(|(k, _)| k.starts_with("model/"))
+            .map(|(_, v)| snapshot::decode(v).expect("snapshot"))
+            .collect();
+        let header = &self.values[&checkpoint::header_key(p)];
+        checkpoint::restore(spec, header, &with("buf/"), &[], &with("held/"), &models).expect("restores").0
+    }
+
+    fn segments(&self) -> usize {
+        self.values.keys().filter(|k| k.starts_with("buf/")).count()
+    }
+}
+
+/// 240,000 impressions, one a second of event time (unclicked ones are released after 2 h),
+/// a tenth clicked and a tenth of those purchased (kept 7 d and 30 d), saved every 500 records,
+/// with a buffer cap that evicts: restore from the topic equals the live partition at every
+/// 20th save, segments are reclaimed and compacted, and the topic stays bounded.
+#[test]
+fn restore_from_the_compacted_topic_equals_the_partition_at_every_save() {
+    let mut spec = spec_with_join(banditflow::core::params::JoinSpec {
+        watermark_delay_ms: 0,
+        grace_ms: 5 * MIN,
+        late_retention_ms: HOUR,
+        learn_late: true,
+        max_impressions: 20_000,
+        max_pending_feedback: 1000,
+        funnel: DEFAULT_FUNNEL,
+    });
+    spec.models.truncate(1);
+    let mut state = PartitionState::new(&spec, 0);
+    let mut topic = Topic::default();
+    let mut due: BTreeMap<(i64, u64), Event> = BTreeMap::new();
+    let (mut offset, mut saves, mut checked, mut max_segments) = (0i64, 0, 0, 0);
+    let n = 240_000u64;
+    for i in 0..n {
+        let t = T0 + i as i64 * 1000;
+        // Feedback due by now first, in time order.
+        while let Some((&(tf, k), _)) = due.first_key_value() {
+            if tf > t {
+                break;
+            }
+            let e = due.remove(&(tf, k)).expect("due");
+            apply_event(&mut state, &spec, &e, offset, None);
+            offset += 1;
+        }
+        let id = format!("imp-{i}");
+        let e = Event::Impression(impression(&id, "pbm", t, Variant::Treatment, "women", &["a", "b", "c"]));
+        apply_event(&mut state, &spec, &e, offset, None);
+        offset += 1;
+        if i % 10 == 0 {
+            due.insert((t + MIN, i), Event::Feedback(feedback(&id, "b", 2, FeedbackKind::Click, t + MIN)));
+            if i % 100 == 0 {
+                let fb = feedback(&id, "b", 2, FeedbackKind::Purchase, t + 2 * DAY);
+                due.insert((t + 2 * DAY, i), Event::Feedback(fb));
+            }
+        }
+        if i % 500 == 499 {
+            topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
+            saves += 1;
+            max_segments = max_segments.max(topic.segments());
+            if saves % 20 == 0 {
+                let restored = topic.restore(&spec, 0);
+                assert!(restored.join == state.join, "save {saves}: the restored join differs");
+                assert_eq!(restored.models, state.models, "save {saves}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20);
+    eprintln!(
+        "saves {saves}, segments peaked at {max_segments}, now {}, copied {}, retained {}, stored {} bytes, written {} bytes",
+        topic.segments(),
+        state.join.buffer.copied,
+        state.join.buffered_impressions(),
+        topic.values.iter().filter(|(k, _)| k.starts_with("buf/")).map(|(_, v)| v.len()).sum::<usize>(),
+        topic.segment_bytes_written
+    );
+    let c = &state.join.counters;
+    assert!(c.impressions_expired > 100_000, "the funnel released unclicked impressions: {c:?}");
+    assert!(c.impressions_evicted > 0, "the cap evicted (delete markers written): {c:?}");
+    assert!(c.feedback_attributed > 20_000, "{c:?}");
+    // Reclaiming: 480 saves wrote 480 segments; the topic holds a bounded number of them.
+    let retained = state.join.buffered_impressions();
+    assert!(saves == 480 && max_segments < 300, "segments on the topic peaked at {max_segments} of {saves}");
+    // Compaction copied entries out of sparse segments: more was written than one version of
+    // each impression and each change, and what is stored stays within about twice the live
+    // entries' bytes.
+    let stored: usize =
+        topic.values.iter().filter(|(k, _)| k.starts_with("buf/")).map(|(_, v)| v.len()).sum();
+    assert!(state.join.buffer.copied > 0, "sparse segments were compacted");
+    assert!(stored < 100 * retained, "{stored} bytes stored for {retained} retained entries of ~30 bytes");
+    assert!(topic.segment_bytes_written > 4 * stored);
+}
+
+/// A delete marker outlives the segment it sits in as long as an older segment still holds a
+/// version it hides: an impression evicted at the cap must not come back at restore when the
+/// segment with its delete marker has nothing live left.
+#[test]
+fn an_evicted_impression_stays_deleted_after_its_marker_segment_empties() {
+    let mut spec = spec_with_join(banditflow::core::params::JoinSpec {
+        watermark_delay_ms: 0,
+        grace_ms: 5 * MIN,
+        late_retention_ms: HOUR,
+        learn_late: true,
+        max_impressions: 2,
+        max_pending_feedback: 1000,
+        funnel: DEFAULT_FUNNEL,
+    });
+    spec.models.truncate(1);
+    let mut state = PartitionState::new(&spec, 0);
+    let mut topic = Topic::default();
+    let mut offset = 0;
+    let mut feed = |state: &mut PartitionState, e: Event| {
+        apply_event(state, &spec, &e, offset, None);
+        offset += 1;
+    };
+    let imp =
+        |id: &str, t: i64| Event::Impression(impression(id, "pbm", t, Variant::Treatment, "s", &["x", "y"]));
+    let fb = |id: &str, kind, t: i64| Event::Feedback(feedback(id, "x", 1, kind, t));
+    // Segment 0: a and b, both clicked (kept 7 days).
+    feed(&mut state, imp("a", T0));
+    feed(&mut state, imp("b", T0 + 1));
+    feed(&mut state, fb("a", FeedbackKind::Click, T0 + 2));
+    feed(&mut state, fb("b", FeedbackKind::Click, T0 + 3));
+    topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
+    // Segment 1: c, clicked; the cap evicted a (the first to expire): its delete marker.
+    feed(&mut state, imp("c", T0 + 4));
+    feed(&mut state, fb("c", FeedbackKind::Click, T0 + 5));
+    assert_eq!(state.join.counters.impressions_evicted, 1);
+    topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
+    // Segment 2: c again (purchased): segment 1 holds nothing live, segment 0 still holds b.
+    feed(&mut state, fb("c", FeedbackKind::Purchase, T0 + 6));
+    topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
+    let restored = topic.restore(&spec, 0);
+    assert_eq!(restored.join.buffered_impressions(), 2, "a stays deleted");
+    assert!(restored.join == state.join);
+}
