@@ -11,8 +11,8 @@
 //!
 //! - retained impressions (model: R × [(1 − c)·T₀ + (c − p)·T₁ + p·T₂]);
 //! - heap bytes per retained impression (counting allocator around the join);
-//! - changelog bytes per input event (a save, i.e. a segment, every second of event time's
-//!   worth of records, as `banditflow run` saves every second);
+//! - changelog bytes per input event (a save, i.e. a segment, every 10,000 records: what
+//!   `banditflow run` saves each second at 10,000 events/s per partition);
 //! - restore time of the retained set from its live segments.
 //!
 //! Run: `cargo bench --bench capacity` (env CAPACITY_RATES, impressions/s of event time,
@@ -65,6 +65,7 @@ static GLOBAL: Counting = Counting;
 const T0: i64 = 1_767_225_600_000;
 const MIN: i64 = 60_000;
 const DAY: i64 = 86_400_000;
+const SAVE_EVERY: u64 = 10_000;
 const CLICK: f64 = 0.03;
 const PURCHASE: f64 = 0.005;
 const RETURN: f64 = 0.2;
@@ -121,7 +122,7 @@ fn run(spec: &CoreSpec, rate: f64, days: i64) {
     // Feedback due later, by event time.
     let mut due: BinaryHeap<Reverse<(i64, u64, u8, u32)>> = BinaryHeap::new();
     let mut offset = 0i64;
-    let mut next_save = T0 + 1000;
+    let mut next_save = SAVE_EVERY;
     let (mut changelog_bytes, mut events) = (0usize, 0u64);
     let mut stored: std::collections::BTreeMap<String, Vec<u8>> = std::collections::BTreeMap::new();
     let mut last_header = Vec::new();
@@ -173,9 +174,10 @@ fn run(spec: &CoreSpec, rate: f64, days: i64) {
         );
         offset += 1;
         events += 1;
-        if t >= next_save {
-            // One save per second of event time, as the processor saves every second.
-            next_save = t + 1000;
+        if events >= next_save {
+            // A save every SAVE_EVERY records: what `banditflow run` saves each second at
+            // 10,000 events/s per partition.
+            next_save = events + SAVE_EVERY;
             let saved = checkpoint::save_changes(spec, &mut state);
             for (k, v) in saved.puts {
                 changelog_bytes += k.len() + v.len();

@@ -24,8 +24,9 @@
 //! Run: `scripts/kafka.sh start && BANDITFLOW_KAFKA_BOOTSTRAP=127.0.0.1:39092 cargo bench --bench pipeline`
 //! Environment: BENCH_EVENTS, BENCH_RATE (or BENCH_RATES, a list; empty skips freshness),
 //! BENCH_SECONDS, BENCH_PARTITIONS, BENCH_REPEAT (throughput runs, default 3; medians reported),
-//! BENCH_BASELINE_BIN, BENCH_RESTORE_IMPRESSIONS (0 skips the restore measurement).
-//! The processor runs with the default configuration (snapshot interval 1 s).
+//! BENCH_BASELINE_BIN, BENCH_RESTORE_IMPRESSIONS (0 skips the restore measurement),
+//! BENCH_SNAPSHOT_INTERVAL (the processor's `kafka.snapshot_interval`, default 1s).
+//! The processor runs with the default configuration otherwise.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -61,9 +62,10 @@ bootstrap_servers = "{bootstrap}"
 group_id = "{tag}-group"
 snapshot_topic = "{tag}-snapshots"
 dead_letter_topic = "{tag}-dlq"
-snapshot_interval = "1s"
+snapshot_interval = "{interval}"
 metrics_address = ""
-"#
+"#,
+            interval = std::env::var("BENCH_SNAPSHOT_INTERVAL").unwrap_or_else(|_| "1s".into())
         ),
     )
     .expect("config written");

@@ -15,9 +15,10 @@
 //!
 //! Reclaiming segments on the compacted topic: a segment is deleted (tombstone) once it holds
 //! the newest version of no retained entry and no older segment still needs one of its delete
-//! markers. Entries in old segments that are mostly dead are copied into new segments (at most
-//! [`COMPACTION_PER_SAVE`] per save) once the dead versions outnumber the live ones, so the
-//! topic holds at most about twice the retained entries (plus 64 Ki) whatever the funnel keeps.
+//! markers. Entries in old segments that are mostly dead are copied into segments of their own
+//! (at most [`COMPACTION_PER_SAVE`] per save) once the dead versions outnumber the live ones,
+//! so the topic holds at most about twice the retained entries (plus 64 Ki) whatever the
+//! funnel keeps.
 //!
 //! `restore(save_all(state)) == state` exactly (tested), so a partition that moves to another
 //! instance, or a process that restarts, continues as if nothing happened.
@@ -360,22 +361,28 @@ pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartiti
     let mut deletes: Vec<String> = Vec::new();
     plan_compaction(&mut state.join);
     let buf = &mut state.join.buffer;
-    let mut keys: Vec<Key> = buf.dirty.drain().collect();
+    let mut fresh: Vec<Key> = buf.dirty.drain().collect();
+    fresh.sort_unstable();
+    // Copies go into a segment of their own: they are the long-lived entries (clicked,
+    // purchased), and mixed with fresh impressions (mostly released within hours) they would
+    // be copied again as soon as those are gone.
+    let mut copies = Vec::new();
     for _ in 0..COMPACTION_PER_SAVE {
         match buf.compaction.pop() {
-            Some(k) if buf.contains(k) => {
-                buf.copied += 1;
-                keys.push(k);
-            }
+            Some(k) if buf.contains(k) && fresh.binary_search(&k).is_err() => copies.push(k),
             Some(_) => {}
             None => break,
         }
     }
-    keys.sort_unstable();
-    keys.dedup();
+    copies.sort_unstable();
+    copies.dedup();
+    buf.copied += copies.len() as u64;
     let deleted = std::mem::take(&mut buf.deleted);
-    if !keys.is_empty() || !deleted.is_empty() {
-        let seq = buf.next_segment;
+    for (keys, deleted) in [(fresh, deleted), (copies, Vec::new())] {
+        if keys.is_empty() && deleted.is_empty() {
+            continue;
+        }
+        let seq = state.join.buffer.next_segment;
         let deleted_keys: Vec<Key> = deleted.iter().map(|d| d.0).collect();
         let value = encode_segment(spec, &state.join, seq, &keys, &deleted_keys);
         let buf = &mut state.join.buffer;
