@@ -500,8 +500,8 @@ struct RestoredParts<'a> {
     features: Vec<(String, f64)>,
 }
 
-/// Rebuilds a partition from its header, its buffer segments (values of `buf/…` keys, any
-/// order), format-1 buffered impressions (values of `imp/…` keys, upgraded: written into the
+/// Rebuilds a partition from its header, its buffer segments (values of `buf/…` keys, in key
+/// order, which is sequence order), format-1 buffered impressions (values of `imp/…` keys, upgraded: written into the
 /// next segment), held feedback (values of `held/…`) and the model snapshots of the header's
 /// version, under the parameters configured now. Configuration changes never fail a restore:
 /// each model's outcome is returned ([`ModelChange`], classes in `core::reconfigure`). A model
@@ -638,17 +638,21 @@ pub fn restore(
             join.buffer.remove(key);
         }
     }
-    // Format 2: segments in sequence order; the newest version of a key wins.
-    let mut decoded = Vec::with_capacity(segments.len());
+    // Format 2: segments in sequence order, decoded one at a time (a partition's segments can
+    // hold millions of entries); the newest version of a key wins.
+    let mut previous: Option<u32> = None;
     for raw in segments {
-        decoded.push(decode_segment(raw)?);
-    }
-    decoded.sort_by_key(|s| s.sequence);
-    for seg in &decoded {
+        let seg = decode_segment(raw)?;
         let q = seg.sequence;
         if q >= cp.next_buffer_segment {
             return Err(invalid(format!("buffer segment {q} is newer than the checkpoint")));
         }
+        if previous.is_some_and(|p| q <= p) {
+            return Err(invalid(format!(
+                "buffer segment {q} given after segment {previous:?}: not in sequence order"
+            )));
+        }
+        previous = Some(q);
         let name = |i: u32| -> Result<&str, SnapshotError> {
             seg.names
                 .get(i as usize)

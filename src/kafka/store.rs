@@ -149,7 +149,7 @@ pub fn restore_partition(
             }
         } else if key.starts_with(&seg_prefix) {
             if let Some((_, bytes)) = store.get(key)? {
-                segments.push(bytes);
+                segments.push((key.clone(), bytes));
             }
         } else if key.starts_with(&imp_prefix) {
             if let Some((_, bytes)) = store.get(key)? {
@@ -162,6 +162,9 @@ pub fn restore_partition(
             }
         }
     }
+    // Sequence order (keys are zero-padded), as restore applies them.
+    segments.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let segments: Vec<Vec<u8>> = segments.into_iter().map(|(_, v)| v).collect();
     let (mut state, changes) =
         checkpoint::restore(&config.core, &cp, &segments, &legacy_impressions, &held, &models)
             .with_context(|| format!("restoring partition {partition} from version {version}"))?;

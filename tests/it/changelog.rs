@@ -181,4 +181,19 @@ fn an_evicted_impression_stays_deleted_after_its_marker_segment_empties() {
     let restored = topic.restore(&spec, 0);
     assert_eq!(restored.join.buffered_impressions(), 2, "a stays deleted");
     assert!(restored.join == state.join);
+    // Segments are applied in sequence order; given in another order, restore refuses.
+    let mut segments: Vec<Vec<u8>> =
+        topic.values.iter().filter(|(k, _)| k.starts_with("buf/")).map(|(_, v)| v.clone()).collect();
+    assert!(segments.len() >= 2);
+    segments.reverse();
+    let models: Vec<_> = topic
+        .values
+        .iter()
+        .filter(|(k, _)| k.starts_with("model/"))
+        .map(|(_, v)| snapshot::decode(v).expect("snapshot"))
+        .collect();
+    let e =
+        checkpoint::restore(&spec, &topic.values[&checkpoint::header_key(0)], &segments, &[], &[], &models)
+            .expect_err("out of order");
+    assert!(e.to_string().contains("sequence order"), "{e}");
 }
