@@ -273,6 +273,11 @@ impl Retention {
         Retention { horizon_by_seen, late_ms }
     }
 
+    /// [`Retention::retained_until`] of an impression at `time_ms` whose items have seen `seen`.
+    pub fn until(&self, time_ms: i64, seen: u8) -> i64 {
+        time_ms.saturating_add(self.horizon_by_seen[usize::from(seen & 0xF)]).saturating_add(self.late_ms)
+    }
+
     /// The last event time at which an entry is still retained: the watermark releases it once
     /// it passes this. The kinds open for an item are those whose requirement meets its seen
     /// kinds; a requirement is "any of", so the kinds open for some item are exactly those open
@@ -294,8 +299,11 @@ pub struct SegmentUse {
     pub written: u32,
     /// Of those, entries whose newest version it still holds.
     pub live: u32,
-    /// Segments holding versions its delete markers hide: it is kept while any of them is.
-    pub after: Vec<u32>,
+    /// With delete markers: the latest retention end of the entries they delete. Any stored
+    /// version of those entries is dead at restore once the watermark passes it (a version's
+    /// retention end is at most its entry's newest one), so the segment is kept until then, or
+    /// until no older segment is left.
+    pub markers_until: Option<i64>,
 }
 
 /// The retained impressions of one partition.
@@ -319,8 +327,8 @@ pub struct Buffer {
     /// Changelog: entries written since the last save, entries deleted (evicted or dropped;
     /// released ones need no record, restore recognises them by their retention end).
     pub dirty: FxHashSet<Key>,
-    /// (key, segment of its newest stored version).
-    pub deleted: Vec<(Key, u32)>,
+    /// (key, retention end when deleted) of entries deleted before their retention end.
+    pub deleted: Vec<(Key, i64)>,
     /// Nothing to keep durable (the offline replay): changes are not recorded.
     pub untracked: bool,
     /// Stored changelog segments by sequence number.

@@ -14,8 +14,9 @@
 //! passed the retention end stored with it: released impressions need no record at all.
 //!
 //! Reclaiming segments on the compacted topic: a segment is deleted (tombstone) once it holds
-//! the newest version of no retained entry and no older segment still needs one of its delete
-//! markers. Entries in old segments that are mostly dead are copied into segments of their own
+//! the newest version of no retained entry and its delete markers (if any) can hide nothing
+//! any more: no older segment is left, or the watermark passed the retention end of every entry
+//! they delete. Entries in old segments that are mostly dead are copied into segments of their own
 //! (at most [`COMPACTION_PER_SAVE`] per save) once the dead versions outnumber the live ones,
 //! so the topic holds at most about twice the retained entries (plus 64 Ki) whatever the
 //! funnel keeps.
@@ -387,21 +388,22 @@ pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartiti
         let value = encode_segment(spec, &state.join, seq, &keys, &deleted_keys);
         let buf = &mut state.join.buffer;
         buf.next_segment = seq.wrapping_add(1);
-        buf.segments.entry(seq).or_default().after =
-            deleted.iter().map(|d| d.1).filter(|q| *q != UNSAVED).collect();
+        buf.segments.entry(seq).or_default().markers_until = deleted.iter().map(|d| d.1).max();
         for k in &keys {
             buf.stored_in(*k, seq);
         }
         puts.push((segment_key(p, seq), value));
     }
-    // Segments no retained entry needs (in order, so a delete marker goes after what it hides).
+    // Segments no retained entry needs, in order: a segment with delete markers goes once
+    // no older segment is left or the watermark passed the retention end of what they delete.
+    let wm = state.join.watermark_ms(spec);
     let buf = &mut state.join.buffer;
     let seqs: Vec<u32> = buf.segments.keys().copied().collect();
     for q in seqs {
-        let reclaim = buf
-            .segments
-            .get(&q)
-            .is_some_and(|s| s.live == 0 && s.after.iter().all(|a| !buf.segments.contains_key(a)));
+        let oldest = buf.segments.keys().next() == Some(&q);
+        let reclaim = buf.segments.get(&q).is_some_and(|s| {
+            s.live == 0 && s.markers_until.is_none_or(|until| oldest || wm.is_some_and(|w| w > until))
+        });
         if reclaim {
             buf.segments.remove(&q);
             deletes.push(segment_key(p, q));
@@ -596,8 +598,8 @@ pub fn restore(
         }
         spec.models.iter().position(|m| m.id == id)
     };
-    // (key, segment of the version) of dropped models' entries: deleted in the next segment.
-    let mut to_delete: Vec<(Key, u32)> = Vec::new();
+    // (key, stored retention end) of dropped models' entries: deleted in the next segment.
+    let mut to_delete: Vec<(Key, i64)> = Vec::new();
     // Format 1: a record per impression, rewritten into the next segment.
     for raw in legacy_impressions {
         let b = pb::BufferedImpression::decode(raw.as_slice()).map_err(decode_err)?;
@@ -629,9 +631,9 @@ pub fn restore(
             depth,
             features: b.features.iter().map(|f| (f.name.clone(), f.value)).collect(),
         };
+        join.buffer.remove(key);
         let (entry, heap) = restore_entry(&mut join, model, key, parts)?;
         let released = wm.is_some_and(|w| r.retained_until(&entry) < w);
-        join.buffer.remove(key);
         join.buffer.insert(&r, entry, heap);
         if released {
             // Inserted only to release its names again.
@@ -641,6 +643,8 @@ pub fn restore(
     // Format 2: segments in sequence order, decoded one at a time (a partition's segments can
     // hold millions of entries); the newest version of a key wins.
     let mut previous: Option<u32> = None;
+    // Entries whose stored retention end differs from today's (parameters changed).
+    let mut rewrite: rustc_hash::FxHashSet<Key> = rustc_hash::FxHashSet::default();
     for raw in segments {
         let seg = decode_segment(raw)?;
         let q = seg.sequence;
@@ -659,24 +663,32 @@ pub fn restore(
                 .map(String::as_str)
                 .ok_or_else(|| invalid("buffer segment name out of range"))
         };
-        let mut after = Vec::new();
+        let mut markers_until = None;
         for pair in seg.deleted.chunks(2) {
             let [hi, lo] = pair else { return Err(invalid("odd delete list in buffer segment")) };
+            // A key not live here has only dead versions before this segment (they stay dead:
+            // the watermark only grows), so its marker needs no keeping.
             if let Some(old) = join.buffer.remove(Key(*hi, *lo)) {
-                after.push(old.changelog);
+                markers_until = markers_until.max(Some(r.retained_until(&old)));
             }
         }
-        join.buffer.segments.entry(q).or_default().after = after;
+        join.buffer.segments.entry(q).or_default().markers_until = markers_until;
         join.buffer.segments.entry(q).or_default().written = seg.entries.len() as u32;
         for e in &seg.entries {
             let key = Key(e.key_high, e.key_low);
             // A newer version replaces the older one (which no longer holds it).
             join.buffer.remove(key);
             let Some(model) = model_index(name(e.model)?) else {
-                to_delete.push((key, q));
+                to_delete.push((key, e.retained_until_ms));
                 continue;
             };
-            if wm.is_some_and(|w| e.retained_until_ms < w) {
+            // A version is live only if the watermark has passed neither the retention end it
+            // was written with nor the one today's parameters give it: retention lengthened
+            // since does not bring back what was released, shortened since does not keep what
+            // today's parameters release (the version is rewritten below when they differ).
+            let seen = e.seen.iter().fold(0u8, |u, s| u | s);
+            let until_now = r.until(e.event_time_ms, seen);
+            if wm.is_some_and(|w| e.retained_until_ms < w || until_now < w) {
                 continue;
             }
             let variant = match pb::VariantKind::try_from(e.variant_kind) {
@@ -711,9 +723,19 @@ pub fn restore(
             let (entry, heap) = restore_entry(&mut join, model, key, parts)?;
             join.buffer.insert(&r, entry, heap);
             join.buffer.restored_in(key, q);
+            if until_now != e.retained_until_ms {
+                rewrite.insert(key);
+            } else {
+                rewrite.remove(&key);
+            }
         }
     }
     join.buffer.dirty.clear();
+    for k in rewrite {
+        if join.buffer.contains(k) {
+            join.buffer.mark(k);
+        }
+    }
     // Legacy records are written again; entries of dropped models are deleted.
     let legacy: Vec<Key> = if legacy_impressions.is_empty() {
         Vec::new()
@@ -723,11 +745,12 @@ pub fn restore(
     for k in legacy {
         join.buffer.mark(k);
     }
-    to_delete.sort_unstable();
-    to_delete.dedup();
-    for (k, q) in to_delete {
-        if !join.buffer.contains(k) {
-            join.buffer.deleted.push((k, q));
+    // One marker per key, with the latest retention end among its versions.
+    to_delete.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    to_delete.dedup_by_key(|d| d.0);
+    for (k, until) in to_delete {
+        if !join.buffer.contains(k) && wm.is_none_or(|w| until >= w) {
+            join.buffer.deleted.push((k, until));
         }
     }
     let mut held_all = std::mem::take(&mut cp.held);

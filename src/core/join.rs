@@ -382,7 +382,7 @@ impl AttributionJoin {
     fn evict_one(&mut self, r: &Retention) {
         if let Some(e) = self.buffer.pop_first(r, None) {
             if !self.buffer.untracked && e.changelog != UNSAVED {
-                self.buffer.deleted.push((e.key, e.changelog));
+                self.buffer.deleted.push((e.key, r.retained_until(&e)));
             }
             self.counters.impressions_evicted += 1;
         }
@@ -399,6 +399,10 @@ impl AttributionJoin {
         let key = Key::of(&imp.impression_id);
         if self.buffer.contains(key) {
             self.counters.impressions_duplicate += 1;
+            return Outcome::ImpressionDuplicate;
+        }
+        if models.get(model).is_none() || spec.models.get(model).is_none() {
+            // The caller resolved `model` against the same spec; unreachable by construction.
             return Outcome::ImpressionDuplicate;
         }
         if self.buffer.len() >= spec.join.max_impressions {
@@ -579,6 +583,11 @@ fn apply_feedback(
         counters.feedback_duplicate += 1;
         return Outcome::FeedbackDuplicate;
     }
+    let model = usize::from(entry.model);
+    if models.get(model).is_none() || spec.models.get(model).is_none() {
+        counters.feedback_not_in_slate += 1;
+        return Outcome::FeedbackNotInSlate;
+    }
     let last_feedback_position = match entry.depth {
         0 => 0,
         d => entry.slate.get(usize::from(d) - 1, heap.as_deref()).1,
@@ -589,7 +598,6 @@ fn apply_feedback(
         counters.feedback_late_ignored += 1;
         return Outcome::FeedbackLateIgnored;
     }
-    let model = usize::from(entry.model);
     let (Some(shard), Some(mspec)) = (models.get_mut(model), spec.models.get(model)) else {
         counters.feedback_not_in_slate += 1;
         return Outcome::FeedbackNotInSlate;

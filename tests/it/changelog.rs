@@ -197,3 +197,87 @@ fn an_evicted_impression_stays_deleted_after_its_marker_segment_empties() {
             .expect_err("out of order");
     assert!(e.to_string().contains("sequence order"), "{e}");
 }
+
+fn two_slot_spec(late_ms: i64, cap: usize) -> CoreSpec {
+    let mut spec = spec_with_join(banditflow::core::params::JoinSpec {
+        watermark_delay_ms: 0,
+        grace_ms: 5 * MIN,
+        late_retention_ms: late_ms,
+        learn_late: true,
+        max_impressions: cap,
+        max_pending_feedback: 1000,
+        funnel: DEFAULT_FUNNEL,
+    });
+    spec.models.truncate(1);
+    spec
+}
+
+/// An evicted impression whose older, shorter-lived version still sits in a live segment must
+/// not come back when the segments with its newest version and its delete marker are gone.
+#[test]
+fn an_evicted_impression_does_not_come_back_from_an_older_version() {
+    let spec = two_slot_spec(HOUR, 2);
+    let mut state = PartitionState::new(&spec, 0);
+    let mut topic = Topic::default();
+    let mut offset = 0;
+    let mut feed = |state: &mut PartitionState, e: Event| {
+        apply_event(state, &spec, &e, offset, None);
+        offset += 1;
+    };
+    let imp =
+        |id: &str, t: i64| Event::Impression(impression(id, "pbm", t, Variant::Treatment, "s", &["x", "y"]));
+    let fb = |id: &str, kind, t: i64| Event::Feedback(feedback(id, "x", 1, kind, t));
+    // Segment 0: a (unclicked) and b (clicked, kept 7 days: keeps segment 0 alive).
+    feed(&mut state, imp("a", T0));
+    feed(&mut state, imp("b", T0 + 1));
+    feed(&mut state, fb("b", FeedbackKind::Click, T0 + 2));
+    topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
+    // Segment 1: a again (clicked).
+    feed(&mut state, fb("a", FeedbackKind::Click, T0 + 3));
+    topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
+    // Segment 2: c; the cap evicts a (the first to expire); segment 1 is empty.
+    feed(&mut state, imp("c", T0 + 4));
+    assert_eq!(state.join.counters.impressions_evicted, 1);
+    topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
+    // Segment 3: c again; segment 2 is empty but its marker still hides a's version in segment 0.
+    feed(&mut state, fb("c", FeedbackKind::Click, T0 + 5));
+    topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
+    let restored = topic.restore(&spec, 0);
+    assert_eq!(restored.join.buffered_impressions(), 2, "a stays evicted");
+    assert!(restored.join == state.join);
+}
+
+/// Retention parameters changed between runs: a lengthened retention keeps (and rewrites) what
+/// was retained, a shortened one releases at restore what it no longer keeps, and neither
+/// change brings anything back at a later restore.
+#[test]
+fn a_retention_change_at_restore_holds_across_later_restores() {
+    let short = two_slot_spec(HOUR, 100);
+    let long = two_slot_spec(DAY, 100);
+    let imp =
+        |id: &str, t: i64| Event::Impression(impression(id, "pbm", t, Variant::Treatment, "s", &["x", "y"]));
+    // Saved under a 1 h late retention: a (unclicked) is retained until T0 + 2 h.
+    let mut state = PartitionState::new(&short, 0);
+    let mut topic = Topic::default();
+    apply_event(&mut state, &short, &imp("a", T0), 0, None);
+    apply_event(&mut state, &short, &imp("b", T0 + HOUR), 1, None);
+    topic.apply(checkpoint::save_changes(&short, &mut state), 0);
+    // Restored under 1 d: a is now retained until T0 + 1 h + 1 d; the next save rewrites it.
+    let mut longer = topic.restore(&long, 0);
+    assert_eq!(longer.join.buffered_impressions(), 2);
+    apply_event(&mut longer, &long, &imp("c", T0 + 3 * HOUR), 2, None);
+    topic.apply(checkpoint::save_changes(&long, &mut longer), 0);
+    // A later restore, with the watermark past the old end: a is still there.
+    let again = topic.restore(&long, 0);
+    assert!(again.join == longer.join, "the lengthened retention survives a second restore");
+    assert_eq!(again.join.buffered_impressions(), 3);
+    // Back to 1 h with the watermark at T0 + 3 h: a and b (ends T0 + 2 h, T0 + 3 h) are
+    // released at restore, c stays; and a later restore does not bring them back.
+    let shorter = topic.restore(&short, 0);
+    assert_eq!(shorter.join.buffered_impressions(), 2, "a released, b (ends at the watermark) kept");
+    let mut shorter = shorter;
+    apply_event(&mut shorter, &short, &imp("d", T0 + 4 * HOUR), 3, None);
+    topic.apply(checkpoint::save_changes(&short, &mut shorter), 0);
+    let last = topic.restore(&short, 0);
+    assert!(last.join == shorter.join, "nothing comes back");
+}
