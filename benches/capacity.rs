@@ -20,13 +20,11 @@
 
 #![allow(unsafe_code)] // the counting allocator below
 
-use std::alloc::{GlobalAlloc, Layout};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use mimalloc::MiMalloc;
 use rand::{Rng, SeedableRng};
 
 use banditflow::core::checkpoint;
@@ -34,30 +32,9 @@ use banditflow::core::event::{Event, Feedback, FeedbackKind, Impression, SlateEn
 use banditflow::core::params::CoreSpec;
 use banditflow::core::partition::PartitionState;
 
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static COUNTING: AtomicBool = AtomicBool::new(false);
-
-fn count(delta: isize) {
-    if COUNTING.load(Ordering::Relaxed) {
-        LIVE.fetch_add(delta, Ordering::Relaxed);
-    }
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        count(l.size() as isize);
-        unsafe { MiMalloc.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        count(-(l.size() as isize));
-        unsafe { MiMalloc.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        count(new as isize - l.size() as isize);
-        unsafe { MiMalloc.realloc(p, l, new) }
-    }
-}
+#[path = "support/counting.rs"]
+mod counting;
+use counting::{Counting, COUNTING, LIVE};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -126,8 +103,25 @@ fn run(spec: &CoreSpec, rate: f64, days: i64) {
     let (mut changelog_bytes, mut events) = (0usize, 0u64);
     let mut stored: std::collections::BTreeMap<String, Vec<u8>> = std::collections::BTreeMap::new();
     let mut last_header = Vec::new();
-    let mut last_models = Vec::new();
+    let mut last_models: Vec<(String, Vec<u8>)> = Vec::new();
     let started = Instant::now();
+    // A save as the processor makes it, applied to a compacted topic (newest value per key).
+    let save = |state: &mut PartitionState,
+                stored: &mut std::collections::BTreeMap<String, Vec<u8>>,
+                bytes: &mut usize,
+                header: &mut Vec<u8>,
+                models: &mut Vec<(String, Vec<u8>)>| {
+        let saved = checkpoint::save_changes(spec, state);
+        for (k, v) in saved.puts {
+            *bytes += k.len() + v.len();
+            stored.insert(k, v);
+        }
+        for k in saved.deletes {
+            stored.remove(&k);
+        }
+        *header = saved.header;
+        *models = saved.models;
+    };
     let mut i = 0u64;
     loop {
         let t_imp = T0 + (i as f64 * step_ms) as i64;
@@ -178,28 +172,10 @@ fn run(spec: &CoreSpec, rate: f64, days: i64) {
             // A save every SAVE_EVERY records: what `banditflow run` saves each second at
             // 10,000 events/s per partition.
             next_save = events + SAVE_EVERY;
-            let saved = checkpoint::save_changes(spec, &mut state);
-            for (k, v) in saved.puts {
-                changelog_bytes += k.len() + v.len();
-                stored.insert(k, v);
-            }
-            for k in saved.deletes {
-                stored.remove(&k);
-            }
-            last_header = saved.header;
-            last_models = saved.models;
+            save(&mut state, &mut stored, &mut changelog_bytes, &mut last_header, &mut last_models);
         }
     }
-    let saved = checkpoint::save_changes(spec, &mut state);
-    for (k, v) in saved.puts {
-        changelog_bytes += k.len() + v.len();
-        stored.insert(k, v);
-    }
-    for k in saved.deletes {
-        stored.remove(&k);
-    }
-    last_header = if saved.header.is_empty() { last_header } else { saved.header };
-    last_models = if saved.models.is_empty() { last_models } else { saved.models };
+    save(&mut state, &mut stored, &mut changelog_bytes, &mut last_header, &mut last_models);
     // The join's heap, counted on a copy of it (the models are not part of it; their size per
     // arm is reported by `benches/core.rs`).
     COUNTING.store(true, Ordering::Relaxed);

@@ -12,12 +12,9 @@
 
 #![allow(unsafe_code)] // the counting allocator below
 
-use std::alloc::{GlobalAlloc, Layout};
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
-
-use mimalloc::MiMalloc;
+use std::sync::atomic::Ordering;
 
 use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use prost::Message;
@@ -32,33 +29,9 @@ use banditflow::core::params::{CoreSpec, Examination, JoinSpec, ModelSpec, Posit
 use banditflow::core::pb;
 use banditflow::core::snapshot::{self, SnapshotMeta};
 
-/// The allocator the `banditflow` binary ships with (mimalloc), wrapped to count live heap
-/// bytes while `COUNTING` is on (only around the state-size measurement, so the timed groups
-/// pay one relaxed load per allocation).
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static COUNTING: AtomicBool = AtomicBool::new(false);
-
-fn count(delta: isize) {
-    if COUNTING.load(Ordering::Relaxed) {
-        LIVE.fetch_add(delta, Ordering::Relaxed);
-    }
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        count(l.size() as isize);
-        unsafe { MiMalloc.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        count(-(l.size() as isize));
-        unsafe { MiMalloc.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        count(new as isize - l.size() as isize);
-        unsafe { MiMalloc.realloc(p, l, new) }
-    }
-}
+#[path = "support/counting.rs"]
+mod counting;
+use counting::{Counting, COUNTING, LIVE};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;

@@ -14,6 +14,21 @@ use banditflow::core::snapshot;
 
 use crate::support::*;
 
+/// The default funnel, no watermark delay, one model (Beta, configured examination).
+fn one_model_spec(late_ms: i64, cap: usize) -> CoreSpec {
+    let mut spec = spec_with_join(banditflow::core::params::JoinSpec {
+        watermark_delay_ms: 0,
+        grace_ms: 5 * MIN,
+        late_retention_ms: late_ms,
+        learn_late: true,
+        max_impressions: cap,
+        max_pending_feedback: 1000,
+        funnel: DEFAULT_FUNNEL,
+    });
+    spec.models.truncate(1);
+    spec
+}
+
 /// What a compacted topic holds: the newest value of each key.
 #[derive(Default)]
 struct Topic {
@@ -64,16 +79,7 @@ impl Topic {
 /// 20th save, segments are reclaimed and compacted, and the topic stays bounded.
 #[test]
 fn restore_from_the_compacted_topic_equals_the_partition_at_every_save() {
-    let mut spec = spec_with_join(banditflow::core::params::JoinSpec {
-        watermark_delay_ms: 0,
-        grace_ms: 5 * MIN,
-        late_retention_ms: HOUR,
-        learn_late: true,
-        max_impressions: 20_000,
-        max_pending_feedback: 1000,
-        funnel: DEFAULT_FUNNEL,
-    });
-    spec.models.truncate(1);
+    let spec = one_model_spec(HOUR, 20_000);
     let mut state = PartitionState::new(&spec, 0);
     let mut topic = Topic::default();
     let mut due: BTreeMap<(i64, u64), Event> = BTreeMap::new();
@@ -144,16 +150,7 @@ fn restore_from_the_compacted_topic_equals_the_partition_at_every_save() {
 /// segment with its delete marker has nothing live left.
 #[test]
 fn an_evicted_impression_stays_deleted_after_its_marker_segment_empties() {
-    let mut spec = spec_with_join(banditflow::core::params::JoinSpec {
-        watermark_delay_ms: 0,
-        grace_ms: 5 * MIN,
-        late_retention_ms: HOUR,
-        learn_late: true,
-        max_impressions: 2,
-        max_pending_feedback: 1000,
-        funnel: DEFAULT_FUNNEL,
-    });
-    spec.models.truncate(1);
+    let spec = one_model_spec(HOUR, 2);
     let mut state = PartitionState::new(&spec, 0);
     let mut topic = Topic::default();
     let mut offset = 0;
@@ -198,25 +195,11 @@ fn an_evicted_impression_stays_deleted_after_its_marker_segment_empties() {
     assert!(e.to_string().contains("sequence order"), "{e}");
 }
 
-fn two_slot_spec(late_ms: i64, cap: usize) -> CoreSpec {
-    let mut spec = spec_with_join(banditflow::core::params::JoinSpec {
-        watermark_delay_ms: 0,
-        grace_ms: 5 * MIN,
-        late_retention_ms: late_ms,
-        learn_late: true,
-        max_impressions: cap,
-        max_pending_feedback: 1000,
-        funnel: DEFAULT_FUNNEL,
-    });
-    spec.models.truncate(1);
-    spec
-}
-
 /// An evicted impression whose older, shorter-lived version still sits in a live segment must
 /// not come back when the segments with its newest version and its delete marker are gone.
 #[test]
 fn an_evicted_impression_does_not_come_back_from_an_older_version() {
-    let spec = two_slot_spec(HOUR, 2);
+    let spec = one_model_spec(HOUR, 2);
     let mut state = PartitionState::new(&spec, 0);
     let mut topic = Topic::default();
     let mut offset = 0;
@@ -252,8 +235,8 @@ fn an_evicted_impression_does_not_come_back_from_an_older_version() {
 /// change brings anything back at a later restore.
 #[test]
 fn a_retention_change_at_restore_holds_across_later_restores() {
-    let short = two_slot_spec(HOUR, 100);
-    let long = two_slot_spec(DAY, 100);
+    let short = one_model_spec(HOUR, 100);
+    let long = one_model_spec(DAY, 100);
     let imp =
         |id: &str, t: i64| Event::Impression(impression(id, "pbm", t, Variant::Treatment, "s", &["x", "y"]));
     // Saved under a 1 h late retention: a (unclicked) is retained until T0 + 2 h.
