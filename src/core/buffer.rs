@@ -84,6 +84,15 @@ impl Interner {
         i
     }
 
+    /// A variant stored as a number (0 treatment, 1 holdout, 2 + n the arm named n).
+    pub fn variant(&self, code: u32) -> Variant {
+        match code {
+            0 => Variant::Treatment,
+            1 => Variant::Holdout,
+            n => Variant::Arm(self.name(n - 2).to_string()),
+        }
+    }
+
     pub fn find(&self, s: &str) -> Option<u32> {
         let names = &self.names;
         self.table.find(name_hash(s), |&i| &*names[i as usize] == s).copied()
@@ -520,11 +529,7 @@ impl Buffer {
 
     /// The variant of an entry as the models name it.
     pub fn variant(&self, e: &Entry) -> Variant {
-        match e.variant {
-            0 => Variant::Treatment,
-            1 => Variant::Holdout,
-            n => Variant::Arm(self.names.name(n - 2).to_string()),
-        }
+        self.names.variant(e.variant)
     }
 
     pub fn intern_variant(&mut self, v: &Variant) -> u32 {
@@ -554,12 +559,6 @@ impl Buffer {
         let Some(e) = self.slot_mut(i) else { return };
         e.changelog = seq;
         self.segments.entry(seq).or_default().live += 1;
-    }
-
-    /// Heap bytes per retained impression are measured by the benches; this is the number of
-    /// slab slots (free ones included), for the capacity figures.
-    pub fn slab_slots(&self) -> usize {
-        self.chunks.iter().map(Vec::len).sum()
     }
 }
 

@@ -604,11 +604,7 @@ fn apply_feedback(
     };
     let (reward, clamped) = spec.rewards.micros_clamped(fb.kind, fb.value);
     counters.rewards_clamped += u64::from(clamped);
-    let variant = match entry.variant {
-        0 => super::event::Variant::Treatment,
-        1 => super::event::Variant::Holdout,
-        n => super::event::Variant::Arm(names.name(n - 2).to_string()),
-    };
+    let variant = names.variant(entry.variant);
     let imp = ImpressionRef { time_ms: entry.time_ms, segment: names.name(entry.segment), features };
     let saturated = shard.observe_feedback(
         mspec,

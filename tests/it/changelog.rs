@@ -29,6 +29,38 @@ fn one_model_spec(late_ms: i64, cap: usize) -> CoreSpec {
     spec
 }
 
+/// A partition fed event by event and saved to a topic: the small scenarios below.
+struct Scenario {
+    spec: CoreSpec,
+    state: PartitionState,
+    topic: Topic,
+    offset: i64,
+}
+
+impl Scenario {
+    fn new(spec: CoreSpec) -> Scenario {
+        let state = PartitionState::new(&spec, 0);
+        Scenario { spec, state, topic: Topic::default(), offset: 0 }
+    }
+
+    fn feed(&mut self, e: Event) {
+        apply_event(&mut self.state, &self.spec, &e, self.offset, None);
+        self.offset += 1;
+    }
+
+    fn imp(&mut self, id: &str, t: i64) {
+        self.feed(Event::Impression(impression(id, "pbm", t, Variant::Treatment, "s", &["x", "y"])));
+    }
+
+    fn fb(&mut self, id: &str, kind: FeedbackKind, t: i64) {
+        self.feed(Event::Feedback(feedback(id, "x", 1, kind, t)));
+    }
+
+    fn save(&mut self) {
+        self.topic.apply(checkpoint::save_changes(&self.spec, &mut self.state), 0);
+    }
+}
+
 /// What a compacted topic holds: the newest value of each key.
 #[derive(Default)]
 struct Topic {
@@ -54,18 +86,24 @@ impl Topic {
         }
     }
 
-    fn restore(&self, spec: &CoreSpec, p: i32) -> PartitionState {
+    /// What restore reads: (header, segments in key order, held feedback, model snapshots).
+    #[allow(clippy::type_complexity)]
+    fn parts(&self, p: i32) -> (&[u8], Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<snapshot::DecodedSnapshot>) {
         let with = |prefix: &str| -> Vec<Vec<u8>> {
             self.values.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v.clone()).collect()
         };
-        let models: Vec<_> = self
+        let models = self
             .values
             .iter()
             .filter(|(k, _)| k.starts_with("model/"))
             .map(|(_, v)| snapshot::decode(v).expect("snapshot"))
             .collect();
-        let header = &self.values[&checkpoint::header_key(p)];
-        checkpoint::restore(spec, header, &with("buf/"), &[], &with("held/"), &models).expect("restores").0
+        (&self.values[&checkpoint::header_key(p)], with("buf/"), with("held/"), models)
+    }
+
+    fn restore(&self, spec: &CoreSpec, p: i32) -> PartitionState {
+        let (header, segments, held, models) = self.parts(p);
+        checkpoint::restore(spec, header, &segments, &[], &held, &models).expect("restores").0
     }
 
     fn segments(&self) -> usize {
@@ -150,48 +188,29 @@ fn restore_from_the_compacted_topic_equals_the_partition_at_every_save() {
 /// segment with its delete marker has nothing live left.
 #[test]
 fn an_evicted_impression_stays_deleted_after_its_marker_segment_empties() {
-    let spec = one_model_spec(HOUR, 2);
-    let mut state = PartitionState::new(&spec, 0);
-    let mut topic = Topic::default();
-    let mut offset = 0;
-    let mut feed = |state: &mut PartitionState, e: Event| {
-        apply_event(state, &spec, &e, offset, None);
-        offset += 1;
-    };
-    let imp =
-        |id: &str, t: i64| Event::Impression(impression(id, "pbm", t, Variant::Treatment, "s", &["x", "y"]));
-    let fb = |id: &str, kind, t: i64| Event::Feedback(feedback(id, "x", 1, kind, t));
+    let mut s = Scenario::new(one_model_spec(HOUR, 2));
     // Segment 0: a and b, both clicked (kept 7 days).
-    feed(&mut state, imp("a", T0));
-    feed(&mut state, imp("b", T0 + 1));
-    feed(&mut state, fb("a", FeedbackKind::Click, T0 + 2));
-    feed(&mut state, fb("b", FeedbackKind::Click, T0 + 3));
-    topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
+    s.imp("a", T0);
+    s.imp("b", T0 + 1);
+    s.fb("a", FeedbackKind::Click, T0 + 2);
+    s.fb("b", FeedbackKind::Click, T0 + 3);
+    s.save();
     // Segment 1: c, clicked; the cap evicted a (the first to expire): its delete marker.
-    feed(&mut state, imp("c", T0 + 4));
-    feed(&mut state, fb("c", FeedbackKind::Click, T0 + 5));
-    assert_eq!(state.join.counters.impressions_evicted, 1);
-    topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
+    s.imp("c", T0 + 4);
+    s.fb("c", FeedbackKind::Click, T0 + 5);
+    assert_eq!(s.state.join.counters.impressions_evicted, 1);
+    s.save();
     // Segment 2: c again (purchased): segment 1 holds nothing live, segment 0 still holds b.
-    feed(&mut state, fb("c", FeedbackKind::Purchase, T0 + 6));
-    topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
-    let restored = topic.restore(&spec, 0);
+    s.fb("c", FeedbackKind::Purchase, T0 + 6);
+    s.save();
+    let restored = s.topic.restore(&s.spec, 0);
     assert_eq!(restored.join.buffered_impressions(), 2, "a stays deleted");
-    assert!(restored.join == state.join);
+    assert!(restored.join == s.state.join);
     // Segments are applied in sequence order; given in another order, restore refuses.
-    let mut segments: Vec<Vec<u8>> =
-        topic.values.iter().filter(|(k, _)| k.starts_with("buf/")).map(|(_, v)| v.clone()).collect();
+    let (header, mut segments, held, models) = s.topic.parts(0);
     assert!(segments.len() >= 2);
     segments.reverse();
-    let models: Vec<_> = topic
-        .values
-        .iter()
-        .filter(|(k, _)| k.starts_with("model/"))
-        .map(|(_, v)| snapshot::decode(v).expect("snapshot"))
-        .collect();
-    let e =
-        checkpoint::restore(&spec, &topic.values[&checkpoint::header_key(0)], &segments, &[], &[], &models)
-            .expect_err("out of order");
+    let e = checkpoint::restore(&s.spec, header, &segments, &[], &held, &models).expect_err("out of order");
     assert!(e.to_string().contains("sequence order"), "{e}");
 }
 
@@ -199,35 +218,25 @@ fn an_evicted_impression_stays_deleted_after_its_marker_segment_empties() {
 /// not come back when the segments with its newest version and its delete marker are gone.
 #[test]
 fn an_evicted_impression_does_not_come_back_from_an_older_version() {
-    let spec = one_model_spec(HOUR, 2);
-    let mut state = PartitionState::new(&spec, 0);
-    let mut topic = Topic::default();
-    let mut offset = 0;
-    let mut feed = |state: &mut PartitionState, e: Event| {
-        apply_event(state, &spec, &e, offset, None);
-        offset += 1;
-    };
-    let imp =
-        |id: &str, t: i64| Event::Impression(impression(id, "pbm", t, Variant::Treatment, "s", &["x", "y"]));
-    let fb = |id: &str, kind, t: i64| Event::Feedback(feedback(id, "x", 1, kind, t));
+    let mut s = Scenario::new(one_model_spec(HOUR, 2));
     // Segment 0: a (unclicked) and b (clicked, kept 7 days: keeps segment 0 alive).
-    feed(&mut state, imp("a", T0));
-    feed(&mut state, imp("b", T0 + 1));
-    feed(&mut state, fb("b", FeedbackKind::Click, T0 + 2));
-    topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
+    s.imp("a", T0);
+    s.imp("b", T0 + 1);
+    s.fb("b", FeedbackKind::Click, T0 + 2);
+    s.save();
     // Segment 1: a again (clicked).
-    feed(&mut state, fb("a", FeedbackKind::Click, T0 + 3));
-    topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
+    s.fb("a", FeedbackKind::Click, T0 + 3);
+    s.save();
     // Segment 2: c; the cap evicts a (the first to expire); segment 1 is empty.
-    feed(&mut state, imp("c", T0 + 4));
-    assert_eq!(state.join.counters.impressions_evicted, 1);
-    topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
+    s.imp("c", T0 + 4);
+    assert_eq!(s.state.join.counters.impressions_evicted, 1);
+    s.save();
     // Segment 3: c again; segment 2 is empty but its marker still hides a's version in segment 0.
-    feed(&mut state, fb("c", FeedbackKind::Click, T0 + 5));
-    topic.apply(checkpoint::save_changes(&spec, &mut state), 0);
-    let restored = topic.restore(&spec, 0);
+    s.fb("c", FeedbackKind::Click, T0 + 5);
+    s.save();
+    let restored = s.topic.restore(&s.spec, 0);
     assert_eq!(restored.join.buffered_impressions(), 2, "a stays evicted");
-    assert!(restored.join == state.join);
+    assert!(restored.join == s.state.join);
 }
 
 /// Retention parameters changed between runs: a lengthened retention keeps (and rewrites) what
