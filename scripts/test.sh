@@ -3,6 +3,9 @@
 # every test — the broker tests against a real Apache Kafka broker that this script starts on
 # 127.0.0.1 (scripts/kafka.sh fetches it from Maven Central once and caches it) and stops.
 #
+# It also checks everything under deploy/ (scripts/deploy-check.sh installs prometheus and
+# promtool from Debian's packages and the validators from PyPI when missing).
+#
 # Builds go to a target directory outside the checkout (override with CARGO_TARGET_DIR), so a
 # fresh clone on a machine that built before reuses the compiled dependencies.
 set -euo pipefail
@@ -29,6 +32,11 @@ cargo clippy --all-targets --locked -- -D warnings
 
 step "build"
 cargo test --locked --no-run
+
+step "deploy/ (promtool rules and unit tests, Kubernetes manifests, dashboard schema, a real Prometheus answering every panel)"
+# Installs prometheus/promtool (Debian) and the Python validators (PyPI) when missing; the
+# broker tests below use the same prometheus and promtool on real processes.
+scripts/deploy-check.sh
 
 step "kafka broker"
 started=0

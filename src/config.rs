@@ -111,6 +111,10 @@ struct RawKafka {
     metrics_address: String,
     #[serde(default)]
     properties: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    consumer_properties: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    producer_properties: BTreeMap<String, toml::Value>,
 }
 
 /// How the service talks to Kafka.
@@ -134,8 +138,25 @@ pub struct KafkaSpec {
     pub max_idle_ms: i64,
     /// `None` when disabled.
     pub metrics_address: Option<std::net::SocketAddr>,
-    /// librdkafka properties passed through as is.
+    /// librdkafka properties passed through as is to every client (TLS, SASL, tuning).
     pub properties: BTreeMap<String, String>,
+    /// Passed only to consumers (over `properties`): e.g. `session.timeout.ms`,
+    /// `auto.offset.reset`. A consumer-only property given to a producer makes librdkafka warn.
+    pub consumer_properties: BTreeMap<String, String>,
+    /// Passed only to producers (over `properties`): e.g. `linger.ms`, `compression.type`.
+    pub producer_properties: BTreeMap<String, String>,
+}
+
+impl KafkaSpec {
+    /// A property as consumers see it (their own section first, then the common one).
+    pub fn consumer_property(&self, name: &str) -> Option<&str> {
+        self.consumer_properties.get(name).or_else(|| self.properties.get(name)).map(String::as_str)
+    }
+
+    /// A property as producers see it (their own section first, then the common one).
+    pub fn producer_property(&self, name: &str) -> Option<&str> {
+        self.producer_properties.get(name).or_else(|| self.properties.get(name)).map(String::as_str)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -809,31 +830,25 @@ fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, Config
             )
         })?)
     };
-    let mut properties = BTreeMap::new();
-    for (name, v) in k.properties {
-        let text = match v {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            _ => {
-                return Err(field_err(
-                    format!("kafka.properties.{name}"),
-                    "must be a string, number or boolean",
-                ))
-            }
-        };
-        properties.insert(name, text);
-    }
+    let properties = librdkafka_properties("kafka.properties", k.properties)?;
+    let consumer_properties = librdkafka_properties("kafka.consumer_properties", k.consumer_properties)?;
+    let producer_properties = librdkafka_properties("kafka.producer_properties", k.producer_properties)?;
     let transaction_timeout_ms = positive_ms("kafka.transaction_timeout", &k.transaction_timeout)?;
     // Restore hands explicit offsets to the assignment. That is safe against a zombie (an old
     // owner whose transaction is still open) only if the broker aborts that transaction before
     // the group can give the partition to someone else, i.e. before the zombie's session
     // expires: the transaction timeout must be the shorter one.
-    let session_timeout_ms = match properties.get("session.timeout.ms") {
+    let (section, session_timeout) = match consumer_properties.get("session.timeout.ms") {
+        Some(v) => ("kafka.consumer_properties", Some(v)),
+        None => ("kafka.properties", properties.get("session.timeout.ms")),
+    };
+    let session_timeout_ms = match session_timeout {
         None => DEFAULT_SESSION_TIMEOUT_MS,
         Some(v) => v.trim().parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(|| {
-            field_err("kafka.properties.session.timeout.ms", format!("`{v}` is not a positive number of ms"))
+            field_err(
+                format!("{section}.session.timeout.ms"),
+                format!("`{v}` is not a positive number of ms"),
+            )
         })?,
     };
     if transaction_timeout_ms >= session_timeout_ms {
@@ -841,7 +856,7 @@ fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, Config
             "kafka.transaction_timeout",
             format!(
                 "{transaction_timeout_ms} ms must be shorter than the consumer's session timeout \
-                 (kafka.properties.\"session.timeout.ms\" = {session_timeout_ms} ms): otherwise a \
+                 ({section}.\"session.timeout.ms\" = {session_timeout_ms} ms): otherwise a \
                  partition can move to a new owner while the old owner's transaction is still open"
             ),
         ));
@@ -864,7 +879,28 @@ fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, Config
         max_idle_ms: duration("kafka.max_idle", &k.max_idle)?,
         metrics_address,
         properties,
+        consumer_properties,
+        producer_properties,
     })
+}
+
+/// A section of librdkafka properties as text (librdkafka takes every value as a string).
+fn librdkafka_properties(
+    section: &str,
+    raw: BTreeMap<String, toml::Value>,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (name, v) in raw {
+        let text = match v {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            _ => return Err(field_err(format!("{section}.{name}"), "must be a string, number or boolean")),
+        };
+        out.insert(name, text);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -13,3 +13,4 @@ pub mod kafka;
 pub mod recording;
 pub mod replay;
 pub mod serving;
+pub mod telemetry;

@@ -33,6 +33,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format: human-readable lines, or one JSON object per line (for log pipelines).
+    /// Levels come from RUST_LOG (e.g. `info,banditflow::kafka=debug`).
+    #[arg(long, global = true, value_enum, env = "BANDITFLOW_LOG_FORMAT", default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -282,15 +292,18 @@ fn client(bootstrap: &str, properties: &[(String, String)]) -> rdkafka::config::
     c
 }
 
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BANDITFLOW_LOG")
+/// Logs to stderr; levels from RUST_LOG (or BANDITFLOW_LOG), else `default`.
+fn init_logging(default: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("BANDITFLOW_LOG"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
+        LogFormat::Human => {
+            builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init()
+        }
+    };
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -319,20 +332,24 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     // The demo draws a progress bar: only warnings go to the log unless BANDITFLOW_LOG says otherwise.
-    init_logging(if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info" });
+    init_logging(if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info" }, cli.log_format);
     match cli.command {
         Command::Run { config } => {
             let config = Config::load(config.as_deref(), std::env::vars())?;
-            if let Some(addr) = config.kafka.metrics_address {
-                metrics_exporter_prometheus::PrometheusBuilder::new()
-                    .with_http_listener(addr)
-                    .install()
-                    .with_context(|| format!("serving metrics on {addr}"))?;
-                tracing::info!(%addr, "metrics at http://{addr}/metrics");
+            let k = &config.kafka;
+            // The loop may block on a restore, a transaction or initialising the producer; it
+            // counts as stalled only well beyond all of them.
+            let stall = std::time::Duration::from_millis(
+                (k.restore_timeout_ms + 2 * k.transaction_timeout_ms) as u64 + 60_000,
+            );
+            let health = banditflow::kafka::probes::Health::new(stall);
+            if let Some(addr) = k.metrics_address {
+                let exporter = banditflow::telemetry::install(banditflow::telemetry::Component::Processor)?;
+                banditflow::kafka::probes::serve(addr, Arc::clone(&health), exporter)?;
             }
             let shutdown = Arc::new(AtomicBool::new(false));
             watch_signals(Arc::clone(&shutdown))?;
-            banditflow::kafka::service::run(Arc::new(config), shutdown)?;
+            banditflow::kafka::driver::run(Arc::new(config), shutdown, health)?;
         }
         Command::Demo {
             duration,
@@ -387,11 +404,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(l) = listen {
                 config.serving.listen = l;
             }
-            let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .install_recorder()
-                .context("installing the metrics recorder")?;
+            let handle = banditflow::telemetry::install(banditflow::telemetry::Component::Serving)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(banditflow::serving::serve(Arc::new(config), Some(handle), async {
+            rt.block_on(banditflow::serving::serve(Arc::new(config), handle, async {
                 let term = async {
                     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                         Ok(mut s) => {

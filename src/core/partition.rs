@@ -71,7 +71,7 @@ impl PartitionState {
         }
         self.records += 1;
         let decoded = event::decode(record.role, record.encoding, record.payload)
-            .and_then(|e| self.check_bounds(spec, record.timestamp_ms, e));
+            .and_then(|e| check_bounds(spec, record.timestamp_ms, e));
         let result = match decoded {
             Ok(Event::Impression(imp)) => match spec.models.iter().position(|m| m.id == imp.model_id) {
                 Some(model) => Ok(self.join.process_impression(spec, &mut self.models, model, imp)),
@@ -89,33 +89,6 @@ impl PartitionState {
         }
     }
 
-    /// The bounds `decode` cannot check: id lengths and feature counts from config, and event
-    /// time against a reference. The reference is the record's Kafka timestamp when it has one
-    /// (set by the producing client or, with `LogAppendTime`, by the broker — not by the code
-    /// that fills in `event_time_ms`). A record without a timestamp (a hand-written recording;
-    /// every Kafka record has one) is not bounded: the partition's own event times are no
-    /// trustworthy reference, since a quiet partition may legitimately jump by hours.
-    /// A rejected event moves nothing: it is checked before the join sees it.
-    fn check_bounds(
-        &self,
-        spec: &CoreSpec,
-        timestamp_ms: Option<i64>,
-        e: Event,
-    ) -> Result<Event, InvalidEvent> {
-        event::check_limits(&e, spec.limits.max_id_bytes, spec.limits.max_features)?;
-        if let Some(reference_ms) = timestamp_ms.filter(|t| *t > 0) {
-            let max_skew_ms = spec.limits.max_event_time_skew_ms;
-            if e.time_ms() > reference_ms.saturating_add(max_skew_ms) {
-                return Err(InvalidEvent::FutureEventTime {
-                    time_ms: e.time_ms(),
-                    reference_ms,
-                    max_skew_ms,
-                });
-            }
-        }
-        Ok(e)
-    }
-
     pub fn invalid_total(&self) -> u64 {
         self.invalid.values().sum()
     }
@@ -123,4 +96,23 @@ impl PartitionState {
     pub fn watermark_ms(&self, spec: &CoreSpec) -> Option<i64> {
         self.join.watermark_ms(spec)
     }
+}
+
+/// The bounds `decode` cannot check: id lengths and feature counts from config, and event
+/// time against a reference. The reference is the record's Kafka timestamp when it has one
+/// (set by the producing client or, with `LogAppendTime`, by the broker — not by the code
+/// that fills in `event_time_ms`). A record without a timestamp (a hand-written recording;
+/// every Kafka record has one) is not bounded: the partition's own event times are no
+/// trustworthy reference, since a quiet partition may legitimately jump by hours.
+/// A rejected event moves nothing: it is checked before the join sees it. Serving nodes run
+/// the same check on what they log.
+pub fn check_bounds(spec: &CoreSpec, timestamp_ms: Option<i64>, e: Event) -> Result<Event, InvalidEvent> {
+    event::check_limits(&e, spec.limits.max_id_bytes, spec.limits.max_features)?;
+    if let Some(reference_ms) = timestamp_ms.filter(|t| *t > 0) {
+        let max_skew_ms = spec.limits.max_event_time_skew_ms;
+        if e.time_ms() > reference_ms.saturating_add(max_skew_ms) {
+            return Err(InvalidEvent::FutureEventTime { time_ms: e.time_ms(), reference_ms, max_skew_ms });
+        }
+    }
+    Ok(e)
 }

@@ -353,9 +353,13 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Outcome> {
         let (config, shutdown, prepared) = (Arc::clone(&config), Arc::clone(&shutdown), mock.is_some());
         std::thread::Builder::new().name("banditflow-processor".into()).spawn(move || {
             if prepared {
-                crate::kafka::service::run_prepared(config, shutdown)
+                crate::kafka::driver::run_prepared(
+                    config,
+                    shutdown,
+                    crate::kafka::probes::Health::new(Duration::MAX),
+                )
             } else {
-                crate::kafka::service::run(config, shutdown)
+                crate::kafka::driver::run(config, shutdown, crate::kafka::probes::Health::new(Duration::MAX))
             }
         })?
     };

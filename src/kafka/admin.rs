@@ -12,13 +12,26 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::config::Config;
 
+/// A start-up check that may pass later without anyone changing the configuration: Kafka is
+/// unreachable, or a topic does not exist yet. `run` retries these; any other refusal (topics
+/// that are not co-partitioned, a snapshot topic that is not compacted or has too few
+/// partitions) ends it, since waiting cannot fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotYet(pub String);
+
+/// Whether `e` is worth retrying (see [`NotYet`]).
+pub fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<NotYet>().is_some())
+}
+
 /// Partition counts of the topics that exist, by name.
 pub fn partition_counts(config: &Config) -> anyhow::Result<BTreeMap<String, i32>> {
     let consumer: BaseConsumer =
         super::client_config(&config.kafka).create().context("creating a metadata client")?;
-    let md = consumer
-        .fetch_metadata(None, Duration::from_secs(15))
-        .with_context(|| format!("cannot reach Kafka at {}", config.kafka.bootstrap_servers))?;
+    let md = consumer.fetch_metadata(None, Duration::from_secs(10)).map_err(|e| {
+        anyhow::Error::new(NotYet(format!("cannot reach Kafka at {}: {e}", config.kafka.bootstrap_servers)))
+    })?;
     Ok(md
         .topics()
         .iter()
@@ -34,7 +47,11 @@ pub fn prepare_topics(config: &Config) -> anyhow::Result<i32> {
     let mut described = Vec::new();
     for t in &config.topics {
         let Some(n) = counts.get(&t.name) else {
-            bail!("input topic `{}` does not exist on {}", t.name, config.kafka.bootstrap_servers);
+            return Err(NotYet(format!(
+                "input topic `{}` does not exist on {}",
+                t.name, config.kafka.bootstrap_servers
+            ))
+            .into());
         };
         described.push(format!("{} has {n}", t.name));
         match input {
@@ -63,7 +80,7 @@ pub fn prepare_topics(config: &Config) -> anyhow::Result<i32> {
         Some(_) => {
             let res = runtime
                 .block_on(admin.describe_configs(&[ResourceSpecifier::Topic(&k.snapshot_topic)], &opts))
-                .context("describing the snapshot topic")?;
+                .map_err(|e| NotYet(format!("describing the snapshot topic: {e}")))?;
             let policy = res
                 .into_iter()
                 .filter_map(Result::ok)
@@ -80,16 +97,23 @@ pub fn prepare_topics(config: &Config) -> anyhow::Result<i32> {
             }
         }
         None if k.create_topics => to_create.push((k.snapshot_topic.clone(), n, true)),
-        None => bail!("snapshot topic `{}` does not exist and kafka.create_topics is false", k.snapshot_topic),
+        None => {
+            return Err(NotYet(format!(
+                "snapshot topic `{}` does not exist and kafka.create_topics is false",
+                k.snapshot_topic
+            ))
+            .into())
+        }
     }
     if !counts.contains_key(&k.dead_letter_topic) {
         if k.create_topics {
             to_create.push((k.dead_letter_topic.clone(), n, false));
         } else {
-            bail!(
+            return Err(NotYet(format!(
                 "dead-letter topic `{}` does not exist and kafka.create_topics is false",
                 k.dead_letter_topic
-            );
+            ))
+            .into());
         }
     }
     if !to_create.is_empty() {
@@ -108,12 +132,15 @@ pub fn prepare_topics(config: &Config) -> anyhow::Result<i32> {
                 }
             })
             .collect();
-        for r in runtime.block_on(admin.create_topics(&topics, &opts)).context("creating topics")? {
+        let created = runtime
+            .block_on(admin.create_topics(&topics, &opts))
+            .map_err(|e| NotYet(format!("creating topics: {e}")))?;
+        for r in created {
             match r {
                 Ok(name) => tracing::info!(topic = %name, "created topic"),
                 // Another instance created it first.
                 Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, e)) => bail!("cannot create topic `{name}`: {e}"),
+                Err((name, e)) => return Err(NotYet(format!("cannot create topic `{name}`: {e}")).into()),
             }
         }
     }

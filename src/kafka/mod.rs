@@ -3,9 +3,15 @@
 //! `crate::core`; this module only moves records in and snapshots out.
 
 pub mod admin;
-pub mod service;
+pub mod driver;
+mod inputs;
+pub mod probes;
+pub mod reader;
+mod session;
 pub mod store;
+mod task;
 pub mod transfer;
+mod txn;
 
 use rdkafka::config::ClientConfig;
 
@@ -17,6 +23,24 @@ pub fn client_config(k: &KafkaSpec) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.bootstrap_servers);
     for (name, value) in &k.properties {
+        c.set(name, value);
+    }
+    c
+}
+
+/// A consumer's properties: the common ones, then `kafka.consumer_properties`.
+pub fn consumer_config(k: &KafkaSpec) -> ClientConfig {
+    let mut c = client_config(k);
+    for (name, value) in &k.consumer_properties {
+        c.set(name, value);
+    }
+    c
+}
+
+/// A producer's properties: the common ones, then `kafka.producer_properties`.
+pub fn producer_config(k: &KafkaSpec) -> ClientConfig {
+    let mut c = client_config(k);
+    for (name, value) in &k.producer_properties {
         c.set(name, value);
     }
     c

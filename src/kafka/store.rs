@@ -6,37 +6,21 @@
 //! chunked when large (see `core::blob`). Restoring reads the partition from the
 //! beginning to its end with read_committed, so only committed transactions are seen.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::Config;
 use crate::core::blob::LatestByKey;
+
+use super::reader::{Keys, SnapshotReader};
 use crate::core::checkpoint;
 use crate::core::partition::PartitionState;
-use crate::core::reconfigure::ModelChange;
 use crate::core::snapshot::{self, DecodedSnapshot};
 
-/// A client context that does not report reaching the end of a partition as an error (the
-/// readers here ask for exactly that).
-pub struct QuietEof;
-
-impl rdkafka::client::ClientContext for QuietEof {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(
-            error,
-            KafkaError::PartitionEOF(_) | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
-        ) {
-            tracing::error!(%error, reason, "kafka client error");
-        }
-    }
-}
-
-impl rdkafka::consumer::ConsumerContext for QuietEof {}
+pub use super::reader::QuietEof;
 
 pub use crate::core::checkpoint::{header_key as checkpoint_key, model_key};
 
@@ -68,50 +52,15 @@ pub fn watermarks(
     Ok(out)
 }
 
-/// Reads snapshot-topic partitions to their current end (read_committed) and returns the
-/// newest value per key of each.
+/// Reads snapshot-topic partitions to their current end (every key) and returns the newest
+/// value per key of each: what restoring a partition needs.
 pub fn read_partitions(
     client: rdkafka::config::ClientConfig,
     topic: &str,
     partitions: &[i32],
     timeout: Duration,
 ) -> anyhow::Result<BTreeMap<i32, LatestByKey>> {
-    let mut c = client;
-    c.set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .set("group.id", "banditflow-restore")
-        .set("fetch.max.bytes", "52428800");
-    let consumer: BaseConsumer<QuietEof> =
-        c.create_with_context(QuietEof).context("creating the restore consumer")?;
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl).context("assigning snapshot partitions")?;
-    let mut out: BTreeMap<i32, LatestByKey> =
-        partitions.iter().map(|p| (*p, LatestByKey::default())).collect();
-    let mut open: BTreeSet<i32> = partitions.iter().copied().collect();
-    let deadline = Instant::now() + timeout;
-    while !open.is_empty() {
-        if Instant::now() > deadline {
-            bail!("restoring from `{topic}` did not reach the end of partitions {open:?} within {timeout:?}");
-        }
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Ok(m)) => {
-                let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
-                if let Some(store) = out.get_mut(&m.partition()) {
-                    store.put(key, m.payload().map(<[u8]>::to_vec));
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                open.remove(&p);
-            }
-            Some(Err(e)) => tracing::warn!(error = %e, "while reading the snapshot topic"),
-        }
-    }
-    Ok(out)
+    super::reader::read_to_end(client, topic, partitions, Keys::All, timeout)
 }
 
 /// A partition's state rebuilt from its stored values (a fresh state if there are none).
@@ -178,44 +127,9 @@ pub fn restore_partition(
         state.join.changes.dirty = true;
     }
     for (model, change) in &changes {
-        report_model_change(partition, model, change);
+        crate::telemetry::processor::ModelRestored { partition, model, change }.emit();
     }
     Ok(state)
-}
-
-/// Logs and counts what a configuration change did to a restored model (`core::reconfigure`).
-fn report_model_change(partition: i32, model: &str, change: &ModelChange) {
-    metrics::counter!(
-        "banditflow_model_restores_total",
-        "model" => model.to_string(),
-        "change" => change.code()
-    )
-    .increment(1);
-    match change {
-        ModelChange::Kept { read_time } if read_time.is_empty() => {}
-        ModelChange::Kept { read_time } => tracing::info!(
-            model, partition, fields = ?read_time,
-            "configuration change applies at once (read-time parameters)"
-        ),
-        ModelChange::HalfLifeChanged { from_ms, to_ms } => {
-            tracing::warn!(
-            model, partition, from_ms, to_ms,
-            "half-life changed: learned statistics keep their current value and decay with the new half-life"
-        )
-        }
-        ModelChange::Reset { field } => {
-            tracing::warn!(
-            model, partition, field = field.as_str(),
-            "`{field}` changed what this model's statistics mean: the model starts afresh on this partition"
-        )
-        }
-        ModelChange::Added => tracing::info!(model, partition, "model added: starts empty"),
-        ModelChange::Removed => tracing::warn!(
-            model,
-            partition,
-            "model no longer configured: its statistics and buffered impressions are dropped"
-        ),
-    }
 }
 
 /// Every model snapshot on the topic: (model, partition) → snapshot. For tests, tools and
@@ -225,15 +139,11 @@ pub fn read_models(
     topic: &str,
     timeout: Duration,
 ) -> anyhow::Result<BTreeMap<(String, i32), DecodedSnapshot>> {
-    let meta: BaseConsumer = client.clone().create()?;
-    let md = meta.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let parts: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+    let parts: Vec<i32> = SnapshotReader::new(client.clone(), topic, "tools", Keys::Models)?
+        .partitions(Duration::from_secs(10))?
+        .into_iter()
         .collect();
-    let stores = read_partitions(client, topic, &parts, timeout)?;
+    let stores = super::reader::read_to_end(client, topic, &parts, Keys::Models, timeout)?;
     let mut out = BTreeMap::new();
     for (p, store) in &stores {
         for key in store.values.keys() {

@@ -11,11 +11,13 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use metrics::{counter, histogram};
 use serde::Serialize;
 
 use super::node::{FeedbackRequest, Node, Problem, RankRequest};
+use super::subscriber::Subscriber;
 use crate::kafka::now_ms;
+use crate::telemetry::serving::RequestServed;
+use crate::telemetry::Exporter;
 
 /// The OpenAPI document of this API, as checked in.
 pub const OPENAPI: &str = include_str!("../../api/openapi.json");
@@ -24,7 +26,9 @@ pub const OPENAPI: &str = include_str!("../../api/openapi.json");
 pub struct AppState {
     pub node: Arc<Node>,
     /// Renders `/metrics` (None: the endpoint answers 404).
-    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub metrics: Option<Arc<Exporter>>,
+    /// The snapshot subscriber feeding `node` (None: a catalog filled by hand, as in tests).
+    pub subscriber: Option<Arc<Subscriber>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -142,14 +146,11 @@ fn answer<T: Serialize>(
     ok: StatusCode,
     out: Result<T, Problem>,
 ) -> Response {
-    histogram!("banditflow_serving_request_seconds", "endpoint" => endpoint)
-        .record(start.elapsed().as_secs_f64());
     let status = match &out {
         Ok(_) => ok.as_u16(),
         Err(p) => p.status,
     };
-    counter!("banditflow_serving_requests_total", "endpoint" => endpoint, "status" => status.to_string())
-        .increment(1);
+    RequestServed { endpoint, status, elapsed: start.elapsed() }.emit();
     match out {
         Ok(r) => json(ok, &r),
         Err(p) => problem(p),
@@ -162,19 +163,50 @@ struct ModelReadiness {
     loaded: bool,
     model_version: u64,
     staleness_ms: Option<i64>,
+    /// Partition shards merged.
     partitions: usize,
+    /// Partitions holding state that the model does not cover yet.
+    missing_partitions: Vec<i32>,
 }
 
 #[derive(Serialize)]
-struct Readiness {
-    ready: bool,
+pub struct Readiness {
+    pub ready: bool,
+    /// Why not, when not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     models: Vec<ModelReadiness>,
 }
 
-async fn readyz(State(s): State<AppState>) -> Response {
+/// Ready when the producer works, the subscriber runs and has read every snapshot partition
+/// to the end it saw at start, and every model covers every partition that holds state (or
+/// `serving.cold_start` lets models be missing). A node that restarts does not rank with a
+/// merge of some of the partitions.
+pub fn readiness(s: &AppState) -> Readiness {
     let catalog = s.node.catalog().load();
     let config = s.node.config();
     let now = now_ms();
+    let mut reason = s.node.producer_fatal().map(|e| format!("the impression producer failed fatally: {e}"));
+    let mut required = std::collections::BTreeSet::new();
+    if let Some(sub) = &s.subscriber {
+        let status = sub.status().load();
+        if !sub.alive() {
+            reason = reason.or_else(|| Some("the snapshot subscriber stopped".into()));
+        } else if !status.listed {
+            reason = reason.or_else(|| {
+                Some("the snapshot topic's partitions are not known yet (Kafka unreachable?)".into())
+            });
+        } else if !status.caught_up() {
+            reason = reason.or_else(|| {
+                Some(format!(
+                    "reading the snapshot topic: {} of {} partitions read to their end",
+                    status.caught_up.intersection(&status.partitions).count(),
+                    status.partitions.len()
+                ))
+            });
+        }
+        required = status.checkpointed.clone();
+    }
     let models: Vec<ModelReadiness> = config
         .core
         .models
@@ -185,7 +217,8 @@ async fn readyz(State(s): State<AppState>) -> Response {
                 loaded: true,
                 model_version: sm.version,
                 staleness_ms: sm.staleness_ms(now),
-                partitions: sm.partitions,
+                partitions: sm.partitions.len(),
+                missing_partitions: required.difference(&sm.partitions).copied().collect(),
             },
             None => ModelReadiness {
                 model: m.id.clone(),
@@ -193,12 +226,28 @@ async fn readyz(State(s): State<AppState>) -> Response {
                 model_version: 0,
                 staleness_ms: None,
                 partitions: 0,
+                missing_partitions: required.iter().copied().collect(),
             },
         })
         .collect();
-    let ready = config.serving.cold_start || models.iter().all(|m| m.loaded);
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    json(status, &Readiness { ready, models })
+    if !config.serving.cold_start {
+        if let Some(m) = models.iter().find(|m| !m.loaded || !m.missing_partitions.is_empty()) {
+            reason = reason.or_else(|| {
+                Some(if m.loaded {
+                    format!("model `{}` does not cover partitions {:?} yet", m.model, m.missing_partitions)
+                } else {
+                    format!("no snapshot of model `{}` loaded yet", m.model)
+                })
+            });
+        }
+    }
+    Readiness { ready: reason.is_none(), reason, models }
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    let r = readiness(&s);
+    let status = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json(status, &r)
 }
 
 async fn render_metrics(State(s): State<AppState>) -> Response {

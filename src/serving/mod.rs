@@ -21,13 +21,13 @@ use crate::config::Config;
 /// written once), acknowledged by all in-sync replicas, with a short linger so concurrent
 /// requests share batches.
 pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
-    let mut c = crate::kafka::client_config(&config.kafka);
+    let mut c = crate::kafka::producer_config(&config.kafka);
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("message.timeout.ms", config.serving.produce_timeout_ms.to_string());
     // Defaults that `[kafka.properties]` may override.
     for (name, value) in [("linger.ms", "1")] {
-        if !config.kafka.properties.contains_key(name) {
+        if config.kafka.producer_property(name).is_none() {
             c.set(name, value);
         }
     }
@@ -37,23 +37,48 @@ pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
 /// Runs `banditflow serve` until `shutdown` resolves: subscriber, producer and HTTP server.
 pub async fn serve(
     config: Arc<Config>,
-    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    metrics: Option<Arc<crate::telemetry::Exporter>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let subscriber = subscriber::Subscriber::start(
-        crate::kafka::client_config(&config.kafka),
+    let written = Arc::new(subscriber::WrittenRecords::default());
+    let subscriber = Arc::new(subscriber::Subscriber::start_with(
+        crate::kafka::consumer_config(&config.kafka),
         &config.kafka.snapshot_topic,
         None,
-    )?;
-    let node = Arc::new(node::Node::new(Arc::clone(&config), subscriber.catalog(), Some(producer(&config)?)));
+        Some(Arc::clone(&written)),
+    )?);
+    let node = Arc::new(
+        node::Node::new(Arc::clone(&config), subscriber.catalog(), Some(producer(&config)?))
+            .with_written(written),
+    );
+    crate::telemetry::serving::Started { config: &config, topics: &node.topics() }.emit();
     let listener = tokio::net::TcpListener::bind(config.serving.listen)
         .await
         .with_context(|| format!("listening on {}", config.serving.listen))?;
-    tracing::info!(address = %config.serving.listen, snapshot_topic = %config.kafka.snapshot_topic, "serving");
-    axum::serve(listener, http::router(http::AppState { node, metrics }))
+    let state = http::AppState { node, metrics, subscriber: Some(Arc::clone(&subscriber)) };
+    // Readiness as a metric (and a log line when it changes), whether or not anyone probes.
+    let watched = state.clone();
+    let watcher = tokio::spawn(async move {
+        let mut last: Option<bool> = None;
+        loop {
+            let r = http::readiness(&watched);
+            if last != Some(r.ready) {
+                crate::telemetry::serving::ServingReadiness {
+                    ready: r.ready,
+                    reason: r.reason.as_deref().unwrap_or(""),
+                    was_ready: last,
+                }
+                .emit();
+                last = Some(r.ready);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    });
+    axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown)
         .await
         .context("HTTP server")?;
-    subscriber.stop();
+    watcher.abort();
+    drop(subscriber);
     Ok(())
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use metrics::counter;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
@@ -21,7 +20,26 @@ use crate::core::model::ModelShard;
 use crate::core::params::ModelSpec;
 use crate::core::policy::{self, RankRequest as PolicyRequest};
 
-use super::subscriber::{Catalog, ServingModel};
+use super::subscriber::{Catalog, ServingModel, WrittenRecords};
+use crate::core::event::InvalidEvent;
+use crate::core::partition;
+use crate::telemetry::serving::{FeedbackLogged, ImpressionLogged, ModelNotLoaded, ProduceFailed};
+
+/// The problem for a record the processor's validator refuses. The request's own fields were
+/// checked before, so this names what the node built from them: a field the processor's
+/// `[limits]` refuse (422), or the node's own impression id (its configuration: 500).
+fn problem_of(e: &InvalidEvent) -> Problem {
+    match e {
+        InvalidEvent::IdTooLong { field: "impression_id", .. } => Problem::new(
+            500,
+            "node-misconfigured",
+            "This node's impression ids break the processor's limits",
+            format!("{e}; raise limits.max_id_bytes"),
+        ),
+        InvalidEvent::IdTooLong { field, .. } => Problem::invalid(*field, e.to_string()),
+        other => Problem::invalid(other.code(), other.to_string()),
+    }
+}
 
 /// The body of `POST /v1/rank`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -113,10 +131,8 @@ impl Problem {
     }
 }
 
-/// Smallest accepted event time (2000-01-01): earlier ones are seconds sent as milliseconds.
-const MIN_EVENT_TIME_MS: i64 = 946_684_800_000;
-/// Largest accepted |feature| and |value|, as the processor's `out_of_range` bound.
-const MAX_ABS_NUMBER: f64 = 1e12;
+use crate::core::event::{MAX_ABS_VALUE as MAX_ABS_NUMBER, MIN_EVENT_TIME_MS};
+
 const MAX_POSITION: u64 = 1000;
 /// Seed of the holdout hash (fixed: the assignment of a user key never changes).
 const HOLDOUT_SEED: u64 = 0x686f_6c64_6f75_7421;
@@ -129,9 +145,11 @@ struct Sink {
     encoding: Encoding,
 }
 
-/// A validated rank call, ready to rank.
+/// A validated rank call, ranked: the impression, its record as the processor will read it
+/// (checked by the processor's own validator), and the answer.
 pub struct Ranked {
     pub impression: Impression,
+    pub payload: Vec<u8>,
     pub response: RankResponse,
 }
 
@@ -143,6 +161,8 @@ pub struct Node {
     feedback: Sink,
     id_prefix: String,
     counter: AtomicU64,
+    /// Where acknowledged records are noted for freshness (event → visible to ranking).
+    written: Option<Arc<WrittenRecords>>,
 }
 
 impl Node {
@@ -171,7 +191,40 @@ impl Node {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let id_prefix =
             format!("{:016x}", xxh3_64(format!("{}/{start}/{host}", std::process::id()).as_bytes()));
-        Node { config, catalog, producer, impressions, feedback, id_prefix, counter: AtomicU64::new(0) }
+        Node {
+            config,
+            catalog,
+            producer,
+            impressions,
+            feedback,
+            id_prefix,
+            counter: AtomicU64::new(0),
+            written: None,
+        }
+    }
+
+    /// Notes every acknowledged record in `written` (the subscriber measures when it becomes
+    /// visible to ranking).
+    pub fn with_written(mut self, written: Arc<WrittenRecords>) -> Node {
+        self.written = Some(written);
+        self
+    }
+
+    /// The topics this node writes to.
+    pub fn topics(&self) -> Vec<&str> {
+        let mut t = vec![self.impressions.topic.as_str(), self.feedback.topic.as_str()];
+        t.dedup();
+        t
+    }
+
+    /// A fatal error of the producer (idempotence broken, fenced): the node can no longer log
+    /// impressions and must not be ready.
+    pub fn producer_fatal(&self) -> Option<String> {
+        use rdkafka::producer::Producer as _;
+        self.producer
+            .as_ref()
+            .and_then(|p| p.client().fatal_error())
+            .map(|(code, reason)| format!("{code:?}: {reason}"))
     }
 
     pub fn config(&self) -> &Config {
@@ -310,7 +363,7 @@ impl Node {
                 (&empty, 0, spec)
             }
             None => {
-                counter!("banditflow_serving_not_ready_total", "model" => req.model.clone()).increment(1);
+                ModelNotLoaded { model: &req.model }.emit();
                 return Err(Problem::new(
                     503,
                     "model-not-loaded",
@@ -373,8 +426,10 @@ impl Node {
                 .collect(),
             opted_out: false,
         };
+        let payload = self.checked(&self.impressions, Event::Impression(impression.clone()), now_ms)?;
         Ok(Ranked {
             impression,
+            payload,
             response: RankResponse {
                 impression_id,
                 model: req.model.clone(),
@@ -398,14 +453,8 @@ impl Node {
         } else {
             self.rank_only(req, id, now_ms)?
         };
-        self.write(
-            &self.impressions,
-            &ranked.impression.impression_id,
-            &Event::Impression(ranked.impression.clone()),
-        )
-        .await?;
-        counter!("banditflow_serving_impressions_total", "model" => ranked.response.model.clone(), "variant" => ranked.response.variant.clone())
-            .increment(1);
+        self.write(&self.impressions, &ranked.impression.impression_id, &ranked.payload).await?;
+        ImpressionLogged { model: &ranked.response.model, variant: &ranked.response.variant }.emit();
         Ok(ranked.response)
     }
 
@@ -469,11 +518,12 @@ impl Node {
     /// Validates and writes one feedback event.
     pub async fn feedback(&self, req: &FeedbackRequest, now_ms: i64) -> Result<FeedbackAccepted, Problem> {
         let f = self.feedback_event(req, now_ms)?;
-        let kind = f.kind.as_str().to_string();
+        let kind = f.kind;
         let id = f.impression_id.clone();
-        self.write(&self.feedback, &id, &Event::Feedback(f)).await?;
-        counter!("banditflow_serving_feedback_total", "kind" => kind.clone()).increment(1);
-        Ok(FeedbackAccepted { impression_id: id, kind })
+        let payload = self.checked(&self.feedback, Event::Feedback(f), now_ms)?;
+        self.write(&self.feedback, &id, &payload).await?;
+        FeedbackLogged { kind }.emit();
+        Ok(FeedbackAccepted { impression_id: id, kind: kind.as_str().to_string() })
     }
 
     /// Writes one event keyed by impression id (so feedback lands on its impression's
@@ -483,25 +533,42 @@ impl Node {
             Event::Impression(i) => (&self.impressions, i.impression_id.as_str()),
             Event::Feedback(f) => (&self.feedback, f.impression_id.as_str()),
         };
-        self.write(sink, key, event).await
+        self.write(sink, key, &event::encode(sink.role, sink.encoding, event)).await
     }
 
-    async fn write(&self, sink: &Sink, key: &str, event: &Event) -> Result<(i32, i64), Problem> {
+    /// The record of `event` as `sink` carries it, checked by the processor's own decoder and
+    /// validator against the same `[limits]`, so a node never logs (and answers for) a record
+    /// the processor would dead-letter.
+    fn checked(&self, sink: &Sink, event: Event, now_ms: i64) -> Result<Vec<u8>, Problem> {
+        let payload = event::encode(sink.role, sink.encoding, &event);
+        let checked = event::decode(sink.role, sink.encoding, &payload)
+            .and_then(|e| partition::check_bounds(&self.config.core, Some(now_ms), e));
+        match checked {
+            Ok(_) => Ok(payload),
+            Err(e) => Err(problem_of(&e)),
+        }
+    }
+
+    async fn write(&self, sink: &Sink, key: &str, payload: &[u8]) -> Result<(i32, i64), Problem> {
         let unavailable = |detail: String| {
-            counter!("banditflow_serving_produce_failures_total", "topic" => sink.topic.clone()).increment(1);
+            ProduceFailed { topic: &sink.topic, error: &detail }.emit();
             Problem::new(503, "kafka-unavailable", "The record could not be written to Kafka", detail)
         };
         let Some(producer) = &self.producer else {
             return Err(unavailable("this node has no Kafka producer".into()));
         };
-        let payload = event::encode(sink.role, sink.encoding, event);
         let timeout = Duration::from_millis(self.config.serving.produce_timeout_ms as u64);
         // The record timestamp is when the node wrote it (Kafka's CreateTime), not the event
         // time: the processor bounds event times by it.
-        let record =
-            FutureRecord::to(&sink.topic).key(key).payload(&payload).timestamp(crate::kafka::now_ms());
+        let written_ms = crate::kafka::now_ms();
+        let record = FutureRecord::to(&sink.topic).key(key).payload(payload).timestamp(written_ms);
         match producer.send(record, timeout).await {
-            Ok(delivery) => Ok((delivery.partition, delivery.offset)),
+            Ok(delivery) => {
+                if let Some(w) = &self.written {
+                    w.written(&sink.topic, delivery.partition, delivery.offset, written_ms);
+                }
+                Ok((delivery.partition, delivery.offset))
+            }
             Err((e, _)) => Err(unavailable(format!("writing to `{}` failed: {e}", sink.topic))),
         }
     }

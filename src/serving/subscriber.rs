@@ -1,31 +1,37 @@
 //! Follows the snapshot topic and keeps the newest merged model of every model id, swapped in
 //! atomically so ranking never waits for an update.
 //!
-//! The subscriber reads every partition of the snapshot topic from the beginning with
-//! `read_committed` (an aborted transaction's records are never seen), keeps only model keys
-//! (`model/<model>/<p>` and their chunks; the attribution changelog is skipped), and holds the
-//! newest complete shard per (model, source partition). A chunked value becomes visible only
-//! when its manifest and every chunk of the same version have arrived (`LatestByKey::get`); until
-//! then the previous shard stays in use. After each batch of records the shards of every model
-//! that changed are merged (`snapshot::merge`, in partition order, so the merged model equals the
+//! The subscriber reads every partition of the snapshot topic from the beginning through the
+//! one snapshot-topic reader (`kafka::reader`, `read_committed`: an aborted transaction's
+//! records are never seen; model keys and partition checkpoints only), and holds the newest
+//! complete shard per (model, source partition). A chunked value becomes visible only when its
+//! manifest and every chunk of the same version have arrived (`LatestByKey::get`); until then the
+//! previous shard stays in use. After each batch of records the shards of every model that
+//! changed are merged (`snapshot::merge`, in partition order, so the merged model equals the
 //! offline `banditflow merge` of the same shards) and published through an [`ArcSwap`].
+//!
+//! It also says whether the node may be ready ([`FollowStatus`]): every snapshot partition
+//! read to the end it had when the subscriber first saw it, and which partitions hold state
+//! (a `checkpoint/<p>` key), which every model must cover before the node ranks with it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use metrics::{counter, gauge};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::core::blob::{BlobError, LatestByKey};
 use crate::core::checkpoint;
+use crate::core::event::Variant;
+use crate::core::model;
 use crate::core::snapshot::{self, DecodedSnapshot};
-use crate::kafka::{now_ms, store::QuietEof};
+use crate::kafka::now_ms;
+use crate::kafka::reader::{Keys, Read, SnapshotReader};
+use crate::telemetry::serving::{
+    BadSnapshot, MergeFailed, ModelStaleness, ModelUpdated, RecordsVisible, SnapshotPartitions,
+};
 
 /// One model as serving nodes rank with it: the merge of the newest shard of every partition.
 #[derive(Debug)]
@@ -36,28 +42,43 @@ pub struct ServingModel {
     /// a growing log; written into every impression as `model_version`.
     pub version: u64,
     /// Source partitions merged.
-    pub partitions: usize,
+    pub partitions: BTreeSet<i32>,
     /// Wall-clock ms when this model became visible to ranking.
     pub visible_at_ms: i64,
-    /// Newest impression time any shard has learned from (ms), the reference for staleness.
-    pub newest_event_ms: i64,
+    /// The newest impression time learned by the *oldest* shard (ms; 0 before any): the model
+    /// is only as fresh as its most behind partition, which the newest shard would hide.
+    pub event_ms: i64,
 }
 
 impl ServingModel {
-    pub fn new(merged: DecodedSnapshot, partitions: usize, visible_at_ms: i64) -> ServingModel {
+    /// `shard_event_ms`: each merged shard's newest learned impression time, if any.
+    pub fn new(
+        merged: DecodedSnapshot,
+        partitions: BTreeSet<i32>,
+        shard_event_ms: &[Option<i64>],
+        visible_at_ms: i64,
+    ) -> ServingModel {
         let version = merged
             .meta
             .input_offsets
             .iter()
             .map(|(_, _, next)| u64::try_from(*next).unwrap_or(0))
             .fold(0u64, u64::saturating_add);
-        let newest_event_ms = merged.shard.newest_impression_ms.unwrap_or(0);
-        ServingModel { merged, version, partitions, visible_at_ms, newest_event_ms }
+        // A shard that has learned nothing says nothing about staleness.
+        let event_ms = shard_event_ms.iter().flatten().copied().min().unwrap_or(0);
+        ServingModel { merged, version, partitions, visible_at_ms, event_ms }
     }
 
-    /// Milliseconds between the newest event the model covers and `now_ms` (None before any).
+    /// Milliseconds between the oldest shard's newest event and `now_ms` (None before any).
     pub fn staleness_ms(&self, now_ms: i64) -> Option<i64> {
-        (self.newest_event_ms > 0).then(|| now_ms.saturating_sub(self.newest_event_ms).max(0))
+        (self.event_ms > 0).then(|| now_ms.saturating_sub(self.event_ms).max(0))
+    }
+
+    /// Lift of treatment over holdout (estimate, lower, upper), when both have data.
+    pub fn lift(&self) -> Option<(f64, f64, f64)> {
+        let v = &self.merged.shard.variants;
+        let l = model::lift(v.get(&Variant::Treatment)?, v.get(&Variant::Holdout)?)?;
+        Some((l.diff, l.diff_low, l.diff_high))
     }
 }
 
@@ -77,9 +98,78 @@ pub struct Update {
     pub input_offsets: Vec<(String, i32, i64)>,
 }
 
+/// Records a node logged, sampled, waiting to become visible to ranking: (input topic,
+/// partition) → (offset, wall-clock ms when written), in offset order. Bounded per partition.
+#[derive(Debug, Default)]
+pub struct WrittenRecords {
+    pending: Mutex<BTreeMap<(String, i32), WrittenQueue>>,
+}
+
+/// (offset, written at ms) in offset order.
+type WrittenQueue = VecDeque<(i64, i64)>;
+
+/// One record in this many (by offset) is a freshness sample.
+const WRITTEN_SAMPLE: i64 = 16;
+/// Samples kept per partition (the oldest go first when a partition is not being learned).
+const WRITTEN_CAP: usize = 4096;
+
+impl WrittenRecords {
+    /// Kafka acknowledged a record at `offset` of (`topic`, `partition`), written at `written_ms`.
+    pub fn written(&self, topic: &str, partition: i32, offset: i64, written_ms: i64) {
+        if offset % WRITTEN_SAMPLE != 0 {
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let q = pending.entry((topic.to_string(), partition)).or_default();
+        if q.len() >= WRITTEN_CAP {
+            q.pop_front();
+        }
+        q.push_back((offset, written_ms));
+    }
+
+    /// The samples a model covering `input_offsets` (next offsets) made visible at `visible_ms`:
+    /// their latencies in seconds.
+    fn visible(&self, input_offsets: &[(String, i32, i64)], visible_ms: i64) -> Vec<f64> {
+        let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out = Vec::new();
+        for (t, p, next) in input_offsets {
+            let Some(q) = pending.get_mut(&(t.clone(), *p)) else { continue };
+            while q.front().is_some_and(|(o, _)| o < next) {
+                if let Some((_, written)) = q.pop_front() {
+                    out.push((visible_ms - written).max(0) as f64 / 1e3);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What the subscriber knows about its progress, for readiness.
+#[derive(Debug, Default)]
+pub struct FollowStatus {
+    /// The topic's partitions have been listed at least once (a topic that does not exist yet
+    /// has none).
+    pub listed: bool,
+    /// Partitions of the snapshot topic followed.
+    pub partitions: BTreeSet<i32>,
+    /// Partitions read to (at least) the end they had when the subscriber first saw them.
+    pub caught_up: BTreeSet<i32>,
+    /// Partitions holding a processor's state (`checkpoint/<p>`): every model must cover them.
+    pub checkpointed: BTreeSet<i32>,
+}
+
+impl FollowStatus {
+    /// The partitions are known and each is read to its end at start (vacuously true while
+    /// the topic does not exist: there is nothing to read).
+    pub fn caught_up(&self) -> bool {
+        self.listed && self.caught_up.is_superset(&self.partitions)
+    }
+}
+
 /// Running subscriber: a thread that reads the snapshot topic until [`Subscriber::stop`].
 pub struct Subscriber {
     catalog: Arc<ArcSwap<Catalog>>,
+    status: Arc<ArcSwap<FollowStatus>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -92,38 +182,53 @@ impl Subscriber {
         topic: &str,
         updates: Option<std::sync::mpsc::Sender<Update>>,
     ) -> anyhow::Result<Subscriber> {
-        let mut c = client;
-        c.set("isolation.level", "read_committed")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("group.id", "banditflow-serving")
-            .set("fetch.wait.max.ms", "20")
-            .set("fetch.max.bytes", "52428800");
-        let consumer: BaseConsumer<QuietEof> =
-            c.create_with_context(QuietEof).context("creating the snapshot subscriber")?;
+        Subscriber::start_with(client, topic, updates, None)
+    }
+
+    /// [`Subscriber::start`], also measuring when the records in `written` become visible.
+    pub fn start_with(
+        client: ClientConfig,
+        topic: &str,
+        updates: Option<std::sync::mpsc::Sender<Update>>,
+        written: Option<Arc<WrittenRecords>>,
+    ) -> anyhow::Result<Subscriber> {
+        let reader = SnapshotReader::new(client, topic, "serving", Keys::Models)?;
         let catalog = Arc::new(ArcSwap::from_pointee(Catalog::default()));
+        let status = Arc::new(ArcSwap::from_pointee(FollowStatus::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let mut follower = Follower {
-            consumer,
-            topic: topic.to_string(),
-            assigned: BTreeSet::new(),
+            reader,
+            ends: BTreeMap::new(),
             store: LatestByKey::default(),
             shards: BTreeMap::new(),
             pending: BTreeSet::new(),
             catalog: Arc::clone(&catalog),
+            status: Arc::clone(&status),
+            progress: FollowStatus::default(),
             updates,
+            written,
         };
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("banditflow-subscriber".into())
             .spawn(move || follower.run(&flag))
-            .context("starting the subscriber thread")?;
-        Ok(Subscriber { catalog, stop, thread: Some(thread) })
+            .map_err(|e| anyhow::anyhow!("starting the subscriber thread: {e}"))?;
+        Ok(Subscriber { catalog, status, stop, thread: Some(thread) })
     }
 
     /// The shared handle ranking reads from (`load()` is wait-free).
     pub fn catalog(&self) -> Arc<ArcSwap<Catalog>> {
         Arc::clone(&self.catalog)
+    }
+
+    /// The subscriber's progress, for readiness.
+    pub fn status(&self) -> Arc<ArcSwap<FollowStatus>> {
+        Arc::clone(&self.status)
+    }
+
+    /// False once the subscriber thread has ended (it ends only when stopped, or by a bug).
+    pub fn alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     pub fn stop(mut self) {
@@ -147,9 +252,9 @@ impl Drop for Subscriber {
 }
 
 struct Follower {
-    consumer: BaseConsumer<QuietEof>,
-    topic: String,
-    assigned: BTreeSet<i32>,
+    reader: SnapshotReader,
+    /// Per followed partition: the end offset it had when first seen (read_committed).
+    ends: BTreeMap<i32, i64>,
     /// Raw model values and chunks not yet assembled.
     store: LatestByKey,
     /// Newest complete shard per (model, source partition).
@@ -157,52 +262,81 @@ struct Follower {
     /// Model keys whose newest value has not been assembled yet (chunks still missing).
     pending: BTreeSet<String>,
     catalog: Arc<ArcSwap<Catalog>>,
+    status: Arc<ArcSwap<FollowStatus>>,
+    /// What `status` will say after the next publication.
+    progress: FollowStatus,
     updates: Option<std::sync::mpsc::Sender<Update>>,
+    written: Option<Arc<WrittenRecords>>,
 }
 
 /// Records read before the changed models are merged and published.
 const BATCH: usize = 4096;
+/// How often model staleness is refreshed.
+const STALENESS_EVERY: Duration = Duration::from_secs(1);
 
 impl Follower {
     fn run(&mut self, stop: &AtomicBool) {
         let mut next_metadata = Instant::now();
+        let mut next_staleness = Instant::now();
         while !stop.load(Ordering::SeqCst) {
             if Instant::now() >= next_metadata {
                 // New partitions (or a topic created after the node started) are picked up.
                 next_metadata =
-                    Instant::now() + Duration::from_secs(if self.assigned.is_empty() { 1 } else { 30 });
+                    Instant::now() + Duration::from_secs(if self.ends.is_empty() { 1 } else { 30 });
                 if let Err(e) = self.assign_new_partitions() {
-                    tracing::warn!(error = %format!("{e:#}"), topic = %self.topic, "snapshot topic metadata");
+                    tracing::warn!(error = %format!("{e:#}"), topic = %self.reader.topic(), "snapshot topic metadata");
                 }
             }
-            if self.assigned.is_empty() {
+            if Instant::now() >= next_staleness {
+                next_staleness = Instant::now() + STALENESS_EVERY;
+                let now = now_ms();
+                for (model, m) in &self.catalog.load().models {
+                    if let Some(ms) = m.staleness_ms(now) {
+                        ModelStaleness { model, seconds: ms as f64 / 1e3 }.emit();
+                    }
+                }
+            }
+            if self.ends.is_empty() {
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
             let mut changed = false;
+            let mut progressed = false;
             let mut read = 0;
             let mut wait = Duration::from_millis(100);
             while read < BATCH {
-                match self.consumer.poll(wait) {
-                    None => break,
-                    Some(Ok(m)) => {
+                match self.reader.poll(wait) {
+                    Read::Idle => break,
+                    Read::Record(r) => {
                         read += 1;
                         wait = Duration::ZERO;
-                        let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else { continue };
-                        let base = key.split('#').next().unwrap_or(key);
-                        if checkpoint::parse_model_key(base).is_none() {
+                        progressed |= self.reached(r.partition, r.offset + 1);
+                        let base = r.key.split('#').next().unwrap_or(&r.key).to_string();
+                        if base.starts_with("checkpoint/") {
+                            if base == r.key && r.value.is_some() {
+                                progressed |= self.progress.checkpointed.insert(r.partition);
+                            }
                             continue;
                         }
-                        self.store.put(key.to_string(), m.payload().map(<[u8]>::to_vec));
                         // Only a record under the key itself (an inline value, a manifest, which
                         // follows its chunks, or a tombstone) makes a new value; chunks and the
                         // tombstones of surplus chunks just wait in the store.
-                        if base == key {
-                            self.pending.insert(base.to_string());
+                        let whole = base == r.key;
+                        self.store.put(r.key, r.value);
+                        if whole {
+                            self.pending.insert(base);
                             changed = true;
                         }
                     }
-                    Some(Err(e)) => {
+                    Read::Skipped { partition, offset } => {
+                        read += 1;
+                        wait = Duration::ZERO;
+                        progressed |= self.reached(partition, offset + 1);
+                    }
+                    Read::End(p) => {
+                        progressed |= self.progress.caught_up.insert(p);
+                    }
+                    Read::Error(e) => {
                         tracing::warn!(error = %e, "reading the snapshot topic");
                         break;
                     }
@@ -211,28 +345,50 @@ impl Follower {
             if changed {
                 self.publish();
             }
+            if changed || progressed {
+                self.status.store(Arc::new(FollowStatus {
+                    listed: self.progress.listed,
+                    partitions: self.progress.partitions.clone(),
+                    caught_up: self.progress.caught_up.clone(),
+                    checkpointed: self.progress.checkpointed.clone(),
+                }));
+            }
         }
     }
 
+    /// The reader is at `next` in `partition`: caught up once past the end seen at start.
+    fn reached(&mut self, partition: i32, next: i64) -> bool {
+        let end = self.ends.get(&partition).copied().unwrap_or(i64::MAX);
+        next >= end && self.progress.caught_up.insert(partition)
+    }
+
     fn assign_new_partitions(&mut self) -> anyhow::Result<()> {
-        let md = self.consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(5))?;
-        let parts: BTreeSet<i32> = md
-            .topics()
-            .iter()
-            .filter(|t| t.name() == self.topic && t.error().is_none())
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        let new: Vec<i32> = parts.difference(&self.assigned).copied().collect();
+        let parts = self.reader.partitions(Duration::from_secs(5))?;
+        let new: Vec<i32> = parts.iter().filter(|p| !self.ends.contains_key(p)).copied().collect();
         if new.is_empty() {
+            if !self.progress.listed {
+                self.progress.listed = true;
+                self.status.store(Arc::new(FollowStatus { listed: true, ..FollowStatus::default() }));
+            }
             return Ok(());
         }
-        let mut tpl = TopicPartitionList::new();
         for p in &new {
-            tpl.add_partition_offset(&self.topic, *p, Offset::Beginning)?;
+            let end = self.reader.end_offset(*p, Duration::from_secs(10))?;
+            self.ends.insert(*p, end);
+            self.progress.partitions.insert(*p);
+            if end <= 0 {
+                self.progress.caught_up.insert(*p);
+            }
         }
-        self.consumer.incremental_assign(&tpl).context("assigning snapshot partitions")?;
-        self.assigned.extend(new);
-        gauge!("banditflow_serving_snapshot_partitions").set(self.assigned.len() as f64);
+        self.reader.assign_from_start(&new)?;
+        self.progress.listed = true;
+        SnapshotPartitions { count: self.ends.len() }.emit();
+        self.status.store(Arc::new(FollowStatus {
+            listed: true,
+            partitions: self.progress.partitions.clone(),
+            caught_up: self.progress.caught_up.clone(),
+            checkpointed: self.progress.checkpointed.clone(),
+        }));
         Ok(())
     }
 
@@ -254,10 +410,7 @@ impl Follower {
                             self.shards.insert((model.clone(), partition), s);
                             models.insert(model);
                         }
-                        Err(e) => {
-                            counter!("banditflow_serving_bad_snapshots_total").increment(1);
-                            tracing::error!(key, error = %e, "undecodable snapshot on the snapshot topic; keeping the previous one");
-                        }
+                        Err(e) => BadSnapshot { key: &key, error: &e }.emit(),
                     }
                 }
                 Ok(None) => {
@@ -274,8 +427,7 @@ impl Follower {
                 Err(e) => {
                     self.pending.remove(&key);
                     self.forget(&key);
-                    counter!("banditflow_serving_bad_snapshots_total").increment(1);
-                    tracing::error!(key, error = %e, "unreadable value on the snapshot topic; keeping the previous one");
+                    BadSnapshot { key: &key, error: &e }.emit();
                 }
             }
         }
@@ -286,25 +438,30 @@ impl Follower {
         let mut next = Catalog { models: current.models.clone() };
         let now = now_ms();
         for model in models {
-            let shards: Vec<&DecodedSnapshot> = self
-                .shards
-                .range((model.clone(), i32::MIN)..=(model.clone(), i32::MAX))
-                .map(|(_, s)| s)
-                .collect();
+            let range = (model.clone(), i32::MIN)..=(model.clone(), i32::MAX);
+            let shards: Vec<&DecodedSnapshot> = self.shards.range(range.clone()).map(|(_, s)| s).collect();
             if shards.is_empty() {
                 next.models.remove(&model);
                 continue;
             }
+            let partitions: BTreeSet<i32> = self.shards.range(range).map(|((_, p), _)| *p).collect();
+            let shard_event_ms: Vec<Option<i64>> =
+                shards.iter().map(|s| s.shard.newest_impression_ms).collect();
             match snapshot::merge_refs(&shards) {
                 Ok(merged) => {
-                    let m = ServingModel::new(merged, shards.len(), now);
-                    gauge!("banditflow_serving_model_version", "model" => model.clone())
-                        .set(m.version as f64);
-                    gauge!("banditflow_serving_model_newest_event_timestamp_seconds", "model" => model.clone())
-                        .set(m.newest_event_ms as f64 / 1000.0);
-                    gauge!("banditflow_serving_model_visible_timestamp_seconds", "model" => model.clone())
-                        .set(now as f64 / 1000.0);
-                    counter!("banditflow_serving_model_updates_total", "model" => model.clone()).increment(1);
+                    let m = ServingModel::new(merged, partitions, &shard_event_ms, now);
+                    ModelUpdated {
+                        model: &model,
+                        version: m.version,
+                        partitions: m.partitions.len(),
+                        event_ms: m.event_ms,
+                        visible_ms: now,
+                        lift: m.lift(),
+                    }
+                    .emit();
+                    if let Some(w) = &self.written {
+                        RecordsVisible { seconds: &w.visible(&m.merged.meta.input_offsets, now) }.emit();
+                    }
                     if let Some(tx) = &self.updates {
                         // A receiver that went away only stops the reports.
                         let _ = tx.send(Update {
@@ -316,13 +473,9 @@ impl Follower {
                     }
                     next.models.insert(model, Arc::new(m));
                 }
-                Err(e) => {
-                    // E.g. shards written under different parameters while a configuration
-                    // change rolls through the processors: keep ranking with the last merge.
-                    counter!("banditflow_serving_merge_failures_total", "model" => model.clone())
-                        .increment(1);
-                    tracing::warn!(model, error = %e, "shards do not merge yet; keeping the previous model");
-                }
+                // E.g. shards written under different parameters while a configuration change
+                // rolls through the processors: keep ranking with the last merge.
+                Err(e) => MergeFailed { model: &model, error: &e }.emit(),
             }
         }
         self.catalog.store(Arc::new(next));

@@ -56,7 +56,7 @@ fn feedback_fetched_far_ahead_of_its_impressions_waits_for_them() {
     let done = || s.committed_offsets_of(&[s.input.clone(), fb.clone()]) == ends;
 
     // First processor: stopped by SIGTERM once it has paused feedback (or finished).
-    let filter = "info,banditflow::kafka::service=debug";
+    let filter = "info,banditflow::kafka=debug,banditflow::telemetry=debug";
     let mut first = s.start_logging("0", filter);
     wait_until("a feedback partition paused (or everything committed)", Duration::from_secs(120), || {
         first.log_text().contains("paused: the partition task waits") || done()

@@ -90,10 +90,10 @@ pub(crate) struct Setup {
     pub(crate) bootstrap: String,
     pub(crate) input: String,
     pub(crate) snapshots: String,
-    dead_letters: String,
+    pub(crate) dead_letters: String,
     group: String,
-    partitions: i32,
-    dir: tempfile::TempDir,
+    pub(crate) partitions: i32,
+    pub(crate) dir: tempfile::TempDir,
     pub(crate) config_path: PathBuf,
 }
 
@@ -128,7 +128,7 @@ transaction_timeout = "5s"
 restore_timeout = "60s"
 metrics_address = ""
 
-[kafka.properties]
+[kafka.consumer_properties]
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "500"
 {MODELS}"#,
@@ -238,18 +238,23 @@ metrics_address = ""
 
     /// Starts a processor whose log shows `filter` (a tracing filter, e.g. with debug targets).
     pub(crate) fn start_logging(&self, instance: &str, filter: &str) -> Processor {
+        self.start_with(instance, filter, &[])
+    }
+
+    /// [`Setup::start_logging`] with more environment variables (config overrides).
+    pub(crate) fn start_with(&self, instance: &str, filter: &str, env: &[(&str, &str)]) -> Processor {
         let log = self.dir.path().join(format!("processor-{instance}-{}.log", unique("run")));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_banditflow"))
-            .args(["run", "--config"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_banditflow"));
+        cmd.args(["run", "--config"])
             .arg(&self.config_path)
             .env("BANDITFLOW__KAFKA__INSTANCE_ID", instance)
-            .env("BANDITFLOW_LOG", filter)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("processor starts");
+            .env("RUST_LOG", filter);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child =
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).spawn().expect("processor starts");
         Processor { child: Some(child), log }
     }
 
@@ -388,8 +393,8 @@ metrics_address = ""
 }
 
 pub(crate) struct Processor {
-    child: Option<Child>,
-    log: PathBuf,
+    pub(crate) child: Option<Child>,
+    pub(crate) log: PathBuf,
 }
 
 impl Processor {

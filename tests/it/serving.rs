@@ -40,13 +40,14 @@ fn fixture_catalog(config: &Config) -> Catalog {
     let run = banditflow::replay::replay_reader(config, text.as_bytes()).expect("replay");
     let mut c = Catalog::default();
     for m in banditflow::replay::merged_models(config, &run).expect("merge") {
-        c.models.insert(m.meta.model_id.clone(), Arc::new(ServingModel::new(m, 2, 0)));
+        let newest = m.shard.newest_impression_ms;
+        c.models.insert(m.meta.model_id.clone(), Arc::new(ServingModel::new(m, [0, 1].into(), &[newest], 0)));
     }
     c
 }
 
 /// An HTTP/1.1 exchange over a fresh connection: (status, lower-cased headers, body).
-fn http(
+pub(crate) fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -89,7 +90,7 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
-fn post(addr: SocketAddr, path: &str, body: &Value) -> (u16, String, Value) {
+pub(crate) fn post(addr: SocketAddr, path: &str, body: &Value) -> (u16, String, Value) {
     let (status, headers, text) =
         http(addr, "POST", path, Some("application/json"), body.to_string().as_bytes());
     (status, headers, serde_json::from_str(&text).unwrap_or(Value::Null))
@@ -108,7 +109,7 @@ fn start_node(config: Config, catalog: Catalog) -> TestNode {
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr");
     runtime.spawn(async move {
-        let _ = axum::serve(listener, router(AppState { node, metrics: None })).await;
+        let _ = axum::serve(listener, router(AppState { node, metrics: None, subscriber: None })).await;
     });
     TestNode { addr, _runtime: runtime }
 }
@@ -417,10 +418,10 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
 }
 
 /// `banditflow serve` as a process, on the test broker; killed on drop.
-struct Served {
-    child: Option<Child>,
-    addr: SocketAddr,
-    log: PathBuf,
+pub(crate) struct Served {
+    pub(crate) child: Option<Child>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) log: PathBuf,
 }
 
 impl Drop for Served {
@@ -435,14 +436,14 @@ impl Drop for Served {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
 }
 
-fn serve(s: &Setup, env: &[(&str, &str)]) -> Served {
+pub(crate) fn serve(s: &Setup, env: &[(&str, &str)]) -> Served {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let log = std::env::temp_dir().join(format!("{}.log", unique("serve")));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_banditflow"));

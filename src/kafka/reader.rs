@@ -1,0 +1,205 @@
+//! The one reader of the snapshot topic: every consumer of it (restoring partitions, tools
+//! reading every model, serving nodes following the models) is configured here, reads with
+//! `read_committed` (an aborted transaction's records are never seen), and filters keys here.
+//!
+//! Must never: decode values. It hands out raw keys and values; `core::blob` reassembles and
+//! `core::snapshot` / `core::checkpoint` decode.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::core::blob::LatestByKey;
+use crate::core::checkpoint;
+
+/// A client context that does not report reaching the end of a partition as an error (the
+/// readers here ask for exactly that).
+pub struct QuietEof;
+
+impl rdkafka::client::ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        ) {
+            tracing::error!(%error, reason, "kafka client error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
+/// Which keys a reader hands out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    /// Everything (restoring a partition).
+    All,
+    /// Model snapshots (`model/<m>/<p>` and their chunks) and partition checkpoints
+    /// (`checkpoint/<p>`, which say that a partition has state): what serving nodes and tools
+    /// need. The attribution changelog is skipped.
+    Models,
+}
+
+impl Keys {
+    fn wants(self, key: &str) -> bool {
+        match self {
+            Keys::All => true,
+            Keys::Models => {
+                let base = key.split('#').next().unwrap_or(key);
+                checkpoint::parse_model_key(base).is_some() || base.starts_with("checkpoint/")
+            }
+        }
+    }
+}
+
+/// One record of the snapshot topic that passed the key filter.
+#[derive(Debug)]
+pub struct SnapshotRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    /// `None`: a tombstone.
+    pub value: Option<Vec<u8>>,
+}
+
+/// What one poll brought.
+#[derive(Debug)]
+pub enum Read {
+    Record(SnapshotRecord),
+    /// A record the key filter dropped (its offset still counts as read).
+    Skipped {
+        partition: i32,
+        offset: i64,
+    },
+    /// The partition has been read to its current end.
+    End(i32),
+    /// Nothing within the wait.
+    Idle,
+    /// A consumer error (logged by the caller); reading goes on.
+    Error(KafkaError),
+}
+
+/// A consumer of the snapshot topic.
+pub struct SnapshotReader {
+    consumer: BaseConsumer<QuietEof>,
+    topic: String,
+    keys: Keys,
+}
+
+impl SnapshotReader {
+    /// `client` holds the bootstrap servers and pass-through properties; `purpose` names the
+    /// (never committed) group id, `banditflow-<purpose>`.
+    pub fn new(
+        client: ClientConfig,
+        topic: &str,
+        purpose: &str,
+        keys: Keys,
+    ) -> anyhow::Result<SnapshotReader> {
+        let mut c = client;
+        c.set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("group.id", format!("banditflow-{purpose}"))
+            .set("fetch.wait.max.ms", "20")
+            .set("fetch.max.bytes", "52428800");
+        let consumer: BaseConsumer<QuietEof> = c
+            .create_with_context(QuietEof)
+            .with_context(|| format!("creating the snapshot-topic reader ({purpose})"))?;
+        Ok(SnapshotReader { consumer, topic: topic.to_string(), keys })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The topic's partitions (empty while it does not exist).
+    pub fn partitions(&self, timeout: Duration) -> anyhow::Result<BTreeSet<i32>> {
+        let md = self.consumer.fetch_metadata(Some(&self.topic), timeout)?;
+        Ok(md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == self.topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect())
+    }
+
+    /// Starts reading `partitions` from their beginning (added to what is already read).
+    pub fn assign_from_start(&self, partitions: &[i32]) -> anyhow::Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition_offset(&self.topic, *p, Offset::Beginning)?;
+        }
+        self.consumer.incremental_assign(&tpl).context("assigning snapshot-topic partitions")
+    }
+
+    /// The end of `partition` as a read_committed reader sees it (the last stable offset).
+    pub fn end_offset(&self, partition: i32, timeout: Duration) -> anyhow::Result<i64> {
+        let (_, high) = self
+            .consumer
+            .fetch_watermarks(&self.topic, partition, timeout)
+            .with_context(|| format!("end offset of `{}` partition {partition}", self.topic))?;
+        Ok(high)
+    }
+
+    /// Waits up to `wait` for the next record or event.
+    pub fn poll(&self, wait: Duration) -> Read {
+        match self.consumer.poll(wait) {
+            None => Read::Idle,
+            Some(Ok(m)) => {
+                let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+                if self.keys.wants(&key) {
+                    Read::Record(SnapshotRecord {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key,
+                        value: m.payload().map(<[u8]>::to_vec),
+                    })
+                } else {
+                    Read::Skipped { partition: m.partition(), offset: m.offset() }
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => Read::End(p),
+            Some(Err(e)) => Read::Error(e),
+        }
+    }
+}
+
+/// Reads `partitions` to their current end and returns the newest value per key of each.
+pub fn read_to_end(
+    client: ClientConfig,
+    topic: &str,
+    partitions: &[i32],
+    keys: Keys,
+    timeout: Duration,
+) -> anyhow::Result<BTreeMap<i32, LatestByKey>> {
+    let reader = SnapshotReader::new(client, topic, "restore", keys)?;
+    reader.assign_from_start(partitions)?;
+    let mut out: BTreeMap<i32, LatestByKey> =
+        partitions.iter().map(|p| (*p, LatestByKey::default())).collect();
+    let mut open: BTreeSet<i32> = partitions.iter().copied().collect();
+    let deadline = Instant::now() + timeout;
+    while !open.is_empty() {
+        if Instant::now() > deadline {
+            bail!("reading `{topic}` did not reach the end of partitions {open:?} within {timeout:?}");
+        }
+        match reader.poll(Duration::from_millis(100)) {
+            Read::Record(r) => {
+                if let Some(store) = out.get_mut(&r.partition) {
+                    store.put(r.key, r.value);
+                }
+            }
+            Read::End(p) => {
+                open.remove(&p);
+            }
+            Read::Skipped { .. } | Read::Idle => {}
+            Read::Error(e) => tracing::warn!(error = %e, "while reading the snapshot topic"),
+        }
+    }
+    Ok(out)
+}

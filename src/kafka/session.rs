@@ -1,0 +1,415 @@
+//! The consumer group session: what this member owns (one partition task per assigned input
+//! partition), how an assignment is restored and a revocation committed, how records are
+//! routed to tasks, and when a transaction is written. The driver calls it from the consumer
+//! thread (the poll loop and the rebalance callbacks).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
+
+use crate::config::Config;
+use crate::core::partition::PartitionState;
+use crate::telemetry::processor::{Assigned, ConsumerLag, Gathered, PartitionReleased, PartitionsRestored};
+
+use super::driver::Ctx;
+use super::inputs::{input_lag, Backlog, Flow, InputLag};
+use super::probes::Health as Probe;
+use super::store;
+use super::task::{partition_task, Cmd, OwnedRecord, BATCH};
+use super::txn::Txn;
+
+pub(super) struct Task {
+    pub(super) tx: mpsc::Sender<Cmd>,
+    pub(super) batch: Vec<OwnedRecord>,
+    /// Per input topic (index into `config.topics`), when two or more are aligned; else empty.
+    pub(super) inputs: Vec<InputLag>,
+    /// The task's pause requests (read on the consumer thread only).
+    pub(super) flow: Arc<Flow>,
+    pub(super) started: Instant,
+    /// When the task started (ms since the epoch), for lag in seconds before any record.
+    pub(super) assigned_ms: i64,
+    /// Per input topic: the timestamp of the last record routed (for lag in seconds).
+    pub(super) last_timestamp: Vec<Option<i64>>,
+}
+
+/// What a commit covers and how it runs.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Commit<'a> {
+    /// Every partition, on a commit thread; the tasks go on learning.
+    Interval,
+    /// These partitions, being revoked: their tasks end after reporting; on the consumer
+    /// thread, before the partitions are given up.
+    Revoke(&'a [i32]),
+    /// Every partition at shutdown: the tasks end after reporting; on the consumer thread.
+    Final,
+}
+
+/// Why a session ended.
+pub(super) enum SessionEnd {
+    /// Shut down cleanly: final snapshots committed, group left.
+    Shutdown,
+    /// State may be ahead of storage (failed transaction, failed restore): rebuild from Kafka.
+    Restart(anyhow::Error),
+}
+
+/// State shared between the consumer loop and the rebalance callbacks (same thread).
+pub(super) struct Session {
+    pub(super) config: Arc<Config>,
+    pub(super) runtime: tokio::runtime::Handle,
+    /// `None` while a transaction runs in the background (`inflight`).
+    pub(super) txn: Option<Txn>,
+    pub(super) inflight: Option<std::thread::JoinHandle<(Txn, anyhow::Result<()>)>>,
+    pub(super) tasks: BTreeMap<i32, Task>,
+    /// Set when a transaction or restore failed; the session must be rebuilt.
+    pub(super) poisoned: Option<anyhow::Error>,
+    pub(super) topic_index: HashMap<String, usize>,
+    /// Two or more input topics, aligned per partition task.
+    pub(super) align: bool,
+    /// Set by a task that changed its pause requests (see [`Flow`]).
+    pub(super) flow_changed: Arc<AtomicBool>,
+    /// Set when an input's position or end offset moved (the tasks may need telling).
+    pub(super) lag_changed: bool,
+    pub(super) next_position_check: Instant,
+    /// What the probes answer.
+    pub(super) health: Arc<Probe>,
+}
+
+pub(super) fn input_partitions(tpl: &TopicPartitionList) -> Vec<i32> {
+    let mut ps: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    ps.sort_unstable();
+    ps.dedup();
+    ps
+}
+
+impl Session {
+    pub(super) fn poison(&mut self, e: anyhow::Error) {
+        tracing::error!(error = %format!("{e:#}"), "session state is no longer stored safely; rebuilding from Kafka");
+        if self.poisoned.is_none() {
+            self.poisoned = Some(e);
+        }
+    }
+
+    /// Restores the newly assigned partitions and returns the assignment with their offsets,
+    /// and the input topic-partitions of the tasks it started (to be resumed once assigned).
+    pub(super) fn assign(&mut self, tpl: &TopicPartitionList) -> (TopicPartitionList, TopicPartitionList) {
+        if let Err(e) = self.settle() {
+            self.poison(e);
+            return (TopicPartitionList::new(), TopicPartitionList::new());
+        }
+        let parts: Vec<i32> =
+            input_partitions(tpl).into_iter().filter(|p| !self.tasks.contains_key(p)).collect();
+        let started = Instant::now();
+        let k = &self.config.kafka;
+        let restored = store::read_partitions(
+            super::consumer_config(k),
+            &k.snapshot_topic,
+            &parts,
+            Duration::from_millis(k.restore_timeout_ms as u64),
+        );
+        let stores = match restored {
+            Ok(s) => s,
+            Err(e) => {
+                PartitionsRestored { partitions: &[], failed: parts.len(), elapsed: started.elapsed() }
+                    .emit();
+                self.poison(e.context("restoring assigned partitions"));
+                return (TopicPartitionList::new(), TopicPartitionList::new());
+            }
+        };
+        let mut states = BTreeMap::new();
+        for (p, s) in &stores {
+            match store::restore_partition(&self.config, *p, s) {
+                Ok(state) => {
+                    if let Some(txn) = self.txn.as_mut() {
+                        txn.chunks.extend(store::chunk_counts(s));
+                    }
+                    states.insert(*p, state);
+                }
+                Err(e) => {
+                    let done: Vec<(i32, u64)> =
+                        states.iter().map(|(p, s): (&i32, &PartitionState)| (*p, s.records)).collect();
+                    PartitionsRestored {
+                        partitions: &done,
+                        failed: parts.len() - done.len(),
+                        elapsed: started.elapsed(),
+                    }
+                    .emit();
+                    self.poison(e);
+                    return (TopicPartitionList::new(), TopicPartitionList::new());
+                }
+            }
+        }
+        let done: Vec<(i32, u64)> = states.iter().map(|(p, s)| (*p, s.records)).collect();
+        PartitionsRestored { partitions: &done, failed: 0, elapsed: started.elapsed() }.emit();
+        let mut out = TopicPartitionList::new();
+        for e in tpl.elements() {
+            let offset = states
+                .get(&e.partition())
+                .and_then(|s| s.offsets.get(&(e.topic().to_string(), e.partition())))
+                .map_or(Offset::Stored, |o| Offset::Offset(*o));
+            if let Err(err) = out.add_partition_offset(e.topic(), e.partition(), offset) {
+                self.poison(anyhow!("building the assignment: {err}"));
+            }
+        }
+        let ends = self.input_ends(&parts);
+        let latest = self
+            .config
+            .kafka
+            .consumer_property("auto.offset.reset")
+            .is_some_and(|v| matches!(v, "latest" | "largest" | "end"));
+        let mut fresh = TopicPartitionList::new();
+        for (p, state) in states {
+            let inputs: Vec<InputLag> = if self.align {
+                self.config
+                    .topics
+                    .iter()
+                    .map(|t| {
+                        fresh.add_partition(&t.name, p);
+                        let key = (t.name.clone(), p);
+                        input_lag(state.offsets.get(&key).copied(), ends.get(&key).copied(), latest)
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            self.spawn(p, state, inputs);
+        }
+        Assigned { partitions: self.tasks.len() }.emit();
+        self.report_lag();
+        (out, fresh)
+    }
+
+    /// Consumer lag per owned input topic-partition from librdkafka's statistics, in records
+    /// (the partition's end — the last stable offset, read_committed — minus the consumer's
+    /// position) and in seconds (the age of the last record consumed while records wait).
+    /// librdkafka's own `consumer_lag` counts from the group's committed offset, which a
+    /// consumer committing through transactions and assigning explicit offsets never learns.
+    pub(super) fn report_consumer_lag(&self, stats: &rdkafka::statistics::Statistics) {
+        let now = super::now_ms();
+        for (topic, t) in &stats.topics {
+            let Some(&u) = self.topic_index.get(topic) else { continue };
+            for (p, part) in &t.partitions {
+                let Some(task) = self.tasks.get(p) else { continue };
+                let end = if part.ls_offset >= 0 { part.ls_offset } else { part.hi_offset };
+                let position = if part.app_offset >= 0 { part.app_offset } else { part.committed_offset };
+                if end < 0 || position < 0 {
+                    continue;
+                }
+                let records = (end - position).max(0);
+                let seconds = if records == 0 {
+                    0.0
+                } else {
+                    let since = task.last_timestamp.get(u).copied().flatten().unwrap_or(task.assigned_ms);
+                    (now - since).max(0) as f64 / 1e3
+                };
+                ConsumerLag { topic, partition: *p, records, seconds }.emit();
+            }
+        }
+    }
+
+    /// The input topics' watermarks for `parts`, needed only to align two topics (empty with
+    /// one topic, or when the query fails: the aligner then waits for first records).
+    pub(super) fn input_ends(&self, parts: &[i32]) -> BTreeMap<(String, i32), (i64, i64)> {
+        let topics: Vec<&str> = self.config.topics.iter().map(|t| t.name.as_str()).collect();
+        if topics.len() < 2 || parts.is_empty() {
+            return BTreeMap::new();
+        }
+        let client = super::consumer_config(&self.config.kafka);
+        store::watermarks(client, &topics, parts, Duration::from_secs(5)).unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "input end offsets unknown; waiting for first records");
+            BTreeMap::new()
+        })
+    }
+
+    pub(super) fn spawn(&mut self, partition: i32, state: PartitionState, inputs: Vec<InputLag>) {
+        let cap = (self.config.kafka.partition_queue_records / BATCH).max(2);
+        let (tx, rx) = mpsc::channel(cap);
+        let config = Arc::clone(&self.config);
+        let flow = Arc::new(Flow {
+            want: inputs.iter().map(|_| AtomicBool::new(false)).collect(),
+            changed: Arc::clone(&self.flow_changed),
+        });
+        let backlog: Vec<Backlog> = inputs.iter().map(|i| i.told).collect();
+        for (i, b) in backlog.iter().enumerate() {
+            tracing::debug!(
+                partition, topic = %self.config.topics[i].name, next = inputs[i].next, end = inputs[i].end,
+                backlog = ?b, "input backlog at assignment"
+            );
+        }
+        let span = tracing::info_span!("partition", partition);
+        self.runtime.spawn(partition_task(config, state, backlog, Arc::clone(&flow), rx).instrument(span));
+        let task = Task {
+            tx,
+            batch: Vec::with_capacity(BATCH),
+            inputs,
+            flow,
+            started: Instant::now(),
+            assigned_ms: super::now_ms(),
+            last_timestamp: vec![None; self.config.topics.len()],
+        };
+        self.tasks.insert(partition, task);
+    }
+
+    pub(super) fn revoke(&mut self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
+        let parts: Vec<i32> =
+            input_partitions(tpl).into_iter().filter(|p| self.tasks.contains_key(p)).collect();
+        // The transaction in flight must end before this member gives the partitions up, even
+        // when the session is poisoned: otherwise it could still commit after the next owner
+        // restored from the snapshot before it.
+        if let Err(e) = self.settle() {
+            self.poison(e);
+        }
+        if self.poisoned.is_none() {
+            if let Err(e) = self.commit(consumer, Commit::Revoke(&parts)) {
+                self.poison(e.context("committing revoked partitions"));
+            }
+        }
+        // The tasks have ended; what they had paused must not stay paused for whoever gets the
+        // partitions next (this member included: a pause outlives the assignment).
+        self.release_pauses(consumer, &parts);
+        for p in &parts {
+            self.tasks.remove(p);
+        }
+        for p in &parts {
+            PartitionReleased { config: &self.config, partition: *p }.emit();
+        }
+        tracing::info!(partitions = ?parts, "partitions revoked");
+        Assigned { partitions: self.tasks.len() }.emit();
+        self.report_lag();
+    }
+
+    pub(super) fn route(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let Some(&topic) = self.topic_index.get(m.topic()) else { return };
+        let Some(task) = self.tasks.get_mut(&m.partition()) else { return };
+        let record = OwnedRecord::copy(topic, m);
+        if let Some(slot) = task.last_timestamp.get_mut(topic) {
+            *slot = record.timestamp_ms.or(*slot);
+        }
+        task.batch.push(record);
+        // With aligned topics: the record may be the last one the broker reported (or the first
+        // that tells where the consumer is); the task hears so right after the record.
+        let mut told = None;
+        if let Some(input) = task.inputs.get_mut(topic) {
+            input.delivered(m.offset() + 1);
+            let backlog = input.backlog();
+            if backlog != input.told {
+                input.told = backlog;
+                told = Some(backlog);
+            }
+        }
+        if task.batch.len() >= BATCH || told.is_some() {
+            let batch = std::mem::replace(&mut task.batch, Vec::with_capacity(BATCH));
+            let mut ok = task.tx.blocking_send(Cmd::Records(batch)).is_ok();
+            if let Some(backlog) = told {
+                ok = ok && task.tx.blocking_send(Cmd::Backlog { topic, backlog }).is_ok();
+            }
+            if !ok {
+                self.poison(anyhow!("partition task {} ended unexpectedly", m.partition()));
+            }
+        }
+        if let Some(backlog) = told {
+            tracing::debug!(
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                ?backlog,
+                "input backlog changed"
+            );
+            self.report_lag();
+        }
+    }
+
+    pub(super) fn flush_batches(&mut self) {
+        let mut dead = Vec::new();
+        for (p, task) in &mut self.tasks {
+            if !task.batch.is_empty() {
+                let batch = std::mem::replace(&mut task.batch, Vec::with_capacity(BATCH));
+                if task.tx.blocking_send(Cmd::Records(batch)).is_err() {
+                    dead.push(*p);
+                }
+            }
+        }
+        for p in dead {
+            self.poison(anyhow!("partition task {p} ended unexpectedly"));
+        }
+    }
+
+    /// One transaction: snapshots of the partitions `what` names, their dead letters, and
+    /// their input offsets. The previous transaction is settled first (its failure is this
+    /// call's error). An [`Commit::Interval`] transaction runs on a commit thread while the
+    /// consumer thread goes on feeding the tasks; it is settled by the next commit, a
+    /// rebalance, or the end of the session.
+    pub(super) fn commit(&mut self, consumer: &BaseConsumer<Ctx>, what: Commit<'_>) -> anyhow::Result<()> {
+        self.settle()?;
+        let gather_started = Instant::now();
+        self.flush_batches();
+        let (targets, stop, background): (Vec<i32>, bool, bool) = match what {
+            Commit::Interval => (self.tasks.keys().copied().collect(), false, true),
+            Commit::Revoke(ps) => (ps.to_vec(), true, false),
+            Commit::Final => (self.tasks.keys().copied().collect(), true, false),
+        };
+        let mut replies = Vec::new();
+        for p in &targets {
+            if let Some(task) = self.tasks.get(p) {
+                let (reply, rx) = oneshot::channel();
+                task.tx
+                    .blocking_send(Cmd::Snapshot { stop, reply })
+                    .map_err(|_| anyhow!("partition task {p} ended"))?;
+                replies.push(rx);
+            }
+        }
+        let mut outputs = Vec::new();
+        for rx in replies {
+            outputs.push(rx.blocking_recv().map_err(|_| anyhow!("partition task ended without reporting"))?);
+        }
+        // Time the tasks took to apply what was queued before the request and to encode.
+        Gathered { elapsed: gather_started.elapsed() }.emit();
+        if outputs.iter().all(|o| o.saved.is_none() && o.dead_letters.is_empty()) {
+            return Ok(());
+        }
+        let cgm = consumer.group_metadata().ok_or_else(|| anyhow!("no consumer group metadata"))?;
+        if background {
+            let mut txn = self.txn.take().ok_or_else(|| anyhow!("the transactional producer is gone"))?;
+            let handle = std::thread::Builder::new()
+                .name("banditflow-commit".into())
+                .spawn(move || {
+                    let result = txn.run(&outputs, &cgm);
+                    (txn, result)
+                })
+                .context("starting the commit thread")?;
+            self.inflight = Some(handle);
+            Ok(())
+        } else {
+            self.txn
+                .as_mut()
+                .ok_or_else(|| anyhow!("the transactional producer is gone"))?
+                .run(&outputs, &cgm)
+        }
+    }
+
+    /// Waits for the transaction running in the background, if any, and returns its outcome.
+    pub(super) fn settle(&mut self) -> anyhow::Result<()> {
+        let Some(handle) = self.inflight.take() else { return Ok(()) };
+        match handle.join() {
+            Ok((txn, result)) => {
+                self.txn = Some(txn);
+                result
+            }
+            Err(_) => Err(anyhow!("the commit thread panicked")),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The producer must not outlive the session in a detached thread.
+        let _ = self.settle();
+    }
+}

@@ -1,0 +1,228 @@
+//! The transaction writer (the state backend's write half; `store` is its read half): one
+//! Kafka transaction per commit holding the shard snapshots and changelog records, the dead
+//! letters, and the input offsets (`send_offsets_to_transaction` with the consumer's group
+//! metadata, so a zombie member is fenced). Chunks large values (`core::blob`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::core::blob;
+use crate::replay::{HEADER_CODE, HEADER_REASON};
+use crate::telemetry::processor::{PublishedShard, TransactionCommitted, TransactionFailed};
+
+use super::store;
+use super::task::ShardOutput;
+
+/// The transactional producer and what it needs to write a transaction: one at a time, on the
+/// consumer thread or on a commit thread.
+pub(super) struct Txn {
+    pub(super) config: Arc<Config>,
+    pub(super) producer: BaseProducer,
+    /// Chunk counts of stored snapshot keys, to delete surplus chunks.
+    pub(super) chunks: HashMap<String, u32>,
+}
+
+impl Txn {
+    /// One transaction: the shard snapshots and dead letters of `outputs` and their input
+    /// offsets, committed with the consumer's group metadata `cgm`; reported either way.
+    pub(super) fn run(
+        &mut self,
+        outputs: &[ShardOutput],
+        cgm: &rdkafka::consumer::ConsumerGroupMetadata,
+    ) -> anyhow::Result<()> {
+        let partitions: Vec<i32> = outputs.iter().map(|o| o.partition).collect();
+        let span = tracing::info_span!("transaction", partitions = ?partitions);
+        let _entered = span.enter();
+        let started = Instant::now();
+        match self.write(outputs, cgm) {
+            Ok(bytes) => {
+                let shards: Vec<PublishedShard<'_>> = outputs
+                    .iter()
+                    .flat_map(|o| {
+                        o.saved.iter().flat_map(move |s| {
+                            s.models.iter().map(move |(model, b)| PublishedShard {
+                                model,
+                                partition: o.partition,
+                                bytes: b.len(),
+                                version: o.records,
+                            })
+                        })
+                    })
+                    .collect();
+                let dead_letters: Vec<&'static str> =
+                    outputs.iter().flat_map(|o| o.dead_letters.iter().map(|d| d.reason.code())).collect();
+                let record_timestamps: Vec<i64> =
+                    outputs.iter().flat_map(|o| o.timestamps.iter().copied()).collect();
+                TransactionCommitted {
+                    elapsed: started.elapsed(),
+                    bytes,
+                    shards: &shards,
+                    dead_letters: &dead_letters,
+                    record_timestamps: &record_timestamps,
+                    now_ms: super::now_ms(),
+                }
+                .emit();
+                Ok(())
+            }
+            Err(e) => {
+                let models: Vec<&str> = outputs
+                    .iter()
+                    .flat_map(|o| o.saved.iter().flat_map(|s| s.models.iter().map(|(m, _)| m.as_str())))
+                    .collect();
+                TransactionFailed { error: &e, models: &models }.emit();
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes and commits the transaction; returns the bytes written to the snapshot topic.
+    fn write(
+        &mut self,
+        outputs: &[ShardOutput],
+        cgm: &rdkafka::consumer::ConsumerGroupMetadata,
+    ) -> anyhow::Result<usize> {
+        let k = &self.config.kafka;
+        let timeout = Duration::from_millis(k.transaction_timeout_ms as u64);
+        self.producer.begin_transaction().context("begin transaction")?;
+        let mut offsets = TopicPartitionList::new();
+        let mut bytes = 0usize;
+        let mut new_chunks = Vec::new();
+        for out in outputs {
+            for (t, p, o) in &out.offsets {
+                offsets.add_partition_offset(t, *p, Offset::Offset(*o))?;
+            }
+            if let Some(saved) = &out.saved {
+                for (key, value) in &saved.puts {
+                    bytes += value.len();
+                    self.put(key, out.records, out.partition, value, &mut new_chunks)?;
+                }
+                for key in &saved.deletes {
+                    self.send(&k.snapshot_topic, Some(out.partition), key.as_bytes(), None, None)?;
+                    // A deleted value that was chunked (a removed model's snapshot) takes its
+                    // chunks with it, so compaction can drop them.
+                    if let Some(&n) = self.chunks.get(key) {
+                        for i in 0..n {
+                            let ck = blob::chunk_key(key, i);
+                            self.send(&k.snapshot_topic, Some(out.partition), ck.as_bytes(), None, None)?;
+                        }
+                        new_chunks.push((key.clone(), 0));
+                    }
+                }
+                let mut values = vec![(store::checkpoint_key(out.partition), &saved.header)];
+                for (model, b) in &saved.models {
+                    values.push((store::model_key(model, out.partition), b));
+                }
+                for (key, value) in values {
+                    bytes += value.len();
+                    self.put(&key, out.records, out.partition, value, &mut new_chunks)?;
+                }
+            }
+            for d in &out.dead_letters {
+                let t = &self.config.topics[d.record.topic].name;
+                let mut h = OwnedHeaders::new();
+                for (name, v) in &d.record.headers {
+                    h = h.insert(Header { key: name, value: Some(v.as_slice()) });
+                }
+                let partition = out.partition.to_string();
+                let offset = d.record.offset.to_string();
+                for (name, v) in [
+                    (HEADER_CODE, d.reason.code()),
+                    (HEADER_REASON, d.reason.to_string().as_str()),
+                    ("banditflow.source.topic", t.as_str()),
+                    ("banditflow.source.partition", partition.as_str()),
+                    ("banditflow.source.offset", offset.as_str()),
+                ] {
+                    h = h.insert(Header { key: name, value: Some(v.as_bytes()) });
+                }
+                let key = d.record.key();
+                self.send(&k.dead_letter_topic, None, key, Some(d.record.payload()), Some(h))?;
+            }
+        }
+        self.producer
+            .send_offsets_to_transaction(&offsets, cgm, timeout)
+            .map_err(|e| self.txn_error("send offsets", e))?;
+        // Drain deliveries first: commit_transaction alone waits in 100 ms steps.
+        let deadline = Instant::now() + timeout;
+        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            self.producer.poll(Duration::from_millis(1));
+        }
+        self.producer.commit_transaction(timeout).map_err(|e| self.txn_error("commit", e))?;
+        for (key, n) in new_chunks {
+            if n > 0 {
+                self.chunks.insert(key, n);
+            } else {
+                self.chunks.remove(&key);
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Writes one value of the snapshot topic, chunked if large.
+    fn put(
+        &self,
+        key: &str,
+        version: u64,
+        partition: i32,
+        value: &[u8],
+        chunks: &mut Vec<(String, u32)>,
+    ) -> anyhow::Result<()> {
+        let k = &self.config.kafka;
+        let previous = self.chunks.get(key).copied().unwrap_or(0);
+        let recs = blob::split(key, version, value, k.max_record_bytes, previous);
+        let n = recs.iter().filter(|r| r.value.is_some() && r.key != key).count() as u32;
+        if n > 0 || previous > 0 {
+            chunks.push((key.to_string(), n));
+        }
+        for r in recs {
+            self.send(&k.snapshot_topic, Some(partition), r.key.as_bytes(), r.value.as_deref(), None)?;
+        }
+        Ok(())
+    }
+
+    fn txn_error(&self, what: &str, e: KafkaError) -> anyhow::Error {
+        if let KafkaError::Transaction(t) = &e {
+            if t.txn_requires_abort() {
+                let _ = self.producer.abort_transaction(Duration::from_secs(10));
+            }
+        }
+        anyhow!("transaction {what} failed: {e}")
+    }
+
+    fn send(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &[u8],
+        value: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+    ) -> anyhow::Result<()> {
+        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).key(key);
+        if let Some(p) = partition {
+            rec = rec.partition(p);
+        }
+        if let Some(v) = value {
+            rec = rec.payload(v);
+        }
+        if let Some(h) = headers {
+            rec = rec.headers(h);
+        }
+        loop {
+            match self.producer.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    rec = r;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(anyhow!("producing to `{topic}`: {e}")),
+            }
+        }
+    }
+}
