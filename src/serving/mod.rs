@@ -40,6 +40,14 @@ pub async fn serve(
     metrics: Option<Arc<crate::telemetry::Exporter>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let max = config.core.limits.max_id_bytes;
+    if max < node::IMPRESSION_ID_BYTES {
+        anyhow::bail!(
+            "config field `limits.max_id_bytes`: {max} is shorter than the impression ids a node makes ({} bytes); \
+             the processor would dead-letter every impression this node logs",
+            node::IMPRESSION_ID_BYTES
+        );
+    }
     let written = Arc::new(subscriber::WrittenRecords::default());
     let subscriber = Arc::new(subscriber::Subscriber::start_with(
         crate::kafka::consumer_config(&config.kafka),

@@ -134,6 +134,8 @@ impl Problem {
 use crate::core::event::{MAX_ABS_VALUE as MAX_ABS_NUMBER, MIN_EVENT_TIME_MS};
 
 const MAX_POSITION: u64 = 1000;
+/// The longest impression id a node makes: 16 hex digits of prefix, `-`, a 64-bit counter in hex.
+pub const IMPRESSION_ID_BYTES: usize = 16 + 1 + 16;
 /// Seed of the holdout hash (fixed: the assignment of a user key never changes).
 const HOLDOUT_SEED: u64 = 0x686f_6c64_6f75_7421;
 
@@ -244,7 +246,7 @@ impl Node {
         self.config.core.models.iter().find(|m| m.id == model)
     }
 
-    /// A new impression id, unique per node.
+    /// A new impression id, unique per node: at most [`IMPRESSION_ID_BYTES`] bytes.
     pub fn next_impression_id(&self) -> String {
         format!("{}-{:x}", self.id_prefix, self.counter.fetch_add(1, Ordering::Relaxed))
     }

@@ -375,4 +375,17 @@ fn a_real_prometheus_answers_every_dashboard_panel_and_recording_rule() {
     promtool_check_metrics(node.addr, "serving node under traffic");
     let (st, _) = p.terminate();
     assert!(st.success());
+    // A clean start and run logs no warnings: each librdkafka client got only the properties
+    // that apply to it (no CONFWARN), and nothing of banditflow's own warned.
+    let node_log = std::fs::read_to_string(&node.log).expect("node log");
+    for (what, log) in [("processor", p.log_text()), ("serving node", node_log)] {
+        let bad: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("CONFWARN")
+                    || ((l.contains(" WARN ") || l.contains(" ERROR ")) && l.contains(" banditflow"))
+            })
+            .collect();
+        assert!(bad.is_empty(), "{what} warned on a clean run:\n{}", bad.join("\n"));
+    }
 }

@@ -237,6 +237,43 @@ fn a_node_without_a_snapshot_answers_503_unless_a_cold_start_prior_is_configured
 }
 
 #[test]
+fn a_node_never_answers_for_an_impression_the_processor_would_dead_letter() {
+    // Regression: the node kept its own copies of the limits; with limits.max_id_bytes below
+    // the length of its generated ids it answered 200 for impressions the processor then
+    // dead-lettered. Now what it logs passes the processor's own decoder and validator first.
+    let config = fixture_config(&[("BANDITFLOW__LIMITS__MAX_ID_BYTES", "20")]);
+    let node =
+        Node::new(Arc::new(config.clone()), Arc::new(ArcSwap::from_pointee(fixture_catalog(&config))), None);
+    let req: RankRequest =
+        serde_json::from_value(json!({"model": "home", "candidates": candidates(3)})).expect("req");
+    let long_id = node.next_impression_id() + "-and-more";
+    let p = node.rank_only(&req, long_id, 1_767_225_600_000).err().expect("refused, not answered");
+    assert_eq!((p.status, p.code()), (500, "node-misconfigured"), "{p:?}");
+    // What it does answer for decodes, as the processor reads it, to the impression it built.
+    let ok = node.rank_only(&req, "imp-7".into(), 1_767_225_600_000).expect("ranks");
+    let sink = config
+        .topics
+        .iter()
+        .find(|t| t.role == banditflow::core::event::TopicRole::Impressions)
+        .expect("an impressions topic");
+    let decoded = banditflow::core::event::decode(sink.role, sink.encoding, &ok.payload)
+        .expect("the processor decodes it");
+    assert_eq!(decoded, banditflow::core::event::Event::Impression(ok.impression));
+    // And `serve` refuses such a configuration at start, naming the field.
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[limits]\nmax_id_bytes = 20\n").expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_banditflow"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config field `limits.max_id_bytes`"), "{err}");
+}
+
+#[test]
 fn the_holdout_share_and_assignment_follow_the_user_key_hash() {
     let config = fixture_config(&[("BANDITFLOW__SERVING__HOLDOUT_SHARE", "0.05")]);
     let catalog = fixture_catalog(&config);
