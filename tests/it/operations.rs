@@ -80,8 +80,11 @@ fn a_processor_without_kafka_stays_alive_not_ready_and_retrying() {
     let b = bootstrap();
     let s = Setup::new("nokafka", &b, 1);
     // Nothing listens on port 1: Kafka is unreachable.
-    let (mut p, addr) =
-        processor_with_probes(&s, "0", &[("BANDITFLOW__KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")]);
+    let (mut p, addr) = processor_with_probes(
+        &s,
+        "0",
+        &[("BANDITFLOW__KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1"), ("BANDITFLOW_LOG_FORMAT", "json")],
+    );
     wait_until("the probes to answer", Duration::from_secs(20), || get(addr, "/healthz").0 == 200);
     let (status, body) = get(addr, "/readyz");
     assert_eq!(status, 503, "{body}");
@@ -100,6 +103,17 @@ fn a_processor_without_kafka_stays_alive_not_ready_and_retrying() {
     let (st, took) = p.terminate();
     assert!(st.success(), "SIGTERM while retrying exits 0");
     assert!(took < Duration::from_secs(20), "{took:?}");
+    // Logged as JSON lines (BANDITFLOW_LOG_FORMAT=json, as --log-format json): each a JSON
+    // object with its level and fields, librdkafka's lines included.
+    let log = p.log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 3, "{log}");
+    assert!(lines.iter().all(|v| v["level"].is_string() && v["fields"]["message"].is_string()), "{log}");
+    assert!(lines.iter().any(|v| v["level"] == "WARN"
+        && v["fields"]["error"].as_str().is_some_and(|e| e.contains("cannot reach Kafka"))));
 }
 
 /// Writes `n` records of `bytes` bytes under keys that are neither state nor models to

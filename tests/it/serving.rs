@@ -274,6 +274,42 @@ fn a_node_never_answers_for_an_impression_the_processor_would_dead_letter() {
 }
 
 #[test]
+fn staleness_is_the_oldest_shards_not_the_newest() {
+    // Regression: staleness came from the merged model's newest impression, so one partition
+    // hours behind was hidden by the others. A shard that learned nothing says nothing.
+    let config = fixture_config(&[]);
+    let catalog = fixture_catalog(&config);
+    let m = catalog.models.values().next().expect("a model");
+    let hour = 3_600_000;
+    let now = 1_767_225_600_000;
+    let sm = ServingModel::new(
+        banditflow::core::snapshot::decode(&banditflow::core::snapshot::encode(
+            &m.merged.spec,
+            &m.merged.shard,
+            &m.merged.meta,
+        ))
+        .expect("round trip"),
+        [0, 1, 2].into(),
+        &[Some(now - 60_000), Some(now - 5 * hour), None],
+        now,
+    );
+    assert_eq!(sm.event_ms, now - 5 * hour);
+    assert_eq!(sm.staleness_ms(now), Some(5 * hour));
+    let none = ServingModel::new(
+        banditflow::core::snapshot::decode(&banditflow::core::snapshot::encode(
+            &m.merged.spec,
+            &m.merged.shard,
+            &m.merged.meta,
+        ))
+        .expect("round trip"),
+        [0].into(),
+        &[None],
+        now,
+    );
+    assert_eq!(none.staleness_ms(now), None, "no shard learned anything: unknown, not zero");
+}
+
+#[test]
 fn the_holdout_share_and_assignment_follow_the_user_key_hash() {
     let config = fixture_config(&[("BANDITFLOW__SERVING__HOLDOUT_SHARE", "0.05")]);
     let catalog = fixture_catalog(&config);
