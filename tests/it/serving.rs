@@ -283,29 +283,14 @@ fn staleness_is_the_oldest_shards_not_the_newest() {
     let hour = 3_600_000;
     let now = 1_767_225_600_000;
     let sm = ServingModel::new(
-        banditflow::core::snapshot::decode(&banditflow::core::snapshot::encode(
-            &m.merged.spec,
-            &m.merged.shard,
-            &m.merged.meta,
-        ))
-        .expect("round trip"),
+        m.merged.clone(),
         [0, 1, 2].into(),
         &[Some(now - 60_000), Some(now - 5 * hour), None],
         now,
     );
     assert_eq!(sm.event_ms, now - 5 * hour);
     assert_eq!(sm.staleness_ms(now), Some(5 * hour));
-    let none = ServingModel::new(
-        banditflow::core::snapshot::decode(&banditflow::core::snapshot::encode(
-            &m.merged.spec,
-            &m.merged.shard,
-            &m.merged.meta,
-        ))
-        .expect("round trip"),
-        [0].into(),
-        &[None],
-        now,
-    );
+    let none = ServingModel::new(m.merged.clone(), [0].into(), &[None], now);
     assert_eq!(none.staleness_ms(now), None, "no shard learned anything: unknown, not zero");
 }
 
