@@ -318,7 +318,7 @@ impl Config {
                 apply_env(&mut value, path, &v)?;
             }
         }
-        let raw: RawConfig = value.try_into().map_err(|e: toml::de::Error| deser_error(e))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(deser_error)?;
         validate(raw)
     }
 }
@@ -329,10 +329,19 @@ fn parse_toml(origin: &str, text: &str) -> Result<toml::Value, ConfigError> {
         .map_err(|e| ConfigError::Syntax { origin: origin.to_string(), message: e.message().to_string() })
 }
 
-fn deser_error(e: toml::de::Error) -> ConfigError {
-    // serde reports "unknown field `x`" / "missing field `x`" / "invalid type ... for key `a.b`".
-    let msg = e.message().to_string();
-    let field = msg.split('`').nth(1).map(str::to_string).unwrap_or_else(|| "(top level)".to_string());
+/// Names the field by its path (`join.grace`, `models[0].half_life`), never by its value.
+fn deser_error(e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let path = e.path().to_string();
+    let msg = e.inner().message().to_string();
+    let path = if path == "." { String::new() } else { path };
+    // "missing field `x`" is reported at the enclosing table ("unknown field" at the field).
+    let named = msg.starts_with("missing field").then(|| msg.split('`').nth(1)).flatten();
+    let field = match (named, path.is_empty()) {
+        (Some(name), true) => name.to_string(),
+        (Some(name), false) => format!("{path}.{name}"),
+        (None, false) => path,
+        (None, true) => msg.split('`').nth(1).unwrap_or("(top level)").to_string(),
+    };
     field_err(field, msg)
 }
 
@@ -356,17 +365,22 @@ fn merge_values(base: &mut toml::Value, overlay: toml::Value) {
 fn apply_env(root: &mut toml::Value, path: &str, raw: &str) -> Result<(), ConfigError> {
     let segments: Vec<String> = path.split("__").map(|s| s.to_ascii_lowercase()).collect();
     let field = segments.join(".");
-    let value = format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    // An environment variable is text: it is read as a TOML value (a number, a boolean, a
+    // list, a quoted string), except where the field holds a string and the text is not a
+    // quoted string — `GROUP_ID=123` is the group "123", `GRACE=300000` is 300000 ms.
+    let literal = format!("v = {raw}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v"));
+    let value_for = |current: Option<&toml::Value>| match (&literal, current) {
+        (Some(v @ toml::Value::String(_)), _) => v.clone(),
+        (_, Some(toml::Value::String(_))) | (None, _) => toml::Value::String(raw.to_string()),
+        (Some(v), _) => v.clone(),
+    };
     let mut cur = root;
     for (i, seg) in segments.iter().enumerate() {
         let last = i + 1 == segments.len();
         cur = match cur {
             toml::Value::Table(t) => {
                 if last {
+                    let value = value_for(t.get(seg.as_str()));
                     t.insert(seg.clone(), value);
                     return Ok(());
                 }
@@ -381,7 +395,7 @@ fn apply_env(root: &mut toml::Value, path: &str, raw: &str) -> Result<(), Config
                     field_err(&field, format!("index {idx} is past the {len} configured entries"))
                 })?;
                 if last {
-                    *slot = value;
+                    *slot = value_for(Some(slot));
                     return Ok(());
                 }
                 slot
@@ -885,21 +899,39 @@ fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, Config
 }
 
 /// A section of librdkafka properties as text (librdkafka takes every value as a string).
+/// Nested tables are dotted names: `security.protocol = "SSL"` without quotes is a table in
+/// TOML, and `BANDITFLOW__KAFKA__PROPERTIES__SASL__PASSWORD` arrives as one.
 fn librdkafka_properties(
     section: &str,
     raw: BTreeMap<String, toml::Value>,
 ) -> Result<BTreeMap<String, String>, ConfigError> {
-    let mut out = BTreeMap::new();
-    for (name, v) in raw {
-        let text = match v {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            _ => return Err(field_err(format!("{section}.{name}"), "must be a string, number or boolean")),
-        };
-        out.insert(name, text);
+    fn walk(
+        section: &str,
+        prefix: &str,
+        raw: impl IntoIterator<Item = (String, toml::Value)>,
+        out: &mut BTreeMap<String, String>,
+    ) -> Result<(), ConfigError> {
+        for (name, v) in raw {
+            let name = if prefix.is_empty() { name } else { format!("{prefix}.{name}") };
+            let text = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Table(t) => {
+                    walk(section, &name, t, out)?;
+                    continue;
+                }
+                _ => {
+                    return Err(field_err(format!("{section}.{name}"), "must be a string, number or boolean"))
+                }
+            };
+            out.insert(name, text);
+        }
+        Ok(())
     }
+    let mut out = BTreeMap::new();
+    walk(section, "", raw, &mut out)?;
     Ok(out)
 }
 
@@ -952,7 +984,9 @@ mod tests {
                 &[],
                 "models[0].examination",
             ),
-            ("[join]\ngrase = \"1m\"", &[], "grase"),
+            ("[join]\ngrase = \"1m\"", &[], "join.grase"),
+            ("grase = 1", &[], "grase"),
+            ("[[models]]\nid = \"m\"\nhalf_life = 7", &[], "models[0].half_life"),
             ("", &[("BANDITFLOW__JOIN__GRACE", "later")], "join.grace"),
             ("", &[("BANDITFLOW__MODELS__5__HALF_LIFE", "1d")], "models.5.half_life"),
             ("[rewards.click]\nreward = 1\nwindow = \"-1s\"", &[], "rewards.click.window"),
@@ -985,6 +1019,44 @@ mod tests {
                 }
                 other => panic!("expected error naming {field} for {file:?}, got {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn the_environment_accepts_what_the_file_accepts() {
+        // Regression: a bare number for a string field was refused as "invalid type: integer
+        // `300000`", naming the value instead of the field.
+        let c = load(
+            "",
+            &[
+                ("BANDITFLOW__JOIN__GRACE", "300000"),
+                ("BANDITFLOW__KAFKA__GROUP_ID", "123"),
+                ("BANDITFLOW__KAFKA__INSTANCE_ID", "7"),
+                ("BANDITFLOW__MODELS__0__ID", "2026"),
+                ("BANDITFLOW__SERVING__HOLDOUT_SHARE", "0.1"),
+                ("BANDITFLOW__SERVING__COLD_START", "true"),
+                ("BANDITFLOW__KAFKA__PROPERTIES__LINGER__MS", "5"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(c.core.join.grace_ms, 300_000);
+        assert_eq!(c.kafka.group_id, "123");
+        assert_eq!(c.kafka.instance_id, "7");
+        assert_eq!(c.core.models[0].id, "2026");
+        assert_eq!(c.serving.holdout_share, 0.1);
+        assert!(c.serving.cold_start);
+        assert_eq!(
+            c.kafka.properties.get("linger.ms").map(String::as_str),
+            Some("5"),
+            "dotted names from the environment"
+        );
+        // A number where a number belongs is still checked as one, and named by its path.
+        match load("", &[("BANDITFLOW__SERVING__HOLDOUT_SHARE", "lots")]) {
+            Err(ConfigError::Field { field, message }) => {
+                assert_eq!(field, "serving.holdout_share", "{message}");
+                assert!(!message.is_empty());
+            }
+            other => panic!("expected a field error, got {other:?}"),
         }
     }
 

@@ -110,6 +110,8 @@ SERVING = {
     "banditflow_serving_not_ready_total": ("counter", ("model",), {"model": ["home", "search"]}),
     "banditflow_serving_merge_failures_total": ("counter", ("model",), {"model": ["home", "search"]}),
     "banditflow_serving_bad_snapshots_total": ("counter", (), {}),
+    "banditflow_serving_incomplete_values_total": ("counter", (), {}),
+    "banditflow_serving_subscriber_running": ("gauge", (), {}),
 }
 
 # Both binaries (metrics-process).

@@ -87,7 +87,7 @@ def gauge(name, labels, now, elapsed):
     if name == "banditflow_serving_lift_reward_per_impression":
         return {"estimate": 0.1, "lower": 0.05, "upper": 0.15}[labels["bound"]]
     fixed = {
-        "banditflow_ready": 1, "banditflow_serving_ready": 1, "banditflow_assigned_partitions": 2,
+        "banditflow_ready": 1, "banditflow_serving_ready": 1, "banditflow_serving_subscriber_running": 1, "banditflow_assigned_partitions": 2,
         "banditflow_consumer_lag_records": 120, "banditflow_consumer_lag_seconds": 0.4,
         "banditflow_snapshot_last_success_timestamp_seconds": now - 0.5,
         "banditflow_snapshot_version": 1_000_000 + 500 * elapsed, "banditflow_snapshot_bytes": 48_000,

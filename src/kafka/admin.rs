@@ -88,11 +88,15 @@ pub fn prepare_topics(config: &Config) -> anyhow::Result<i32> {
                 .find(|e| e.name == "cleanup.policy")
                 .and_then(|e| e.value)
                 .unwrap_or_default();
-            if !policy.contains("compact") {
+            if !compacted_only(&policy) {
                 bail!(
-                    "snapshot topic `{}` has cleanup.policy={policy}; it must be compacted (cleanup.policy=compact), \
-                     or old snapshots are deleted by retention and partitions cannot be restored",
-                    k.snapshot_topic
+                    "snapshot topic `{topic}` has cleanup.policy={policy}; it must be `compact` alone: with \
+                     `delete`, segments older than retention.ms are deleted, and with them state that must \
+                     outlive them (the default funnel keeps purchased impressions 30 days; a model or a \
+                     checkpoint that did not change recently), so partitions would be restored without it. \
+                     Set it with: kafka-configs.sh --alter --entity-type topics --entity-name {topic} \
+                     --add-config cleanup.policy=compact",
+                    topic = k.snapshot_topic
                 );
             }
         }
@@ -147,6 +151,12 @@ pub fn prepare_topics(config: &Config) -> anyhow::Result<i32> {
     Ok(n)
 }
 
+/// Whether a `cleanup.policy` value is compaction only (`compact`; `compact,delete` is not).
+pub fn compacted_only(policy: &str) -> bool {
+    let parts: Vec<&str> = policy.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+    parts == ["compact"]
+}
+
 /// Creates topics (for tests and tools); existing ones are left alone.
 pub fn create_topics(bootstrap: &str, topics: &[(&str, i32, bool)]) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -170,4 +180,23 @@ pub fn create_topics(bootstrap: &str, topics: &[(&str, i32, bool)]) -> anyhow::R
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_compaction_alone_keeps_the_snapshot_topic_whole() {
+        // Regression: `contains("compact")` accepted compact,delete, under which retention
+        // deletes state that must outlive it.
+        for (policy, ok) in [
+            ("compact", true),
+            (" compact ", true),
+            ("compact,delete", false),
+            ("delete,compact", false),
+            ("delete", false),
+            ("", false),
+        ] {
+            assert_eq!(super::compacted_only(policy), ok, "{policy:?}");
+        }
+    }
 }

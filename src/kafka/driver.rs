@@ -133,6 +133,16 @@ pub fn run(config: Arc<Config>, shutdown: Arc<AtomicBool>, health: Arc<Health>) 
     run_prepared(config, shutdown, health)
 }
 
+/// Whether `e` is librdkafka refusing a client's configuration.
+fn is_client_config_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<rdkafka::error::KafkaError>(),
+            Some(rdkafka::error::KafkaError::ClientCreation(_))
+        )
+    })
+}
+
 /// 1, 2, 4, 8, 16, then 30 s between attempts.
 fn backoff(failures: u32) -> Duration {
     Duration::from_secs((1u64 << failures.saturating_sub(1).min(5)).min(30))
@@ -172,6 +182,11 @@ pub fn run_prepared(
             Ok(SessionEnd::Shutdown) => {
                 health.set_ready(false, "shut down");
                 return Ok(());
+            }
+            Ok(SessionEnd::Restart(e)) | Err(e) if is_client_config_error(&e) => {
+                // librdkafka refused the properties (kafka.properties and its sections):
+                // configuration that no retry can fix.
+                return Err(e.context("librdkafka refused the configuration (kafka.properties, kafka.consumer_properties, kafka.producer_properties)"));
             }
             Ok(SessionEnd::Restart(e)) | Err(e) => {
                 health.set_ready(false, &format!("session restarting after: {e:#}"));
@@ -259,7 +274,6 @@ fn session(
         if shutdown.load(Ordering::SeqCst) {
             break;
         }
-        health.progress();
         let polled = consumer.poll(Duration::from_millis(20));
         let idle = !matches!(polled, Some(Ok(_)));
         let mut guard = consumer.context().lock();
@@ -286,6 +300,7 @@ fn session(
         since_clock += 1;
         if (idle || since_clock >= 64) && {
             since_clock = 0;
+            health.progress();
             Instant::now() >= next_commit
         } {
             if let Err(e) = s.commit(&consumer, Commit::Interval) {

@@ -68,7 +68,13 @@ pub async fn serve(
     let watched = state.clone();
     let watcher = tokio::spawn(async move {
         let mut last: Option<bool> = None;
+        let mut running = true;
         loop {
+            let alive = watched.subscriber.as_ref().is_none_or(|s| s.alive());
+            if alive != running {
+                crate::telemetry::serving::SubscriberRunning { running: alive }.emit();
+                running = alive;
+            }
             let r = http::readiness(&watched);
             if last != Some(r.ready) {
                 crate::telemetry::serving::ServingReadiness {

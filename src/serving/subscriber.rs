@@ -30,7 +30,8 @@ use crate::core::snapshot::{self, DecodedSnapshot};
 use crate::kafka::now_ms;
 use crate::kafka::reader::{Keys, Read, SnapshotReader};
 use crate::telemetry::serving::{
-    BadSnapshot, MergeFailed, ModelStaleness, ModelUpdated, RecordsVisible, SnapshotPartitions,
+    BadSnapshot, IncompleteValue, MergeFailed, ModelStaleness, ModelUpdated, RecordsVisible,
+    SnapshotPartitions,
 };
 
 /// One model as serving nodes rank with it: the merge of the newest shard of every partition.
@@ -156,6 +157,8 @@ pub struct FollowStatus {
     pub caught_up: BTreeSet<i32>,
     /// Partitions holding a processor's state (`checkpoint/<p>`): every model must cover them.
     pub checkpointed: BTreeSet<i32>,
+    /// Values that arrived incomplete (a chunk missing, a length or checksum wrong).
+    pub incomplete: u64,
 }
 
 impl FollowStatus {
@@ -351,6 +354,7 @@ impl Follower {
                     partitions: self.progress.partitions.clone(),
                     caught_up: self.progress.caught_up.clone(),
                     checkpointed: self.progress.checkpointed.clone(),
+                    incomplete: self.progress.incomplete,
                 }));
             }
         }
@@ -388,6 +392,7 @@ impl Follower {
             partitions: self.progress.partitions.clone(),
             caught_up: self.progress.caught_up.clone(),
             checkpointed: self.progress.checkpointed.clone(),
+            incomplete: self.progress.incomplete,
         }));
         Ok(())
     }
@@ -420,10 +425,18 @@ impl Follower {
                         models.insert(model);
                     }
                 }
-                // A chunked value whose chunks have not all arrived: wait for them.
+                // A manifest follows its chunks in the same transaction and partition, so a value
+                // incomplete when its key arrives never completes: counted, and the previous
+                // shard stays (a newer version of the key is tried afresh when it arrives).
                 Err(
-                    BlobError::MissingChunk { .. } | BlobError::Length { .. } | BlobError::Checksum { .. },
-                ) => {}
+                    e @ (BlobError::MissingChunk { .. }
+                    | BlobError::Length { .. }
+                    | BlobError::Checksum { .. }),
+                ) => {
+                    self.pending.remove(&key);
+                    self.progress.incomplete += 1;
+                    IncompleteValue { key: &key, error: &e }.emit();
+                }
                 Err(e) => {
                     self.pending.remove(&key);
                     self.forget(&key);

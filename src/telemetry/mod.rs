@@ -449,6 +449,22 @@ metric!(
     Serving,
     "Unreadable or undecodable values on the snapshot topic (the previous shard stays)."
 );
+metric!(
+    INCOMPLETE_VALUES,
+    "banditflow_serving_incomplete_values_total",
+    Counter,
+    [],
+    Serving,
+    "Chunked values on the snapshot topic that arrived incomplete (a chunk missing, a wrong length or checksum) and never will complete (the previous shard stays)."
+);
+metric!(
+    SUBSCRIBER_RUNNING,
+    "banditflow_serving_subscriber_running",
+    Gauge,
+    [],
+    Serving,
+    "1 while the snapshot subscriber thread runs; 0 once it has stopped (the node then stops being ready)."
+);
 
 /// Every family banditflow exports (process metrics come from `metrics-process`).
 pub const CATALOG: &[Metric] = &[
@@ -507,6 +523,8 @@ pub const CATALOG: &[Metric] = &[
     NOT_READY,
     MERGE_FAILURES,
     BAD_SNAPSHOTS,
+    INCOMPLETE_VALUES,
+    SUBSCRIBER_RUNNING,
 ];
 
 /// The process metrics (`process_cpu_seconds_total`, `process_resident_memory_bytes`, …),

@@ -43,6 +43,8 @@ impl Started<'_> {
             counter!(PRODUCE_FAILURES.name, "topic" => t.to_string()).absolute(0);
         }
         counter!(BAD_SNAPSHOTS.name).absolute(0);
+        counter!(INCOMPLETE_VALUES.name).absolute(0);
+        gauge!(SUBSCRIBER_RUNNING.name).set(1.0);
         gauge!(SERVING_READY.name).set(0.0);
         gauge!(SNAPSHOT_PARTITIONS.name).set(0.0);
         let _ = histogram!(EVENT_TO_VISIBLE.name);
@@ -202,6 +204,33 @@ impl BadSnapshot<'_> {
     pub fn emit(self) {
         counter!(BAD_SNAPSHOTS.name).increment(1);
         tracing::error!(key = self.key, error = %self.error, "unreadable value on the snapshot topic; keeping the previous one");
+    }
+}
+
+/// A chunked value arrived incomplete and never will complete; the previous shard stays.
+pub struct IncompleteValue<'a> {
+    pub key: &'a str,
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl IncompleteValue<'_> {
+    pub fn emit(self) {
+        counter!(INCOMPLETE_VALUES.name).increment(1);
+        tracing::error!(key = self.key, error = %self.error, "incomplete value on the snapshot topic (it cannot complete); keeping the previous shard");
+    }
+}
+
+/// Whether the snapshot subscriber thread runs.
+pub struct SubscriberRunning {
+    pub running: bool,
+}
+
+impl SubscriberRunning {
+    pub fn emit(self) {
+        gauge!(SUBSCRIBER_RUNNING.name).set(if self.running { 1.0 } else { 0.0 });
+        if !self.running {
+            tracing::error!("the snapshot subscriber stopped: the node no longer follows model updates");
+        }
     }
 }
 

@@ -916,6 +916,56 @@ fn mismatched_partition_counts_are_refused_with_a_clear_message() {
     assert!(err.contains("not co-partitioned") && err.contains("has 2") && err.contains("has 3"), "{err}");
 }
 
+#[test]
+fn librdkafka_properties_it_refuses_end_the_processor_at_once() {
+    // Regression: a property librdkafka refuses at client creation restarted the session every
+    // 30 s for ever instead of ending the program with the cause.
+    let b = bootstrap();
+    let s = Setup::new("badprops", &b, 1);
+    edit_config(
+        &s,
+        "\"heartbeat.interval.ms\" = \"500\"",
+        "\"heartbeat.interval.ms\" = \"500\"\n\"fetch.max.bytes\" = \"1024\"",
+    );
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_banditflow"))
+        .args(["run", "--config"])
+        .arg(&s.config_path)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("librdkafka refused the configuration") && err.contains("fetch.max.bytes"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "at once: {:?}", started.elapsed());
+}
+
+#[test]
+fn a_snapshot_topic_that_retention_may_delete_is_refused() {
+    // Regression: cleanup.policy=compact,delete was accepted (`contains("compact")`), and
+    // retention then deleted state that restore silently did without.
+    let b = bootstrap();
+    let s = Setup::new("policy", &b, 1);
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        banditflow::kafka::bootstrap_config(&b).create().expect("admin");
+    let topic = rdkafka::admin::NewTopic::new(&s.snapshots, 1, rdkafka::admin::TopicReplication::Fixed(1))
+        .set("cleanup.policy", "compact,delete");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    let created =
+        rt.block_on(admin.create_topics(&[topic], &rdkafka::admin::AdminOptions::new())).expect("create");
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let out = Command::new(env!("CARGO_BIN_EXE_banditflow"))
+        .args(["run", "--config"])
+        .arg(&s.config_path)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "refused at start, not retried");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cleanup.policy=compact,delete") && err.contains("must be `compact` alone"),
+        "{err}"
+    );
+}
+
 /// Runs `first`, stops with SIGTERM, then runs `second` (after `between`) and stops again.
 /// Returns the second processor's log. Waiting for every record to be committed is the proof
 /// that the service neither stopped nor crash-looped.

@@ -295,6 +295,48 @@ fn staleness_is_the_oldest_shards_not_the_newest() {
 }
 
 #[test]
+fn a_value_that_can_never_complete_is_counted_and_the_previous_shard_stays() {
+    // Regression: a chunked value whose chunk was missing stayed pending for ever, uncounted.
+    let b = bootstrap();
+    let topic = unique("incomplete-snapshots");
+    banditflow::kafka::admin::create_topics(&b, &[(&topic, 1, true)]).expect("topic");
+    let config = fixture_config(&[]);
+    let m = fixture_catalog(&config).models.values().next().expect("a model").merged.clone();
+    let bytes = banditflow::core::snapshot::encode(&m.spec, &m.shard, &m.meta);
+    let key = banditflow::core::checkpoint::model_key(&m.meta.model_id, 0);
+    let whole = banditflow::core::blob::split(&key, 1, &bytes, 2_000, 0);
+    let mut broken = banditflow::core::blob::split(&key, 2, &bytes, 2_000, 0);
+    assert!(broken.len() > 2, "chunked");
+    broken.remove(1); // a chunk of version 2 never written
+    let producer: rdkafka::producer::BaseProducer =
+        banditflow::kafka::bootstrap_config(&b).create().expect("producer");
+    let write = |records: &[banditflow::core::blob::BlobRecord]| {
+        for r in records {
+            let mut rec: rdkafka::producer::BaseRecord<'_, [u8], [u8]> =
+                rdkafka::producer::BaseRecord::to(&topic).partition(0).key(r.key.as_bytes());
+            if let Some(v) = &r.value {
+                rec = rec.payload(v);
+            }
+            producer.send(rec).map_err(|(e, _)| e).expect("send");
+        }
+        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).expect("flush");
+    };
+    write(&whole);
+    let sub = Subscriber::start(banditflow::kafka::bootstrap_config(&b), &topic, None).expect("subscriber");
+    let catalog = sub.catalog();
+    wait_until("version 1 loaded", Duration::from_secs(30), || {
+        catalog.load().models.contains_key(&m.meta.model_id)
+    });
+    write(&broken);
+    let status = sub.status();
+    wait_until("the incomplete value counted", Duration::from_secs(30), || status.load().incomplete == 1);
+    let loaded = catalog.load();
+    let model = loaded.models.get(&m.meta.model_id).expect("version 1 stays loaded");
+    assert_eq!(model.merged.meta.version, m.meta.version, "the complete shard is the one served");
+    assert!(sub.alive());
+}
+
+#[test]
 fn the_holdout_share_and_assignment_follow_the_user_key_hash() {
     let config = fixture_config(&[("BANDITFLOW__SERVING__HOLDOUT_SHARE", "0.05")]);
     let catalog = fixture_catalog(&config);
