@@ -895,6 +895,15 @@ fn broker_restart_mid_stream_keeps_exact_totals() {
     s.assert_totals_match_truth(&shop.events);
 }
 
+/// Runs `banditflow run` on `s` and waits for it to exit (for configurations it refuses).
+fn run_until_it_exits(s: &Setup) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_banditflow"))
+        .args(["run", "--config"])
+        .arg(&s.config_path)
+        .output()
+        .expect("runs")
+}
+
 #[test]
 fn mismatched_partition_counts_are_refused_with_a_clear_message() {
     let b = bootstrap();
@@ -906,11 +915,7 @@ fn mismatched_partition_counts_are_refused_with_a_clear_message() {
         &format!(r#"topics = [{{ name = "{}", role = "impressions", encoding = "protobuf" }}, {{ name = "{fb}", role = "feedback", encoding = "json" }}]"#, s.input),
     );
     std::fs::write(&s.config_path, text).expect("config");
-    let out = Command::new(env!("CARGO_BIN_EXE_banditflow"))
-        .args(["run", "--config"])
-        .arg(&s.config_path)
-        .output()
-        .expect("runs");
+    let out = run_until_it_exits(&s);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not co-partitioned") && err.contains("has 2") && err.contains("has 3"), "{err}");
@@ -928,11 +933,7 @@ fn librdkafka_properties_it_refuses_end_the_processor_at_once() {
         "\"heartbeat.interval.ms\" = \"500\"\n\"fetch.max.bytes\" = \"1024\"",
     );
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_banditflow"))
-        .args(["run", "--config"])
-        .arg(&s.config_path)
-        .output()
-        .expect("runs");
+    let out = run_until_it_exits(&s);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("librdkafka refused the configuration") && err.contains("fetch.max.bytes"), "{err}");
@@ -953,11 +954,7 @@ fn a_snapshot_topic_that_retention_may_delete_is_refused() {
     let created =
         rt.block_on(admin.create_topics(&[topic], &rdkafka::admin::AdminOptions::new())).expect("create");
     assert!(created.iter().all(Result::is_ok), "{created:?}");
-    let out = Command::new(env!("CARGO_BIN_EXE_banditflow"))
-        .args(["run", "--config"])
-        .arg(&s.config_path)
-        .output()
-        .expect("runs");
+    let out = run_until_it_exits(&s);
     assert!(!out.status.success(), "refused at start, not retried");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
