@@ -343,7 +343,10 @@ fn a_real_prometheus_answers_every_dashboard_panel_and_recording_rule() {
                 && l.split_whitespace().last().is_some_and(|v| v != "0")
         })
     });
-    std::thread::sleep(Duration::from_secs(5));
+    // …and Prometheus has scraped it.
+    wait_until("Prometheus to hold the node's freshness samples", Duration::from_secs(30), || {
+        !query(prom.addr, "sum(banditflow_serving_event_to_visible_seconds_count) > 0").is_empty()
+    });
 
     let mut failures = Vec::new();
     let mut answered = BTreeMap::new();
