@@ -146,7 +146,7 @@ impl WrittenRecords {
 }
 
 /// What the subscriber knows about its progress, for readiness.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct FollowStatus {
     /// The topic's partitions have been listed at least once (a topic that does not exist yet
     /// has none).
@@ -349,15 +349,14 @@ impl Follower {
                 self.publish();
             }
             if changed || progressed {
-                self.status.store(Arc::new(FollowStatus {
-                    listed: self.progress.listed,
-                    partitions: self.progress.partitions.clone(),
-                    caught_up: self.progress.caught_up.clone(),
-                    checkpointed: self.progress.checkpointed.clone(),
-                    incomplete: self.progress.incomplete,
-                }));
+                self.report_status();
             }
         }
+    }
+
+    /// Publishes the progress for readiness.
+    fn report_status(&self) {
+        self.status.store(Arc::new(self.progress.clone()));
     }
 
     /// The reader is at `next` in `partition`: caught up once past the end seen at start.
@@ -372,7 +371,7 @@ impl Follower {
         if new.is_empty() {
             if !self.progress.listed {
                 self.progress.listed = true;
-                self.status.store(Arc::new(FollowStatus { listed: true, ..FollowStatus::default() }));
+                self.report_status();
             }
             return Ok(());
         }
@@ -387,13 +386,7 @@ impl Follower {
         self.reader.assign_from_start(&new)?;
         self.progress.listed = true;
         SnapshotPartitions { count: self.ends.len() }.emit();
-        self.status.store(Arc::new(FollowStatus {
-            listed: true,
-            partitions: self.progress.partitions.clone(),
-            caught_up: self.progress.caught_up.clone(),
-            checkpointed: self.progress.checkpointed.clone(),
-            incomplete: self.progress.incomplete,
-        }));
+        self.report_status();
         Ok(())
     }
 
