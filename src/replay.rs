@@ -55,6 +55,7 @@ pub fn apply_record(config: &Config, run: &mut ReplayRun, record: Record) {
         // Nothing is persisted record by record here: keep no changelog bookkeeping.
         state.join.changes.untracked = true;
         state.join.buffer.untracked = true;
+        state.declare_inputs(config.topics.iter().map(|t| t.name.as_str()));
         state
     });
     let input = InputRecord {

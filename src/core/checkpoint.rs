@@ -38,8 +38,25 @@ use super::pb;
 use super::reconfigure::{self, ModelChange};
 use super::snapshot::{self, DecodedSnapshot, SnapshotError, SnapshotMeta};
 
-/// 2: the buffer in changelog segments; 1 (still restored): a record per buffered impression.
-pub const FORMAT_VERSION: u32 = 2;
+/// The checkpoint format this build writes. The policy: a build restores the format before its
+/// own and its own (a rolling upgrade, or a rollback by one version, restores every
+/// partition); older ones are refused by name (`SnapshotError::CheckpointVersion`) and isolated to their
+/// partition. 3: per-input event-time clocks and what restore must find (live segments, held
+/// records); 2: the buffer in changelog segments; 1 (still restored, upgraded): a record per
+/// buffered impression.
+pub const FORMAT_VERSION: u32 = 3;
+
+/// The previous format, still restored.
+pub const PREVIOUS_FORMAT_VERSION: u32 = 2;
+
+/// xxh3-64 of segment sequence numbers in ascending order (u32 little-endian).
+pub fn segments_digest(sequences: impl IntoIterator<Item = u32>) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for q in sequences {
+        h.update(&q.to_le_bytes());
+    }
+    h.digest()
+}
 
 /// Entries of sparse old segments copied forward per save.
 pub const COMPACTION_PER_SAVE: usize = 50_000;
@@ -141,6 +158,44 @@ pub struct SavedPartition {
     pub models: Vec<(String, Vec<u8>)>,
 }
 
+/// Whether restore found every value the checkpoint says is live (format 3): a missing segment
+/// or held record would silently lose retained impressions or held feedback.
+fn check_complete(cp: &pb::PartitionCheckpoint, found: &[u32], held: usize) -> Result<(), SnapshotError> {
+    let p = cp.partition;
+    let missing = |what: String| {
+        SnapshotError::Missing(format!(
+            "{what} (checkpoint/{p} of version {}); was a value deleted from the snapshot topic? \
+             (its cleanup.policy must be `compact` alone, without `delete` or retention)",
+            cp.records
+        ))
+    };
+    if cp.live_segments as usize != found.len()
+        || segments_digest(found.iter().copied()) != cp.live_segments_digest
+    {
+        let first = cp.first_live_segment;
+        if cp.live_segments > 0 && !found.contains(&first) {
+            return Err(missing(format!("buffer segment `{}` is missing", segment_key(p, first))));
+        }
+        let span = match (found.first(), found.last()) {
+            (Some(a), Some(b)) => format!(" (found `{}` … `{}`)", segment_key(p, *a), segment_key(p, *b)),
+            _ => String::new(),
+        };
+        return Err(missing(format!(
+            "{} live buffer segments from `{}` are recorded, {} found{span}",
+            cp.live_segments,
+            segment_key(p, first),
+            found.len()
+        )));
+    }
+    if cp.held_records != held as u64 {
+        return Err(missing(format!(
+            "{} held feedback records (`held/{p}/…`) are recorded, {held} found",
+            cp.held_records
+        )));
+    }
+    Ok(())
+}
+
 fn invalid(msg: impl Into<String>) -> SnapshotError {
     SnapshotError::Invalid(msg.into())
 }
@@ -217,6 +272,15 @@ fn header_and_models(spec: &CoreSpec, state: &PartitionState) -> (Vec<u8>, Vec<(
         models: spec.models.iter().map(|m| m.id.clone()).collect(),
         next_buffer_segment: state.join.buffer.next_segment,
         checksum: 0,
+        input_times: state
+            .inputs
+            .iter()
+            .filter_map(|c| c.newest_ms.map(|t| pb::InputTime { topic: c.topic.clone(), newest_ms: t }))
+            .collect(),
+        live_segments: state.join.buffer.segments.len() as u32,
+        first_live_segment: state.join.buffer.segments.keys().next().copied().unwrap_or(0),
+        live_segments_digest: segments_digest(state.join.buffer.segments.keys().copied()),
+        held_records: state.join.pending_order.len() as u64,
     };
     cp.checksum = xxh3_64(&cp.encode_to_vec());
     let models = spec
@@ -436,6 +500,13 @@ pub fn save_all(spec: &CoreSpec, state: &PartitionState) -> SavedPartition {
     puts.sort();
     let mut state_for_header = state.clone();
     state_for_header.join.buffer.next_segment = seq + 1;
+    // The one segment written holds every entry.
+    let only = super::buffer::SegmentUse {
+        live: keys.len() as u32,
+        written: keys.len() as u32,
+        ..Default::default()
+    };
+    state_for_header.join.buffer.segments = BTreeMap::from([(seq, only)]);
     let (header, models) = header_and_models(spec, &state_for_header);
     SavedPartition { header, puts, deletes: Vec::new(), models }
 }
@@ -519,8 +590,8 @@ pub fn restore(
 ) -> Result<(PartitionState, Vec<(String, ModelChange)>), SnapshotError> {
     let decode_err = |e: prost::DecodeError| SnapshotError::Decode(e.to_string());
     let mut cp = pb::PartitionCheckpoint::decode(header).map_err(decode_err)?;
-    if cp.format_version != FORMAT_VERSION && cp.format_version != 1 {
-        return Err(SnapshotError::Version { found: cp.format_version });
+    if ![FORMAT_VERSION, PREVIOUS_FORMAT_VERSION, 1].contains(&cp.format_version) {
+        return Err(SnapshotError::CheckpointVersion { found: cp.format_version });
     }
     let stored = cp.checksum;
     cp.checksum = 0;
@@ -530,6 +601,13 @@ pub fn restore(
     }
     let mut state = PartitionState::new(spec, cp.partition);
     state.records = cp.records;
+    for t in &cp.input_times {
+        state.inputs.push(super::partition::InputClock {
+            topic: t.topic.clone(),
+            newest_ms: Some(t.newest_ms),
+            idle: false,
+        });
+    }
     for o in &cp.input_offsets {
         state.offsets.insert((o.topic.clone(), o.partition), o.next_offset);
     }
@@ -643,6 +721,7 @@ pub fn restore(
     // Format 2: segments in sequence order, decoded one at a time (a partition's segments can
     // hold millions of entries); the newest version of a key wins.
     let mut previous: Option<u32> = None;
+    let mut found: Vec<u32> = Vec::with_capacity(segments.len());
     // Entries whose stored retention end differs from today's (parameters changed).
     let mut rewrite: rustc_hash::FxHashSet<Key> = rustc_hash::FxHashSet::default();
     for raw in segments {
@@ -657,6 +736,7 @@ pub fn restore(
             )));
         }
         previous = Some(q);
+        found.push(q);
         let name = |i: u32| -> Result<&str, SnapshotError> {
             seg.names
                 .get(i as usize)
@@ -752,6 +832,9 @@ pub fn restore(
         if !join.buffer.contains(k) && wm.is_none_or(|w| until >= w) {
             join.buffer.deleted.push((k, until));
         }
+    }
+    if cp.format_version >= 3 {
+        check_complete(&cp, &found, held.len())?;
     }
     let mut held_all = std::mem::take(&mut cp.held);
     for raw in held {

@@ -1,9 +1,11 @@
 //! The attribution join: matches feedback to the impression it belongs to, by impression id,
 //! within per-kind attribution windows in event time, and turns each match into model updates.
 //!
-//! Watermark: the newest event time seen on the partition minus `watermark_delay`. It drives
-//! every expiry, so the outcome depends only on the order of records in the partition, never on
-//! a clock. Outcomes (each counted in [`JoinCounters`]):
+//! Watermark: a clock of event time minus `watermark_delay`. With one input topic the clock is
+//! the newest event time seen on the partition; with two, the oldest of the inputs' newest
+//! times (`PartitionState` advances it per input, so feedback read ahead of its impressions
+//! waits as held feedback instead of expiring them). It drives every expiry, so the outcome
+//! depends only on the order of records in the partition, never on a clock. Outcomes (each counted in [`JoinCounters`]):
 //!
 //! | outcome | when | learned |
 //! |---|---|---|
@@ -330,7 +332,8 @@ impl AttributionJoin {
         v
     }
 
-    /// Processes one valid event whose model index (for impressions) the caller resolved.
+    /// Processes one valid event whose model index (for impressions) the caller resolved, on
+    /// a partition with one input: the watermark follows the event's time.
     pub fn process_impression(
         &mut self,
         spec: &CoreSpec,
@@ -338,16 +341,34 @@ impl AttributionJoin {
         model: usize,
         imp: Impression,
     ) -> Outcome {
-        let r = self.cached_retention(spec);
         self.advance(imp.time_ms);
+        self.impression(spec, models, model, imp)
+    }
+
+    /// [`AttributionJoin::process_impression`]'s counterpart for feedback.
+    pub fn process_feedback(&mut self, spec: &CoreSpec, models: &mut [ModelShard], fb: Feedback) -> Outcome {
+        self.advance(fb.time_ms);
+        self.feedback(spec, models, fb)
+    }
+
+    /// Processes an impression without moving the watermark's clock (the caller advanced it:
+    /// `PartitionState` does so per input).
+    pub fn impression(
+        &mut self,
+        spec: &CoreSpec,
+        models: &mut [ModelShard],
+        model: usize,
+        imp: Impression,
+    ) -> Outcome {
+        let r = self.cached_retention(spec);
         let outcome = self.insert_impression(spec, &r, models, model, imp);
         self.expire(spec, &r);
         outcome
     }
 
-    pub fn process_feedback(&mut self, spec: &CoreSpec, models: &mut [ModelShard], fb: Feedback) -> Outcome {
+    /// Processes feedback without moving the watermark's clock (see [`AttributionJoin::impression`]).
+    pub fn feedback(&mut self, spec: &CoreSpec, models: &mut [ModelShard], fb: Feedback) -> Outcome {
         let r = self.cached_retention(spec);
-        self.advance(fb.time_ms);
         let key = Key::of(&fb.impression_id);
         let features = self.buffer_features(key);
         let outcome = match self.buffer.get_mut(key) {
@@ -375,7 +396,8 @@ impl AttributionJoin {
         self.buffer.features.get(&key).cloned().unwrap_or_default()
     }
 
-    fn advance(&mut self, t: i64) {
+    /// Moves the watermark's clock forward to `t` (never back).
+    pub fn advance(&mut self, t: i64) {
         self.max_event_time_ms = Some(self.max_event_time_ms.map_or(t, |m| m.max(t)));
     }
 

@@ -44,6 +44,31 @@ pub struct PartitionState {
     /// Invalid records by reason code.
     pub invalid: BTreeMap<&'static str, u64>,
     pub records: u64,
+    /// The input topics feeding the partition, each with its own event-time clock: the join's
+    /// watermark advances to the oldest of the newest event times of the inputs that are not
+    /// idle (Flink's two-input operators), so one topic read far ahead of the other cannot
+    /// expire the records the other still brings. With one input it is that input's newest
+    /// event time. Declared by the edge ([`PartitionState::declare_inputs`]); an undeclared
+    /// topic is added on its first valid record.
+    pub inputs: Vec<InputClock>,
+}
+
+/// One input topic's event-time clock in a partition.
+#[derive(Debug, Clone)]
+pub struct InputClock {
+    pub topic: String,
+    /// The newest event time of the input's valid records (stored in the checkpoint).
+    pub newest_ms: Option<i64>,
+    /// The edge found the input idle (nothing queued, nothing known on the broker, for
+    /// `kafka.max_idle`): it does not hold the watermark back until its next record. The
+    /// edge's view of the moment, not state: not stored, and not compared.
+    pub idle: bool,
+}
+
+impl PartialEq for InputClock {
+    fn eq(&self, o: &InputClock) -> bool {
+        self.topic == o.topic && self.newest_ms == o.newest_ms
+    }
 }
 
 impl PartitionState {
@@ -55,7 +80,56 @@ impl PartitionState {
             offsets: BTreeMap::new(),
             invalid: BTreeMap::new(),
             records: 0,
+            inputs: Vec::new(),
         }
+    }
+
+    /// Declares the input topics (configuration order), so that an input that has delivered
+    /// nothing yet holds the watermark back. Clocks of topics already known are kept.
+    pub fn declare_inputs<'a>(&mut self, topics: impl IntoIterator<Item = &'a str>) {
+        for t in topics {
+            if !self.inputs.iter().any(|c| c.topic == t) {
+                self.inputs.push(InputClock { topic: t.to_string(), newest_ms: None, idle: false });
+            }
+        }
+    }
+
+    /// The edge's view of whether `topic` is idle (see [`InputClock::idle`]). Marking an input
+    /// idle may let the watermark advance to the other inputs' clocks; the expiry it allows
+    /// happens with the next record.
+    pub fn set_idle(&mut self, topic: &str, idle: bool) {
+        if let Some(c) = self.inputs.iter_mut().find(|c| c.topic == topic) {
+            c.idle = idle;
+        }
+        if idle {
+            if let Some(t) = self.watermark_clock() {
+                self.join.advance(t);
+            }
+        }
+    }
+
+    /// Records an event time of `topic` and returns where the watermark's clock may advance
+    /// to: the oldest newest time over the inputs not idle, none while one of them has no time.
+    fn tick(&mut self, topic: &str, t: i64) -> Option<i64> {
+        match self.inputs.iter_mut().find(|c| c.topic == topic) {
+            Some(c) => {
+                c.newest_ms = Some(c.newest_ms.map_or(t, |n| n.max(t)));
+                c.idle = false;
+            }
+            None => {
+                self.inputs.push(InputClock { topic: topic.to_string(), newest_ms: Some(t), idle: false })
+            }
+        }
+        self.watermark_clock()
+    }
+
+    fn watermark_clock(&self) -> Option<i64> {
+        let mut oldest: Option<i64> = None;
+        for c in self.inputs.iter().filter(|c| !c.idle) {
+            let n = c.newest_ms?;
+            oldest = Some(oldest.map_or(n, |o| o.min(n)));
+        }
+        oldest
     }
 
     pub fn apply(&mut self, spec: &CoreSpec, record: InputRecord<'_>) -> Applied {
@@ -74,10 +148,20 @@ impl PartitionState {
             .and_then(|e| check_bounds(spec, record.timestamp_ms, e));
         let result = match decoded {
             Ok(Event::Impression(imp)) => match spec.models.iter().position(|m| m.id == imp.model_id) {
-                Some(model) => Ok(self.join.process_impression(spec, &mut self.models, model, imp)),
+                Some(model) => {
+                    if let Some(t) = self.tick(record.topic, imp.time_ms) {
+                        self.join.advance(t);
+                    }
+                    Ok(self.join.impression(spec, &mut self.models, model, imp))
+                }
                 None => Err(InvalidEvent::UnknownModel(imp.model_id)),
             },
-            Ok(Event::Feedback(fb)) => Ok(self.join.process_feedback(spec, &mut self.models, fb)),
+            Ok(Event::Feedback(fb)) => {
+                if let Some(t) = self.tick(record.topic, fb.time_ms) {
+                    self.join.advance(t);
+                }
+                Ok(self.join.feedback(spec, &mut self.models, fb))
+            }
             Err(e) => Err(e),
         };
         match result {

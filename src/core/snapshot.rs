@@ -28,8 +28,16 @@ pub enum SnapshotError {
     Version { found: u32 },
     #[error("snapshot checksum mismatch: stored {stored:#018x}, computed {computed:#018x}")]
     Checksum { stored: u64, computed: u64 },
+    #[error(
+        "checkpoint format version {found} is not supported (this build reads {} and {}, and upgrades 1)",
+        crate::core::checkpoint::PREVIOUS_FORMAT_VERSION,
+        crate::core::checkpoint::FORMAT_VERSION
+    )]
+    CheckpointVersion { found: u32 },
     #[error("snapshot is invalid: {0}")]
     Invalid(String),
+    #[error("stored state is incomplete: {0}")]
+    Missing(String),
     #[error("cannot merge snapshots of model `{a}` and `{b}`")]
     ModelMismatch { a: String, b: String },
     #[error("cannot merge snapshots of model `{0}` learned with different parameters")]

@@ -46,11 +46,6 @@ pub(super) struct InputLag {
     /// The consumer's position: past the last record routed, or librdkafka's own position,
     /// which also moves past transaction markers (control records). -1: not known.
     pub(super) next: i64,
-    /// `next` is where the consumer should start (the log start: the state had no offset) but
-    /// nothing has confirmed it yet. A group offset committed without a state (a re-created
-    /// snapshot topic) would start it elsewhere, possibly at the end with nothing to deliver:
-    /// without confirmation within [`FIRST_RECORD_WAIT`] the position counts as unknown.
-    pub(super) assumed: bool,
     /// The end offset last known (read_committed: the last stable offset, from the watermarks
     /// read at assignment and the fetch responses reported in the statistics). -1: not known.
     pub(super) end: i64,
@@ -63,7 +58,6 @@ pub(super) struct InputLag {
 impl InputLag {
     /// The consumer delivered up to `next` (a record, or its position).
     pub(super) fn delivered(&mut self, next: i64) -> bool {
-        self.assumed = false;
         let moved = next > self.next;
         self.next = self.next.max(next);
         moved
@@ -104,20 +98,19 @@ impl Flow {
 pub(super) const POSITION_CHECK: Duration = Duration::from_millis(50);
 
 /// An aligned input at assignment: where the consumer starts (`restored`, the state's next
-/// offset) against the partition's (low, high) watermarks read just before (read_committed, so
-/// `high` is the last stable offset), when they could be read.
+/// offset; without one the assignment names the log start, or the end with `latest`) against
+/// the partition's (low, high) watermarks read just before (read_committed, so `high` is the
+/// last stable offset), when they could be read. An input whose end lies past where the
+/// consumer starts is behind until its records are delivered, however slow the fetch.
 pub(super) fn input_lag(restored: Option<i64>, watermarks: Option<(i64, i64)>, latest: bool) -> InputLag {
-    let (next, end, assumed) = match (restored, watermarks) {
+    let (next, end) = match (restored, watermarks) {
         // Below the log start the consumer is reset: to the start, or with `latest` to the end.
-        (Some(o), Some((low, high))) => (if o < low && latest { high } else { o.max(low) }, high, false),
-        // No offset in the state: the consumer starts where `auto.offset.reset` says (the
-        // group has no committed offsets where the state has none, unless the snapshot topic
-        // was lost: hence `assumed`).
-        (None, Some((low, high))) if latest || low >= high => (high, high, false),
-        (None, Some((low, high))) => (low, high, true),
-        (restored, None) => (restored.unwrap_or(-1), -1, false),
+        (Some(o), Some((low, high))) => (if o < low && latest { high } else { o.max(low) }, high),
+        (None, Some((_, high))) if latest => (high, high),
+        (None, Some((low, high))) => (low, high),
+        (restored, None) => (restored.unwrap_or(-1), -1),
     };
-    let mut lag = InputLag { next, end, assumed, told: Backlog::Unknown, paused: false };
+    let mut lag = InputLag { next, end, told: Backlog::Unknown, paused: false };
     lag.told = lag.backlog();
     lag
 }
@@ -153,6 +146,12 @@ pub(super) struct Aligner {
     /// Which topics the task wants paused.
     pub(super) paused: Vec<bool>,
     pub(super) queued: usize,
+    /// Per topic: skipped as idle by the last release (empty, not behind, waited for its idle
+    /// limit). The task tells the partition state, whose join watermark then stops waiting
+    /// for it ([`crate::core::partition::InputClock::idle`]).
+    pub(super) idle: Vec<bool>,
+    /// `idle` changed since the task last read it.
+    pub(super) idle_changed: bool,
     pub(super) max_idle: Duration,
     pub(super) cap: usize,
     pub(super) pause_at: usize,
@@ -174,6 +173,8 @@ impl Aligner {
             backlog,
             paused: vec![false; n],
             queued: 0,
+            idle: vec![false; n],
+            idle_changed: false,
             max_idle,
             cap,
             pause_at,
@@ -233,6 +234,19 @@ impl Aligner {
         });
         if waiting && self.queued <= self.cap {
             return None;
+        }
+        // Released past a topic still waited for (the cap overflowed), that topic is not idle:
+        // the partition's watermark keeps waiting for it, so what is released meanwhile is held
+        // or retained, not expired.
+        for u in 0..self.queues.len() {
+            let idle = u != t
+                && self.queues[u].is_empty()
+                && self.backlog[u] != Backlog::Behind
+                && now.duration_since(self.empty_since[u]) >= self.idle_limit(u);
+            if idle != self.idle[u] {
+                self.idle[u] = idle;
+                self.idle_changed = true;
+            }
         }
         let r = self.queues[t].pop_front()?;
         self.queued -= 1;
@@ -318,15 +332,6 @@ impl Session {
         let now = Instant::now();
         if now >= self.next_position_check {
             self.next_position_check = now + POSITION_CHECK;
-            for task in self.tasks.values_mut() {
-                if now.duration_since(task.started) >= FIRST_RECORD_WAIT {
-                    for input in task.inputs.iter_mut().filter(|i| i.assumed) {
-                        input.assumed = false;
-                        input.next = -1;
-                        self.lag_changed = true;
-                    }
-                }
-            }
             let unsettled = self.tasks.values().any(|t| t.inputs.iter().any(|i| i.told != Backlog::CaughtUp));
             if unsettled {
                 match consumer.position() {
@@ -642,12 +647,15 @@ mod tests {
         assert_eq!(b(Some(2), Some((5, 9)), true), CaughtUp, "reset to the end");
         assert_eq!(b(None, Some((0, 10)), true), CaughtUp);
         assert_eq!(b(None, Some((3, 3)), false), CaughtUp);
-        assert_eq!(b(None, Some((0, 10)), false), Behind, "assumed to start at the log start");
-        assert!(input_lag(None, Some((0, 10)), false).assumed);
+        assert_eq!(b(None, Some((0, 10)), false), Behind, "the assignment names the log start");
         assert_eq!(b(Some(5), None, false), Unknown);
+        // Behind until the records are delivered, however long that takes: only a delivery
+        // or a position moves it (the consumer thread reads positions, never a clock).
         let mut lag = input_lag(None, Some((0, 10)), false);
-        assert!(!lag.delivered(0), "a position at the log start confirms the assumption");
-        assert!(!lag.assumed);
+        assert!(!lag.delivered(0), "a position at the log start is no progress");
+        assert_eq!(lag.backlog(), Behind);
+        assert!(lag.delivered(10));
+        assert_eq!(lag.backlog(), CaughtUp);
     }
 
     #[test]

@@ -33,7 +33,6 @@ pub(super) struct Task {
     pub(super) inputs: Vec<InputLag>,
     /// The task's pause requests (read on the consumer thread only).
     pub(super) flow: Arc<Flow>,
-    pub(super) started: Instant,
     /// When the task started (ms since the epoch), for lag in seconds before any record.
     pub(super) assigned_ms: i64,
     /// Per input topic: the timestamp of the last record routed (for lag in seconds).
@@ -148,22 +147,27 @@ impl Session {
         }
         let done: Vec<(i32, u64)> = states.iter().map(|(p, s)| (*p, s.records)).collect();
         PartitionsRestored { partitions: &done, failed: 0, elapsed: started.elapsed() }.emit();
-        let mut out = TopicPartitionList::new();
-        for e in tpl.elements() {
-            let offset = states
-                .get(&e.partition())
-                .and_then(|s| s.offsets.get(&(e.topic().to_string(), e.partition())))
-                .map_or(Offset::Stored, |o| Offset::Offset(*o));
-            if let Err(err) = out.add_partition_offset(e.topic(), e.partition(), offset) {
-                self.poison(anyhow!("building the assignment: {err}"));
-            }
-        }
-        let ends = self.input_ends(&parts);
         let latest = self
             .config
             .kafka
             .consumer_property("auto.offset.reset")
             .is_some_and(|v| matches!(v, "latest" | "largest" | "end"));
+        // Where each input starts is the state's, always explicit: a partition without an
+        // offset in its state starts at the log start (or its end with `latest`), never at a
+        // group offset committed for a state that is gone (a re-created snapshot topic), which
+        // would pair an empty state with a position past what it never learned, and leave the
+        // aligner guessing where the consumer stands.
+        let mut out = TopicPartitionList::new();
+        for e in tpl.elements() {
+            let offset = states
+                .get(&e.partition())
+                .and_then(|s| s.offsets.get(&(e.topic().to_string(), e.partition())))
+                .map_or(if latest { Offset::End } else { Offset::Beginning }, |o| Offset::Offset(*o));
+            if let Err(err) = out.add_partition_offset(e.topic(), e.partition(), offset) {
+                self.poison(anyhow!("building the assignment: {err}"));
+            }
+        }
+        let ends = self.input_ends(&parts);
         let mut fresh = TopicPartitionList::new();
         for (p, state) in states {
             let inputs: Vec<InputLag> = if self.align {
@@ -250,7 +254,6 @@ impl Session {
             batch: Vec::with_capacity(BATCH),
             inputs,
             flow,
-            started: Instant::now(),
             assigned_ms: super::now_ms(),
             last_timestamp: vec![None; self.config.topics.len()],
         };

@@ -69,8 +69,11 @@ pub fn restore_partition(
     partition: i32,
     store: &LatestByKey,
 ) -> anyhow::Result<PartitionState> {
+    let inputs = config.topics.iter().map(|t| t.name.as_str());
     let Some((version, cp)) = store.get(&checkpoint_key(partition))? else {
-        return Ok(PartitionState::new(&config.core, partition));
+        let mut state = PartitionState::new(&config.core, partition);
+        state.declare_inputs(inputs);
+        return Ok(state);
     };
     let mut models = Vec::new();
     let mut segments = Vec::new();
@@ -117,6 +120,7 @@ pub fn restore_partition(
     let (mut state, changes) =
         checkpoint::restore(&config.core, &cp, &segments, &legacy_impressions, &held, &models)
             .with_context(|| format!("restoring partition {partition} from version {version}"))?;
+    state.declare_inputs(inputs);
     if !legacy_keys.is_empty() {
         tracing::info!(
             partition,

@@ -170,15 +170,28 @@ pub(super) async fn partition_task(
             }
         }
     };
+    // Releases what the aligner lets go, telling the state first which inputs it skipped as idle.
+    let drain = |aligner: &mut Aligner,
+                 state: &mut PartitionState,
+                 dead: &mut Vec<DeadLetter>,
+                 timestamps: &mut Vec<i64>,
+                 meter: &mut PartitionMeter| {
+        while let Some(r) = aligner.pop(Instant::now()) {
+            if std::mem::take(&mut aligner.idle_changed) {
+                for (u, idle) in aligner.idle.iter().enumerate() {
+                    state.set_idle(&config.topics[u].name, *idle);
+                }
+            }
+            apply(state, r, dead, timestamps, meter);
+        }
+        steer(aligner);
+    };
     loop {
         let cmd = match aligner.wait_hint(Instant::now()) {
             Some(wait) => match tokio::time::timeout(wait, rx.recv()).await {
                 Ok(c) => c,
                 Err(_) => {
-                    while let Some(r) = aligner.pop(Instant::now()) {
-                        apply(&mut state, r, &mut dead, &mut timestamps, &mut meter);
-                    }
-                    steer(&mut aligner);
+                    drain(&mut aligner, &mut state, &mut dead, &mut timestamps, &mut meter);
                     continue;
                 }
             },
@@ -195,18 +208,12 @@ pub(super) async fn partition_task(
                     for r in batch {
                         aligner.push(r);
                     }
-                    while let Some(r) = aligner.pop(Instant::now()) {
-                        apply(&mut state, r, &mut dead, &mut timestamps, &mut meter);
-                    }
-                    steer(&mut aligner);
+                    drain(&mut aligner, &mut state, &mut dead, &mut timestamps, &mut meter);
                 }
             }
             Cmd::Backlog { topic, backlog } => {
                 aligner.set_backlog(topic, backlog, Instant::now());
-                while let Some(r) = aligner.pop(Instant::now()) {
-                    apply(&mut state, r, &mut dead, &mut timestamps, &mut meter);
-                }
-                steer(&mut aligner);
+                drain(&mut aligner, &mut state, &mut dead, &mut timestamps, &mut meter);
             }
             Cmd::Snapshot { stop, reply } => {
                 // A configuration change applied at restore must reach the snapshot topic even

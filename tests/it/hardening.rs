@@ -564,10 +564,12 @@ fn caps_lowered_since_the_save_apply_at_restore() {
     let models: Vec<_> = saved.models.iter().map(|(_, b)| snapshot::decode(b).expect("decodes")).collect();
     let segs: Vec<Vec<u8>> =
         saved.puts.iter().filter(|(k, _)| k.starts_with("buf/")).map(|(_, v)| v.clone()).collect();
+    let held: Vec<Vec<u8>> =
+        saved.puts.iter().filter(|(k, _)| k.starts_with("held/")).map(|(_, v)| v.clone()).collect();
     let mut spec = base.core.clone();
     spec.join.max_impressions = 100;
     let (restored, _) =
-        checkpoint::restore(&spec, &saved.header, &segs, &[], &[], &models).expect("restores");
+        checkpoint::restore(&spec, &saved.header, &segs, &[], &held, &models).expect("restores");
     assert_eq!(restored.join.buffered_impressions(), 100);
     assert_eq!(
         restored.join.counters.impressions_evicted,

@@ -409,7 +409,7 @@ impl Processor {
         assert!(st.success());
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         self.signal("-KILL");
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();

@@ -3,6 +3,7 @@
 mod alignment;
 mod bad_input;
 mod changelog;
+mod formats;
 mod fuzz_corpus;
 mod golden;
 mod hardening;

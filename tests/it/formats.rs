@@ -1,0 +1,131 @@
+//! Snapshot-topic format versions. The policy (ARCHITECTURE.md, "Format versions"): a build
+//! reads the checkpoint format before its own and its own, so a rolling upgrade or a rollback
+//! by one version restores every partition. The previous format's bytes are checked in
+//! (`tests/fixtures/checkpoint-v2.jsonl`, written by the build that wrote format 2, with
+//! `BANDITFLOW_WRITE_FORMAT_GOLDEN=1` before format 3 existed): restoring them must give the
+//! state this build computes from the same events.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use banditflow::config::Config;
+use banditflow::core::blob::{self, LatestByKey};
+use banditflow::core::checkpoint;
+use banditflow::core::event;
+use banditflow::core::partition::PartitionState;
+use banditflow::core::pb;
+use base64::Engine as _;
+use prost::Message as _;
+
+use crate::support::apply_event;
+
+const GOLDEN: &str = "tests/fixtures/checkpoint-v2.jsonl";
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture_config() -> Config {
+    Config::load(Some(&root().join("tests/fixtures/shop.toml")), Vec::new()).expect("fixture config")
+}
+
+/// Partition 0's events of the fixture, decoded, in file order but reversed in blocks of 16
+/// (so some feedback comes before its impression and is held for a while), and last a click
+/// whose impression never comes (held when the state is saved).
+fn fixture_events(config: &Config) -> Vec<(event::Event, Option<i64>)> {
+    let text = std::fs::read_to_string(root().join("tests/fixtures/shop.jsonl")).expect("fixture");
+    let mut events = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| banditflow::recording::parse_line(i + 1, l).expect("fixture line"))
+        .filter(|r| r.partition == 0)
+        .filter_map(|r| {
+            let t = config.topic(&r.topic)?;
+            let e = event::decode(t.role, t.encoding, &r.payload).ok()?;
+            Some((e, r.timestamp_ms))
+        })
+        .collect::<Vec<_>>()
+        .chunks(16)
+        .flat_map(|c| c.iter().rev().cloned())
+        .collect::<Vec<_>>();
+    let (last, ts) = events.iter().map(|(e, ts)| (e.time_ms(), *ts)).max().expect("events");
+    let click = crate::support::feedback("never-arrived", "item-1", 1, event::FeedbackKind::Click, last);
+    events.push((event::Event::Feedback(click), ts));
+    events
+}
+
+/// The fixture's partition 0 through one combined input, saved every `every` events as the
+/// processor saves each interval; returns the state and the snapshot topic's newest value per
+/// key (deleted keys gone), as restore reads it.
+fn state_and_store(config: &Config, every: usize) -> (PartitionState, BTreeMap<String, Vec<u8>>) {
+    let spec = &config.core;
+    let mut state = PartitionState::new(spec, 0);
+    let mut topic: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let events = fixture_events(config);
+    for (i, (e, ts)) in events.iter().enumerate() {
+        apply_event(&mut state, spec, e, i as i64, *ts);
+        if (i + 1) % every == 0 || i + 1 == events.len() {
+            let saved = checkpoint::save_changes(spec, &mut state);
+            for k in &saved.deletes {
+                topic.remove(k);
+            }
+            for (k, v) in saved.puts {
+                topic.insert(k, v);
+            }
+            for (m, v) in saved.models {
+                topic.insert(checkpoint::model_key(&m, 0), v);
+            }
+            topic.insert(checkpoint::header_key(0), saved.header);
+        }
+    }
+    (state, topic)
+}
+
+fn as_store(values: &BTreeMap<String, Vec<u8>>, version: u64) -> LatestByKey {
+    let mut store = LatestByKey::default();
+    for (key, value) in values {
+        for r in blob::split(key, version, value, 1 << 20, 0) {
+            store.put(r.key, r.value);
+        }
+    }
+    store
+}
+
+fn read_golden() -> BTreeMap<String, Vec<u8>> {
+    let text = std::fs::read_to_string(root().join(GOLDEN)).expect("golden file");
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("golden line");
+            let key = v["key"].as_str().expect("key").to_string();
+            let value = B64.decode(v["value"].as_str().expect("value")).expect("base64");
+            (key, value)
+        })
+        .collect()
+}
+
+#[test]
+fn the_previous_checkpoint_format_restores_to_what_this_build_computes() {
+    let config = fixture_config();
+    let (state, values) = state_and_store(&config, 400);
+    if std::env::var_os("BANDITFLOW_WRITE_FORMAT_GOLDEN").is_some() {
+        let lines: Vec<String> = values
+            .iter()
+            .map(|(k, v)| serde_json::json!({ "key": k, "value": B64.encode(v) }).to_string())
+            .collect();
+        std::fs::write(root().join(GOLDEN), lines.join("\n") + "\n").expect("write golden");
+    }
+    let golden = read_golden();
+    let header =
+        pb::PartitionCheckpoint::decode(golden[&checkpoint::header_key(0)].as_slice()).expect("header");
+    assert_eq!(header.format_version, 2, "the golden file holds the previous format");
+    assert!(golden.keys().filter(|k| k.starts_with("buf/0/")).count() > 1, "several segments");
+    assert!(golden.keys().any(|k| k.starts_with("held/0/")), "held feedback");
+    let restored =
+        banditflow::kafka::store::restore_partition(&config, 0, &as_store(&golden, header.records))
+            .expect("format 2 restores");
+    assert_eq!(restored.records, state.records);
+    assert_eq!(restored.offsets, state.offsets);
+    assert!(restored.join == state.join, "join restored exactly");
+    assert!(restored.models == state.models, "models restored exactly");
+}
