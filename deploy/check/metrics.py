@@ -39,6 +39,11 @@ PROCESSOR = {
     "banditflow_rebalances_total": ("counter", ("kind",), {"kind": ["assign", "revoke", "error"]}),
     "banditflow_session_restarts_total": ("counter", (), {}),
     "banditflow_partition_restores_total": ("counter", ("result",), {"result": ["ok", "failed"]}),
+    "banditflow_partition_failed": (
+        "gauge",
+        ("partition", "reason"),
+        {"partition": ["0", "1"], "reason": ["restore_timeout", "undecodable"]},
+    ),
     "banditflow_partition_restore_seconds": ("histogram", (), {}),
     "banditflow_transactions_total": ("counter", ("result",), {"result": ["committed", "failed"]}),
     "banditflow_transaction_duration_seconds": ("histogram", (), {}),

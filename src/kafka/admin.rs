@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
@@ -149,6 +151,28 @@ pub fn prepare_topics(config: &Config) -> anyhow::Result<i32> {
         }
     }
     Ok(n)
+}
+
+/// Grows `topic` to `partitions` partitions (input partitions were added while running).
+/// Another instance doing the same first is no error.
+pub fn add_partitions(config: &Config, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let admin: AdminClient<DefaultClientContext> =
+        super::client_config(&config.kafka).create().context("creating an admin client")?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let wanted = usize::try_from(partitions).context("partition count")?;
+    let grown = runtime
+        .block_on(admin.create_partitions(&[NewPartitions::new(topic, wanted)], &opts))
+        .with_context(|| format!("adding partitions to `{topic}`"))?;
+    for r in grown {
+        match r {
+            Ok(_) => {}
+            // Already that many (another instance was first).
+            Err((_, rdkafka::types::RDKafkaErrorCode::InvalidPartitions)) => {}
+            Err((name, e)) => bail!("cannot add partitions to `{name}`: {e}"),
+        }
+    }
+    Ok(())
 }
 
 /// Whether a `cleanup.policy` value is compaction only (`compact`; `compact,delete` is not).

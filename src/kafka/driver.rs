@@ -72,18 +72,27 @@ impl ConsumerContext for Ctx {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 Rebalanced { kind: "assign", partitions: &partitions }.emit();
                 session.health.set_ready(false, "restoring assigned partitions");
-                let (with_offsets, fresh) = session.assign(tpl);
+                let (with_offsets, fresh, failed) = session.assign(tpl);
                 if let Err(e) = consumer.assign(&with_offsets) {
                     session.poison(anyhow!("assigning partitions failed: {e}"));
-                } else if fresh.count() > 0 {
+                } else {
+                    // Partitions that could not be restored stay assigned but fetch nothing
+                    // until a retry restores them (isolation.rs).
+                    if failed.count() > 0 {
+                        if let Err(e) = consumer.pause(&failed) {
+                            session.poison(anyhow!("pausing failed partitions failed: {e}"));
+                        }
+                    }
                     // A pause outlives an assignment in librdkafka: a partition that comes back
                     // to a new task starts resumed, whatever happened to it before.
-                    if let Err(e) = consumer.resume(&fresh) {
-                        session.poison(anyhow!("resuming assigned partitions failed: {e}"));
+                    if fresh.count() > 0 {
+                        if let Err(e) = consumer.resume(&fresh) {
+                            session.poison(anyhow!("resuming assigned partitions failed: {e}"));
+                        }
                     }
                 }
                 if session.poisoned.is_none() {
-                    session.health.set_ready(true, "");
+                    session.report_readiness();
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -236,6 +245,7 @@ fn session(
             lag_changed: false,
             next_position_check: Instant::now(),
             health: Arc::clone(health),
+            failed: BTreeMap::new(),
         })),
     };
     let mut cc = super::consumer_config(k);
@@ -254,6 +264,11 @@ fn session(
         // the queues fill past the threshold, and every partition then waited a whole second
         // with nothing to poll: the pipeline ran at 0.2–0.4 cores (BENCHMARKS.md).
         cc.set("fetch.queue.backoff.ms", "10");
+    }
+    if k.consumer_property("topic.metadata.refresh.interval.ms").is_none() {
+        // Input partitions added while running are noticed at the next metadata refresh (then
+        // the group rebalances and they get their snapshot-topic partitions): 5 min by default.
+        cc.set("topic.metadata.refresh.interval.ms", "30000");
     }
     if k.consumer_property("statistics.interval.ms").is_none() {
         // With two topics the statistics also carry the end offsets of the inputs' fetch
@@ -283,6 +298,7 @@ fn session(
             Some(Err(e)) => ConsumerError { error: &e }.emit(),
             None => s.flush_batches(),
         }
+        s.retry_failed(&consumer);
         if s.align {
             s.track_backlog(&consumer);
             if s.flow_changed.swap(false, Ordering::SeqCst) {

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod driver;
 mod inputs;
+pub mod isolation;
 pub mod probes;
 pub mod reader;
 mod session;

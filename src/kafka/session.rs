@@ -21,6 +21,7 @@ use crate::telemetry::processor::{Assigned, ConsumerLag, Gathered, PartitionRele
 
 use super::driver::Ctx;
 use super::inputs::{input_lag, Backlog, Flow, InputLag};
+use super::isolation::{check_partition, restore_one, Failed};
 use super::probes::Health as Probe;
 use super::store;
 use super::task::{partition_task, Cmd, OwnedRecord, BATCH};
@@ -79,6 +80,8 @@ pub(super) struct Session {
     pub(super) next_position_check: Instant,
     /// What the probes answer.
     pub(super) health: Arc<Probe>,
+    /// Assigned partitions that could not be restored: paused, retried (`isolation.rs`).
+    pub(super) failed: BTreeMap<i32, Failed>,
 }
 
 pub(super) fn input_partitions(tpl: &TopicPartitionList) -> Vec<i32> {
@@ -96,78 +99,85 @@ impl Session {
         }
     }
 
-    /// Restores the newly assigned partitions and returns the assignment with their offsets,
-    /// and the input topic-partitions of the tasks it started (to be resumed once assigned).
-    pub(super) fn assign(&mut self, tpl: &TopicPartitionList) -> (TopicPartitionList, TopicPartitionList) {
+    /// Whether inputs without an offset in their state start at the end (`auto.offset.reset`).
+    pub(super) fn latest(&self) -> bool {
+        self.config
+            .kafka
+            .consumer_property("auto.offset.reset")
+            .is_some_and(|v| matches!(v, "latest" | "largest" | "end"))
+    }
+
+    /// Where input `topic` of partition `p` starts: the state's offset, always explicit. A
+    /// partition without one starts at the log start (or its end with `latest`), never at a
+    /// group offset committed for a state that is gone (a re-created snapshot topic), which
+    /// would pair an empty state with a position past what it never learned, and leave the
+    /// aligner guessing where the consumer stands.
+    pub(super) fn start_offset(&self, state: &PartitionState, topic: &str, p: i32) -> Offset {
+        match state.offsets.get(&(topic.to_string(), p)) {
+            Some(o) => Offset::Offset(*o),
+            None if self.latest() => Offset::End,
+            None => Offset::Beginning,
+        }
+    }
+
+    /// Restores the newly assigned partitions, each on its own (`kafka.restore_timeout` per
+    /// partition), and returns the assignment with their offsets, the input topic-partitions
+    /// of the tasks it started (to be resumed once assigned), and those of partitions that
+    /// could not be restored (to be paused: see `isolation.rs`).
+    pub(super) fn assign(
+        &mut self,
+        tpl: &TopicPartitionList,
+    ) -> (TopicPartitionList, TopicPartitionList, TopicPartitionList) {
+        let nothing = || (TopicPartitionList::new(), TopicPartitionList::new(), TopicPartitionList::new());
         if let Err(e) = self.settle() {
             self.poison(e);
-            return (TopicPartitionList::new(), TopicPartitionList::new());
+            return nothing();
         }
-        let parts: Vec<i32> =
-            input_partitions(tpl).into_iter().filter(|p| !self.tasks.contains_key(p)).collect();
+        let parts: Vec<i32> = input_partitions(tpl)
+            .into_iter()
+            .filter(|p| !self.tasks.contains_key(p) && !self.failed.contains_key(p))
+            .collect();
         let started = Instant::now();
-        let k = &self.config.kafka;
-        let restored = store::read_partitions(
-            super::consumer_config(k),
-            &k.snapshot_topic,
-            &parts,
-            Duration::from_millis(k.restore_timeout_ms as u64),
-        );
-        let stores = match restored {
-            Ok(s) => s,
-            Err(e) => {
-                PartitionsRestored { partitions: &[], failed: parts.len(), elapsed: started.elapsed() }
-                    .emit();
-                self.poison(e.context("restoring assigned partitions"));
-                return (TopicPartitionList::new(), TopicPartitionList::new());
-            }
-        };
+        // Partition counts, to tell an input partition added while running (no snapshot-topic
+        // partition yet) from one that is slow to read; unknown when metadata is unreadable.
+        let counts = super::admin::partition_counts(&self.config).unwrap_or_default();
         let mut states = BTreeMap::new();
-        for (p, s) in &stores {
-            match store::restore_partition(&self.config, *p, s) {
-                Ok(state) => {
+        let mut failures = Vec::new();
+        for p in &parts {
+            let restored =
+                check_partition(&self.config, &counts, *p).and_then(|()| restore_one(&self.config, *p));
+            match restored {
+                Ok(r) => {
                     if let Some(txn) = self.txn.as_mut() {
-                        txn.chunks.extend(store::chunk_counts(s));
+                        txn.chunks.extend(r.chunks);
                     }
-                    states.insert(*p, state);
+                    states.insert(*p, r.state);
                 }
-                Err(e) => {
-                    let done: Vec<(i32, u64)> =
-                        states.iter().map(|(p, s): (&i32, &PartitionState)| (*p, s.records)).collect();
-                    PartitionsRestored {
-                        partitions: &done,
-                        failed: parts.len() - done.len(),
-                        elapsed: started.elapsed(),
-                    }
-                    .emit();
-                    self.poison(e);
-                    return (TopicPartitionList::new(), TopicPartitionList::new());
-                }
+                Err(f) => failures.push((*p, f)),
             }
         }
         let done: Vec<(i32, u64)> = states.iter().map(|(p, s)| (*p, s.records)).collect();
-        PartitionsRestored { partitions: &done, failed: 0, elapsed: started.elapsed() }.emit();
-        let latest = self
-            .config
-            .kafka
-            .consumer_property("auto.offset.reset")
-            .is_some_and(|v| matches!(v, "latest" | "largest" | "end"));
-        // Where each input starts is the state's, always explicit: a partition without an
-        // offset in its state starts at the log start (or its end with `latest`), never at a
-        // group offset committed for a state that is gone (a re-created snapshot topic), which
-        // would pair an empty state with a position past what it never learned, and leave the
-        // aligner guessing where the consumer stands.
+        PartitionsRestored { partitions: &done, failed: failures.len(), elapsed: started.elapsed() }.emit();
+        let mut paused = TopicPartitionList::new();
+        for (p, f) in failures {
+            for t in &self.config.topics {
+                paused.add_partition(&t.name, p);
+            }
+            self.fail(p, f);
+        }
         let mut out = TopicPartitionList::new();
         for e in tpl.elements() {
-            let offset = states
-                .get(&e.partition())
-                .and_then(|s| s.offsets.get(&(e.topic().to_string(), e.partition())))
-                .map_or(if latest { Offset::End } else { Offset::Beginning }, |o| Offset::Offset(*o));
+            // A failed partition stays assigned, paused; where it starts is set when it recovers.
+            let offset = match states.get(&e.partition()) {
+                Some(state) => self.start_offset(state, e.topic(), e.partition()),
+                None => Offset::Stored,
+            };
             if let Err(err) = out.add_partition_offset(e.topic(), e.partition(), offset) {
                 self.poison(anyhow!("building the assignment: {err}"));
             }
         }
-        let ends = self.input_ends(&parts);
+        let ends = self.input_ends(&states.keys().copied().collect::<Vec<_>>());
+        let latest = self.latest();
         let mut fresh = TopicPartitionList::new();
         for (p, state) in states {
             let inputs: Vec<InputLag> = if self.align {
@@ -187,7 +197,7 @@ impl Session {
         }
         Assigned { partitions: self.tasks.len() }.emit();
         self.report_lag();
-        (out, fresh)
+        (out, fresh, paused)
     }
 
     /// Consumer lag per owned input topic-partition from librdkafka's statistics, in records
@@ -277,6 +287,7 @@ impl Session {
         // The tasks have ended; what they had paused must not stay paused for whoever gets the
         // partitions next (this member included: a pause outlives the assignment).
         self.release_pauses(consumer, &parts);
+        self.release_failed(consumer, &input_partitions(tpl));
         for p in &parts {
             self.tasks.remove(p);
         }

@@ -283,6 +283,14 @@ metric!(
     Processor,
     "(segment, item) arms a model's shard holds."
 );
+metric!(
+    PARTITION_FAILED,
+    "banditflow_partition_failed",
+    Gauge,
+    ["partition", "reason"],
+    Processor,
+    "1 while an assigned partition cannot be restored (paused, retried with backoff; the others go on), by reason: restore_timeout, snapshot_unreadable, undecodable, format_version, incomplete, no_snapshot_partition, not_copartitioned."
+);
 metric!(MODEL_RESTORES, "banditflow_model_restores_total", Counter, ["model", "change"], Processor, "Model shards restored, by what a configuration change did to them (unchanged, read_time, half_life, reset, added, removed).");
 metric!(VARIANT_IMPRESSIONS, "banditflow_variant_impressions", Gauge, ["model", "variant", "partition"], Processor, "Impressions learned per variant (treatment, holdout, other: named arms), cumulative; sums over partitions give the model's.");
 metric!(
@@ -480,6 +488,7 @@ pub const CATALOG: &[Metric] = &[
     REBALANCES,
     SESSION_RESTARTS,
     RESTORES,
+    PARTITION_FAILED,
     RESTORE_SECONDS,
     TRANSACTIONS,
     TRANSACTION_SECONDS,

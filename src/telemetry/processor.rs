@@ -168,6 +168,49 @@ impl PartitionsRestored<'_> {
     }
 }
 
+/// An assigned partition could not be restored: it stays assigned and paused, and is retried
+/// after `retry_in` (`kafka/isolation.rs`).
+pub struct PartitionFailed<'a> {
+    pub partition: i32,
+    pub reason: &'static str,
+    pub error: &'a anyhow::Error,
+    pub attempts: u32,
+    pub retry_in: Duration,
+}
+
+impl PartitionFailed<'_> {
+    pub fn emit(self) {
+        tracing::error!(
+            partition = self.partition,
+            reason = self.reason,
+            attempts = self.attempts,
+            retry_in_s = self.retry_in.as_secs_f64(),
+            error = %format!("{:#}", self.error),
+            "partition failed to restore; paused, the others go on"
+        );
+        gauge!(PARTITION_FAILED.name, "partition" => self.partition.to_string(), "reason" => self.reason)
+            .set(1.0);
+    }
+}
+
+/// A failed partition was restored (or given up by a rebalance, or failed again for another
+/// reason: `quiet`, no log line).
+pub struct PartitionRecovered {
+    pub partition: i32,
+    pub reason: &'static str,
+    pub quiet: bool,
+}
+
+impl PartitionRecovered {
+    pub fn emit(self) {
+        if !self.quiet {
+            tracing::info!(partition = self.partition, reason = self.reason, "failed partition restored");
+        }
+        gauge!(PARTITION_FAILED.name, "partition" => self.partition.to_string(), "reason" => self.reason)
+            .set(0.0);
+    }
+}
+
 /// How many input partitions this instance owns now.
 pub struct Assigned {
     pub partitions: usize,

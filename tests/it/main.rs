@@ -7,6 +7,7 @@ mod formats;
 mod fuzz_corpus;
 mod golden;
 mod hardening;
+mod isolation;
 mod join;
 mod kafka;
 mod lift;

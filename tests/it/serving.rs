@@ -681,3 +681,89 @@ fn the_demo_runs_on_the_mock_cluster_and_fails_without_a_significant_lift() {
     let n: Vec<u64> = events.split_whitespace().filter_map(|w| w.replace(',', "").parse().ok()).collect();
     assert!(n.len() >= 2 && n[0] > 0 && n[0] == n[1], "{events}");
 }
+
+/// Clients that give up after 1 ms: the node logs an impression before it answers, so a client
+/// gone before the answer leaves an impression logged that nobody saw. What is asserted is the
+/// guarantee in each direction: every slate answered was acknowledged by Kafka first (never the
+/// reverse), and each request logs at most one impression. The share nobody saw is measured
+/// (README, "What a node guarantees"), per variant, since a variant slower to rank would be
+/// unseen more often and its lift understated.
+#[test]
+fn impressions_nobody_saw_are_logged_but_nothing_unlogged_is_ever_answered() {
+    let b = bootstrap();
+    let s = Setup::new("unseen", &b, 2);
+    let node = serve(&s, &[("BANDITFLOW__SERVING__COLD_START", "true")]);
+    let requests = 400;
+    let mut answered: Vec<(String, String)> = Vec::new();
+    for u in 0..requests {
+        let body = json!({"model": "home", "candidates": candidates(12), "slate_size": 5, "segment": "women", "user_key": format!("u{u}")})
+            .to_string();
+        let mut conn = TcpStream::connect(node.addr).expect("connect");
+        let head = format!(
+            "POST /v1/rank HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            node.addr,
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).and_then(|()| conn.write_all(body.as_bytes())).expect("request");
+        conn.set_read_timeout(Some(Duration::from_millis(1))).expect("timeout");
+        let mut raw = Vec::new();
+        let _ = conn.read_to_end(&mut raw);
+        drop(conn);
+        let text = String::from_utf8_lossy(&raw);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+                dechunk(body)
+            } else {
+                body.to_string()
+            };
+            if let Ok(v) = serde_json::from_str::<Value>(&body) {
+                if let (Some(id), Some(variant)) = (v["impression_id"].as_str(), v["variant"].as_str()) {
+                    answered.push((id.to_string(), variant.to_string()));
+                }
+            }
+        }
+    }
+    // The node goes on delivering what it queued for clients that left: read until the topic
+    // holds every answered impression and stops growing.
+    let logged = || -> Vec<(String, String)> {
+        read_events(&s, &s.input, TopicRole::Combined, event::Encoding::Protobuf)
+            .into_iter()
+            .filter_map(|(k, e)| match e {
+                Event::Impression(i) => Some((k, i.variant.to_string())),
+                Event::Feedback(_) => None,
+            })
+            .collect()
+    };
+    let mut last = Vec::new();
+    wait_until("every queued impression delivered", Duration::from_secs(60), || {
+        let now = logged();
+        let settled =
+            now.len() == last.len() && answered.iter().all(|(id, _)| now.iter().any(|(k, _)| k == id));
+        last = now;
+        settled
+    });
+    let ids: std::collections::BTreeSet<&str> = last.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(ids.len(), last.len(), "an impression logged twice");
+    assert!(last.len() <= requests, "at most one impression per request");
+    for (id, _) in &answered {
+        assert!(ids.contains(id.as_str()), "answered but not logged: {id}");
+    }
+    let unseen = |variant: &str| {
+        let logged = last.iter().filter(|(_, v)| v == variant).count();
+        let seen = answered.iter().filter(|(_, v)| v == variant).count();
+        (logged, seen)
+    };
+    let (t, h) = (unseen("treatment"), unseen("holdout"));
+    eprintln!(
+        "nobody saw: {requests} requests with a 1 ms client timeout; {} logged, {} answered, {} logged but unseen \
+         ({:.1} %); treatment {}/{} unseen, holdout {}/{} unseen",
+        last.len(),
+        answered.len(),
+        last.len() - answered.len(),
+        100.0 * (last.len() - answered.len()) as f64 / last.len().max(1) as f64,
+        t.0 - t.1,
+        t.0,
+        h.0 - h.1,
+        h.0
+    );
+}
