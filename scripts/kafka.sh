@@ -10,14 +10,31 @@
 #   scripts/kafka.sh status            running or not, and the address
 #   scripts/kafka.sh bootstrap         print the bootstrap address
 #
+# A three-node KRaft cluster (each node broker and controller, replication factor 3,
+# min.insync.replicas=2 for every topic, the transaction state log and the offsets topic
+# included), for the cluster tests; fresh storage on every start:
+#
+#   scripts/kafka.sh cluster-start     start nodes 1-3, wait until all three answer; print the bootstrap list
+#   scripts/kafka.sh cluster-stop      stop every node
+#   scripts/kafka.sh cluster-kill N    SIGKILL node N (1-3)
+#   scripts/kafka.sh cluster-node N    start node N again on its storage, wait until the cluster has three
+#   scripts/kafka.sh cluster-roles TXN TOPIC   print controller=<id> coordinator=<id> leaders=<p>:<id>,...
+#
+# Environment: BANDITFLOW_KAFKA_CLUSTER_PORT (default 29200, below the ephemeral port range
+# where a client's socket could take a node's port: node N's broker listens on port+N, its
+# controller on port+10+N).
+#
 # Environment: BANDITFLOW_KAFKA_DIR (cache and storage, default ~/.cache/banditflow/kafka),
-# BANDITFLOW_KAFKA_PORT (default 39092; the controller listens on the next port).
+# BANDITFLOW_KAFKA_PORT (default 39092; the controller listens on the next port). A second
+# listener on port+2 advertises itself as port+3, where a fault proxy (scripts/toxiproxy.sh)
+# forwards to it: clients bootstrapped through the proxy keep talking through it.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 base="${BANDITFLOW_KAFKA_DIR:-$HOME/.cache/banditflow/kafka}"
 port="${BANDITFLOW_KAFKA_PORT:-39092}"
 cport=$((port + 1))
+fport=$((port + 2))
 version="$(sed -n 's|.*<kafka.version>\(.*\)</kafka.version>.*|\1|p' "$here/kafka/pom.xml")"
 jars="$base/jars-$version"
 run="$base/run-$port"
@@ -48,10 +65,10 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$cport
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://127.0.0.1:$port,FAULTY://127.0.0.1:$fport,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,FAULTY://127.0.0.1:$((fport + 1))
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,FAULTY:PLAINTEXT,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
 log.dirs=$run/data
 num.partitions=1
@@ -88,7 +105,10 @@ start() {
     return 0
   fi
   if [ $fresh = 1 ]; then rm -rf "$run"; fi
-  if [ ! -f "$run/data/meta.properties" ]; then
+  if [ -f "$run/data/meta.properties" ]; then
+    # Storage kept; the properties are rewritten (listeners added since it was formatted).
+    write_config
+  else
     rm -rf "$run"
     write_config
     local id
@@ -130,12 +150,109 @@ stop() {
   say "stopped"
 }
 
+cluster_port="${BANDITFLOW_KAFKA_CLUSTER_PORT:-29200}"
+cluster_run="$base/cluster-$cluster_port"
+cluster_bootstrap="127.0.0.1:$((cluster_port + 1)),127.0.0.1:$((cluster_port + 2)),127.0.0.1:$((cluster_port + 3))"
+
+node_config() {
+  local n="$1" dir="$cluster_run/node-$1"
+  mkdir -p "$dir/data"
+  cat >"$dir/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=$n
+controller.quorum.voters=1@127.0.0.1:$((cluster_port + 11)),2@127.0.0.1:$((cluster_port + 12)),3@127.0.0.1:$((cluster_port + 13))
+listeners=PLAINTEXT://127.0.0.1:$((cluster_port + n)),CONTROLLER://127.0.0.1:$((cluster_port + 10 + n))
+advertised.listeners=PLAINTEXT://127.0.0.1:$((cluster_port + n))
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$dir/data
+num.partitions=1
+default.replication.factor=3
+min.insync.replicas=2
+offsets.topic.replication.factor=3
+offsets.topic.num.partitions=3
+transaction.state.log.replication.factor=3
+transaction.state.log.min.isr=2
+transaction.state.log.num.partitions=3
+share.coordinator.state.topic.replication.factor=3
+share.coordinator.state.topic.min.isr=2
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+unclean.leader.election.enable=false
+log.cleaner.backoff.ms=1000
+log.segment.bytes=16777216
+log.retention.ms=-1
+message.max.bytes=1048588
+PROPS
+}
+
+node_running() {
+  local f="$cluster_run/node-$1/broker.pid"
+  [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+node_start() {
+  local n="$1" dir="$cluster_run/node-$1"
+  node_running "$n" && return 0
+  # shellcheck disable=SC2046
+  nohup java $(java_opts) -cp "$jars/*" kafka.Kafka "$dir/server.properties" >>"$dir/broker.log" 2>&1 </dev/null &
+  echo $! >"$dir/broker.pid"
+}
+
+cluster_ready() {
+  if ! java -Dorg.slf4j.simpleLogger.defaultLogLevel=warn -cp "$jars/*" "$here/kafka/Ready.java" "$cluster_bootstrap" 120 3 \
+      >"$cluster_run/ready.log" 2>&1; then
+    say "the cluster did not have three brokers within 120 s:"
+    cat "$cluster_run/ready.log" >&2
+    exit 1
+  fi
+}
+
+cluster_start() {
+  fetch_jars
+  cluster_stop >/dev/null 2>&1 || true
+  rm -rf "$cluster_run"
+  local id
+  id="$(java -cp "$jars/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)"
+  for n in 1 2 3; do
+    node_config "$n"
+    java -cp "$jars/*" kafka.tools.StorageTool format -t "$id" -c "$cluster_run/node-$n/server.properties" \
+      >"$cluster_run/node-$n/format.log" 2>&1 \
+      || { say "formatting node $n failed:"; cat "$cluster_run/node-$n/format.log" >&2; exit 1; }
+  done
+  for n in 1 2 3; do node_start "$n"; done
+  cluster_ready
+  say "cluster: $(grep '^ready' "$cluster_run/ready.log")"
+  echo "$cluster_bootstrap"
+}
+
+cluster_stop() {
+  for n in 1 2 3; do
+    local f="$cluster_run/node-$n/broker.pid"
+    [ -f "$f" ] || continue
+    kill -9 "$(cat "$f")" 2>/dev/null || true
+    rm -f "$f"
+  done
+  say "cluster stopped"
+}
+
 case "${1:-}" in
+  cluster-start) cluster_start ;;
+  cluster-stop) cluster_stop ;;
+  cluster-kill)
+    f="$cluster_run/node-${2:?node}/broker.pid"
+    [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null || true
+    rm -f "$f"
+    say "node $2 killed" ;;
+  cluster-node) node_start "${2:?node}"; cluster_ready; say "node $2 back" ;;
+  cluster-roles)
+    java -Dorg.slf4j.simpleLogger.defaultLogLevel=warn -cp "$jars/*" "$here/kafka/Roles.java" "$cluster_bootstrap" "${2:?txn id}" "${3:?topic}" ;;
   start) shift; start "$@" ;;
   stop) stop ;;
   restart) stop; start ;;
   status)
     if running; then echo "running (pid $(cat "$pidfile")) at $bootstrap"; else echo "not running"; exit 1; fi ;;
   bootstrap) echo "$bootstrap" ;;
-  *) sed -n '2,15p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,30p' "$0" >&2; exit 2 ;;
 esac

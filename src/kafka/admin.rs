@@ -181,15 +181,24 @@ pub fn compacted_only(policy: &str) -> bool {
     parts == ["compact"]
 }
 
-/// Creates topics (for tests and tools); existing ones are left alone.
+/// Creates topics (for tests and tools), one replica each; existing ones are left alone.
 pub fn create_topics(bootstrap: &str, topics: &[(&str, i32, bool)]) -> anyhow::Result<()> {
+    create_replicated_topics(bootstrap, topics, 1)
+}
+
+/// [`create_topics`] with `replication` replicas per partition.
+pub fn create_replicated_topics(
+    bootstrap: &str,
+    topics: &[(&str, i32, bool)],
+    replication: i32,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let admin: AdminClient<DefaultClientContext> = super::bootstrap_config(bootstrap).create()?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let new: Vec<NewTopic> = topics
         .iter()
         .map(|(name, parts, compact)| {
-            let t = NewTopic::new(name, *parts, TopicReplication::Fixed(1));
+            let t = NewTopic::new(name, *parts, TopicReplication::Fixed(replication));
             if *compact {
                 t.set("cleanup.policy", "compact")
             } else {

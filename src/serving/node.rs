@@ -564,14 +564,23 @@ impl Node {
         // time: the processor bounds event times by it.
         let written_ms = crate::kafka::now_ms();
         let record = FutureRecord::to(&sink.topic).key(key).payload(payload).timestamp(written_ms);
-        match producer.send(record, timeout).await {
-            Ok(delivery) => {
+        // librdkafka times out queued records after `message.timeout.ms`, but a request already
+        // sent waits for its response up to `request.timeout.ms` (30 s): on a network that
+        // swallows packets the answer would wait for that. The request's own deadline is the
+        // produce timeout; a record still in flight then may be written later (an impression
+        // nobody saw, never an answer for an impression not written).
+        match tokio::time::timeout(timeout, producer.send(record, timeout)).await {
+            Ok(Ok(delivery)) => {
                 if let Some(w) = &self.written {
                     w.written(&sink.topic, delivery.partition, delivery.offset, written_ms);
                 }
                 Ok((delivery.partition, delivery.offset))
             }
-            Err((e, _)) => Err(unavailable(format!("writing to `{}` failed: {e}", sink.topic))),
+            Ok(Err((e, _))) => Err(unavailable(format!("writing to `{}` failed: {e}", sink.topic))),
+            Err(_) => Err(unavailable(format!(
+                "Kafka did not acknowledge the record on `{}` within serving.produce_timeout ({timeout:?})",
+                sink.topic
+            ))),
         }
     }
 }

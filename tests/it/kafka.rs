@@ -99,6 +99,11 @@ pub(crate) struct Setup {
 
 impl Setup {
     pub(crate) fn new(name: &str, bootstrap: &str, partitions: i32) -> Setup {
+        Setup::replicated(name, bootstrap, partitions, 1)
+    }
+
+    /// [`Setup::new`] with an input topic of `replication` replicas per partition.
+    pub(crate) fn replicated(name: &str, bootstrap: &str, partitions: i32, replication: i32) -> Setup {
         let input = unique(&format!("{name}-events"));
         let s = Setup {
             bootstrap: bootstrap.into(),
@@ -110,7 +115,8 @@ impl Setup {
             config_path: PathBuf::new(),
             input,
         };
-        admin::create_topics(bootstrap, &[(&s.input, partitions, false)]).expect("input topic");
+        admin::create_replicated_topics(bootstrap, &[(&s.input, partitions, false)], replication)
+            .expect("input topic");
         let text = format!(
             r#"
 [input]
@@ -398,7 +404,7 @@ pub(crate) struct Processor {
 }
 
 impl Processor {
-    fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }
 

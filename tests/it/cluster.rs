@@ -1,0 +1,105 @@
+//! A real three-broker cluster (`scripts/kafka.sh cluster-start`: KRaft, every node broker and
+//! controller, replication factor 3 and `min.insync.replicas=2` for every topic, the
+//! transaction state log included). Under steady traffic the test SIGKILLs, one after another,
+//! the leader of the snapshot topic's partition 0, the processor's transaction coordinator and
+//! the active controller, bringing each node back before the next. Asserted: the learned
+//! totals equal the generator's truth (nothing lost or doubled) and processing resumes after
+//! each kill; the times to resume are printed (BENCHMARKS.md, "A three-broker cluster").
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use banditflow::generate::ShopSpec;
+
+use crate::kafka::{wait_until, Setup};
+
+fn kafka_sh(args: &[&str]) -> String {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out =
+        Command::new("bash").arg(root.join("scripts/kafka.sh")).args(args).output().expect("kafka.sh runs");
+    assert!(
+        out.status.success(),
+        "kafka.sh {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Stops the cluster when the test ends, however it ends.
+struct Cluster(String);
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = kafka_sh(&["cluster-stop"]);
+    }
+}
+
+/// (active controller, transaction coordinator of `txn`, leader of partition 0 of `topic`).
+fn roles(txn: &str, topic: &str) -> (String, String, String) {
+    let line = kafka_sh(&["cluster-roles", txn, topic]);
+    let field = |name: &str| -> String {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+            .to_string()
+    };
+    let leader =
+        field("leaders").split(',').next().and_then(|p| p.split_once(':')).map(|(_, id)| id.to_string());
+    (field("controller"), field("coordinator"), leader.unwrap_or_default())
+}
+
+#[test]
+fn killing_the_leader_the_coordinator_and_the_controller_loses_nothing() {
+    let cluster = Cluster(kafka_sh(&["cluster-start"]));
+    let b = cluster.0.clone();
+    let s = Setup::replicated("cluster", &b, 3, 3);
+    let env = [("BANDITFLOW__KAFKA__REPLICATION_FACTOR", "3")];
+    let txn = format!("{}-0", s.config().kafka.group_id);
+    let rate = 1500.0;
+    let shop = s.shop_with(ShopSpec {
+        seed: 93,
+        impressions: 50_000,
+        malformed_share: 0.001,
+        ..ShopSpec::default()
+    });
+    let started = Instant::now();
+    let paced = shop.records.clone().into_iter().enumerate().map(move |(i, r)| {
+        if i % 64 == 0 {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+        r
+    });
+    let to = b.clone();
+    let producer = std::thread::spawn(move || {
+        banditflow::kafka::transfer::produce_recording(banditflow::kafka::bootstrap_config(&to), paced)
+    });
+    let _processor = s.start_with("0", "info", &env);
+    wait_until("a first commit", Duration::from_secs(120), || s.committed_total() > 0);
+
+    let mut figures = Vec::new();
+    for role in ["snapshot partition leader", "transaction coordinator", "active controller"] {
+        let (controller, coordinator, leader) = roles(&txn, &s.snapshots);
+        let node = match role {
+            "snapshot partition leader" => leader,
+            "transaction coordinator" => coordinator,
+            _ => controller,
+        };
+        let at = s.committed_total();
+        kafka_sh(&["cluster-kill", &node]);
+        let killed = Instant::now();
+        wait_until(&format!("progress after killing the {role}"), Duration::from_secs(180), || {
+            s.committed_total() > at
+        });
+        let resumed = killed.elapsed().as_secs_f64();
+        kafka_sh(&["cluster-node", &node]);
+        figures.push(format!("{role} (node {node}) killed: committing again after {resumed:.1} s"));
+    }
+    producer.join().expect("producer thread").expect("produced");
+    s.wait_caught_up(Duration::from_secs(300));
+    for f in &figures {
+        eprintln!("cluster: {f}");
+    }
+    s.assert_totals_match_truth(&shop.events);
+}
