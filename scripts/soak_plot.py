@@ -3,13 +3,14 @@
 
     python3 scripts/soak_plot.py target/soak/samples.csv docs/soak.svg
 
-Top: resident memory of the processor and of the serving node (MB). Bottom: lag, records
+Top: resident memory of the processor and of the serving node (MB). Middle: impressions the
+processor retains for attribution (the funnel's working set, thousands). Bottom: lag, records
 produced but not yet committed. Dashed lines: SIGKILLs of the processor.
 """
 import csv
 import sys
 
-W, H, PAD, GAP = 900, 520, 60, 50
+W, H, PAD, GAP = 900, 720, 60, 50
 
 
 def main(src, dst):
@@ -20,8 +21,9 @@ def main(src, dst):
     proc = [int(r["processor_rss_bytes"]) / 1e6 for r in rows]
     node = [int(r["node_rss_bytes"]) / 1e6 for r in rows]
     lag = [max(0, int(r["produced"]) - int(r["committed"])) for r in rows]
+    retained = [max(0, int(r.get("retained_impressions") or 0)) / 1e3 for r in rows]
     kills = [t[i] for i in range(1, len(rows)) if rows[i]["kills"] != rows[i - 1]["kills"]]
-    ph = (H - 2 * PAD - GAP) / 2
+    ph = (H - 2 * PAD - 2 * GAP) / 3
     x0, x1 = PAD, W - 20
     tmax = max(t) or 1
 
@@ -48,7 +50,8 @@ def main(src, dst):
             out.append(f'<text x="{x1 - 220 + 110 * i}" y="{top - 8}" fill="{color}">{label} ({unit})</text>')
 
     panel(PAD, "Resident memory", [(proc, "#1f77b4", "processor"), (node, "#2ca02c", "serving node")], "MB")
-    panel(PAD + ph + GAP, "Lag: records produced, not yet committed", [(lag, "#9467bd", "lag")], "records")
+    panel(PAD + ph + GAP, "Impressions retained for attribution", [(retained, "#ff7f0e", "retained")], "thousands")
+    panel(PAD + 2 * (ph + GAP), "Lag: records produced, not yet committed", [(lag, "#9467bd", "lag")], "records")
     for k in range(7):
         v = tmax * k / 6
         out.append(f'<text x="{x(v)}" y="{H - PAD + 28}" text-anchor="middle">{v:.0f} min</text>')

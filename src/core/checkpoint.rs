@@ -836,6 +836,11 @@ pub fn restore(
     if cp.format_version >= 3 {
         check_complete(&cp, &found, held.len())?;
     }
+    // Format 1 kept held feedback in the header: written out as records at the next save.
+    let inline_held: Vec<u64> = cp.held.iter().map(|h| h.sequence).collect();
+    for seq in &inline_held {
+        changes.hold(*seq);
+    }
     let mut held_all = std::mem::take(&mut cp.held);
     for raw in held {
         held_all.push(pb::HeldFeedback::decode(raw.as_slice()).map_err(decode_err)?);
@@ -860,7 +865,9 @@ pub fn restore(
         join.pending.entry(fb.impression_id.clone()).or_default().push((h.sequence, fb));
     }
     // Anything but an unchanged model means the stored records are out of date.
-    changes.dirty = report.iter().any(|(_, c)| c.code() != "unchanged") || !legacy_impressions.is_empty();
+    changes.dirty = report.iter().any(|(_, c)| c.code() != "unchanged")
+        || !legacy_impressions.is_empty()
+        || !inline_held.is_empty();
     join.changes = changes;
     state.join = join;
     // Caps lowered since the save apply at once.

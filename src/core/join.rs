@@ -5,7 +5,9 @@
 //! the newest event time seen on the partition; with two, the oldest of the inputs' newest
 //! times (`PartitionState` advances it per input, so feedback read ahead of its impressions
 //! waits as held feedback instead of expiring them). It drives every expiry, so the outcome
-//! depends only on the order of records in the partition, never on a clock. Outcomes (each counted in [`JoinCounters`]):
+//! depends only on the order of records in the partition and, with two inputs, on when the
+//! edge declared an input idle (its wall-clock decision, passed in); the join reads no clock.
+//! Outcomes (each counted in [`JoinCounters`]):
 //!
 //! | outcome | when | learned |
 //! |---|---|---|
@@ -197,7 +199,7 @@ impl PartialEq for JoinChanges {
 }
 
 impl JoinChanges {
-    fn hold(&mut self, seq: u64) {
+    pub(crate) fn hold(&mut self, seq: u64) {
         if self.untracked {
             return;
         }

@@ -85,8 +85,12 @@ impl PartitionState {
     }
 
     /// Declares the input topics (configuration order), so that an input that has delivered
-    /// nothing yet holds the watermark back. Clocks of topics already known are kept.
+    /// nothing yet holds the watermark back. Clocks of topics still declared are kept; those of
+    /// topics no longer configured (restored from a checkpoint) are dropped, since nothing
+    /// would ever move or idle them.
     pub fn declare_inputs<'a>(&mut self, topics: impl IntoIterator<Item = &'a str>) {
+        let topics: Vec<&str> = topics.into_iter().collect();
+        self.inputs.retain(|c| topics.contains(&c.topic.as_str()));
         for t in topics {
             if !self.inputs.iter().any(|c| c.topic == t) {
                 self.inputs.push(InputClock { topic: t.to_string(), newest_ms: None, idle: false });

@@ -107,6 +107,8 @@ impl ConsumerContext for Ctx {
                 Rebalanced { kind: "error", partitions: &partitions }.emit();
                 tracing::error!(error = ?other, "rebalance error");
                 session.health.set_ready(false, "rebalance error");
+                let failed: Vec<i32> = session.failed.keys().copied().collect();
+                session.release_failed(consumer, &failed);
                 let _ = consumer.unassign();
             }
         }

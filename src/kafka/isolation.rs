@@ -186,9 +186,14 @@ impl Session {
                 None if now >= f.retry_at => {
                     let config = Arc::clone(&self.config);
                     let p = *p;
-                    let spawned = std::thread::Builder::new()
-                        .name(format!("banditflow-restore-{p}"))
-                        .spawn(move || restore_one(&config, p));
+                    let spawned = std::thread::Builder::new().name(format!("banditflow-restore-{p}")).spawn(
+                        move || {
+                            // The topics may have changed since: partitions added to an input
+                            // or the snapshot topic (or still not).
+                            let counts = super::admin::partition_counts(&config).unwrap_or_default();
+                            check_partition(&config, &counts, p).and_then(|()| restore_one(&config, p))
+                        },
+                    );
                     match spawned {
                         Ok(h) => f.running = Some(h),
                         Err(e) => tracing::warn!(partition = p, error = %e, "cannot start a restore thread"),
@@ -235,7 +240,10 @@ impl Session {
         // Records fetched for the partition while it failed were dropped (no task): read again
         // from where the state ends.
         if let Err(e) = consumer.seek_partitions(seek, Duration::from_secs(10)) {
-            self.fail(p, Failure { reason: failed.reason, error: anyhow!("seeking partition {p}: {e}") });
+            let reason = failed.reason;
+            // Back with its attempts, so the backoff goes on growing.
+            self.failed.insert(p, failed);
+            self.fail(p, Failure { reason, error: anyhow!("seeking partition {p}: {e}") });
             return;
         }
         let inputs: Vec<InputLag> = if self.align {

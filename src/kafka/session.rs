@@ -21,7 +21,7 @@ use crate::telemetry::processor::{Assigned, ConsumerLag, Gathered, PartitionRele
 
 use super::driver::Ctx;
 use super::inputs::{input_lag, Backlog, Flow, InputLag};
-use super::isolation::{check_partition, restore_one, Failed};
+use super::isolation::{check_partition, restore_one, Failed, Failure, Restored};
 use super::probes::Health as Probe;
 use super::store;
 use super::task::{partition_task, Cmd, OwnedRecord, BATCH};
@@ -39,6 +39,11 @@ pub(super) struct Task {
     /// Per input topic: the timestamp of the last record routed (for lag in seconds).
     pub(super) last_timestamp: Vec<Option<i64>>,
 }
+
+/// Partitions restored at once on assignment (reading is I/O, rebuilding one core each): one
+/// after another, twelve partitions of a few million retained impressions would hold the
+/// rebalance callback past `max.poll.interval.ms`.
+const RESTORE_PARALLELISM: usize = 4;
 
 /// What a commit covers and how it runs.
 #[derive(Clone, Copy, Debug)]
@@ -143,17 +148,66 @@ impl Session {
         let counts = super::admin::partition_counts(&self.config).unwrap_or_default();
         let mut states = BTreeMap::new();
         let mut failures = Vec::new();
+        // Partitions restore side by side, a few at a time (workers take the next partition as
+        // they finish), each within its own deadline. Partitions not begun within one
+        // `restore_timeout` of the assignment are left to the background retry, so the
+        // rebalance callback never holds the consumer much past that.
+        let config = &self.config;
+        let deadline = started + Duration::from_millis(config.kafka.restore_timeout_ms as u64);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<(i32, Result<Restored, Failure>)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..RESTORE_PARALLELISM.min(parts.len()))
+                .map(|_| {
+                    let (next, parts, counts) = (&next, &parts, &counts);
+                    scope.spawn(move || {
+                        let mut out = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let Some(&p) = parts.get(i) else { break };
+                            let r = if Instant::now() >= deadline {
+                                Err(Failure {
+                                    reason: "restore_timeout",
+                                    error: anyhow!(
+                                        "not begun within kafka.restore_timeout of the assignment (other partitions \
+                                         took it); restoring in the background"
+                                    ),
+                                })
+                            } else {
+                                check_partition(config, counts, p).and_then(|()| restore_one(config, p))
+                            };
+                            out.push((p, r));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| {
+                    w.join().unwrap_or_else(|_| {
+                        tracing::error!("a restore worker panicked");
+                        Vec::new()
+                    })
+                })
+                .collect()
+        });
+        // A partition whose worker panicked has no result: it fails like any other.
+        let mut results = results;
         for p in &parts {
-            let restored =
-                check_partition(&self.config, &counts, *p).and_then(|()| restore_one(&self.config, *p));
+            if !results.iter().any(|(q, _)| q == p) {
+                let error = anyhow!("the restore of partition {p} panicked");
+                results.push((*p, Err(Failure { reason: "undecodable", error })));
+            }
+        }
+        for (p, restored) in results {
             match restored {
                 Ok(r) => {
                     if let Some(txn) = self.txn.as_mut() {
                         txn.chunks.extend(r.chunks);
                     }
-                    states.insert(*p, r.state);
+                    states.insert(p, r.state);
                 }
-                Err(f) => failures.push((*p, f)),
+                Err(f) => failures.push((p, f)),
             }
         }
         let done: Vec<(i32, u64)> = states.iter().map(|(p, s)| (*p, s.records)).collect();

@@ -508,6 +508,14 @@ fn format1_store(config: &Config, state: &PartitionState, ids: &[&str]) -> Lates
     let mut header = pb::PartitionCheckpoint::decode(saved.header.as_slice()).expect("header");
     header.format_version = 1;
     header.next_buffer_segment = 0;
+    // Format 1 kept held feedback inline in the header.
+    header.held = state
+        .join
+        .pending
+        .values()
+        .flatten()
+        .map(|(seq, f)| pb::HeldFeedback { sequence: *seq, feedback: Some(event::feedback_to_pb(f)) })
+        .collect();
     header.checksum = 0;
     header.checksum = xxhash_rust::xxh3::xxh3_64(&header.encode_to_vec());
     values.push((checkpoint::header_key(p), header.encode_to_vec()));
@@ -552,6 +560,67 @@ fn a_format_1_store_with_unescaped_keys_is_restored_and_rewritten() {
     // And that segment restores the same state.
     let seg = checkpoint::decode_segment(&next.puts[0].1).expect("segment");
     assert_eq!(seg.entries.len(), 3);
+}
+
+#[test]
+fn format_1_held_feedback_is_written_out_and_the_next_restore_finds_it() {
+    let config = fixture_config();
+    let spec = config.core.clone();
+    let mut state = PartitionState::new(&spec, 0);
+    let e = impression("seen", "home", T0, Variant::Treatment, "s", &["x"]);
+    apply_event(&mut state, &spec, &Event::Impression(e), 0, None);
+    let early = feedback("not-yet", "x", 1, FeedbackKind::Click, T0 + 1);
+    assert_eq!(
+        apply_event(&mut state, &spec, &Event::Feedback(early), 1, None),
+        Applied::Event(banditflow::core::join::Outcome::FeedbackHeld)
+    );
+    let store = format1_store(&config, &state, &["seen"]);
+    let mut restored = banditflow::kafka::store::restore_partition(&config, 0, &store).expect("restores");
+    assert_eq!(restored.join.pending_feedback(), 1);
+    let next = checkpoint::save_changes(&spec, &mut restored);
+    assert!(
+        next.puts.iter().any(|(k, _)| k.starts_with("held/0/")),
+        "inline held feedback written as a record"
+    );
+    // The format-3 checkpoint counts it, and a restore from what was written finds it.
+    let models: Vec<_> = next.models.iter().map(|(_, b)| snapshot::decode(b).expect("decodes")).collect();
+    let pick = |prefix: &str| -> Vec<Vec<u8>> {
+        next.puts.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v.clone()).collect()
+    };
+    let (again, _) = checkpoint::restore(&spec, &next.header, &pick("buf/"), &[], &pick("held/"), &models)
+        .expect("the next restore finds everything its checkpoint lists");
+    assert_eq!(again.join.pending_feedback(), 1);
+}
+
+fn impressions_record(offset: i64, payload: &[u8]) -> InputRecord<'_> {
+    InputRecord {
+        topic: "impressions",
+        partition: 0,
+        offset,
+        role: event::TopicRole::Impressions,
+        encoding: event::Encoding::Protobuf,
+        payload,
+        timestamp_ms: None,
+    }
+}
+
+#[test]
+fn an_input_topic_no_longer_configured_stops_holding_the_watermark() {
+    let spec = fixture_config().core;
+    let mut state = PartitionState::new(&spec, 0);
+    state.declare_inputs(["impressions", "feedback"]);
+    let imp = impression("i1", "home", T0, Variant::Treatment, "s", &["x"]);
+    let payload =
+        event::encode(event::TopicRole::Impressions, event::Encoding::Protobuf, &Event::Impression(imp));
+    state.apply(&spec, impressions_record(0, &payload));
+    assert_eq!(state.watermark_ms(&spec), None, "the feedback input has delivered nothing yet");
+    // The feedback topic is removed from the configuration (restore declares the inputs again).
+    state.declare_inputs(["impressions"]);
+    let imp = impression("i2", "home", T0 + HOUR, Variant::Treatment, "s", &["x"]);
+    let payload =
+        event::encode(event::TopicRole::Impressions, event::Encoding::Protobuf, &Event::Impression(imp));
+    state.apply(&spec, impressions_record(1, &payload));
+    assert_eq!(state.watermark_ms(&spec), Some(T0 + HOUR - spec.join.watermark_delay_ms));
 }
 
 #[test]

@@ -4,8 +4,10 @@
 //! keep talking through it). The processor and a serving node reach Kafka only through the
 //! proxy; the test's producer and checks go direct. Under steady traffic: added latency
 //! (200 ms ± 50 ms), a bandwidth limit, connection resets, and a black hole longer than
-//! `kafka.transaction_timeout` and the session timeout. Asserted: the learned totals equal the
-//! generator's truth (nothing lost or applied twice); processing resumes after each fault
+//! `kafka.transaction_timeout` and the session timeout, while a second instance that reaches
+//! Kafka directly takes the partitions over. Asserted: the learned totals equal the
+//! generator's truth (nothing lost or applied twice); the instance cut off gives way;
+//! processing resumes after each fault
 //! within the bound of its wait (the figures are printed and go into BENCHMARKS.md); while
 //! Kafka is unreachable the node answers 503 with `Retry-After`, never 200, and it recovers
 //! by itself.
@@ -128,7 +130,7 @@ fn latency_bandwidth_resets_and_a_black_hole_lose_nothing_and_heal() {
     let producer = std::thread::spawn(move || {
         banditflow::kafka::transfer::produce_recording(banditflow::kafka::bootstrap_config(&to), paced)
     });
-    let _processor = s.start("0");
+    let proxied_processor = s.start("0");
     wait_until("a first commit through the proxy", Duration::from_secs(120), || s.committed_total() > 0);
     wait_until("the node answers through the proxy", Duration::from_secs(60), || rank(node.addr, 0).0 == 200);
 
@@ -168,7 +170,15 @@ fn latency_bandwidth_resets_and_a_black_hole_lose_nothing_and_heal() {
     fault("latency", "latency", json!({"latency": 200, "jitter": 50}), Duration::from_secs(10), &mut figures);
     fault("bandwidth", "bandwidth", json!({"rate": 256}), Duration::from_secs(10), &mut figures);
     fault("reset", "reset_peer", json!({"timeout": 0}), Duration::from_secs(4), &mut figures);
-    // Longer than kafka.transaction_timeout (5 s) and session.timeout.ms (6 s).
+    // A second instance, reaching Kafka directly, shares the partitions; the black hole cuts
+    // the first one off for longer than kafka.transaction_timeout (5 s) and session.timeout.ms
+    // (6 s): the group gives its partitions to the second, and when the network heals the
+    // first, fenced, must give way (its transaction aborted, its session rebuilt).
+    let direct_env = [("BANDITFLOW__KAFKA__BOOTSTRAP_SERVERS", direct.as_str())];
+    let direct_processor = s.start_with("1", "info", &direct_env);
+    wait_until("both instances own partitions", Duration::from_secs(120), || {
+        direct_processor.log_text().contains("partition assigned")
+    });
     let answers = fault("blackhole", "timeout", json!({"timeout": 0}), Duration::from_secs(15), &mut figures);
     assert!(
         !answers.is_empty() && answers.iter().all(|a| a.0 == 503 && a.1),
@@ -185,6 +195,11 @@ fn latency_bandwidth_resets_and_a_black_hole_lose_nothing_and_heal() {
 
     producer.join().expect("producer thread").expect("produced");
     s.wait_caught_up(Duration::from_secs(300));
+    let cut_off = proxied_processor.log_text();
+    assert!(
+        cut_off.contains("session state is no longer stored safely") || cut_off.contains("kind=\"revoke\""),
+        "the instance cut off gave its partitions up:\n{cut_off}"
+    );
     for f in &figures {
         eprintln!("network faults: {f}");
     }

@@ -32,6 +32,22 @@ fn rss(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The sum over the lines of `family` (every label set) on the /metrics page at `addr`
+/// (-1 when not readable).
+fn scrape_sum(addr: std::net::SocketAddr, family: &str) -> i64 {
+    if std::net::TcpStream::connect(addr).is_err() {
+        return -1;
+    }
+    let (status, _, body) = crate::serving::http(addr, "GET", "/metrics", None, b"");
+    if status != 200 {
+        return -1;
+    }
+    body.lines()
+        .filter(|l| l.starts_with(family) && l[family.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum::<f64>() as i64
+}
+
 /// The serving node's model version of `home` from its /metrics (-1 when not readable).
 fn node_version(addr: std::net::SocketAddr) -> i64 {
     let (_, _, body) = crate::serving::http(addr, "GET", "/metrics", None, b"");
@@ -94,9 +110,14 @@ fn steady_traffic_with_kills_keeps_memory_bounded_and_totals_exact() {
     let sum = |v: Vec<i64>| v.into_iter().map(|o| o.max(0)).sum::<i64>();
     let csv_path = std::env::var("BANDITFLOW_SOAK_CSV").ok();
     let mut csv = String::from(
-        "seconds,produced,committed,processor_rss_bytes,node_rss_bytes,node_version_home,kills\n",
+        "seconds,produced,committed,processor_rss_bytes,node_rss_bytes,node_version_home,kills,retained_impressions,held_feedback\n",
     );
-    let mut processor = s.start("0");
+    // The processor's /metrics: how many impressions it retains (the funnel's working set).
+    let metrics: std::net::SocketAddr =
+        format!("127.0.0.1:{}", crate::serving::free_port()).parse().expect("addr");
+    let metrics_text = metrics.to_string();
+    let env = [("BANDITFLOW__KAFKA__METRICS_ADDRESS", metrics_text.as_str())];
+    let mut processor = s.start_with("0", "info", &env);
     let mut kills = 0u32;
     let mut next_kill = Instant::now() + Duration::from_secs(kill_every);
     let mut peak = (0u64, 0u64);
@@ -105,18 +126,20 @@ fn steady_traffic_with_kills_keeps_memory_bounded_and_totals_exact() {
         if Instant::now() >= next_kill {
             processor.kill9();
             kills += 1;
-            processor = s.start("0");
+            processor = s.start_with("0", "info", &env);
             next_kill = Instant::now() + Duration::from_secs(kill_every);
         }
         let (p_rss, n_rss) =
             (rss(processor.child.as_ref().map_or(0, std::process::Child::id)), rss(node_pid));
         peak = (peak.0.max(p_rss), peak.1.max(n_rss));
         let row = format!(
-            "{:.0},{},{},{p_rss},{n_rss},{},{kills}\n",
+            "{:.0},{},{},{p_rss},{n_rss},{},{kills},{},{}\n",
             started.elapsed().as_secs_f64(),
             sum(s.end_offsets_of(&topics)),
             sum(s.committed_offsets_of(&topics)),
-            node_version(node.addr)
+            node_version(node.addr),
+            scrape_sum(metrics, "banditflow_buffered_impressions"),
+            scrape_sum(metrics, "banditflow_held_feedback"),
         );
         csv.push_str(&row);
         if let Some(path) = &csv_path {
