@@ -18,6 +18,7 @@
 #   scripts/kafka.sh cluster-stop      stop every node
 #   scripts/kafka.sh cluster-kill N    SIGKILL node N (1-3)
 #   scripts/kafka.sh cluster-node N    start node N again on its storage, wait until the cluster has three
+#                                      and every partition's replicas are in sync
 #   scripts/kafka.sh cluster-roles TXN TOPIC   print controller=<id> coordinator=<id> leaders=<p>:<id>,...
 #
 # Environment: BANDITFLOW_KAFKA_CLUSTER_PORT (default 29200, below the ephemeral port range
@@ -245,7 +246,13 @@ case "${1:-}" in
     [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null || true
     rm -f "$f"
     say "node $2 killed" ;;
-  cluster-node) node_start "${2:?node}"; cluster_ready; say "node $2 back" ;;
+  cluster-node)
+    node_start "${2:?node}"
+    cluster_ready
+    # Back means back in sync: the next kill must not take the cluster below min.insync.replicas.
+    java -Dorg.slf4j.simpleLogger.defaultLogLevel=warn -cp "$jars/*" "$here/kafka/InSync.java" "$cluster_bootstrap" 180 >&2 \
+      || { say "node $2 did not get back in sync"; exit 1; }
+    say "node $2 back and in sync" ;;
   cluster-roles)
     java -Dorg.slf4j.simpleLogger.defaultLogLevel=warn -cp "$jars/*" "$here/kafka/Roles.java" "$cluster_bootstrap" "${2:?txn id}" "${3:?topic}" ;;
   start) shift; start "$@" ;;

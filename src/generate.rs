@@ -40,6 +40,9 @@ pub struct ShopSpec {
     /// Impression and item ids with the characters that separate or escape snapshot-topic
     /// keys (`/`, `#`, `%`), as real ids may (e.g. `women/shoes#42`).
     pub odd_ids: bool,
+    /// Mean event-time gap between impressions (ms, exponential). Longer gaps make a run of a
+    /// given size cover more event time (a soak that passes the funnel's 30-day window).
+    pub mean_gap_ms: f64,
 }
 
 impl Default for ShopSpec {
@@ -60,6 +63,7 @@ impl Default for ShopSpec {
             combined_topic: None,
             start_ms: 1_767_225_600_000, // 2026-01-01T00:00:00Z
             odd_ids: false,
+            mean_gap_ms: 250.0,
         }
     }
 }
@@ -134,7 +138,7 @@ pub fn generate(spec: &ShopSpec) -> Shop {
             best
         })
         .collect();
-    let gap = Exp::new(1.0 / 250.0).ok();
+    let gap = Exp::new(1.0 / spec.mean_gap_ms).ok();
     let delay = |rng: &mut ChaCha8Rng, mean_ms: f64| -> i64 {
         Exp::new(1.0 / mean_ms).map_or(mean_ms, |d| d.sample(rng)) as i64 + 1
     };
@@ -148,7 +152,7 @@ pub fn generate(spec: &ShopSpec) -> Shop {
     };
     let mut t = spec.start_ms;
     for i in 0..spec.impressions {
-        t += gap.as_ref().map_or(250.0, |g| g.sample(&mut rng)) as i64 + 1;
+        t += gap.as_ref().map_or(spec.mean_gap_ms, |g| g.sample(&mut rng)) as i64 + 1;
         let id = if spec.odd_ids {
             format!("imp/{:x}#{i}%2F", spec.seed)
         } else {

@@ -6,8 +6,8 @@
 //! The suite runs 2 minutes (a kill every 40 s); `scripts/soak.sh` runs the long version
 //! (`BANDITFLOW_SOAK_SECONDS=1800`, a kill every 4 min) and plots the samples
 //! (BENCHMARKS.md, "Soak"). Knobs: `BANDITFLOW_SOAK_SECONDS`, `BANDITFLOW_SOAK_KILL_EVERY`
-//! (seconds), `BANDITFLOW_SOAK_RATE` (input events per second), `BANDITFLOW_SOAK_CSV` (where
-//! the samples go).
+//! (seconds), `BANDITFLOW_SOAK_RATE` (input events per second), `BANDITFLOW_SOAK_GAP_MS` (mean
+//! event time between impressions), `BANDITFLOW_SOAK_CSV` (where the samples go).
 
 use std::io::Write as _;
 use std::time::{Duration, Instant};
@@ -63,6 +63,10 @@ fn steady_traffic_with_kills_keeps_memory_bounded_and_totals_exact() {
     let seconds = knob("BANDITFLOW_SOAK_SECONDS", 120);
     let kill_every = knob("BANDITFLOW_SOAK_KILL_EVERY", 40);
     let rate = knob("BANDITFLOW_SOAK_RATE", 600);
+    // Mean event time between impressions: the long run stretches event time (10 s: about 60
+    // days in 30 minutes) so the funnel's longest window (30 days) passes and the retained
+    // set, hence memory, levels off.
+    let gap_ms = knob("BANDITFLOW_SOAK_GAP_MS", 250);
     let b = bootstrap();
     let s = Setup::new("soak", &b, 4);
     let fb = s.use_two_topics("soak");
@@ -78,6 +82,7 @@ fn steady_traffic_with_kills_keeps_memory_bounded_and_totals_exact() {
         feedback_topic: fb.clone(),
         model_ids: model_ids(),
         start_ms,
+        mean_gap_ms: gap_ms as f64,
         ..ShopSpec::default()
     };
     let probe = generate::generate(&spec(0));
@@ -85,7 +90,10 @@ fn steady_traffic_with_kills_keeps_memory_bounded_and_totals_exact() {
     drop(probe);
     let shop = generate::generate(&spec(banditflow::kafka::now_ms() - span - 60_000));
     let total = shop.records.len();
-    eprintln!("soak: {seconds} s at {rate} events/s ({total} records), a SIGKILL every {kill_every} s");
+    eprintln!(
+        "soak: {seconds} s at {rate} events/s ({total} records, {:.1} days of event time), a SIGKILL every {kill_every} s",
+        span as f64 / 86_400_000.0
+    );
 
     // The producer paces the records: `rate` per second.
     let started = Instant::now();
