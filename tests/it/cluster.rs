@@ -6,9 +6,12 @@
 //! totals equal the generator's truth (nothing lost or doubled) and processing resumes after
 //! each kill; the times to resume are printed (BENCHMARKS.md, "A three-broker cluster").
 //! `scripts/cluster-chaos.sh` runs it (`BANDITFLOW_CLUSTER_ROUNDS` rounds of the three
-//! kills, with traffic for all of them); it is not in the default suite yet: under the whole
-//! suite's load on two cores it stalled after the controller kill in 2 of 4 runs, cause not
-//! found yet (BENCHMARKS.md).
+//! kills, with traffic for all of them). It is not in the default suite yet: under the whole
+//! suite's load on two cores it timed out after the controller kill in 2 of 4 runs, with the
+//! processor restored, ready and silent. The likely cause is the test's own: on a loaded
+//! machine the traffic had ended and was all committed before the last kill, so nothing was
+//! left to commit. The wait now accepts "caught up after the traffic ended"; the test goes back
+//! into the suite once it has passed under load.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -54,7 +57,7 @@ fn roles(txn: &str, topic: &str) -> (String, String, String) {
 }
 
 #[test]
-#[ignore = "run by scripts/cluster-chaos.sh: on this 2-core machine under the whole suite's load it stalled after the controller kill in 2 of 4 runs (cause not found yet)"]
+#[ignore = "run by scripts/cluster-chaos.sh until it has passed under the whole suite's load (it timed out after the controller kill in 2 of 4 loaded runs; see the module doc)"]
 fn killing_the_leader_the_coordinator_and_the_controller_loses_nothing() {
     let cluster = Cluster(kafka_sh(&["cluster-start"]));
     let b = cluster.0.clone();
@@ -97,12 +100,16 @@ fn killing_the_leader_the_coordinator_and_the_controller_loses_nothing() {
         let at = s.committed_total();
         kafka_sh(&["cluster-kill", &node]);
         let killed = Instant::now();
+        // Progress, or, once the traffic has ended, everything committed (a slow machine may
+        // have produced and processed all of it before this kill: nothing is left to resume).
+        let ends = || s.end_offsets();
         wait_until(&format!("progress after killing the {role}"), Duration::from_secs(180), || {
-            s.committed_total() > at
+            s.committed_total() > at || (producer.is_finished() && s.committed_offsets() == ends())
         });
+        let traffic = if producer.is_finished() { " (traffic had ended)" } else { "" };
         let resumed = killed.elapsed().as_secs_f64();
         kafka_sh(&["cluster-node", &node]);
-        figures.push(format!("{role} (node {node}) killed: committing again after {resumed:.1} s"));
+        figures.push(format!("{role} (node {node}) killed: committing again after {resumed:.1} s{traffic}"));
     }
     producer.join().expect("producer thread").expect("produced");
     s.wait_caught_up(Duration::from_secs(300));
