@@ -73,18 +73,7 @@ fn killing_the_leader_the_coordinator_and_the_controller_loses_nothing() {
         malformed_share: 0.001,
         ..ShopSpec::default()
     });
-    let started = Instant::now();
-    let paced = shop.records.clone().into_iter().enumerate().map(move |(i, r)| {
-        if i % 64 == 0 {
-            let due = started + Duration::from_secs_f64(i as f64 / rate);
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        }
-        r
-    });
-    let to = b.clone();
-    let producer = std::thread::spawn(move || {
-        banditflow::kafka::transfer::produce_recording(banditflow::kafka::bootstrap_config(&to), paced)
-    });
+    let producer = s.produce_paced(shop.records.clone(), rate);
     let _processor = s.start_with("0", "info", &env);
     wait_until("a first commit", Duration::from_secs(120), || s.committed_total() > 0);
 

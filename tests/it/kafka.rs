@@ -238,6 +238,26 @@ metrics_address = ""
         })
     }
 
+    /// [`Setup::produce_in_background`] at a steady `rate` of records per second.
+    pub(crate) fn produce_paced(
+        &self,
+        records: Vec<Record>,
+        rate: f64,
+    ) -> std::thread::JoinHandle<anyhow::Result<u64>> {
+        let bootstrap = self.bootstrap.clone();
+        let started = Instant::now();
+        let paced = records.into_iter().enumerate().map(move |(i, r)| {
+            if i % 64 == 0 {
+                let due = started + Duration::from_secs_f64(i as f64 / rate);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+            r
+        });
+        std::thread::spawn(move || {
+            transfer::produce_recording(banditflow::kafka::bootstrap_config(&bootstrap), paced)
+        })
+    }
+
     pub(crate) fn start(&self, instance: &str) -> Processor {
         self.start_logging(instance, "info")
     }

@@ -118,18 +118,7 @@ fn latency_bandwidth_resets_and_a_black_hole_lose_nothing_and_heal() {
         malformed_share: 0.001,
         ..ShopSpec::default()
     });
-    let started = Instant::now();
-    let paced = shop.records.clone().into_iter().enumerate().map(move |(i, r)| {
-        if i % 64 == 0 {
-            let due = started + Duration::from_secs_f64(i as f64 / rate);
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        }
-        r
-    });
-    let to = direct.clone();
-    let producer = std::thread::spawn(move || {
-        banditflow::kafka::transfer::produce_recording(banditflow::kafka::bootstrap_config(&to), paced)
-    });
+    let producer = s.produce_paced(shop.records.clone(), rate);
     let proxied_processor = s.start("0");
     wait_until("a first commit through the proxy", Duration::from_secs(120), || s.committed_total() > 0);
     wait_until("the node answers through the proxy", Duration::from_secs(60), || rank(node.addr, 0).0 == 200);

@@ -97,21 +97,7 @@ fn steady_traffic_with_kills_keeps_memory_bounded_and_totals_exact() {
 
     // The producer paces the records: `rate` per second.
     let started = Instant::now();
-    let records = shop.records.clone();
-    let paced = records.into_iter().enumerate().map(move |(i, r)| {
-        if i % 64 == 0 {
-            let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        }
-        r
-    });
-    let bootstrap_addr = s.bootstrap.clone();
-    let producer = std::thread::spawn(move || {
-        banditflow::kafka::transfer::produce_recording(
-            banditflow::kafka::bootstrap_config(&bootstrap_addr),
-            paced,
-        )
-    });
+    let producer = s.produce_paced(shop.records.clone(), rate as f64);
     let node = crate::serving::serve(&s, &[("BANDITFLOW__SERVING__COLD_START", "true")]);
     let node_pid = node.child.as_ref().map_or(0, std::process::Child::id);
     let topics = [s.input.clone(), fb.clone()];
