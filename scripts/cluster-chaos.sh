@@ -11,5 +11,5 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/banditflow/target}"
-BANDITFLOW_CLUSTER_ROUNDS="${ROUNDS:-5}" cargo test --test it cluster:: -- --ignored --nocapture 2>&1 \
+BANDITFLOW_CLUSTER_ROUNDS="${ROUNDS:-5}" cargo test --test it cluster:: -- --nocapture 2>&1 \
   | grep -E "^cluster:|^test |panicked|test result"

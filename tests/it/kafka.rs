@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
@@ -244,18 +245,39 @@ metrics_address = ""
         records: Vec<Record>,
         rate: f64,
     ) -> std::thread::JoinHandle<anyhow::Result<u64>> {
+        self.traffic(records, rate, 0).handle
+    }
+
+    /// Traffic that lasts as long as a test needs it, whatever the machine's speed: `records` go
+    /// out at `rate` per second until `hold` of them are left; those trickle out at `rate / 20`
+    /// until [`Traffic::release`], then go at once. The records produced are still exactly
+    /// `records`, so the generator's truth stays the oracle.
+    pub(crate) fn traffic(&self, records: Vec<Record>, rate: f64, hold: usize) -> Traffic {
         let bootstrap = self.bootstrap.clone();
-        let started = Instant::now();
+        let released = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let total = records.len();
+        let trickle_from = total.saturating_sub(hold);
+        let (flag, count) = (released.clone(), sent.clone());
+        let mut due = Instant::now();
         let paced = records.into_iter().enumerate().map(move |(i, r)| {
-            if i % 64 == 0 {
-                let due = started + Duration::from_secs_f64(i as f64 / rate);
-                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            count.store(i, Ordering::Relaxed);
+            if i % 64 == 0 && i > 0 {
+                let trickle = i >= trickle_from;
+                due += Duration::from_secs_f64(64.0 / if trickle { rate / 20.0 } else { rate });
+                // Sleep in short slices so a release is taken up at once.
+                while Instant::now() < due && !(trickle && flag.load(Ordering::Relaxed)) {
+                    std::thread::sleep(
+                        due.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)),
+                    );
+                }
             }
             r
         });
-        std::thread::spawn(move || {
+        let handle = std::thread::spawn(move || {
             transfer::produce_recording(banditflow::kafka::bootstrap_config(&bootstrap), paced)
-        })
+        });
+        Traffic { released, sent, total, handle }
     }
 
     pub(crate) fn start(&self, instance: &str) -> Processor {
@@ -1189,4 +1211,28 @@ fn a_config_change_reaches_partitions_that_receive_no_records() {
         (0..2).map(|p| snapshot::decode(&seen[&("home".to_string(), p)]).expect("decodes")).collect();
     snapshot::merge(&home).expect("the shards of home merge");
     s.assert_totals_match_truth(&shop.events);
+}
+
+/// Records being produced by [`Setup::traffic`].
+pub(crate) struct Traffic {
+    released: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    total: usize,
+    handle: std::thread::JoinHandle<anyhow::Result<u64>>,
+}
+
+impl Traffic {
+    /// Records not yet handed to the producer (0 once the traffic has run out).
+    pub(crate) fn remaining(&self) -> usize {
+        if self.handle.is_finished() {
+            return 0;
+        }
+        self.total.saturating_sub(self.sent.load(Ordering::Relaxed) + 1)
+    }
+
+    /// Sends what is left at once and waits until every record is acknowledged.
+    pub(crate) fn finish(self) -> anyhow::Result<u64> {
+        self.released.store(true, Ordering::Relaxed);
+        self.handle.join().map_err(|_| anyhow::anyhow!("producer thread panicked"))?
+    }
 }
