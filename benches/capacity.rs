@@ -65,6 +65,7 @@ fn impression(i: u64, t: i64) -> Impression {
                 item_id: format!("sku-{:06}", (i * 7 + k * 13) % 20_000),
                 position: k as u32 + 1,
                 propensity: 0.2,
+                score: 0.0,
             })
             .collect(),
         opted_out: false,

@@ -65,6 +65,7 @@ fn impression(i: usize, items: usize) -> Impression {
                 item_id: format!("sku-{:06}", (i * 7 + p * 13) % items),
                 position: p as u32 + 1,
                 propensity: 0.2,
+                score: 0.0,
             })
             .collect(),
         opted_out: false,

@@ -454,6 +454,7 @@ fn restore(bootstrap: &str, tag: &str, n: usize) {
                     item_id: format!("sku-{:06}", (i * 7 + k * 13) % 20_000),
                     position: k as u32 + 1,
                     propensity: 0.2,
+                    score: 0.0,
                 })
                 .collect(),
             opted_out: false,

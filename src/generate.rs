@@ -185,7 +185,7 @@ pub fn generate(spec: &ShopSpec) -> Shop {
                 } else {
                     0.8 * f64::from(u8::from(best[p] == it)) + 0.2 / n as f64
                 };
-                SlateEntry { item_id: item_id_for(spec, it), position: p as u32 + 1, propensity }
+                SlateEntry { item_id: item_id_for(spec, it), position: p as u32 + 1, propensity, score: 0.0 }
             })
             .collect();
         let opted_out = rng.random::<f64>() < 0.02;

@@ -101,6 +101,9 @@ pub struct SlateEntry {
     /// 1-based.
     pub position: u32,
     pub propensity: f64,
+    /// The score the serving policy ranked the item by (logged for offline evaluation; never
+    /// learned from, and not kept in the attribution buffer).
+    pub score: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -377,7 +380,8 @@ struct RawImpression {
     variant: Variant,
     segment: String,
     features: Vec<(String, f64)>,
-    slate: Vec<(String, i64, f64)>,
+    /// (item, position, propensity, score)
+    slate: Vec<(String, i64, f64, f64)>,
     opted_out: bool,
 }
 
@@ -413,14 +417,15 @@ fn build_impression(raw: RawImpression) -> Result<Impression, InvalidEvent> {
         )));
     }
     let mut out = Vec::with_capacity(slate.len());
-    for (item_id, position, propensity) in slate {
+    for (item_id, position, propensity, score) in slate {
         let item_id = require(item_id, "slate.item_id")?;
         let position = check_position("slate.position", position)?;
         let propensity = check_finite("slate.propensity", propensity)?;
         if !(propensity > 0.0 && propensity <= 1.0) {
             return Err(InvalidEvent::BadPropensity { item: item_id, value: propensity });
         }
-        out.push(SlateEntry { item_id, position, propensity });
+        let score = check_finite("slate.score", score)?;
+        out.push(SlateEntry { item_id, position, propensity, score });
     }
     // Positions and items must be unique: the join looks feedback up by (item, position).
     // Sorted by position, equal positions are neighbours; items are compared pairwise for
@@ -466,7 +471,8 @@ fn impression_from_pb(m: pb::Impression) -> Result<Impression, InvalidEvent> {
         Some(c) => (c.segment, c.features.into_iter().map(|f| (f.name, f.value)).collect()),
         None => (String::new(), Vec::new()),
     };
-    let slate = m.slate.into_iter().map(|s| (s.item_id, i64::from(s.position), s.propensity)).collect();
+    let slate =
+        m.slate.into_iter().map(|s| (s.item_id, i64::from(s.position), s.propensity, s.score)).collect();
     build_impression(RawImpression {
         impression_id: m.impression_id,
         time_ms: m.event_time_ms,
@@ -556,8 +562,7 @@ struct JsonSlateItem {
     #[serde(default)]
     propensity: f64,
     #[serde(default)]
-    #[allow(dead_code)] // logged for offline evaluation, not learned from
-    score: Option<f64>,
+    score: f64,
 }
 
 impl JsonImpression {
@@ -572,7 +577,7 @@ impl JsonImpression {
             Some(c) => (c.segment, c.features.into_iter().collect()),
             None => (String::new(), Vec::new()),
         };
-        let slate = self.slate.into_iter().map(|s| (s.item_id, s.position, s.propensity)).collect();
+        let slate = self.slate.into_iter().map(|s| (s.item_id, s.position, s.propensity, s.score)).collect();
         build_impression(RawImpression {
             impression_id: self.impression_id,
             time_ms: self.event_time_ms,
@@ -683,7 +688,7 @@ pub fn impression_to_pb(i: &Impression) -> pb::Impression {
                 item_id: s.item_id.clone(),
                 position: s.position,
                 propensity: s.propensity,
-                score: 0.0,
+                score: s.score,
             })
             .collect(),
         opted_out: i.opted_out,
@@ -716,9 +721,16 @@ fn impression_to_json(i: &Impression) -> serde_json::Value {
             Variant::Arm(a) => a.clone(),
         },
         "context": {"segment": i.segment, "features": features},
-        "slate": i.slate.iter().map(|s| serde_json::json!({
-            "item_id": s.item_id, "position": s.position, "propensity": s.propensity
-        })).collect::<Vec<_>>(),
+        "slate": i.slate.iter().map(|s| {
+            let mut item = serde_json::json!({
+                "item_id": s.item_id, "position": s.position, "propensity": s.propensity
+            });
+            // Like proto3's JSON mapping, a zero score (the default) is left out.
+            if s.score != 0.0 {
+                item["score"] = serde_json::json!(s.score);
+            }
+            item
+        }).collect::<Vec<_>>(),
         "opted_out": i.opted_out,
     })
 }

@@ -441,9 +441,12 @@ impl ModelShard {
             Some(w) => arm.position_exposure.iter().zip(w).map(|(n, e)| n * e).sum(),
             None => arm.exposure,
         };
-        let s = (arm.success * f).max(0.0);
+        // S may be negative (returns outweigh the rest): it then adds nothing to α and counts
+        // as failures beyond the exposures, so a net-negative arm ranks below an arm with the
+        // same exposure and no reward (ARCHITECTURE.md, "Modelling choices").
+        let s = arm.success * f;
         let e = (exposure * f).max(0.0);
-        BetaPosterior { alpha: prior.alpha + s, beta: prior.beta + (e - s).max(0.0) }
+        BetaPosterior { alpha: prior.alpha + s.max(0.0), beta: prior.beta + (e - s).max(0.0) }
     }
 
     /// When to read a finished stream: the newest impression learned, else `fallback_ms`.

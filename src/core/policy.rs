@@ -12,9 +12,10 @@
 //! at most `propensity_samples` − 64, give the estimate (the pilot is discarded, so the
 //! adaptive count does not bias it). With `propensity_rse` = 0 exactly `propensity_samples`
 //! rankings are drawn. Any estimate from N rankings has a standard error of at most
-//! 0.5 / √N. A served placement that no fresh ranking produced is reported as 0.5 / N (it has a
-//! probability, too small to resolve), which bounds its inverse-propensity weight by 2N. The
-//! result is mixed with ε / n as above, so no placement is ever reported below ε / n.
+//! 0.5 / √N. The estimate hits / N is unbiased, and so is its mix with ε / n as above, which
+//! keeps every placement at or above ε / n. Only with ε = 0 is a served placement that no fresh
+//! ranking produced (it has a probability, too small to resolve) reported as 0.5 / N rather
+//! than 0: a bias of at most 0.5 / N, which bounds its inverse-propensity weight by 2N.
 //! Posterior draws are exact: Beta(α, β) as a ratio of Marsaglia–Tsang Gamma draws, which
 //! costs a fraction of a general Beta sampler.
 //! The seed comes in as an argument; the policy draws no other randomness.
@@ -314,9 +315,12 @@ pub fn rank(
             };
             draw(fresh, &mut hits);
             let total = f64::from(fresh);
-            // A placement no fresh ranking produced (it was served, so its probability is not
-            // zero) gets half a ranking's worth rather than 0.
-            hits.iter().map(|&h| if h == 0 { 0.5 / total } else { f64::from(h) / total }).collect()
+            // hits / N is unbiased, zeros included; with ε > 0 the ε / n term keeps every
+            // placement above zero. Only without it does a served placement that no fresh
+            // ranking produced (so its probability is not zero) need a floor: half a ranking's
+            // worth, a bias of at most 0.5 / N.
+            let floor = if eps > 0.0 { 0.0 } else { 0.5 / total };
+            hits.iter().map(|&h| if h == 0 { floor } else { f64::from(h) / total }).collect()
         }
         Strategy::Ucb { .. } | Strategy::Greedy => {
             (0..k).map(|pos| if ranked[pos] == order[pos] { 1.0 } else { 0.0 }).collect()

@@ -396,7 +396,8 @@ impl Node {
                 features: &features,
                 candidates: &req.candidates,
                 slate_size,
-                now_ms: model.read_time(now_ms),
+                // The node's own clock: a model that stopped learning decays towards its prior.
+                now_ms,
                 seed: xxh3_64(impression_id.as_bytes()),
             };
             policy::rank(model_spec, model, &self.config.policy, &preq)
@@ -424,6 +425,7 @@ impl Node {
                     item_id: p.item_id.clone(),
                     position: p.position,
                     propensity: p.propensity,
+                    score: p.score,
                 })
                 .collect(),
             opted_out: false,

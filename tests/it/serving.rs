@@ -767,3 +767,139 @@ fn impressions_nobody_saw_are_logged_but_nothing_unlogged_is_ever_answered() {
         h.0
     );
 }
+
+/// The posterior mean of one arm by the formula ARCHITECTURE.md states ("Modelling choices"),
+/// from the raw events: every exposure and reward weighs 2^(−(now − t) / half-life) with t the
+/// impression's time; α = α₀ + max(0, S), β = β₀ + max(0, E − S).
+fn documented_mean(
+    prior: (f64, f64),
+    half_life_ms: f64,
+    now: i64,
+    exposures: &[i64],
+    rewards: &[(i64, f64)],
+) -> f64 {
+    let w = |t: i64| (-((now - t) as f64) / half_life_ms).exp2();
+    let e: f64 = exposures.iter().map(|&t| w(t)).sum();
+    let s: f64 = rewards.iter().map(|&(t, r)| r * w(t)).sum();
+    let alpha = prior.0 + s.max(0.0);
+    let beta = prior.1 + (e - s).max(0.0);
+    alpha / (alpha + beta)
+}
+
+#[test]
+fn a_node_ranks_by_the_documented_posterior_at_its_own_clock() {
+    // Regression: the node read the posterior at the model's newest impression (a model that
+    // stopped learning kept its full confidence), β ignored a negative net reward, and every
+    // logged score was 0. Four single-item arms learned five days ago, half-life one day: read
+    // now, the data weigh 1/32 and the prior dominates; C's returns make its net reward
+    // negative. The expected order and scores come from the written formula, not the code.
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("pin.toml");
+    std::fs::write(
+        &path,
+        r#"
+[rewards]
+click = { reward = 1.0, window = "1h" }
+add_to_cart = { reward = 0.0, window = "1d" }
+purchase = { reward = 0.0, window = "7d" }
+return = { reward = -3.0, window = "30d" }
+scale = 1.0
+
+[policy]
+strategy = "greedy"
+epsilon = 0.0
+
+[serving]
+holdout_share = 0.0
+
+[[models]]
+id = "pin"
+algorithm = "beta"
+position_model = "pbm"
+examination = [1.0]
+half_life = "1d"
+prior = { alpha = 1.0, beta = 9.0 }
+"#,
+    )
+    .expect("config");
+    let config = Config::load(Some(&path), std::iter::empty()).expect("config loads");
+    let topic = |role| config.topics.iter().find(|t| t.role == role).expect("topic").clone();
+    let (imps, fbs) = (topic(TopicRole::Impressions), topic(TopicRole::Feedback));
+    let day = 86_400_000i64;
+    let t0 = 1_767_225_600_000i64;
+    let now = t0 + 5 * day;
+    // (item, impressions, clicks, returns): returns come on clicked impressions.
+    let arms = [("A", 100, 20, 0), ("B", 10, 3, 0), ("C", 10, 2, 2), ("D", 10, 0, 0)];
+    let mut records = Vec::new();
+    let mut push = |topic: &banditflow::config::TopicSpec, key: &str, t: i64, e: Event| {
+        records.push(banditflow::recording::Record {
+            topic: topic.name.clone(),
+            partition: 0,
+            offset: records.iter().filter(|r: &&banditflow::recording::Record| r.topic == topic.name).count()
+                as i64,
+            timestamp_ms: Some(t),
+            key: Some(key.as_bytes().to_vec()),
+            headers: Vec::new(),
+            payload: event::encode(topic.role, topic.encoding, &e),
+        });
+    };
+    let mut expected = Vec::new();
+    let mut t = t0;
+    for (item, n, clicks, returns) in arms {
+        let (mut exposures, mut rewards) = (Vec::new(), Vec::new());
+        for k in 0..n {
+            t += 1000;
+            let id = format!("imp-{item}-{k}");
+            let imp = crate::support::impression(&id, "pin", t, event::Variant::Treatment, "s", &[item]);
+            push(&imps, &id, t, Event::Impression(imp));
+            exposures.push(t);
+            let fb = |kind, at| Event::Feedback(crate::support::feedback(&id, item, 1, kind, at));
+            if k < clicks {
+                push(&fbs, &id, t + 10, fb(event::FeedbackKind::Click, t + 10));
+                rewards.push((t, 1.0));
+            }
+            if k < returns {
+                push(&fbs, &id, t + 20, fb(event::FeedbackKind::Return, t + 20));
+                rewards.push((t, -3.0));
+            }
+        }
+        expected.push((item, documented_mean((1.0, 9.0), day as f64, now, &exposures, &rewards)));
+    }
+    expected.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let order: Vec<&str> = expected.iter().map(|e| e.0).collect();
+    assert_eq!(order, ["A", "B", "D", "C"], "the documented order of this example: {expected:?}");
+
+    let mut run = banditflow::replay::ReplayRun::default();
+    for r in records {
+        banditflow::replay::apply_record(&config, &mut run, r);
+    }
+    let mut catalog = Catalog::default();
+    for m in banditflow::replay::merged_models(&config, &run).expect("merge") {
+        let newest = m.shard.newest_impression_ms;
+        catalog
+            .models
+            .insert(m.meta.model_id.clone(), Arc::new(ServingModel::new(m, [0].into(), &[newest], 0)));
+    }
+    let node = Node::new(Arc::new(config.clone()), Arc::new(ArcSwap::from_pointee(catalog)), None);
+    // C before D: with the old β the two tie and the earlier candidate wins.
+    let req: RankRequest =
+        serde_json::from_value(json!({"model": "pin", "segment": "s", "candidates": ["B", "C", "D", "A"]}))
+            .expect("req");
+    let ranked = node.rank_only(&req, "imp-now".into(), now).expect("ranks");
+    let served: Vec<&str> = ranked.response.slate.iter().map(|p| p.item_id.as_str()).collect();
+    assert_eq!(served, order, "served order");
+    // The score each item was ranked by is answered and logged, equal to the formula's mean.
+    let logged = match event::decode(imps.role, imps.encoding, &ranked.payload).expect("decodes") {
+        Event::Impression(i) => i,
+        e => panic!("not an impression: {e:?}"),
+    };
+    for ((answered, logged), (item, mean)) in ranked.response.slate.iter().zip(&logged.slate).zip(&expected) {
+        assert_eq!((answered.item_id.as_str(), logged.item_id.as_str()), (*item, *item));
+        assert!(
+            (answered.score - mean).abs() < 1e-12 * mean,
+            "{item}: answered {} vs {mean}",
+            answered.score
+        );
+        assert_eq!(logged.score, answered.score, "{item}: logged score");
+    }
+}

@@ -90,7 +90,12 @@ pub fn impression(
         slate: items
             .iter()
             .enumerate()
-            .map(|(i, it)| SlateEntry { item_id: (*it).into(), position: i as u32 + 1, propensity: 0.5 })
+            .map(|(i, it)| SlateEntry {
+                item_id: (*it).into(),
+                position: i as u32 + 1,
+                propensity: 0.5,
+                score: 0.0,
+            })
             .collect(),
         opted_out: false,
     }
