@@ -38,6 +38,9 @@ step "deploy/ (promtool rules and unit tests, Kubernetes manifests, dashboard sc
 # broker tests below use the same prometheus and promtool on real processes.
 scripts/deploy-check.sh
 
+step "off-policy evaluation cross-check tools (obp 0.5.7 and its dependencies from PyPI, once)"
+python3 scripts/ope_crosscheck.py --install
+
 step "kafka broker"
 started=0
 if ! scripts/kafka.sh status >/dev/null 2>&1; then

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod core;
 pub mod demo;
+pub mod evaluate;
 pub mod fuzzing;
 pub mod generate;
 pub mod kafka;

@@ -131,6 +131,31 @@ enum Command {
         #[arg(long = "property", value_parser = parse_property)]
         properties: Vec<(String, String)>,
     },
+    /// Off-policy evaluation of the policy a config would run, on a recording with logged
+    /// propensities: IPW, SNIPW, direct method and doubly robust estimates of its reward per
+    /// placement, each with a 95 % interval, and the effective sample size.
+    Evaluate {
+        /// Recording (JSON lines, see README).
+        #[arg(long)]
+        input: PathBuf,
+        /// Config file (TOML) whose [policy] and models are evaluated; BANDITFLOW__… override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON (full precision) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also write every round (catalogue-sized probability and reward vectors) as JSON
+        /// lines to this file.
+        #[arg(long)]
+        rounds: Option<PathBuf>,
+        /// Monte Carlo rankings per impression for Thompson sampling's placement probabilities.
+        #[arg(long, default_value_t = banditflow::evaluate::DEFAULT_SAMPLES)]
+        samples: u32,
+        /// Largest share of impressions without a valid propensity that is left out (and
+        /// named) rather than refusing the evaluation.
+        #[arg(long, default_value_t = 0.01)]
+        max_refused_share: f64,
+    },
     /// Creates topics (for trying banditflow out; production topics are usually managed elsewhere).
     CreateTopics {
         #[arg(long)]
@@ -504,6 +529,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 run.dead_letters.len(),
                 out.display()
             );
+        }
+        Command::Evaluate { input, config, json, rounds, samples, max_refused_share } => {
+            let config = Config::load(config.as_deref(), std::env::vars())?;
+            let file =
+                std::fs::File::open(&input).with_context(|| format!("cannot open {}", input.display()))?;
+            let mut records = Vec::new();
+            for (i, line) in std::io::BufRead::lines(BufReader::new(file)).enumerate() {
+                let line = line?;
+                if !line.trim().is_empty() {
+                    records.push(recording::parse_line(i + 1, &line)?);
+                }
+            }
+            let options =
+                banditflow::evaluate::Options { samples, details: rounds.is_some(), max_refused_share };
+            let e = banditflow::evaluate::evaluate(&config, &records, options)?;
+            if let Some(path) = rounds {
+                replay::write_atomic(&path, banditflow::evaluate::details_jsonl(&e).as_bytes())?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&banditflow::evaluate::to_json(&e))?);
+            } else {
+                print!("{}", banditflow::evaluate::to_text(&e));
+            }
         }
         Command::Generate {
             out,

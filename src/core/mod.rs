@@ -13,6 +13,7 @@ pub mod event;
 pub mod join;
 pub mod linear;
 pub mod model;
+pub mod ope;
 pub mod params;
 pub mod partition;
 pub mod pb;

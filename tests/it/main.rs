@@ -14,6 +14,7 @@ mod kafka;
 mod lift;
 mod memory;
 mod network;
+mod ope;
 mod operations;
 mod policy;
 mod properties;
