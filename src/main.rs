@@ -225,8 +225,18 @@ enum Command {
     /// Prints what a snapshot file holds.
     Inspect {
         snapshot: PathBuf,
-        #[arg(long, default_value_t = 10)]
-        top: usize,
+        /// Arms to list, best first (default: 10 in the table, all in JSON).
+        #[arg(long)]
+        top: Option<usize>,
+        /// Print JSON (full precision): every position's examination, every arm (or --top),
+        /// variants, lift, offsets.
+        #[arg(long)]
+        json: bool,
+        /// Read the decayed statistics at this time (RFC 3339 in UTC, e.g.
+        /// 2026-01-01T12:00:00Z, or milliseconds since the epoch) instead of the newest
+        /// impression the model learned.
+        #[arg(long, value_parser = parse_at)]
+        at: Option<i64>,
     },
     /// Reads every shard snapshot from a snapshot topic, merges them per model and prints them.
     InspectTopic {
@@ -302,6 +312,11 @@ enum Strat {
     Thompson,
     Ucb,
     Greedy,
+}
+
+fn parse_at(text: &str) -> Result<i64, String> {
+    replay::parse_time(text)
+        .ok_or_else(|| format!("`{text}` is neither RFC 3339 in UTC (2026-01-01T12:00:00Z) nor milliseconds"))
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {
@@ -599,12 +614,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Command::Inspect { snapshot: path, top } => {
+        Command::Inspect { snapshot: path, top, json, at } => {
             let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
             let s = snapshot::decode(&bytes)
                 .with_context(|| format!("{} is not a usable snapshot", path.display()))?;
+            let view = replay::view_model(&s, at);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&replay::view_json(&view, top))?);
+                return Ok(());
+            }
             let mut text = String::new();
-            replay::describe_model(&mut text, &s, top);
+            replay::describe_view(&mut text, &view, top.unwrap_or(10));
             println!("partition {} ({} bytes), offsets:", s.meta.source_partition, bytes.len());
             for (t, p, o) in &s.meta.input_offsets {
                 println!("  {t}/{p} next {o}");

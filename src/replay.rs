@@ -205,37 +205,165 @@ fn describe(spec: &ModelSpec) -> String {
     format!("{alg}, {pos}, half-life {}ms", spec.half_life_ms)
 }
 
-/// The model part of the summary: variants, lift, and the top items by posterior mean.
-pub fn describe_model(out: &mut String, m: &DecodedSnapshot, top: usize) {
+/// Milliseconds since the epoch from `2026-01-01T00:00:00Z` (seconds, optionally with a
+/// fraction, then `Z`) or from a bare integer of milliseconds: the inverse of [`format_time`].
+pub fn parse_time(text: &str) -> Option<i64> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Some(ms);
+    }
+    let t = text.strip_suffix('Z')?;
+    let (date, clock) = t.split_once('T')?;
+    let mut d = date.splitn(3, '-');
+    let (y, m, day): (i64, i64, i64) =
+        (d.next()?.parse().ok()?, d.next()?.parse().ok()?, d.next()?.parse().ok()?);
+    let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
+    let mut c = hms.splitn(3, ':');
+    let (hh, mm, ss): (i64, i64, i64) =
+        (c.next()?.parse().ok()?, c.next()?.parse().ok()?, c.next()?.parse().ok()?);
+    // Years 0–9999 keep every product below i64's range.
+    let bounded = |v: i64, hi: i64| (0..=hi).contains(&v);
+    if !bounded(y, 9999) || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return None;
+    }
+    if !bounded(hh, 23) || !bounded(mm, 59) || !bounded(ss, 60) {
+        return None;
+    }
+    let millis: i64 = if frac.is_empty() {
+        0
+    } else {
+        if frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        format!("{frac:0<3}")[..3].parse().ok()?
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    ((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000).checked_add(millis)
+}
+
+/// What a model says about one arm, read at one time.
+#[derive(Debug, Clone)]
+pub struct ArmView<'a> {
+    pub segment: &'a str,
+    pub item: &'a str,
+    /// Beta models: the posterior mean; linear models: θ̂·x for the segment without context.
+    pub mean: f64,
+    /// 95 % interval: the Beta posterior's, or θ̂·x ± 1.96 √(xᵀA⁻¹x) (what LinTS draws from).
+    pub low: f64,
+    pub high: f64,
+    pub stats: &'a model::ArmStats,
+}
+
+/// A model read at one time: the view `inspect` prints as text or JSON.
+pub struct ModelView<'a> {
+    pub snapshot: &'a DecodedSnapshot,
+    pub read_ms: i64,
+    /// "newest impression" or "--at".
+    pub read_source: &'static str,
+    /// Examination per position (index 0 = position 1): configured, estimated, or none
+    /// (cascade).
+    pub examination: Option<(&'static str, Vec<f64>)>,
+    /// Every arm, best first (ties by segment and item).
+    pub arms: Vec<ArmView<'a>>,
+}
+
+/// Reads `m` at `at` (default: its newest learned impression; see `ModelShard::read_time`).
+pub fn view_model(m: &DecodedSnapshot, at: Option<i64>) -> ModelView<'_> {
     let spec = &m.spec;
-    // Read at the newest impression: every decayed sum is keyed by impression time, and the
-    // tail of late feedback at the end of a recording would otherwise decay everything.
-    let now = m.shard.read_time(m.meta.watermark_ms);
+    let (read_ms, read_source) = match at {
+        Some(t) => (t, "--at"),
+        None => (m.shard.read_time(m.meta.watermark_ms), "newest impression"),
+    };
+    let estimated = m.shard.estimated_examination();
+    let examination = match &spec.position {
+        PositionModel::Pbm(Examination::Fixed(w)) => Some(("configured", w.clone())),
+        PositionModel::Pbm(Examination::Estimated) => {
+            // Every position that has data (the tracked curve beyond it is 1 by construction).
+            let deepest = m.shard.positions.keys().max().copied().unwrap_or(1) as usize;
+            Some(("estimated", estimated.iter().take(deepest.max(1)).copied().collect()))
+        }
+        PositionModel::Cascade => None,
+    };
+    let exam_for_posterior = match spec.position {
+        PositionModel::Pbm(Examination::Estimated) => Some(estimated.as_slice()),
+        _ => None,
+    };
+    let linear = match spec.algorithm {
+        Algorithm::Linear { dim, lambda, hash_seed } => {
+            let f = m.shard.read_factor(spec, read_ms);
+            m.shard
+                .linear
+                .as_ref()
+                .and_then(|l| l.posterior(lambda, f))
+                .map(|post| (dim as usize, hash_seed, post))
+        }
+        Algorithm::BetaBernoulli => None,
+    };
+    let mut arms = Vec::new();
+    let mut x = Vec::new();
+    for (seg, items) in &m.shard.arms {
+        for (item, a) in items {
+            let (mean, low, high) = match (&spec.algorithm, &linear) {
+                (Algorithm::Linear { .. }, Some((dim, seed, post))) => {
+                    crate::core::linear::features(*dim, *seed, seg, &[], item, &mut x);
+                    let score = crate::core::linear::dot(&post.mean, &x);
+                    let w = 1.959_963_984_540_054 * post.width(&x);
+                    (score, score - w, score + w)
+                }
+                (Algorithm::Linear { .. }, None) => (0.0, 0.0, 0.0),
+                (Algorithm::BetaBernoulli, _) => {
+                    let p = m.shard.posterior(spec, seg, item, read_ms, exam_for_posterior);
+                    let (lo, hi) = p.interval95();
+                    (p.mean(), lo, hi)
+                }
+            };
+            arms.push(ArmView { segment: seg, item, mean, low, high, stats: a });
+        }
+    }
+    arms.sort_by(|a, b| b.mean.total_cmp(&a.mean).then(a.segment.cmp(b.segment)).then(a.item.cmp(b.item)));
+    ModelView { snapshot: m, read_ms, read_source, examination, arms }
+}
+
+/// The model part of the summary: variants, lift, and the top items by posterior mean, read at
+/// the newest learned impression.
+pub fn describe_model(out: &mut String, m: &DecodedSnapshot, top: usize) {
+    describe_view(out, &view_model(m, None), top);
+}
+
+/// [`describe_model`] of a view.
+pub fn describe_view(out: &mut String, v: &ModelView<'_>, top: usize) {
+    let m = v.snapshot;
+    let spec = &m.spec;
+    let now = v.read_ms;
     let _ = writeln!(out, "model {} — {}", spec.id, describe(spec));
     let _ = writeln!(
         out,
-        "  version {}, watermark {}, read at {} (newest impression), {} arms",
+        "  version {}, watermark {}, read at {} ({}), {} arms",
         m.meta.version,
         if m.meta.watermark_ms > 0 { format_time(m.meta.watermark_ms) } else { "-".into() },
         if now > 0 { format_time(now) } else { "-".into() },
+        v.read_source,
         m.shard.arm_count()
     );
     let _ = writeln!(out, "  {:<14} {:>11} {:>14} {:>14}", "variant", "impressions", "reward", "reward/impr");
-    for (v, s) in &m.shard.variants {
+    for (variant, s) in &m.shard.variants {
         let mean = s.mean_var().map_or(0.0, |(mu, _)| mu);
         let _ = writeln!(
             out,
             "  {:<14} {:>11} {:>14.3} {:>14.5}",
-            v.to_string(),
+            variant.to_string(),
             s.impressions,
             s.reward_micros as f64 / 1e6,
             mean
         );
     }
-    let empty = Default::default();
-    let t = m.shard.variants.get(&Variant::Treatment).unwrap_or(&empty);
-    let h = m.shard.variants.get(&Variant::Holdout).unwrap_or(&empty);
-    match model::lift(t, h) {
+    match lift_of(m) {
         Some(l) => {
             let _ = writeln!(
                 out,
@@ -250,50 +378,119 @@ pub fn describe_model(out: &mut String, m: &DecodedSnapshot, top: usize) {
             let _ = writeln!(out, "  lift treatment vs holdout: not enough data");
         }
     }
-    let exam = match spec.position {
-        PositionModel::Pbm(Examination::Estimated) => {
-            let e = m.shard.estimated_examination();
-            let shown: Vec<String> = e.iter().take(8).map(|w| format!("{w:.3}")).collect();
-            let _ = writeln!(out, "  estimated examination (positions 1-8): {}", shown.join(" "));
-            Some(e)
-        }
-        _ => None,
-    };
-    let mut rows = Vec::new();
-    let mut segments: Vec<&String> = m.shard.arms.keys().collect();
-    segments.sort();
-    for seg in segments {
-        let mut items: Vec<(&String, &model::ArmStats)> = m.shard.arms[seg].iter().collect();
-        items.sort_by(|a, b| a.0.cmp(b.0));
-        for (item, a) in items {
-            let p = m.shard.posterior(spec, seg, item, now, exam.as_deref());
-            rows.push((p.mean(), seg.as_str(), item.as_str(), p, a));
-        }
+    if let Some(("estimated", e)) = &v.examination {
+        let shown: Vec<String> = e.iter().map(|w| format!("{w:.3}")).collect();
+        let _ = writeln!(out, "  estimated examination (positions 1-{}): {}", e.len(), shown.join(" "));
     }
-    rows.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)).then(a.2.cmp(b.2)));
+    let linear = matches!(spec.algorithm, Algorithm::Linear { .. });
     let _ = writeln!(
         out,
         "  {:<8} {:<12} {:>8} {:>19} {:>7} {:>6} {:>5} {:>5} {:>5} {:>10}",
-        "segment", "item", "mean", "95% interval", "impr", "click", "cart", "buy", "ret", "reward"
+        "segment",
+        "item",
+        if linear { "score" } else { "mean" },
+        "95% interval",
+        "impr",
+        "click",
+        "cart",
+        "buy",
+        "ret",
+        "reward"
     );
-    for (mean, seg, item, p, a) in rows.iter().take(top) {
-        let (lo, hi) = p.interval95();
+    for a in v.arms.iter().take(top) {
+        let s = a.stats;
         let _ = writeln!(
             out,
             "  {:<8} {:<12} {:>8.4} [{:>7.4}, {:>7.4}] {:>7} {:>6} {:>5} {:>5} {:>5} {:>10.3}",
-            seg,
-            item,
-            mean,
-            lo,
-            hi,
-            a.impressions,
-            a.feedback[0],
-            a.feedback[1],
-            a.feedback[2],
-            a.feedback[3],
-            a.reward_micros as f64 / 1e6
+            a.segment,
+            a.item,
+            a.mean,
+            a.low,
+            a.high,
+            s.impressions,
+            s.feedback[0],
+            s.feedback[1],
+            s.feedback[2],
+            s.feedback[3],
+            s.reward_micros as f64 / 1e6
         );
     }
+}
+
+fn lift_of(m: &DecodedSnapshot) -> Option<model::Lift> {
+    let empty = Default::default();
+    let t = m.shard.variants.get(&Variant::Treatment).unwrap_or(&empty);
+    let h = m.shard.variants.get(&Variant::Holdout).unwrap_or(&empty);
+    model::lift(t, h)
+}
+
+/// A view as JSON, numbers at full precision; `top` arms (all when None).
+pub fn view_json(v: &ModelView<'_>, top: Option<usize>) -> serde_json::Value {
+    let m = v.snapshot;
+    let spec = &m.spec;
+    let variants: Vec<serde_json::Value> = m
+        .shard
+        .variants
+        .iter()
+        .map(|(variant, s)| {
+            serde_json::json!({
+                "variant": variant.to_string(),
+                "impressions": s.impressions,
+                "reward": s.reward_micros as f64 / 1e6,
+                "reward_per_impression": s.mean_var().map(|(mu, _)| mu),
+            })
+        })
+        .collect();
+    let lift = lift_of(m).map(|l| {
+        serde_json::json!({"diff": l.diff, "low": l.diff_low, "high": l.diff_high, "relative": l.relative})
+    });
+    let arms: Vec<serde_json::Value> = v
+        .arms
+        .iter()
+        .take(top.unwrap_or(usize::MAX))
+        .map(|a| {
+            let s = a.stats;
+            serde_json::json!({
+                "segment": a.segment, "item": a.item, "mean": a.mean, "low": a.low, "high": a.high,
+                "impressions": s.impressions,
+                "feedback": {"click": s.feedback[0], "add_to_cart": s.feedback[1], "purchase": s.feedback[2], "return": s.feedback[3]},
+                "reward": s.reward_micros as f64 / 1e6,
+            })
+        })
+        .collect();
+    let (algorithm, linear) = match spec.algorithm {
+        Algorithm::BetaBernoulli => ("beta", None),
+        Algorithm::Linear { dim, lambda, hash_seed } => (
+            "linear",
+            Some(serde_json::json!({
+                "dim": dim, "lambda": lambda, "hash_seed": hash_seed,
+                "updates": m.shard.linear.as_ref().map_or(0, |l| l.updates),
+                "arm_score": "θ̂·x of the segment and item without context features; interval ± 1.96 √(xᵀA⁻¹x)",
+            })),
+        ),
+    };
+    serde_json::json!({
+        "model": spec.id,
+        "algorithm": algorithm,
+        "linear": linear,
+        "position_model": match spec.position { PositionModel::Cascade => "cascade", _ => "pbm" },
+        "examination": v.examination.as_ref().map(|(source, e)| serde_json::json!({"source": source, "by_position": e})),
+        "half_life_ms": spec.half_life_ms,
+        "prior": {"alpha": spec.prior.alpha, "beta": spec.prior.beta},
+        "segment_priors": spec.segment_priors.iter().map(|(k, p)| (k.clone(), serde_json::json!({"alpha": p.alpha, "beta": p.beta}))).collect::<serde_json::Map<_, _>>(),
+        "version": m.meta.version,
+        "source_partition": m.meta.source_partition,
+        "watermark_ms": m.meta.watermark_ms,
+        "newest_impression_ms": m.shard.newest_impression_ms,
+        "read_at_ms": v.read_ms,
+        "read_at": format_time(v.read_ms),
+        "read_at_source": v.read_source,
+        "input_offsets": m.meta.input_offsets.iter().map(|(t, p, o)| serde_json::json!({"topic": t, "partition": p, "next": o})).collect::<Vec<_>>(),
+        "arm_count": m.shard.arm_count(),
+        "variants": variants,
+        "lift": lift,
+        "arms": arms,
+    })
 }
 
 pub fn summary(config: &Config, run: &ReplayRun, top: usize) -> anyhow::Result<String> {

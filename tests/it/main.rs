@@ -8,6 +8,7 @@ mod formats;
 mod fuzz_corpus;
 mod golden;
 mod hardening;
+mod inspect;
 mod isolation;
 mod join;
 mod kafka;
