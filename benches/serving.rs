@@ -130,6 +130,7 @@ fn main() {
                 slate_size: 10,
                 now_ms: now,
                 seed,
+                prior: None,
             };
             policy::rank(spec, shard, &policy, &req).len()
         }

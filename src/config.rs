@@ -221,8 +221,9 @@ struct RawModel {
     examination: Option<toml::Value>,
     #[serde(default = "default_half_life")]
     half_life: String,
+    /// `{ alpha, beta }` or "empirical" (the default).
     #[serde(default)]
-    prior: Option<RawPrior>,
+    prior: Option<toml::Value>,
     #[serde(default)]
     segment_priors: BTreeMap<String, RawPrior>,
     #[serde(default)]
@@ -728,7 +729,24 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             }
         };
         let half_life_ms = duration(&f("half_life"), &m.half_life)?;
-        let prior_v = prior(&f("prior"), m.prior.unwrap_or(RawPrior { alpha: 1.0, beta: 1.0 }))?;
+        // Without a configured prior a segment gets one fitted from the model's own arms
+        // (empirical Bayes); Beta(1, 1) is then only the fallback for too little data.
+        let (prior_v, empirical_prior) = match m.prior {
+            None => (Prior { alpha: 1.0, beta: 1.0 }, true),
+            Some(toml::Value::String(s)) if s == "empirical" => (Prior { alpha: 1.0, beta: 1.0 }, true),
+            Some(v @ toml::Value::Table(_)) => {
+                let raw: RawPrior = v.try_into().map_err(|e: toml::de::Error| {
+                    field_err(f("prior"), format!("{}; expected {{ alpha = …, beta = … }}", e.message()))
+                })?;
+                (prior(&f("prior"), raw)?, false)
+            }
+            Some(other) => {
+                return Err(field_err(
+                    f("prior"),
+                    format!("`{other}` is neither \"empirical\" nor {{ alpha = …, beta = … }}"),
+                ))
+            }
+        };
         let mut segment_priors = BTreeMap::new();
         for (seg, p) in m.segment_priors {
             let pv = prior(&f(&format!("segment_priors.{seg}")), p)?;
@@ -741,6 +759,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             half_life_ms,
             prior: prior_v,
             segment_priors,
+            empirical_prior,
             rewards: rewards.clone(),
         });
     }

@@ -26,9 +26,13 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::config::Config;
 use crate::core::event::{self, Event, Impression, InvalidEvent};
 use crate::core::ope::{self, Report, Round};
+use crate::core::params::{Examination, PositionModel};
 use crate::core::partition::{InputRecord, PartitionState};
 use crate::core::policy::{self, RankRequest};
 use crate::recording::Record;
+
+/// Impressions between refits of an empirical prior (per model and segment).
+const PRIOR_REFIT: u64 = 1000;
 
 /// Monte Carlo rankings per impression for Thompson sampling's placement probabilities.
 pub const DEFAULT_SAMPLES: u32 = 1000;
@@ -191,6 +195,10 @@ pub fn evaluate(config: &Config, records: &[Record], options: Options) -> Result
     let mut next_offset: BTreeMap<&str, i64> = BTreeMap::new();
     let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); models.len()];
     let mut details: Vec<Vec<RoundDetail>> = vec![Vec::new(); models.len()];
+    // Empirical priors are refitted per (model, segment) every PRIOR_REFIT impressions, as a
+    // serving node refits them once per model version rather than per request.
+    let mut priors: BTreeMap<(usize, String), (crate::core::params::Prior, u64)> = BTreeMap::new();
+    let mut evaluated = 0u64;
     for (i, (r, e)) in records.iter().zip(&decoded).enumerate() {
         let Some(topic) = config.topic(&r.topic) else { continue };
         if let Some(Event::Impression(imp)) = e {
@@ -198,6 +206,21 @@ pub fn evaluate(config: &Config, records: &[Record], options: Options) -> Result
             if let (true, Some(m)) = (first, models.iter().position(|s| s.id == imp.model_id)) {
                 let spec = &models[m];
                 let positions = imp.slate.iter().map(|s| s.position as usize).max().unwrap_or(0);
+                let model = &state.models[m];
+                evaluated += 1;
+                let key = (m, imp.segment.clone());
+                let prior = match priors.get(&key) {
+                    Some(&(p, at)) if evaluated - at < PRIOR_REFIT => p,
+                    _ => {
+                        let exam = match spec.position {
+                            PositionModel::Pbm(Examination::Estimated) => Some(model.estimated_examination()),
+                            _ => None,
+                        };
+                        let p = model.prior_in_force(spec, &imp.segment, imp.time_ms, exam.as_deref()).0;
+                        priors.insert(key, (p, evaluated));
+                        p
+                    }
+                };
                 let req = RankRequest {
                     segment: &imp.segment,
                     features: &imp.features,
@@ -205,8 +228,8 @@ pub fn evaluate(config: &Config, records: &[Record], options: Options) -> Result
                     slate_size: positions,
                     now_ms: imp.time_ms,
                     seed: xxh3_64(imp.impression_id.as_bytes()),
+                    prior: Some(prior),
                 };
-                let model = &state.models[m];
                 let pi = policy::placement_probabilities(
                     spec,
                     model,

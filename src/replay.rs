@@ -271,6 +271,8 @@ pub struct ModelView<'a> {
     pub examination: Option<(&'static str, Vec<f64>)>,
     /// Every arm, best first (ties by segment and item).
     pub arms: Vec<ArmView<'a>>,
+    /// The prior in force per segment at the reading time.
+    pub priors: model::FittedPriors,
 }
 
 /// Reads `m` at `at` (default: its newest learned impression; see `ModelShard::read_time`).
@@ -305,6 +307,7 @@ pub fn view_model(m: &DecodedSnapshot, at: Option<i64>) -> ModelView<'_> {
         }
         Algorithm::BetaBernoulli => None,
     };
+    let priors = m.shard.fit_priors(spec, read_ms);
     let mut arms = Vec::new();
     let mut x = Vec::new();
     for (seg, items) in &m.shard.arms {
@@ -318,7 +321,8 @@ pub fn view_model(m: &DecodedSnapshot, at: Option<i64>) -> ModelView<'_> {
                 }
                 (Algorithm::Linear { .. }, None) => (0.0, 0.0, 0.0),
                 (Algorithm::BetaBernoulli, _) => {
-                    let p = m.shard.posterior(spec, seg, item, read_ms, exam_for_posterior);
+                    let prior = priors.for_segment(seg);
+                    let p = m.shard.posterior_with(spec, prior, seg, item, read_ms, exam_for_posterior);
                     let (lo, hi) = p.interval95();
                     (p.mean(), lo, hi)
                 }
@@ -327,7 +331,7 @@ pub fn view_model(m: &DecodedSnapshot, at: Option<i64>) -> ModelView<'_> {
         }
     }
     arms.sort_by(|a, b| b.mean.total_cmp(&a.mean).then(a.segment.cmp(b.segment)).then(a.item.cmp(b.item)));
-    ModelView { snapshot: m, read_ms, read_source, examination, arms }
+    ModelView { snapshot: m, read_ms, read_source, examination, arms, priors }
 }
 
 /// The model part of the summary: variants, lift, and the top items by posterior mean, read at
@@ -378,6 +382,9 @@ pub fn describe_view(out: &mut String, v: &ModelView<'_>, top: usize) {
             let _ = writeln!(out, "  lift treatment vs holdout: not enough data");
         }
     }
+    if matches!(spec.algorithm, Algorithm::BetaBernoulli) {
+        let _ = writeln!(out, "  prior in force: {}", describe_priors(spec, &v.priors));
+    }
     if let Some(("estimated", e)) = &v.examination {
         let shown: Vec<String> = e.iter().map(|w| format!("{w:.3}")).collect();
         let _ = writeln!(out, "  estimated examination (positions 1-{}): {}", e.len(), shown.join(" "));
@@ -415,6 +422,20 @@ pub fn describe_view(out: &mut String, v: &ModelView<'_>, top: usize) {
             s.reward_micros as f64 / 1e6
         );
     }
+}
+
+/// "configured Beta(1, 9); kids Beta(1, 15)" or "empirical: kids Beta(…) (segment), …".
+fn describe_priors(spec: &ModelSpec, p: &model::FittedPriors) -> String {
+    let beta = |q: &crate::core::params::Prior| format!("Beta({:.3}, {:.3})", q.alpha, q.beta);
+    if !spec.empirical_prior {
+        let mut parts = vec![format!("configured {}", beta(&spec.prior))];
+        parts.extend(spec.segment_priors.iter().map(|(s, q)| format!("{s} {}", beta(q))));
+        return parts.join("; ");
+    }
+    let mut parts: Vec<String> =
+        p.by_segment.iter().map(|(s, (q, src))| format!("{s} {} ({})", beta(q), src.as_str())).collect();
+    parts.push(format!("other segments {} ({})", beta(&p.other.0), p.other.1.as_str()));
+    format!("empirical Bayes, fitted at read time: {}", parts.join("; "))
 }
 
 fn lift_of(m: &DecodedSnapshot) -> Option<model::Lift> {
@@ -477,6 +498,11 @@ pub fn view_json(v: &ModelView<'_>, top: Option<usize>) -> serde_json::Value {
         "examination": v.examination.as_ref().map(|(source, e)| serde_json::json!({"source": source, "by_position": e})),
         "half_life_ms": spec.half_life_ms,
         "prior": {"alpha": spec.prior.alpha, "beta": spec.prior.beta},
+        "prior_kind": if spec.empirical_prior { "empirical" } else { "configured" },
+        "prior_in_force": {
+            "by_segment": v.priors.by_segment.iter().map(|(s, (q, src))| (s.clone(), serde_json::json!({"alpha": q.alpha, "beta": q.beta, "source": src.as_str()}))).collect::<serde_json::Map<_, _>>(),
+            "other_segments": {"alpha": v.priors.other.0.alpha, "beta": v.priors.other.0.beta, "source": v.priors.other.1.as_str()},
+        },
         "segment_priors": spec.segment_priors.iter().map(|(k, p)| (k.clone(), serde_json::json!({"alpha": p.alpha, "beta": p.beta}))).collect::<serde_json::Map<_, _>>(),
         "version": m.meta.version,
         "source_partition": m.meta.source_partition,

@@ -93,6 +93,10 @@ pub struct ModelSpec {
     pub half_life_ms: i64,
     pub prior: Prior,
     pub segment_priors: BTreeMap<String, Prior>,
+    /// Empirical Bayes: a segment without a configured prior gets one fitted at read time from
+    /// the model's own arms in that segment (`ModelShard::prior_in_force`); `prior` is then
+    /// only the fallback for a model with too little data to fit.
+    pub empirical_prior: bool,
     pub rewards: Rewards,
 }
 

@@ -27,7 +27,7 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 
 use super::linear::{self, Posterior};
 use super::model::ModelShard;
-use super::params::{Algorithm, Examination, ModelSpec, PositionModel};
+use super::params::{Algorithm, Examination, ModelSpec, PositionModel, Prior};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Strategy {
@@ -68,6 +68,9 @@ pub struct RankRequest<'a> {
     pub slate_size: usize,
     pub now_ms: i64,
     pub seed: u64,
+    /// The prior in force for `segment` when the caller has it already (a serving node fits
+    /// empirical priors once per model version); None: `ModelShard::prior_in_force` at `now_ms`.
+    pub prior: Option<Prior>,
 }
 
 /// Precomputed per-request scorer so Monte Carlo draws do not redo the algebra.
@@ -92,11 +95,14 @@ fn build_scorer(spec: &ModelSpec, model: &ModelShard, req: &RankRequest<'_>) -> 
                 PositionModel::Pbm(Examination::Estimated) => Some(model.estimated_examination()),
                 _ => None,
             };
+            let prior = req
+                .prior
+                .unwrap_or_else(|| model.prior_in_force(spec, req.segment, req.now_ms, exam.as_deref()).0);
             let params = req
                 .candidates
                 .iter()
                 .map(|c| {
-                    let p = model.posterior(spec, req.segment, c, req.now_ms, exam.as_deref());
+                    let p = model.posterior_with(spec, prior, req.segment, c, req.now_ms, exam.as_deref());
                     (p.alpha.max(1e-9), p.beta.max(1e-9))
                 })
                 .collect::<Vec<(f64, f64)>>();

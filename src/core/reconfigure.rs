@@ -98,7 +98,7 @@ pub fn reset_field(stored: &ModelSpec, configured: &ModelSpec) -> Option<String>
 /// The read-time fields that differ (config names), given that no reset field does.
 pub fn read_time_fields(stored: &ModelSpec, configured: &ModelSpec) -> Vec<String> {
     let mut out = Vec::new();
-    if stored.prior != configured.prior {
+    if stored.prior != configured.prior || stored.empirical_prior != configured.empirical_prior {
         out.push("prior".to_string());
     }
     if stored.segment_priors != configured.segment_priors {

@@ -82,6 +82,7 @@ pub fn params_to_pb(spec: &ModelSpec) -> pb::ModelParams {
         examination_estimated,
         half_life_ms: spec.half_life_ms,
         prior: Some(pb::Prior { alpha: spec.prior.alpha, beta: spec.prior.beta }),
+        empirical_prior: spec.empirical_prior,
         segment_priors: spec
             .segment_priors
             .iter()
@@ -158,6 +159,7 @@ pub fn params_from_pb(model_id: &str, p: &pb::ModelParams) -> Result<ModelSpec, 
                 (s.segment.clone(), q)
             })
             .collect(),
+        empirical_prior: p.empirical_prior,
         rewards: Rewards { kinds, scale: p.reward_scale },
     })
 }

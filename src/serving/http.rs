@@ -167,6 +167,24 @@ struct ModelReadiness {
     partitions: usize,
     /// Partitions holding state that the model does not cover yet.
     missing_partitions: Vec<i32>,
+    /// "configured" or "empirical" (fitted per segment at each model version).
+    prior: &'static str,
+    /// The prior in force per segment of the loaded version, and for any other segment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priors: Option<PriorsInForce>,
+}
+
+#[derive(Serialize)]
+struct PriorInForce {
+    alpha: f64,
+    beta: f64,
+    source: &'static str,
+}
+
+#[derive(Serialize)]
+struct PriorsInForce {
+    by_segment: std::collections::BTreeMap<String, PriorInForce>,
+    other_segments: PriorInForce,
 }
 
 #[derive(Serialize)]
@@ -212,14 +230,24 @@ pub fn readiness(s: &AppState) -> Readiness {
         .models
         .iter()
         .map(|m| match catalog.models.get(&m.id) {
-            Some(sm) => ModelReadiness {
-                model: m.id.clone(),
-                loaded: true,
-                model_version: sm.version,
-                staleness_ms: sm.staleness_ms(now),
-                partitions: sm.partitions.len(),
-                missing_partitions: required.difference(&sm.partitions).copied().collect(),
-            },
+            Some(sm) => {
+                let show = |(p, src): &(crate::core::params::Prior, crate::core::model::PriorSource)| {
+                    PriorInForce { alpha: p.alpha, beta: p.beta, source: src.as_str() }
+                };
+                ModelReadiness {
+                    model: m.id.clone(),
+                    loaded: true,
+                    model_version: sm.version,
+                    staleness_ms: sm.staleness_ms(now),
+                    partitions: sm.partitions.len(),
+                    missing_partitions: required.difference(&sm.partitions).copied().collect(),
+                    prior: if m.empirical_prior { "empirical" } else { "configured" },
+                    priors: Some(PriorsInForce {
+                        by_segment: sm.priors.by_segment.iter().map(|(s, p)| (s.clone(), show(p))).collect(),
+                        other_segments: show(&sm.priors.other),
+                    }),
+                }
+            }
             None => ModelReadiness {
                 model: m.id.clone(),
                 loaded: false,
@@ -227,6 +255,8 @@ pub fn readiness(s: &AppState) -> Readiness {
                 staleness_ms: None,
                 partitions: 0,
                 missing_partitions: required.iter().copied().collect(),
+                prior: if m.empirical_prior { "empirical" } else { "configured" },
+                priors: None,
             },
         })
         .collect();

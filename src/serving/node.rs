@@ -358,11 +358,11 @@ impl Node {
         let catalog = self.catalog.load();
         let loaded: Option<&Arc<ServingModel>> = catalog.models.get(&req.model);
         let empty;
-        let (model, version, model_spec): (&ModelShard, u64, &ModelSpec) = match loaded {
-            Some(m) => (&m.merged.shard, m.version, &m.merged.spec),
+        let (model, version, model_spec, prior) = match loaded {
+            Some(m) => (&m.merged.shard, m.version, &m.merged.spec, Some(m.priors.for_segment(segment))),
             None if serving.cold_start => {
                 empty = ModelShard::new(spec);
-                (&empty, 0, spec)
+                (&empty, 0, spec, None)
             }
             None => {
                 ModelNotLoaded { model: &req.model }.emit();
@@ -399,6 +399,7 @@ impl Node {
                 // The node's own clock: a model that stopped learning decays towards its prior.
                 now_ms,
                 seed: xxh3_64(impression_id.as_bytes()),
+                prior,
             };
             policy::rank(model_spec, model, &self.config.policy, &preq)
                 .into_iter()

@@ -25,7 +25,7 @@ use rdkafka::config::ClientConfig;
 use crate::core::blob::{BlobError, LatestByKey};
 use crate::core::checkpoint;
 use crate::core::event::Variant;
-use crate::core::model;
+use crate::core::model::{self, FittedPriors};
 use crate::core::snapshot::{self, DecodedSnapshot};
 use crate::kafka::now_ms;
 use crate::kafka::reader::{Keys, Read, SnapshotReader};
@@ -49,6 +49,9 @@ pub struct ServingModel {
     /// The newest impression time learned by the *oldest* shard (ms; 0 before any): the model
     /// is only as fresh as its most behind partition, which the newest shard would hide.
     pub event_ms: i64,
+    /// The prior in force per segment, fitted once when the version is installed (read at the
+    /// model's newest learned impression: the evidence the arms hold), not per request.
+    pub priors: FittedPriors,
 }
 
 impl ServingModel {
@@ -67,7 +70,9 @@ impl ServingModel {
             .fold(0u64, u64::saturating_add);
         // A shard that has learned nothing says nothing about staleness.
         let event_ms = shard_event_ms.iter().flatten().copied().min().unwrap_or(0);
-        ServingModel { merged, version, partitions, visible_at_ms, event_ms }
+        let read = merged.shard.read_time(visible_at_ms);
+        let priors = merged.shard.fit_priors(&merged.spec, read);
+        ServingModel { merged, version, partitions, visible_at_ms, event_ms, priors }
     }
 
     /// Milliseconds between the oldest shard's newest event and `now_ms` (None before any).

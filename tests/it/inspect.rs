@@ -17,6 +17,11 @@ fn bin() -> Command {
 
 /// Replays the golden fixture into a temporary directory; returns it.
 fn replayed() -> tempfile::TempDir {
+    replayed_with(&[]).0
+}
+
+/// [`replayed`] with environment overrides of the config; also returns the printed summary.
+fn replayed_with(env: &[(&str, &str)]) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().expect("tmp");
     let out = bin()
         .args(["replay", "--input"])
@@ -25,10 +30,11 @@ fn replayed() -> tempfile::TempDir {
         .arg(root().join("tests/fixtures/shop.toml"))
         .arg("--out")
         .arg(dir.path())
+        .envs(env.iter().copied())
         .output()
         .expect("replay runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    dir
+    (dir, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn inspect_json(path: &std::path::Path, extra: &[&str]) -> Value {
@@ -155,4 +161,29 @@ fn a_linear_model_is_shown_by_its_own_scores() {
         "best arm {} vs ranking:\n{ranked}",
         arms[0]
     );
+}
+
+#[test]
+fn inspect_says_which_prior_is_in_force() {
+    // The fixture's home model with its prior switched to empirical Bayes from the environment:
+    // kids keeps its configured segment prior, the other segments get their own fits.
+    let (dir, summary) = replayed_with(&[("BANDITFLOW__MODELS__0__PRIOR", "empirical")]);
+    assert!(
+        summary.contains(
+            "prior in force: empirical Bayes, fitted at read time: kids Beta(1.000, 15.000) (configured)"
+        ),
+        "{summary}"
+    );
+    let v = inspect_json(&dir.path().join("home/merged.snapshot"), &[]);
+    assert_eq!(v["prior_kind"], "empirical");
+    let by = &v["prior_in_force"]["by_segment"];
+    assert_eq!(by["kids"]["source"], "configured");
+    for seg in ["men", "women"] {
+        assert_eq!(by[seg]["source"], "empirical (segment)", "{v}");
+        let (a, b) = (by[seg]["alpha"].as_f64().expect("alpha"), by[seg]["beta"].as_f64().expect("beta"));
+        assert!(a > 0.0 && b > a, "{seg}: Beta({a}, {b})");
+    }
+    // The configured model says so.
+    let recs = inspect_json(&dir.path().join("recs/merged.snapshot"), &[]);
+    assert_eq!(recs["prior_kind"], "configured");
 }

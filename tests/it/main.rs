@@ -18,6 +18,7 @@ mod network;
 mod ope;
 mod operations;
 mod policy;
+mod priors;
 mod properties;
 mod readme;
 mod serving;

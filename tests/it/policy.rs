@@ -31,7 +31,15 @@ fn candidates() -> Vec<String> {
 }
 
 fn request<'a>(c: &'a [String], seed: u64) -> RankRequest<'a> {
-    RankRequest { segment: "women", features: &[], candidates: c, slate_size: 2, now_ms: T0 + 300, seed }
+    RankRequest {
+        segment: "women",
+        features: &[],
+        candidates: c,
+        slate_size: 2,
+        now_ms: T0 + 300,
+        seed,
+        prior: None,
+    }
 }
 
 #[test]
@@ -210,6 +218,11 @@ fn exact_slate_probabilities(params: &[(u32, u32)]) -> Vec<[f64; 2]> {
         .collect()
 }
 
+/// A slate of two from `c` in segment `s`, read at time 0.
+fn slate_of_two(c: &[String], seed: u64) -> RankRequest<'_> {
+    RankRequest { segment: "s", features: &[], candidates: c, slate_size: 2, now_ms: 0, seed, prior: None }
+}
+
 /// A shard of the estimated-examination model (prior Beta(1, 1), no decay) whose arm `item<k>`
 /// of segment `s` has posterior Beta(params[k]); with the spec and the candidates.
 fn shard_with_posteriors(
@@ -262,7 +275,7 @@ fn thompson_propensities_of_an_asymmetric_slate_match_the_exact_integral() {
     // never to bind): every estimate within 4.5 relative standard errors of the exact value.
     let adaptive = PolicySpec { propensity_rse: 0.1, ..policy };
     for seed in 0..200 {
-        let req = RankRequest { segment: "s", features: &[], candidates: &c, slate_size: 2, now_ms: 0, seed };
+        let req = slate_of_two(&c, seed);
         for p in rank(m, &shard, &adaptive, &req) {
             let i: usize = p.item_id[4..].parse().expect("index");
             let want = exact[i][p.position as usize - 1];
@@ -276,7 +289,7 @@ fn thompson_propensities_of_an_asymmetric_slate_match_the_exact_integral() {
         }
     }
     for seed in 0..40 {
-        let req = RankRequest { segment: "s", features: &[], candidates: &c, slate_size: 2, now_ms: 0, seed };
+        let req = slate_of_two(&c, seed);
         for p in rank(m, &shard, &policy, &req) {
             let i: usize = p.item_id[4..].parse().expect("index");
             let want = exact[i][p.position as usize - 1];
@@ -347,7 +360,7 @@ fn thompson_propensities_near_the_epsilon_floor_are_unbiased() {
     let mut diffs = Vec::new();
     let mut exact_sum = 0.0;
     for seed in 0..10_000 {
-        let req = RankRequest { segment: "s", features: &[], candidates: &c, slate_size: 2, now_ms: 0, seed };
+        let req = slate_of_two(&c, seed);
         for p in rank(m, &shard, &policy, &req) {
             let i: usize = p.item_id[4..].parse().expect("index");
             let want = mixed(i, p.position as usize - 1);

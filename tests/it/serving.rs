@@ -237,6 +237,21 @@ fn a_node_without_a_snapshot_answers_503_unless_a_cold_start_prior_is_configured
 }
 
 #[test]
+fn readiness_shows_the_prior_in_force_per_segment() {
+    let config = fixture_config(&[("BANDITFLOW__MODELS__0__PRIOR", "empirical")]);
+    let catalog = fixture_catalog(&config);
+    let node = start_node(config, catalog);
+    let (s, _, body) = http(node.addr, "GET", "/readyz", None, b"");
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    let home = &v["models"][0];
+    assert_eq!((home["model"].as_str(), home["prior"].as_str()), (Some("home"), Some("empirical")), "{v}");
+    assert_eq!(home["priors"]["by_segment"]["kids"]["source"], "configured", "{v}");
+    assert_eq!(home["priors"]["by_segment"]["men"]["source"], "empirical (segment)", "{v}");
+    assert_eq!(v["models"][2]["prior"], "configured", "{v}");
+}
+
+#[test]
 fn a_node_never_answers_for_an_impression_the_processor_would_dead_letter() {
     // Regression: the node kept its own copies of the limits; with limits.max_id_bytes below
     // the length of its generated ids it answered 200 for impressions the processor then

@@ -29,6 +29,7 @@ pub fn model(id: &str, algorithm: Algorithm, position: PositionModel, half_life_
         half_life_ms,
         prior: Prior { alpha: 1.0, beta: 9.0 },
         segment_priors: BTreeMap::new(),
+        empirical_prior: false,
         rewards: rewards(),
     }
 }
