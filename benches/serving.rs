@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use banditflow::config::Config;
 use banditflow::core::model::ModelShard;
-use banditflow::core::params::ModelSpec;
+use banditflow::core::params::{Algorithm, ModelSpec};
 use banditflow::core::policy::{self, PolicySpec, RankRequest, Strategy};
 use banditflow::generate::{self, ShopSpec};
 use banditflow::replay;
@@ -131,6 +131,7 @@ fn main() {
                 now_ms: now,
                 seed,
                 prior: None,
+                linear: None,
             };
             policy::rank(spec, shard, &policy, &req).len()
         }
@@ -147,4 +148,62 @@ fn main() {
     });
     measure("greedy_floor", calls, rank(Strategy::Greedy, 1, 0.0));
     measure("ucb", calls, rank(Strategy::Ucb { c: 2.0 }, 1, 0.0));
+    linear(calls);
+}
+
+/// A linear model at d = 1,024: ranking with the posterior a serving node prepares once per
+/// model version (`ServingModel::linear_posterior`) against the baseline that factorises
+/// A = λI + f Σ x xᵀ on every call (what a node did before).
+fn linear(calls: usize) {
+    let env =
+        [("BANDITFLOW__MODELS__0__ALGORITHM", "linear"), ("BANDITFLOW__MODELS__0__LINEAR__DIM", "1024")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+    let config = Config::from_layers(None, env.to_vec()).expect("linear config");
+    // Few impressions: each exposure costs d² to learn, and the speed of a rank call does not
+    // depend on how much the model has learned.
+    let shop = generate::generate(&ShopSpec {
+        impressions: 2_000,
+        items: 100,
+        slate_size: 10,
+        partitions: 1,
+        malformed_share: 0.0,
+        ..ShopSpec::default()
+    });
+    let mut run = replay::ReplayRun::default();
+    for r in shop.records {
+        replay::apply_record(&config, &mut run, r);
+    }
+    let merged = replay::merged_models(&config, &run).expect("merge");
+    let m = &merged[0];
+    let candidates: Vec<String> = (0..100).map(generate::item_id).collect();
+    let now = m.shard.read_time(0);
+    let Algorithm::Linear { lambda, .. } = m.spec.algorithm else { panic!("a linear model") };
+    let f = m.shard.read_factor(&m.spec, now);
+    let t = Instant::now();
+    let prepared = m.shard.linear.as_ref().and_then(|l| l.posterior(lambda, f)).expect("posterior");
+    println!(
+        "linear d=1024: the posterior (Cholesky + mean) takes {:.1} ms to prepare, once per model version",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let rank = |strategy: Strategy, samples: u32, cached: bool| {
+        let policy = PolicySpec { strategy, epsilon: 0.05, propensity_samples: samples, propensity_rse: 0.1 };
+        let (spec, shard, candidates, prepared) = (&m.spec, &m.shard, &candidates, &prepared);
+        move |seed: u64| {
+            let req = RankRequest {
+                segment: "women",
+                features: &[],
+                candidates,
+                slate_size: 10,
+                now_ms: now,
+                seed,
+                prior: None,
+                linear: cached.then_some(prepared),
+            };
+            policy::rank(spec, shard, &policy, &req).len()
+        }
+    };
+    measure("linear1024_ucb_prepared", calls, rank(Strategy::Ucb { c: 2.0 }, 1, true));
+    measure("linear1024_greedy_prepared", calls, rank(Strategy::Greedy, 1, true));
+    measure("linear1024_thompson_prepared", calls.min(100), rank(Strategy::Thompson, 256, true));
+    measure("baseline_linear1024_ucb_per_call", calls.min(50), rank(Strategy::Ucb { c: 2.0 }, 1, false));
 }

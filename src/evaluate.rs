@@ -229,6 +229,7 @@ pub fn evaluate(config: &Config, records: &[Record], options: Options) -> Result
                     now_ms: imp.time_ms,
                     seed: xxh3_64(imp.impression_id.as_bytes()),
                     prior: Some(prior),
+                    linear: None,
                 };
                 let pi = policy::placement_probabilities(
                     spec,

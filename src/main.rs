@@ -704,6 +704,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 now_ms: now_ms.unwrap_or_else(|| s.shard.read_time(s.meta.watermark_ms)),
                 seed,
                 prior: None,
+                linear: None,
             };
             println!("{:>8}  {:<16} {:>10} {:>10}", "position", "item", "score", "propensity");
             for p in policy::rank(&s.spec, &s.shard, &policy, &req) {

@@ -71,24 +71,26 @@ pub struct RankRequest<'a> {
     /// The prior in force for `segment` when the caller has it already (a serving node fits
     /// empirical priors once per model version); None: `ModelShard::prior_in_force` at `now_ms`.
     pub prior: Option<Prior>,
+    /// A linear model's posterior (Cholesky factor and mean) when the caller has it already (a
+    /// serving node computes it once per model version, not per request: d³/6 operations);
+    /// None: computed here at `now_ms`.
+    pub linear: Option<&'a Posterior>,
 }
 
 /// Precomputed per-request scorer so Monte Carlo draws do not redo the algebra.
-enum Scorer {
+enum Scorer<'a> {
     /// Beta(α, β) per candidate, sampled as X / (X + Y) with X ~ Gamma(α), Y ~ Gamma(β)
     /// (Marsaglia–Tsang, constants prepared once per request): exact Beta draws at a fraction
     /// of the cost of a general Beta sampler, which matters for the Monte Carlo propensities.
-    Beta {
-        params: Vec<(f64, f64)>,
-        gammas: Vec<Option<(Gamma<f64>, Gamma<f64>)>>,
-    },
+    Beta { params: Vec<(f64, f64)>, gammas: Vec<Option<(Gamma<f64>, Gamma<f64>)>> },
     Linear {
-        post: Option<Posterior>,
+        /// Borrowed when the caller prepared it for the model version (a serving node).
+        post: Option<std::borrow::Cow<'a, Posterior>>,
         xs: Vec<Vec<f64>>,
     },
 }
 
-fn build_scorer(spec: &ModelSpec, model: &ModelShard, req: &RankRequest<'_>) -> Scorer {
+fn build_scorer<'a>(spec: &ModelSpec, model: &ModelShard, req: &RankRequest<'a>) -> Scorer<'a> {
     match spec.algorithm {
         Algorithm::BetaBernoulli => {
             let exam = match spec.position {
@@ -113,8 +115,13 @@ fn build_scorer(spec: &ModelSpec, model: &ModelShard, req: &RankRequest<'_>) -> 
             Scorer::Beta { params, gammas }
         }
         Algorithm::Linear { dim, lambda, hash_seed } => {
-            let f = model.read_factor(spec, req.now_ms);
-            let post = model.linear.as_ref().and_then(|l| l.posterior(lambda, f));
+            let post = match req.linear {
+                Some(p) => Some(std::borrow::Cow::Borrowed(p)),
+                None => {
+                    let f = model.read_factor(spec, req.now_ms);
+                    model.linear.as_ref().and_then(|l| l.posterior(lambda, f)).map(std::borrow::Cow::Owned)
+                }
+            };
             let xs = req
                 .candidates
                 .iter()
@@ -142,7 +149,7 @@ fn beta_draw<R: Rng>((a, b): (f64, f64), gammas: &Option<(Gamma<f64>, Gamma<f64>
     a / (a + b)
 }
 
-impl Scorer {
+impl Scorer<'_> {
     /// Thompson scores of `subset` only (for the Monte Carlo rankings).
     fn sample_subset<R: Rng>(&self, subset: &[usize], rng: &mut R, out: &mut Vec<f64>) {
         out.clear();

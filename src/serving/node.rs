@@ -358,11 +358,17 @@ impl Node {
         let catalog = self.catalog.load();
         let loaded: Option<&Arc<ServingModel>> = catalog.models.get(&req.model);
         let empty;
-        let (model, version, model_spec, prior) = match loaded {
-            Some(m) => (&m.merged.shard, m.version, &m.merged.spec, Some(m.priors.for_segment(segment))),
+        let (model, version, model_spec, prior, linear) = match loaded {
+            Some(m) => (
+                &m.merged.shard,
+                m.version,
+                &m.merged.spec,
+                Some(m.priors.for_segment(segment)),
+                m.linear_posterior(now_ms),
+            ),
             None if serving.cold_start => {
                 empty = ModelShard::new(spec);
-                (&empty, 0, spec, None)
+                (&empty, 0, spec, None, None)
             }
             None => {
                 ModelNotLoaded { model: &req.model }.emit();
@@ -400,6 +406,7 @@ impl Node {
                 now_ms,
                 seed: xxh3_64(impression_id.as_bytes()),
                 prior,
+                linear: linear.as_ref().map(|c| &c.posterior),
             };
             policy::rank(model_spec, model, &self.config.policy, &preq)
                 .into_iter()

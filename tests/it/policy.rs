@@ -39,6 +39,7 @@ fn request<'a>(c: &'a [String], seed: u64) -> RankRequest<'a> {
         now_ms: T0 + 300,
         seed,
         prior: None,
+        linear: None,
     }
 }
 
@@ -220,7 +221,16 @@ fn exact_slate_probabilities(params: &[(u32, u32)]) -> Vec<[f64; 2]> {
 
 /// A slate of two from `c` in segment `s`, read at time 0.
 fn slate_of_two(c: &[String], seed: u64) -> RankRequest<'_> {
-    RankRequest { segment: "s", features: &[], candidates: c, slate_size: 2, now_ms: 0, seed, prior: None }
+    RankRequest {
+        segment: "s",
+        features: &[],
+        candidates: c,
+        slate_size: 2,
+        now_ms: 0,
+        seed,
+        prior: None,
+        linear: None,
+    }
 }
 
 /// A shard of the estimated-examination model (prior Beta(1, 1), no decay) whose arm `item<k>`

@@ -115,6 +115,7 @@ fn regret_curve(empirical: bool, seed: u64, items: usize, rounds: usize, ab: (f6
             now_ms: now,
             seed: seed * 1_000_003 + t as u64,
             prior: None,
+            linear: None,
         };
         let chosen = &rank(&spec.models[0], &f.state.models[0], &policy, &req)[0].item_id;
         let k: usize = chosen["item-".len()..].parse().expect("index");

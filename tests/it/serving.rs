@@ -14,6 +14,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use banditflow::config::Config;
 use banditflow::core::event::{self, Event, TopicRole};
+use banditflow::core::policy::{self, PolicySpec, Strategy};
 use banditflow::core::snapshot;
 use banditflow::generate::ShopSpec;
 use banditflow::serving::http::{router, AppState};
@@ -234,6 +235,59 @@ fn a_node_without_a_snapshot_answers_503_unless_a_cold_start_prior_is_configured
     let ready =
         start_node(fixture_config(&[("BANDITFLOW__SERVING__COLD_START", "true")]), Catalog::default());
     assert_eq!(http(ready.addr, "GET", "/readyz", None, b"").0, 200);
+}
+
+#[test]
+fn a_linear_posterior_is_prepared_once_per_version_not_per_request() {
+    // Regression: a node factorised the linear model's A on every rank call (d³/6; ~0.3 s of
+    // CPU per request at d = 1,024). Now the posterior is prepared when the version is
+    // installed and again only when the decay factor has moved by more than 1 %; ranking with
+    // it gives exactly what computing it on the spot gives.
+    let config = fixture_config(&[]);
+    let catalog = fixture_catalog(&config);
+    let sm = &catalog.models["search"];
+    let t = sm.merged.shard.newest_impression_ms.expect("learned");
+    let a = sm.linear_posterior(t).expect("linear");
+    // One minute later (half-life 3 days): the factor moved by 0.016 %: the same posterior.
+    let b = sm.linear_posterior(t + 60_000).expect("linear");
+    assert!(Arc::ptr_eq(&a, &b));
+    // A day later it moved by 26 %: a fresh one.
+    let c = sm.linear_posterior(t + 86_400_000).expect("linear");
+    assert!(!Arc::ptr_eq(&a, &c));
+    let candidates = candidates(20);
+    for (strategy, eps) in
+        [(Strategy::Greedy, 0.0), (Strategy::Ucb { c: 2.0 }, 0.1), (Strategy::Thompson, 0.05)]
+    {
+        let policy = PolicySpec { strategy, epsilon: eps, propensity_samples: 64, propensity_rse: 0.0 };
+        for seed in 0..20 {
+            let req = |linear| banditflow::core::policy::RankRequest {
+                segment: "women",
+                features: &[],
+                candidates: &candidates,
+                slate_size: 5,
+                now_ms: t,
+                seed,
+                prior: None,
+                linear,
+            };
+            let fresh = policy::rank(&sm.merged.spec, &sm.merged.shard, &policy, &req(None));
+            let prepared = policy::rank(&sm.merged.spec, &sm.merged.shard, &policy, &req(Some(&a.posterior)));
+            assert_eq!(fresh, prepared, "{strategy:?} seed {seed}");
+        }
+    }
+    // The node ranks with the prepared one.
+    let node = Node::new(
+        Arc::new(config),
+        Arc::new(ArcSwap::from_pointee(fixture_catalog(&fixture_config(&[])))),
+        None,
+    );
+    let req: RankRequest =
+        serde_json::from_value(json!({"model": "search", "candidates": candidates})).expect("req");
+    node.rank_only(&req, "imp-1".into(), t).expect("ranks");
+    let installed = node.catalog().load();
+    let before = installed.models["search"].linear_posterior(t).expect("linear");
+    node.rank_only(&req, "imp-2".into(), t + 1_000).expect("ranks");
+    assert!(Arc::ptr_eq(&before, &installed.models["search"].linear_posterior(t + 2_000).expect("linear")));
 }
 
 #[test]
