@@ -95,23 +95,28 @@ fn thompson_before(
     counts.iter().map(|r| r.iter().sum::<u32>() as usize).sum()
 }
 
-fn main() {
-    let calls: usize = std::env::var("BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+/// The first model of `config` learned from a generated shop of `impressions` impressions (100
+/// items, slates of 10, one partition).
+fn learned(config: &Config, impressions: usize) -> banditflow::core::snapshot::DecodedSnapshot {
     let shop = generate::generate(&ShopSpec {
-        impressions: 200_000,
+        impressions,
         items: 100,
         slate_size: 10,
         partitions: 1,
         malformed_share: 0.0,
         ..ShopSpec::default()
     });
-    let config = Config::from_layers(None, Vec::new()).expect("default config");
     let mut run = replay::ReplayRun::default();
     for r in shop.records {
-        replay::apply_record(&config, &mut run, r);
+        replay::apply_record(config, &mut run, r);
     }
-    let merged = replay::merged_models(&config, &run).expect("merge");
-    let m = &merged[0];
+    replay::merged_models(config, &run).expect("merge").swap_remove(0)
+}
+
+fn main() {
+    let calls: usize = std::env::var("BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+    let config = Config::from_layers(None, Vec::new()).expect("default config");
+    let m = &learned(&config, 200_000);
     let candidates: Vec<String> = (0..100).map(generate::item_id).collect();
     println!(
         "model: {} arms, {} impressions learned; 100 candidates → slate of 10",
@@ -161,20 +166,7 @@ fn linear(calls: usize) {
     let config = Config::from_layers(None, env.to_vec()).expect("linear config");
     // Few impressions: each exposure costs d² to learn, and the speed of a rank call does not
     // depend on how much the model has learned.
-    let shop = generate::generate(&ShopSpec {
-        impressions: 2_000,
-        items: 100,
-        slate_size: 10,
-        partitions: 1,
-        malformed_share: 0.0,
-        ..ShopSpec::default()
-    });
-    let mut run = replay::ReplayRun::default();
-    for r in shop.records {
-        replay::apply_record(&config, &mut run, r);
-    }
-    let merged = replay::merged_models(&config, &run).expect("merge");
-    let m = &merged[0];
+    let m = &learned(&config, 2_000);
     let candidates: Vec<String> = (0..100).map(generate::item_id).collect();
     let now = m.shard.read_time(0);
     let Algorithm::Linear { lambda, .. } = m.spec.algorithm else { panic!("a linear model") };

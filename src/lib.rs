@@ -14,4 +14,5 @@ pub mod kafka;
 pub mod recording;
 pub mod replay;
 pub mod serving;
+pub mod simulate;
 pub mod telemetry;

@@ -272,7 +272,7 @@ pub struct ModelView<'a> {
     /// Every arm, best first (ties by segment and item).
     pub arms: Vec<ArmView<'a>>,
     /// The prior in force per segment at the reading time.
-    pub priors: model::FittedPriors,
+    pub priors: crate::core::prior::FittedPriors,
 }
 
 /// Reads `m` at `at` (default: its newest learned impression; see `ModelShard::read_time`).
@@ -425,7 +425,7 @@ pub fn describe_view(out: &mut String, v: &ModelView<'_>, top: usize) {
 }
 
 /// "configured Beta(1, 9); kids Beta(1, 15)" or "empirical: kids Beta(…) (segment), …".
-fn describe_priors(spec: &ModelSpec, p: &model::FittedPriors) -> String {
+fn describe_priors(spec: &ModelSpec, p: &crate::core::prior::FittedPriors) -> String {
     let beta = |q: &crate::core::params::Prior| format!("Beta({:.3}, {:.3})", q.alpha, q.beta);
     if !spec.empirical_prior {
         let mut parts = vec![format!("configured {}", beta(&spec.prior))];

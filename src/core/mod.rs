@@ -18,5 +18,6 @@ pub mod params;
 pub mod partition;
 pub mod pb;
 pub mod policy;
+pub mod prior;
 pub mod reconfigure;
 pub mod snapshot;

@@ -231,7 +231,7 @@ pub fn readiness(s: &AppState) -> Readiness {
         .iter()
         .map(|m| match catalog.models.get(&m.id) {
             Some(sm) => {
-                let show = |(p, src): &(crate::core::params::Prior, crate::core::model::PriorSource)| {
+                let show = |(p, src): &(crate::core::params::Prior, crate::core::prior::PriorSource)| {
                     PriorInForce { alpha: p.alpha, beta: p.beta, source: src.as_str() }
                 };
                 ModelReadiness {

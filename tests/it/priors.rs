@@ -1,14 +1,14 @@
-//! Empirical-Bayes priors: the fit against a generator's Beta, the configuration, what inspect
-//! says, and the effect on early regret against the flat Beta(1, 1) a model without a
-//! configured prior used to get.
+//! Empirical-Bayes priors: the fit against a generator's Beta, the configuration, the sources
+//! of the prior in force, and the effect on early regret against the flat Beta(1, 1) a model
+//! without a configured prior used to get (the table over horizons: `cargo bench --bench
+//! priors`).
 
 use rand::{Rng, SeedableRng};
 use rand_distr::{Beta, Distribution};
 
 use banditflow::core::event::{Event, FeedbackKind, Variant};
-use banditflow::core::model::{beta_moments, fit_beta_prior, PriorSource, EMPIRICAL_TEMPER};
 use banditflow::core::params::{CoreSpec, Examination, PositionModel, Prior};
-use banditflow::core::policy::{rank, PolicySpec, RankRequest, Strategy};
+use banditflow::core::prior::{beta_moments, fit_beta_prior, PriorSource, EMPIRICAL_TEMPER};
 
 use crate::support::*;
 
@@ -86,85 +86,23 @@ fn one_model(empirical: bool) -> CoreSpec {
     spec
 }
 
-/// Cumulative expected regret of Thompson sampling over `rounds` single-slot impressions of
+/// Cumulative expected regret of Thompson sampling after `rounds` single-slot impressions of
 /// `items` arms whose click rates are drawn from Beta(2, 98) (the same for both priors).
 fn regret(empirical: bool, seed: u64, items: usize, rounds: usize) -> f64 {
-    regret_curve(empirical, seed, items, rounds, (2.0, 98.0))[rounds - 1]
-}
-
-/// Cumulative regret after each impression.
-fn regret_curve(empirical: bool, seed: u64, items: usize, rounds: usize, ab: (f64, f64)) -> Vec<f64> {
-    let spec = one_model(empirical);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let truth = Beta::new(ab.0, ab.1).expect("beta");
+    let truth = Beta::new(2.0, 98.0).expect("beta");
     let rates: Vec<f64> = (0..items).map(|_| truth.sample(&mut rng)).collect();
-    let best = rates.iter().copied().fold(0.0, f64::max);
-    let names: Vec<String> = (0..items).map(|k| format!("item-{k}")).collect();
-    let policy =
-        PolicySpec { strategy: Strategy::Thompson, epsilon: 0.0, propensity_samples: 1, propensity_rse: 0.0 };
-    let mut f = Feeder::new(&spec, 0);
-    let mut total = 0.0;
-    let mut curve = Vec::with_capacity(rounds);
-    for t in 0..rounds {
-        let now = T0 + t as i64;
-        let req = RankRequest {
-            segment: "s",
-            features: &[],
-            candidates: &names,
-            slate_size: 1,
-            now_ms: now,
-            seed: seed * 1_000_003 + t as u64,
-            prior: None,
-            linear: None,
-        };
-        let chosen = &rank(&spec.models[0], &f.state.models[0], &policy, &req)[0].item_id;
-        let k: usize = chosen["item-".len()..].parse().expect("index");
-        total += best - rates[k];
-        curve.push(total);
-        let id = format!("i{t}");
-        f.feed(
-            &spec,
-            &Event::Impression(impression(&id, &spec.models[0].id, now, Variant::Treatment, "s", &[chosen])),
-        );
-        if rng.random::<f64>() < rates[k] {
-            f.feed(&spec, &Event::Feedback(feedback(&id, chosen, 1, FeedbackKind::Click, now)));
-        }
-    }
-    curve
-}
-
-#[test]
-#[ignore = "a measurement for BENCHMARKS.md (cargo test --release --test it -- --ignored priors::regret_by_horizon --nocapture)"]
-fn regret_by_horizon() {
-    println!(
-        "| true rates | items | empirical / flat regret after 300 | 1,000 | 3,000 | 10,000 impressions |"
-    );
-    println!("|---|---|---|---|---|---|");
-    for ab in [(2.0, 98.0), (2.0, 18.0), (1.0, 9.0)] {
-        for items in [20, 100] {
-            let rounds = 10_000;
-            let (mut f, mut e) = (vec![0.0; 4], vec![0.0; 4]);
-            for seed in 0..16 {
-                let cf = regret_curve(false, seed, items, rounds, ab);
-                let ce = regret_curve(true, seed, items, rounds, ab);
-                for (i, h) in [300, 1000, 3000, 10_000].iter().enumerate() {
-                    f[i] += cf[h - 1];
-                    e[i] += ce[h - 1];
-                }
-            }
-            let r: Vec<String> = f.iter().zip(&e).map(|(a, b)| format!("{:.2}", b / a)).collect();
-            println!("| Beta({}, {}) | {items} | {} |", ab.0, ab.1, r.join(" | "));
-        }
-    }
+    let curve = banditflow::simulate::thompson_regret_curve(&one_model(empirical), &rates, rounds, seed);
+    curve[rounds - 1]
 }
 
 #[test]
 fn an_empirical_prior_cuts_early_regret_against_a_flat_one() {
     // 100 items whose click rates are drawn from Beta(2, 98) (a shop's 2 %); Thompson sampling
-    // for 3,000 impressions, 8 seeds. With Beta(1, 1) every unseen item looks like a coin flip and is
+    // for 3,000 impressions, 16 seeds. With Beta(1, 1) every unseen item looks like a coin flip and is
     // explored until its mean falls from 0.5 to 0.02; the empirical prior, fitted from the arms
     // seen so far, starts new items near the shop's rate.
-    let seeds = 8;
+    let seeds = 16;
     let (mut flat, mut eb) = (Vec::new(), Vec::new());
     for seed in 0..seeds {
         flat.push(regret(false, seed, 100, 3000));
@@ -173,9 +111,10 @@ fn an_empirical_prior_cuts_early_regret_against_a_flat_one() {
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (f, e) = (mean(&flat), mean(&eb));
     eprintln!("early regret over 3,000 impressions, mean of {seeds} seeds: flat Beta(1, 1) {f:.2}, empirical {e:.2} ({:+.0} %)", 100.0 * (e / f - 1.0));
+    eprintln!("empirical better in {} of {seeds} seeds", flat.iter().zip(&eb).filter(|(a, b)| b < a).count());
     assert!(e < 0.95 * f, "empirical {e:.2} vs flat {f:.2} ({eb:?} vs {flat:?})");
     let wins = flat.iter().zip(&eb).filter(|(a, b)| b < a).count();
-    assert!(wins as u64 >= seeds - 1, "empirical better in only {wins} of {seeds} seeds");
+    assert!(wins as u64 >= seeds * 3 / 4, "empirical better in only {wins} of {seeds} seeds");
 }
 
 #[test]
