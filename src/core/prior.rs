@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::model::{ArmStats, HashMap, ModelShard};
+use super::model::{ArmStats, ModelShard};
 use super::params::{Examination, ModelSpec, PositionModel, Prior};
 
 /// Fewest arms with at least one (decayed, examination-weighted) exposure that an empirical
@@ -115,6 +115,15 @@ impl FittedPriors {
     }
 }
 
+/// (success, exposure) of `arms` read with the decay factor `f`: what a fit sees.
+fn rates<'a>(
+    arms: impl Iterator<Item = &'a ArmStats>,
+    f: f64,
+    examination: Option<&[f64]>,
+) -> Vec<(f64, f64)> {
+    arms.map(|a| (a.success * f, ModelShard::exposure_of(a, examination) * f)).collect()
+}
+
 impl ModelShard {
     /// The prior in force for `segment` and where it comes from: the configured one (per
     /// segment, else the model's), or with `empirical_prior` and no prior configured for the
@@ -136,10 +145,9 @@ impl ModelShard {
             return (spec.prior, PriorSource::Configured);
         }
         let f = self.read_factor(spec, now_ms);
-        let rates = |items: &'_ HashMap<String, ArmStats>| -> Vec<(f64, f64)> {
-            items.values().map(|a| (a.success * f, ModelShard::exposure_of(a, examination) * f)).collect()
-        };
-        if let Some(p) = self.arms.get(segment).and_then(|items| fit_beta_prior(&rates(items))) {
+        if let Some(p) =
+            self.arms.get(segment).and_then(|items| fit_beta_prior(&rates(items.values(), f, examination)))
+        {
             return (p, PriorSource::Segment);
         }
         self.model_prior(spec, now_ms, examination)
@@ -157,13 +165,7 @@ impl ModelShard {
             return (spec.prior, PriorSource::Configured);
         }
         let f = self.read_factor(spec, now_ms);
-        let all: Vec<(f64, f64)> = self
-            .arms
-            .values()
-            .flat_map(|items| items.values())
-            .map(|a| (a.success * f, ModelShard::exposure_of(a, examination) * f))
-            .collect();
-        match fit_beta_prior(&all) {
+        match fit_beta_prior(&rates(self.arms.values().flat_map(|items| items.values()), f, examination)) {
             Some(p) => (p, PriorSource::Model),
             None => (spec.prior, PriorSource::Fallback),
         }
@@ -180,9 +182,19 @@ impl ModelShard {
             }
             _ => None,
         };
+        // The model-wide fit once (not per segment that is too small for its own): one pass
+        // over the arms for it and one for the segments' own fits.
         let other = self.model_prior(spec, now_ms, exam);
-        let mut by_segment: BTreeMap<String, (Prior, PriorSource)> =
-            self.arms.keys().map(|seg| (seg.clone(), self.prior_in_force(spec, seg, now_ms, exam))).collect();
+        let f = self.read_factor(spec, now_ms);
+        let mut by_segment: BTreeMap<String, (Prior, PriorSource)> = BTreeMap::new();
+        for (seg, items) in &self.arms {
+            let fitted = if !spec.empirical_prior {
+                (spec.prior, PriorSource::Configured)
+            } else {
+                fit_beta_prior(&rates(items.values(), f, exam)).map_or(other, |p| (p, PriorSource::Segment))
+            };
+            by_segment.insert(seg.clone(), fitted);
+        }
         for (seg, p) in &spec.segment_priors {
             by_segment.insert(seg.clone(), (*p, PriorSource::Configured));
         }
