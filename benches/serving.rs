@@ -95,6 +95,25 @@ fn thompson_before(
     counts.iter().map(|r| r.iter().sum::<u32>() as usize).sum()
 }
 
+/// The benchmarked call: 100 candidates of segment "women" into a slate of 10.
+fn slate_of_ten<'a>(
+    candidates: &'a [String],
+    now_ms: i64,
+    seed: u64,
+    linear: Option<&'a banditflow::core::linear::Posterior>,
+) -> RankRequest<'a> {
+    RankRequest {
+        segment: "women",
+        features: &[],
+        candidates,
+        slate_size: 10,
+        now_ms,
+        seed,
+        prior: None,
+        linear,
+    }
+}
+
 /// The first model of `config` learned from a generated shop of `impressions` impressions (100
 /// items, slates of 10, one partition).
 fn learned(config: &Config, impressions: usize) -> banditflow::core::snapshot::DecodedSnapshot {
@@ -127,19 +146,7 @@ fn main() {
     let rank = |strategy: Strategy, samples: u32, rse: f64| {
         let policy = PolicySpec { strategy, epsilon: 0.05, propensity_samples: samples, propensity_rse: rse };
         let (spec, shard, candidates) = (&m.spec, &m.shard, &candidates);
-        move |seed: u64| {
-            let req = RankRequest {
-                segment: "women",
-                features: &[],
-                candidates,
-                slate_size: 10,
-                now_ms: now,
-                seed,
-                prior: None,
-                linear: None,
-            };
-            policy::rank(spec, shard, &policy, &req).len()
-        }
+        move |seed: u64| policy::rank(spec, shard, &policy, &slate_of_ten(candidates, now, seed, None)).len()
     };
     let d = &config.policy;
     measure(
@@ -181,16 +188,7 @@ fn linear(calls: usize) {
         let policy = PolicySpec { strategy, epsilon: 0.05, propensity_samples: samples, propensity_rse: 0.1 };
         let (spec, shard, candidates, prepared) = (&m.spec, &m.shard, &candidates, &prepared);
         move |seed: u64| {
-            let req = RankRequest {
-                segment: "women",
-                features: &[],
-                candidates,
-                slate_size: 10,
-                now_ms: now,
-                seed,
-                prior: None,
-                linear: cached.then_some(prepared),
-            };
+            let req = slate_of_ten(candidates, now, seed, cached.then_some(prepared));
             policy::rank(spec, shard, &policy, &req).len()
         }
     };
