@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::core::event::{self, Event, Impression, InvalidEvent};
 use crate::core::ope::{self, Report, Round};
 use crate::core::params::{Examination, PositionModel};
-use crate::core::partition::{InputRecord, PartitionState};
+use crate::core::partition::InputRecord;
 use crate::core::policy::{self, RankRequest};
 use crate::recording::Record;
 
@@ -188,10 +188,7 @@ pub fn evaluate(config: &Config, records: &[Record], options: Options) -> Result
         catalogs.iter().map(|c| c.iter().enumerate().map(|(i, s)| (s.as_str(), i)).collect()).collect();
 
     // Pass 2: one stream; each first impression is evaluated with the model learned so far.
-    let mut state = PartitionState::new(&config.core, 0);
-    state.join.changes.untracked = true;
-    state.join.buffer.untracked = true;
-    state.declare_inputs(config.topics.iter().map(|t| t.name.as_str()));
+    let mut state = crate::replay::offline_state(config, 0);
     let mut next_offset: BTreeMap<&str, i64> = BTreeMap::new();
     let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); models.len()];
     let mut details: Vec<Vec<RoundDetail>> = vec![Vec::new(); models.len()];

@@ -44,20 +44,24 @@ impl ReplayRun {
     }
 }
 
+/// A partition's state for offline use (replay, evaluation): the config's inputs declared, and
+/// no changelog bookkeeping, since nothing is persisted record by record.
+pub fn offline_state(config: &Config, partition: i32) -> PartitionState {
+    let mut state = PartitionState::new(&config.core, partition);
+    state.join.changes.untracked = true;
+    state.join.buffer.untracked = true;
+    state.declare_inputs(config.topics.iter().map(|t| t.name.as_str()));
+    state
+}
+
 /// Applies one record to its partition's state; what the Kafka path does per record too.
 pub fn apply_record(config: &Config, run: &mut ReplayRun, record: Record) {
     let Some(topic) = config.topic(&record.topic) else {
         *run.other_topics.entry(record.topic).or_default() += 1;
         return;
     };
-    let state = run.partitions.entry(record.partition).or_insert_with(|| {
-        let mut state = PartitionState::new(&config.core, record.partition);
-        // Nothing is persisted record by record here: keep no changelog bookkeeping.
-        state.join.changes.untracked = true;
-        state.join.buffer.untracked = true;
-        state.declare_inputs(config.topics.iter().map(|t| t.name.as_str()));
-        state
-    });
+    let state =
+        run.partitions.entry(record.partition).or_insert_with(|| offline_state(config, record.partition));
     let input = InputRecord {
         topic: &record.topic,
         partition: record.partition,
