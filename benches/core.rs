@@ -23,7 +23,7 @@ use banditflow::core::event::{
     self, Encoding, Event, FeedbackKind, Impression, SlateEntry, TopicRole, Variant,
 };
 use banditflow::core::join::AttributionJoin;
-use banditflow::core::linear::{self, LinearState};
+use banditflow::core::linear;
 use banditflow::core::model::{ImpressionRef, ModelShard};
 use banditflow::core::params::{CoreSpec, Examination, JoinSpec, ModelSpec, PositionModel};
 use banditflow::core::pb;
@@ -288,24 +288,26 @@ fn beta_update(c: &mut Criterion) {
 }
 
 fn lints_update(c: &mut Criterion) {
-    let d = 16;
+    // The default hashed space (the intercept and 7 feature slots).
+    let d = 8;
+    let space = linear::FeatureSpace { dim: d, hash_seed: 7, names: &[] };
     let xs: Vec<Vec<f64>> = (0..1000)
         .map(|i| {
             let mut x = Vec::new();
-            linear::features(d, 7, "women", &[("mobile".into(), 1.0)], &format!("sku-{i}"), &mut x);
+            space.vector(&[("mobile".into(), 1.0), ("hour".into(), f64::from(i % 24) / 24.0)], &mut x);
             // A dense vector, the worst case for the update.
             x.iter_mut().enumerate().for_each(|(j, v)| *v += (j as f64 + 1.0) * 1e-3);
             x
         })
         .collect();
-    let mut state = LinearState::new(d);
-    let mut g = c.benchmark_group("lints_update_d16");
+    let mut state = Vec::new();
+    let mut g = c.benchmark_group("lints_update_d8");
     g.throughput(Throughput::Elements(xs.len() as u64));
     g.bench_function("banditflow_packed_rank1_plus_reward", |b| {
         b.iter(|| {
             for x in &xs {
-                state.add_exposure(x, 0.7);
-                state.add_reward(x, 0.125);
+                linear::add_exposure(&mut state, x, 0.7);
+                linear::add_reward(&mut state, x, 0.125);
             }
         })
     });
@@ -327,8 +329,8 @@ fn lints_update(c: &mut Criterion) {
         let mut x = Vec::new();
         let ctx = vec![("mobile".to_string(), 1.0), ("hour".to_string(), 0.5)];
         b.iter(|| {
-            for i in 0..1000 {
-                linear::features(d, 7, "women", &ctx, if i % 2 == 0 { "sku-1" } else { "sku-2" }, &mut x);
+            for _ in 0..1000 {
+                space.vector(&ctx, &mut x);
                 black_box(&x);
             }
         })

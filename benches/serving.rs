@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use banditflow::config::Config;
 use banditflow::core::model::ModelShard;
-use banditflow::core::params::{Algorithm, ModelSpec};
+use banditflow::core::params::ModelSpec;
 use banditflow::core::policy::{self, PolicySpec, RankRequest, Strategy};
 use banditflow::generate::{self, ShopSpec};
 use banditflow::replay;
@@ -100,7 +100,7 @@ fn slate_of_ten<'a>(
     candidates: &'a [String],
     now_ms: i64,
     seed: u64,
-    linear: Option<&'a banditflow::core::linear::Posterior>,
+    linear: Option<&'a banditflow::core::linear::PosteriorTable>,
 ) -> RankRequest<'a> {
     RankRequest {
         segment: "women",
@@ -163,37 +163,57 @@ fn main() {
     linear(calls);
 }
 
-/// A linear model at d = 1,024: ranking with the posterior a serving node prepares once per
-/// model version (`ServingModel::linear_posterior`) against the baseline that factorises
-/// A = λI + f Σ x xᵀ on every call (what a node did before).
+/// A linear model (a disjoint posterior per arm) at the default d = 8 and the largest d = 32:
+/// ranking with the per-arm posteriors a serving node prepares once per model version
+/// (`ServingModel::linear_posterior`) against the baseline that factorises each candidate's
+/// A on every call.
 fn linear(calls: usize) {
-    let env =
-        [("BANDITFLOW__MODELS__0__ALGORITHM", "linear"), ("BANDITFLOW__MODELS__0__LINEAR__DIM", "1024")]
-            .map(|(k, v)| (k.to_string(), v.to_string()));
-    let config = Config::from_layers(None, env.to_vec()).expect("linear config");
-    // Few impressions: each exposure costs d² to learn, and the speed of a rank call does not
-    // depend on how much the model has learned.
-    let m = &learned(&config, 2_000);
-    let candidates: Vec<String> = (0..100).map(generate::item_id).collect();
-    let now = m.shard.read_time(0);
-    let Algorithm::Linear { lambda, .. } = m.spec.algorithm else { panic!("a linear model") };
-    let f = m.shard.read_factor(&m.spec, now);
-    let t = Instant::now();
-    let prepared = m.shard.linear.as_ref().and_then(|l| l.posterior(lambda, f)).expect("posterior");
-    println!(
-        "linear d=1024: the posterior (Cholesky + mean) takes {:.1} ms to prepare, once per model version",
-        t.elapsed().as_secs_f64() * 1e3
-    );
-    let rank = |strategy: Strategy, samples: u32, cached: bool| {
-        let policy = PolicySpec { strategy, epsilon: 0.05, propensity_samples: samples, propensity_rse: 0.1 };
-        let (spec, shard, candidates, prepared) = (&m.spec, &m.shard, &candidates, &prepared);
-        move |seed: u64| {
-            let req = slate_of_ten(candidates, now, seed, cached.then_some(prepared));
-            policy::rank(spec, shard, &policy, &req).len()
+    for dim in ["8", "32"] {
+        let env =
+            [("BANDITFLOW__MODELS__0__ALGORITHM", "linear"), ("BANDITFLOW__MODELS__0__LINEAR__DIM", dim)]
+                .map(|(k, v)| (k.to_string(), v.to_string()));
+        let config = Config::from_layers(None, env.to_vec()).expect("linear config");
+        let m = &learned(&config, 20_000);
+        let candidates: Vec<String> = (0..100).map(generate::item_id).collect();
+        let now = m.shard.read_time(0);
+        let features: Vec<(String, f64)> = (0..7).map(|i| (format!("f{i}"), f64::from(i) / 7.0)).collect();
+        let priors = m.shard.fit_priors(&m.spec, now);
+        let f = m.shard.read_factor(&m.spec, now);
+        let t = Instant::now();
+        let mut prepared = banditflow::core::linear::PosteriorTable::default();
+        for (segment, items) in &m.shard.arms {
+            let prior = priors.for_segment(segment);
+            let row = items
+                .keys()
+                .filter_map(|i| Some((i.clone(), m.shard.linear_posterior(&m.spec, prior, segment, i, f)?)))
+                .collect();
+            prepared.insert(segment.clone(), row);
         }
-    };
-    measure("linear1024_ucb_prepared", calls, rank(Strategy::Ucb { c: 2.0 }, 1, true));
-    measure("linear1024_greedy_prepared", calls, rank(Strategy::Greedy, 1, true));
-    measure("linear1024_thompson_prepared", calls.min(100), rank(Strategy::Thompson, 256, true));
-    measure("baseline_linear1024_ucb_per_call", calls.min(50), rank(Strategy::Ucb { c: 2.0 }, 1, false));
+        println!(
+            "linear d={dim}: the posteriors of {} arms (Cholesky + mean) take {:.1} ms to prepare, once per model version",
+            m.shard.arm_count(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        let prior = priors.for_segment("women");
+        let rank = |strategy: Strategy, samples: u32, cached: bool| {
+            let policy =
+                PolicySpec { strategy, epsilon: 0.05, propensity_samples: samples, propensity_rse: 0.1 };
+            let (spec, shard, candidates, prepared, features) =
+                (&m.spec, &m.shard, &candidates, &prepared, &features);
+            move |seed: u64| {
+                let mut req = slate_of_ten(candidates, now, seed, cached.then_some(prepared));
+                req.features = features;
+                req.prior = Some(prior);
+                policy::rank(spec, shard, &policy, &req).len()
+            }
+        };
+        measure(&format!("linear{dim}_ucb_prepared"), calls, rank(Strategy::Ucb { c: 2.0 }, 1, true));
+        measure(&format!("linear{dim}_greedy_prepared"), calls, rank(Strategy::Greedy, 1, true));
+        measure(&format!("linear{dim}_thompson_prepared"), calls, rank(Strategy::Thompson, 256, true));
+        measure(
+            &format!("baseline_linear{dim}_ucb_per_call"),
+            calls,
+            rank(Strategy::Ucb { c: 2.0 }, 1, false),
+        );
+    }
 }

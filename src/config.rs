@@ -250,16 +250,20 @@ struct RawPrior {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLinear {
-    #[serde(default = "default_dim")]
-    dim: i64,
+    #[serde(default)]
+    dim: Option<i64>,
     #[serde(default = "default_lambda")]
     lambda: f64,
     #[serde(default)]
     hash_seed: u64,
+    #[serde(default)]
+    features: Vec<String>,
 }
 
+/// Slots of a linear model whose features are not named: the intercept and 7 hashed feature
+/// slots, 44 numbers per arm.
 fn default_dim() -> i64 {
-    16
+    8
 }
 fn default_lambda() -> f64 {
     1.0
@@ -660,6 +664,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         if models.iter().any(|x| x.id == m.id) {
             return Err(field_err(f("id"), format!("model `{}` is configured twice", m.id)));
         }
+        let mut linear_features = Vec::new();
         let algorithm = match m.algorithm.as_str() {
             "beta" => {
                 if m.linear.is_some() {
@@ -669,15 +674,44 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             }
             "linear" => {
                 let l = m.linear.unwrap_or(RawLinear {
-                    dim: default_dim(),
+                    dim: None,
                     lambda: default_lambda(),
                     hash_seed: 0,
+                    features: Vec::new(),
                 });
-                if !(1..=1024).contains(&l.dim) {
-                    return Err(field_err(f("linear.dim"), format!("must be in 1..=1024, got {}", l.dim)));
+                let max = i64::from(crate::core::linear::MAX_DIM);
+                for (k, name) in l.features.iter().enumerate() {
+                    if name.is_empty() || l.features[..k].contains(name) {
+                        return Err(field_err(
+                            f("linear.features"),
+                            format!("`{name}` is empty or named twice: every feature once"),
+                        ));
+                    }
                 }
+                let named = l.features.len() as i64 + 1;
+                if !l.features.is_empty() && named > max {
+                    return Err(field_err(
+                        f("linear.features"),
+                        format!("at most {} features, got {}", max - 1, l.features.len()),
+                    ));
+                }
+                let dim = match l.dim {
+                    Some(d) if !l.features.is_empty() && d != named => {
+                        return Err(field_err(
+                            f("linear.dim"),
+                            format!("is {named} with {} named features (the intercept and one slot each), got {d}; leave it out", l.features.len()),
+                        ));
+                    }
+                    Some(d) if !(1..=max).contains(&d) => {
+                        return Err(field_err(f("linear.dim"), format!("must be in 1..={max}, got {d}")));
+                    }
+                    Some(d) => d,
+                    None if l.features.is_empty() => default_dim(),
+                    None => named,
+                };
+                linear_features = l.features;
                 Algorithm::Linear {
-                    dim: l.dim as u32,
+                    dim: dim as u32,
                     lambda: positive(&f("linear.lambda"), l.lambda)?,
                     hash_seed: l.hash_seed,
                 }
@@ -761,6 +795,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             segment_priors,
             empirical_prior,
             rewards: rewards.clone(),
+            linear_features,
         });
     }
     let kafka = validate_kafka(raw.kafka, &topics)?;
@@ -1006,6 +1041,10 @@ mod tests {
             ("[join]\ngrase = \"1m\"", &[], "join.grase"),
             ("grase = 1", &[], "grase"),
             ("[[models]]\nid = \"m\"\nhalf_life = 7", &[], "models[0].half_life"),
+            ("[[models]]\nid = \"m\"\nalgorithm = \"linear\"\nlinear = { dim = 33 }", &[], "models[0].linear.dim"),
+            ("[[models]]\nid = \"m\"\nalgorithm = \"linear\"\nlinear = { dim = 3, features = [\"a\"] }", &[], "models[0].linear.dim"),
+            ("[[models]]\nid = \"m\"\nalgorithm = \"linear\"\nlinear = { features = [\"a\", \"a\"] }", &[], "models[0].linear.features"),
+            ("[[models]]\nid = \"m\"\nalgorithm = \"linear\"\nlinear = { features = [\"\"] }", &[], "models[0].linear.features"),
             ("", &[("BANDITFLOW__JOIN__GRACE", "later")], "join.grace"),
             ("", &[("BANDITFLOW__MODELS__5__HALF_LIFE", "1d")], "models.5.half_life"),
             ("[rewards.click]\nreward = 1\nwindow = \"-1s\"", &[], "rewards.click.window"),

@@ -256,11 +256,14 @@ pub fn parse_time(text: &str) -> Option<i64> {
 pub struct ArmView<'a> {
     pub segment: &'a str,
     pub item: &'a str,
-    /// Beta models: the posterior mean; linear models: θ̂·x for the segment without context.
+    /// Beta models: the posterior mean; linear models: θ̂·x for a context without features
+    /// (the intercept θ̂₀).
     pub mean: f64,
-    /// 95 % interval: the Beta posterior's, or θ̂·x ± 1.96 √(xᵀA⁻¹x) (what LinTS draws from).
+    /// 95 % interval: the Beta posterior's, or θ̂·x ± 1.96 sd (the normal LinTS draws from).
     pub low: f64,
     pub high: f64,
+    /// Linear models: the arm's posterior mean coefficients θ̂ (intercept first).
+    pub coefficients: Vec<f64>,
     pub stats: &'a model::ArmStats,
 }
 
@@ -300,38 +303,33 @@ pub fn view_model(m: &DecodedSnapshot, at: Option<i64>) -> ModelView<'_> {
         PositionModel::Pbm(Examination::Estimated) => Some(estimated.as_slice()),
         _ => None,
     };
-    let linear = match spec.algorithm {
-        Algorithm::Linear { dim, lambda, hash_seed } => {
-            let f = m.shard.read_factor(spec, read_ms);
-            m.shard
-                .linear
-                .as_ref()
-                .and_then(|l| l.posterior(lambda, f))
-                .map(|post| (dim as usize, hash_seed, post))
-        }
-        Algorithm::BetaBernoulli => None,
-    };
+    let f = m.shard.read_factor(spec, read_ms);
     let priors = m.shard.fit_priors(spec, read_ms);
     let mut arms = Vec::new();
+    // A context without features.
     let mut x = Vec::new();
+    if let Some(space) = spec.feature_space() {
+        space.vector(&[], &mut x);
+    }
     for (seg, items) in &m.shard.arms {
         for (item, a) in items {
-            let (mean, low, high) = match (&spec.algorithm, &linear) {
-                (Algorithm::Linear { .. }, Some((dim, seed, post))) => {
-                    crate::core::linear::features(*dim, *seed, seg, &[], item, &mut x);
-                    let score = crate::core::linear::dot(&post.mean, &x);
-                    let w = 1.959_963_984_540_054 * post.width(&x);
-                    (score, score - w, score + w)
-                }
-                (Algorithm::Linear { .. }, None) => (0.0, 0.0, 0.0),
-                (Algorithm::BetaBernoulli, _) => {
-                    let prior = priors.for_segment(seg);
+            let prior = priors.for_segment(seg);
+            let (mean, low, high, coefficients) = match spec.algorithm {
+                Algorithm::Linear { .. } => match m.shard.linear_posterior(spec, prior, seg, item, f) {
+                    Some(post) => {
+                        let (score, sd) = post.mean_sd(&x);
+                        let w = 1.959_963_984_540_054 * sd;
+                        (score, score - w, score + w, post.mean)
+                    }
+                    None => (0.0, 0.0, 0.0, Vec::new()),
+                },
+                Algorithm::BetaBernoulli => {
                     let p = m.shard.posterior_with(spec, prior, seg, item, read_ms, exam_for_posterior);
                     let (lo, hi) = p.interval95();
-                    (p.mean(), lo, hi)
+                    (p.mean(), lo, hi, Vec::new())
                 }
             };
-            arms.push(ArmView { segment: seg, item, mean, low, high, stats: a });
+            arms.push(ArmView { segment: seg, item, mean, low, high, coefficients, stats: a });
         }
     }
     arms.sort_by(|a, b| b.mean.total_cmp(&a.mean).then(a.segment.cmp(b.segment)).then(a.item.cmp(b.item)));
@@ -386,9 +384,8 @@ pub fn describe_view(out: &mut String, v: &ModelView<'_>, top: usize) {
             let _ = writeln!(out, "  lift treatment vs holdout: not enough data");
         }
     }
-    if matches!(spec.algorithm, Algorithm::BetaBernoulli) {
-        let _ = writeln!(out, "  prior in force: {}", describe_priors(spec, &v.priors));
-    }
+    // A linear model's intercept has the same prior (see `core::linear`).
+    let _ = writeln!(out, "  prior in force: {}", describe_priors(spec, &v.priors));
     if let Some(("estimated", e)) = &v.examination {
         let shown: Vec<String> = e.iter().map(|w| format!("{w:.3}")).collect();
         let _ = writeln!(out, "  estimated examination (positions 1-{}): {}", e.len(), shown.join(" "));
@@ -480,6 +477,7 @@ pub fn view_json(v: &ModelView<'_>, top: Option<usize>) -> serde_json::Value {
                 "impressions": s.impressions,
                 "feedback": {"click": s.feedback[0], "add_to_cart": s.feedback[1], "purchase": s.feedback[2], "return": s.feedback[3]},
                 "reward": s.reward_micros as f64 / 1e6,
+                "coefficients": (!a.coefficients.is_empty()).then_some(&a.coefficients),
             })
         })
         .collect();
@@ -489,8 +487,9 @@ pub fn view_json(v: &ModelView<'_>, top: Option<usize>) -> serde_json::Value {
             "linear",
             Some(serde_json::json!({
                 "dim": dim, "lambda": lambda, "hash_seed": hash_seed,
-                "updates": m.shard.linear.as_ref().map_or(0, |l| l.updates),
-                "arm_score": "θ̂·x of the segment and item without context features; interval ± 1.96 √(xᵀA⁻¹x)",
+                "features": spec.linear_features,
+                "updates": m.shard.linear_updates,
+                "arm_score": "θ̂·x of a context without features (the intercept θ̂₀); interval ± 1.96 sd of the normal LinTS draws from; coefficients: θ̂, intercept first",
             })),
         ),
     };

@@ -1,7 +1,7 @@
-//! Simulated traffic for learning measurements: Thompson sampling ranks, a shopper clicks by
-//! the true rates, and the core learns through its own record path (the same
-//! `PartitionState::apply` as the processor). Seeded; used by the suite's regret test and by
-//! `cargo bench --bench priors`.
+//! Simulated traffic for learning measurements: a policy ranks, a shopper clicks by the true
+//! rates, and the core learns through its own record path (the same `PartitionState::apply` as
+//! the processor). Seeded; used by the suite's regret and contextual tests and by the benches
+//! (`priors`, `learning`).
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -9,7 +9,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::core::event::{
     self, Encoding, Event, Feedback, FeedbackKind, Impression, SlateEntry, TopicRole, Variant,
 };
-use crate::core::params::CoreSpec;
+use crate::core::model::ModelShard;
+use crate::core::params::{CoreSpec, ModelSpec};
 use crate::core::partition::{InputRecord, PartitionState};
 use crate::core::policy::{self, PolicySpec, RankRequest, Strategy};
 
@@ -94,4 +95,202 @@ pub fn thompson_regret_curve(spec: &CoreSpec, rates: &[f64], rounds: usize, seed
         }
     }
     curve
+}
+
+/// A shop whose items' appeal depends on the shopper's context: item `i` is clicked, once
+/// examined, with probability `base[i] + Σ_k weights[i][k] · x_k`, for context features
+/// `x_k` uniform on [−0.5, 0.5]. With `base` in [0.08, 0.14] and weights in [−0.05, 0.05] every
+/// rate stays in (0, 0.215] (no clipping, so a linear model is the right model), and the best
+/// item differs from one context to the next.
+#[derive(Debug, Clone)]
+pub struct ContextShop {
+    pub features: Vec<String>,
+    pub items: Vec<String>,
+    pub base: Vec<f64>,
+    pub weights: Vec<Vec<f64>>,
+}
+
+impl ContextShop {
+    pub fn new(items: usize, features: usize, seed: u64) -> ContextShop {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x51_7cc1_b727_220a);
+        ContextShop {
+            features: (0..features).map(|k| format!("f{k}")).collect(),
+            items: (0..items).map(|i| format!("item-{i:03}")).collect(),
+            base: (0..items).map(|_| rng.random_range(0.08..0.14)).collect(),
+            weights: (0..items)
+                .map(|_| (0..features).map(|_| rng.random_range(-0.05..0.05)).collect())
+                .collect(),
+        }
+    }
+
+    /// A shopper's context.
+    pub fn context<R: Rng>(&self, rng: &mut R) -> Vec<(String, f64)> {
+        self.features.iter().map(|f| (f.clone(), rng.random_range(-0.5..0.5))).collect()
+    }
+
+    /// Click probability of item `i`, once examined, in `context` (features in `features`'
+    /// order).
+    pub fn rate(&self, i: usize, context: &[(String, f64)]) -> f64 {
+        self.base[i] + self.weights[i].iter().zip(context).map(|(w, (_, x))| w * x).sum::<f64>()
+    }
+}
+
+/// Kendall's τ-a between two scorings of the same items: (concordant − discordant) pairs over
+/// all pairs.
+pub fn kendall_tau(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    let (mut c, mut d) = (0i64, 0i64);
+    for i in 0..n {
+        for j in i + 1..n {
+            let s = (a[i] - a[j]) * (b[i] - b[j]);
+            if s > 0.0 {
+                c += 1;
+            } else if s < 0.0 {
+                d += 1;
+            }
+        }
+    }
+    let pairs = (n * n.saturating_sub(1) / 2).max(1) as f64;
+    (c - d) as f64 / pairs
+}
+
+/// The log of `impressions` uniformly random slates of `slate` items out of `shop`'s items
+/// (each placement's propensity 1/n) for model `model_id`, in segment "all": position `p` is
+/// examined with probability `examination(p)`, an examined item clicked with its rate in the
+/// impression's context. Events 10 ms apart from 2026-01-01, encoded as combined-topic
+/// protobuf records (an impression, then its clicks).
+pub fn uniform_log(
+    shop: &ContextShop,
+    model_id: &str,
+    impressions: usize,
+    slate: usize,
+    examination: impl Fn(u32) -> f64,
+    seed: u64,
+) -> Vec<Vec<u8>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6a09_e667_f3bc_c909);
+    let n = shop.items.len();
+    let k = slate.min(n);
+    let mut order: Vec<usize> = (0..n).collect();
+    let t0 = 1_767_225_600_000i64;
+    let mut out = Vec::with_capacity(impressions * 2);
+    let encode = |e: &Event| event::encode(TopicRole::Combined, Encoding::Protobuf, e);
+    for t in 0..impressions {
+        let now = t0 + 10 * t as i64;
+        let context = shop.context(&mut rng);
+        for j in 0..k {
+            let r = rng.random_range(j..n);
+            order.swap(j, r);
+        }
+        let id = format!("u{t}");
+        let entries = order[..k]
+            .iter()
+            .enumerate()
+            .map(|(p, &i)| SlateEntry {
+                item_id: shop.items[i].clone(),
+                position: p as u32 + 1,
+                propensity: 1.0 / n as f64,
+                score: 0.0,
+            })
+            .collect();
+        let clicks: Vec<(usize, u32)> = order[..k]
+            .iter()
+            .enumerate()
+            .filter_map(|(p, &i)| {
+                let pos = p as u32 + 1;
+                (rng.random::<f64>() < examination(pos) * shop.rate(i, &context)).then_some((i, pos))
+            })
+            .collect();
+        out.push(encode(&Event::Impression(Impression {
+            impression_id: id.clone(),
+            time_ms: now,
+            model_id: model_id.to_string(),
+            model_version: 1,
+            variant: Variant::Treatment,
+            segment: "all".into(),
+            features: context,
+            slate: entries,
+            opted_out: false,
+        })));
+        for (i, pos) in clicks {
+            out.push(encode(&Event::Feedback(Feedback {
+                impression_id: id.clone(),
+                item_id: shop.items[i].clone(),
+                position: pos,
+                kind: FeedbackKind::Click,
+                value: 0.0,
+                time_ms: now,
+            })));
+        }
+    }
+    out
+}
+
+/// A partition state of `spec` that learned `records` (combined-topic protobuf payloads, in
+/// order) through `PartitionState::apply`.
+pub fn learn_records(spec: &CoreSpec, records: &[Vec<u8>]) -> PartitionState {
+    let mut state = PartitionState::new(spec, 0);
+    state.join.changes.untracked = true;
+    state.join.buffer.untracked = true;
+    for (offset, payload) in records.iter().enumerate() {
+        state.apply(
+            spec,
+            InputRecord {
+                topic: "events",
+                partition: 0,
+                offset: offset as i64,
+                role: TopicRole::Combined,
+                encoding: Encoding::Protobuf,
+                payload,
+                timestamp_ms: None,
+            },
+        );
+    }
+    state
+}
+
+/// The examination curve of [`ContextShop`] experiments: position `p` is examined with
+/// probability 1 / (1 + 0.3 (p − 1)).
+pub fn context_examination(position: u32) -> f64 {
+    1.0 / (1.0 + 0.3 * f64::from(position.saturating_sub(1)))
+}
+
+/// A configuration with one model `m` for [`ContextShop`] experiments: the embedded defaults,
+/// a one-year half-life, the true examination curve of 5 positions as configured weights, and
+/// `model` (TOML lines such as `algorithm = "linear"`).
+pub fn context_config(model: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+    let weights: Vec<String> = (1..=5).map(|p| format!("{:.6}", context_examination(p))).collect();
+    let text = format!(
+        "[[models]]\nid = \"m\"\nhalf_life = \"365d\"\nexamination = [{}]\n{model}\n",
+        weights.join(", ")
+    );
+    crate::config::Config::from_layers(Some(("context experiment", &text)), Vec::new())
+}
+
+/// Mean Kendall τ over 50 fresh contexts (seeded) between `shop`'s true rates and the scores of
+/// model `spec` in segment "all": θ̂·x for a linear model, the Beta posterior mean otherwise
+/// (which cannot depend on the context). Read at the newest learned impression.
+pub fn context_tau(spec: &ModelSpec, shard: &ModelShard, shop: &ContextShop) -> f64 {
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let now = shard.read_time(0);
+    let (prior, _) = shard.prior_in_force(spec, "all", now, None);
+    let f = shard.read_factor(spec, now);
+    let mut x = Vec::new();
+    let mut total = 0.0;
+    for _ in 0..50 {
+        let context = shop.context(&mut rng);
+        let truth: Vec<f64> = (0..shop.items.len()).map(|i| shop.rate(i, &context)).collect();
+        let scores: Vec<f64> = shop
+            .items
+            .iter()
+            .map(|item| match spec.feature_space() {
+                Some(space) => {
+                    space.vector(&context, &mut x);
+                    shard.linear_posterior(spec, prior, "all", item, f).map_or(0.0, |p| p.score(&x))
+                }
+                None => shard.posterior_with(spec, prior, "all", item, now, None).mean(),
+            })
+            .collect();
+        total += kendall_tau(&truth, &scores);
+    }
+    total / 50.0
 }

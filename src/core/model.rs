@@ -14,7 +14,7 @@ pub type HashMap<K, V> = hashbrown::HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 use super::decay;
 use super::event::{FeedbackKind, Variant};
-use super::linear::{self, LinearState};
+use super::linear::{self, ArmPosterior, LinearPrior};
 use super::params::{Algorithm, Examination, ModelSpec, PositionModel, Prior};
 
 /// Positions past this share the last histogram bucket of estimated examination.
@@ -32,6 +32,9 @@ pub struct ArmStats {
     pub success: f64,
     /// Decayed impressions per position (estimated examination only).
     pub position_exposure: Vec<f64>,
+    /// Linear models: decayed `Σ w x xᵀ` (packed upper triangle) then `Σ r x` over the
+    /// context's feature vector ([`linear::stats_len`] numbers; empty until the first update).
+    pub linear: Vec<f64>,
 }
 
 impl ArmStats {
@@ -39,6 +42,7 @@ impl ArmStats {
         self.exposure *= f;
         self.success *= f;
         self.position_exposure.iter_mut().for_each(|v| *v *= f);
+        self.linear.iter_mut().for_each(|v| *v *= f);
     }
 
     fn add(&mut self, o: &ArmStats) {
@@ -53,6 +57,12 @@ impl ArmStats {
             self.position_exposure.resize(o.position_exposure.len(), 0.0);
         }
         for (a, b) in self.position_exposure.iter_mut().zip(&o.position_exposure) {
+            *a += b;
+        }
+        if self.linear.len() < o.linear.len() {
+            self.linear.resize(o.linear.len(), 0.0);
+        }
+        for (a, b) in self.linear.iter_mut().zip(&o.linear) {
             *a += b;
         }
     }
@@ -147,7 +157,9 @@ pub struct ModelShard {
     pub arms: HashMap<String, HashMap<String, ArmStats>>,
     pub positions: BTreeMap<u32, PositionStats>,
     pub variants: BTreeMap<Variant, VariantStats>,
-    pub linear: Option<LinearState>,
+    /// Linear models: placements learned into arms' linear statistics (cascade corrections are
+    /// not counted, so the count does not depend on the order feedback arrives in).
+    pub linear_updates: u64,
     /// Number of arms over all segments (kept, so the arm cap costs nothing per placement).
     pub arm_total: usize,
     /// Event time of the newest impression learned (see `newest_impression_ms` in
@@ -164,16 +176,13 @@ pub struct ImpressionRef<'a> {
 }
 
 impl ModelShard {
-    pub fn new(spec: &ModelSpec) -> ModelShard {
+    pub fn new(_spec: &ModelSpec) -> ModelShard {
         ModelShard {
             landmark_ms: None,
             arms: HashMap::default(),
             positions: BTreeMap::new(),
             variants: BTreeMap::new(),
-            linear: match spec.algorithm {
-                Algorithm::Linear { dim, .. } => Some(LinearState::new(dim as usize)),
-                Algorithm::BetaBernoulli => None,
-            },
+            linear_updates: 0,
             arm_total: 0,
             newest_impression_ms: None,
         }
@@ -207,9 +216,6 @@ impl ModelShard {
         for p in self.positions.values_mut() {
             p.ips_impressions *= f;
             p.ips_clicks *= f;
-        }
-        if let Some(l) = &mut self.linear {
-            l.scale(f);
         }
     }
 
@@ -263,30 +269,18 @@ impl ModelShard {
         }
     }
 
-    fn linear_update(
-        &mut self,
-        spec: &ModelSpec,
-        imp: ImpressionRef<'_>,
-        item: &str,
-        exposure: f64,
-        reward: f64,
-    ) {
-        if let (Some(state), Algorithm::Linear { hash_seed, .. }) = (&mut self.linear, spec.algorithm) {
-            let mut x = Vec::new();
-            linear::features(state.dim, hash_seed, imp.segment, imp.features, item, &mut x);
-            if exposure != 0.0 {
-                state.add_exposure(&x, exposure);
-            }
-            if reward != 0.0 {
-                state.add_reward(&x, reward);
-            }
-        }
+    /// The feature vector of an impression's context (None for a Beta model).
+    fn context_vector(spec: &ModelSpec, imp: ImpressionRef<'_>) -> Option<Vec<f64>> {
+        let space = spec.feature_space()?;
+        let mut x = Vec::with_capacity(space.dim);
+        space.vector(imp.features, &mut x);
+        Some(x)
     }
 
     /// A learned impression: the variant's impression count and one exposure per placed item.
     /// Under cascade every item counts as examined until a click says otherwise. A placement
-    /// that would create an arm beyond `max_arms` keeps its position and linear statistics but
-    /// gets no arm; returns how many placements were refused so.
+    /// that would create an arm beyond `max_arms` keeps its position statistics but gets no
+    /// arm (so no Beta or linear statistics); returns how many placements were refused so.
     pub fn observe_impression(
         &mut self,
         spec: &ModelSpec,
@@ -305,6 +299,8 @@ impl ModelShard {
         }
         let mut rejected = 0;
         let estimated = matches!(spec.position, PositionModel::Pbm(Examination::Estimated));
+        // The context's vector is the same for every item of the slate.
+        let x = Self::context_vector(spec, imp);
         // The segment's map is found once per slate; arms, positions and the linear state are
         // disjoint sums, so updating them in separate passes changes no result.
         let items = self.arms.entry_ref(imp.segment).or_default();
@@ -333,18 +329,13 @@ impl ModelShard {
             } else {
                 arm.exposure += Self::examination_weight(spec, position) * df;
             }
+            if let Some(x) = &x {
+                linear::add_exposure(&mut arm.linear, x, Self::examination_weight(spec, position) * df);
+                self.linear_updates += 1;
+            }
         }
         if items.is_empty() {
             self.arms.remove(imp.segment);
-        }
-        if self.linear.is_some() {
-            for &(item, position, _) in slate {
-                let e = Self::examination_weight(spec, position);
-                self.linear_update(spec, imp, item, e * df, 0.0);
-                if let Some(l) = &mut self.linear {
-                    l.updates += 1;
-                }
-            }
         }
         rejected
     }
@@ -360,10 +351,13 @@ impl ModelShard {
     /// placed item. Counters are untouched: the item was shown either way.
     pub fn cascade_examination(&mut self, spec: &ModelSpec, imp: ImpressionRef<'_>, item: &str, sign: f64) {
         let df = self.weight(spec, imp.time_ms);
+        let x = Self::context_vector(spec, imp);
         if let Some(arm) = self.known_arm(imp.segment, item) {
             arm.exposure += sign * df;
+            if let Some(x) = &x {
+                linear::add_exposure(&mut arm.linear, x, sign * df);
+            }
         }
-        self.linear_update(spec, imp, item, sign * df, 0.0);
     }
 
     /// An attributed (or late and learned) feedback event. `prior_total` is the impression's
@@ -400,12 +394,15 @@ impl ModelShard {
             p.ips_clicks += df / propensity;
         }
         let scaled = reward_micros as f64 / 1e6 / spec.rewards.scale * df;
+        let x = if scaled != 0.0 { Self::context_vector(spec, imp) } else { None };
         if let Some(arm) = self.known_arm(imp.segment, item) {
             arm.feedback[kind.index()] += 1;
             arm.reward_micros = add_i64(arm.reward_micros, reward_micros, &mut saturated);
             arm.success += scaled;
+            if let Some(x) = &x {
+                linear::add_reward(&mut arm.linear, x, scaled);
+            }
         }
-        self.linear_update(spec, imp, item, 0.0, scaled);
         saturated
     }
 
@@ -470,6 +467,24 @@ impl ModelShard {
         BetaPosterior { alpha: prior.alpha + s.max(0.0), beta: prior.beta + (e - s).max(0.0) }
     }
 
+    /// A linear model's posterior of an arm at decay factor `f` (from
+    /// [`ModelShard::read_factor`]) under the segment's prior in force: the prior alone for an
+    /// unseen arm; None for a Beta model or non-finite statistics.
+    pub fn linear_posterior(
+        &self,
+        spec: &ModelSpec,
+        prior: Prior,
+        segment: &str,
+        item: &str,
+        f: f64,
+    ) -> Option<ArmPosterior> {
+        let Algorithm::Linear { dim, lambda, .. } = spec.algorithm else {
+            return None;
+        };
+        let stats = self.arms.get(segment).and_then(|m| m.get(item)).map_or(&[][..], |a| &a.linear[..]);
+        linear::posterior(stats, dim as usize, LinearPrior::from_beta(prior.alpha, prior.beta, lambda), f)
+    }
+
     /// When to read a finished stream: the newest impression learned, else `fallback_ms`.
     pub fn read_time(&self, fallback_ms: i64) -> i64 {
         self.newest_impression_ms.unwrap_or(fallback_ms)
@@ -515,11 +530,7 @@ impl ModelShard {
             s.reward_micros = s.reward_micros.saturating_add(o.reward_micros);
             s.reward_sq_micros2 = s.reward_sq_micros2.saturating_add(o.reward_sq_micros2);
         }
-        if let (Some(a), Some(b)) = (&mut self.linear, &other.linear) {
-            let mut b = b.clone();
-            b.scale(f);
-            a.add(&b);
-        }
+        self.linear_updates += other.linear_updates;
     }
 }
 

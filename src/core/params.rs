@@ -28,7 +28,14 @@ pub enum PositionModel {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Algorithm {
     BetaBernoulli,
-    Linear { dim: u32, lambda: f64, hash_seed: u64 },
+    /// Disjoint linear model per arm over the context's features (see `core::linear`): `dim`
+    /// slots (the intercept and `dim − 1` feature slots), ridge `lambda` on the feature
+    /// coefficients, `hash_seed` for features not named in `ModelSpec::linear_features`.
+    Linear {
+        dim: u32,
+        lambda: f64,
+        hash_seed: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -98,9 +105,24 @@ pub struct ModelSpec {
     /// only the fallback for a model with too little data to fit.
     pub empirical_prior: bool,
     pub rewards: Rewards,
+    /// Linear models: the context features by name, feature `i` at slot `i + 1` (then
+    /// `dim = len + 1`); empty: features are hashed into the `dim − 1` feature slots.
+    pub linear_features: Vec<String>,
 }
 
 impl ModelSpec {
+    /// A linear model's feature space (None for a Beta model).
+    pub fn feature_space(&self) -> Option<super::linear::FeatureSpace<'_>> {
+        match self.algorithm {
+            Algorithm::Linear { dim, hash_seed, .. } => Some(super::linear::FeatureSpace {
+                dim: dim as usize,
+                hash_seed,
+                names: &self.linear_features,
+            }),
+            Algorithm::BetaBernoulli => None,
+        }
+    }
+
     pub fn prior_for(&self, segment: &str) -> Prior {
         self.segment_priors.get(segment).copied().unwrap_or(self.prior)
     }

@@ -25,7 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Gamma, StandardNormal};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
-use super::linear::{self, Posterior};
+use super::linear::PosteriorTable;
 use super::model::ModelShard;
 use super::params::{Algorithm, Examination, ModelSpec, PositionModel, Prior};
 
@@ -71,26 +71,26 @@ pub struct RankRequest<'a> {
     /// The prior in force for `segment` when the caller has it already (a serving node fits
     /// empirical priors once per model version); None: `ModelShard::prior_in_force` at `now_ms`.
     pub prior: Option<Prior>,
-    /// A linear model's posterior (Cholesky factor and mean) when the caller has it already (a
-    /// serving node computes it once per model version, not per request: d³/6 operations);
-    /// None: computed here at `now_ms`.
-    pub linear: Option<&'a Posterior>,
+    /// A linear model's per-arm posteriors (Cholesky factor and mean) when the caller has them
+    /// already (a serving node computes them once per model version, not per request); an arm
+    /// missing from the table has no data and is ranked by its prior. None: computed here at
+    /// `now_ms`.
+    pub linear: Option<&'a PosteriorTable>,
 }
 
 /// Precomputed per-request scorer so Monte Carlo draws do not redo the algebra.
-enum Scorer<'a> {
+enum Scorer {
     /// Beta(α, β) per candidate, sampled as X / (X + Y) with X ~ Gamma(α), Y ~ Gamma(β)
     /// (Marsaglia–Tsang, constants prepared once per request): exact Beta draws at a fraction
     /// of the cost of a general Beta sampler, which matters for the Monte Carlo propensities.
     Beta { params: Vec<(f64, f64)>, gammas: Vec<Option<(Gamma<f64>, Gamma<f64>)>> },
-    Linear {
-        /// Borrowed when the caller prepared it for the model version (a serving node).
-        post: Option<std::borrow::Cow<'a, Posterior>>,
-        xs: Vec<Vec<f64>>,
-    },
+    /// Disjoint linear model: θ_i·x of candidate i is normal under its arm's posterior, with
+    /// mean θ̂_i·x and standard deviation √(m(1 − m))·‖L_i⁻¹x‖ (`ArmPosterior::mean_sd`); one
+    /// normal draw per candidate is an exact LinTS draw of θ_i·x, since x is the request's.
+    Linear { mean_sd: Vec<(f64, f64)> },
 }
 
-fn build_scorer<'a>(spec: &ModelSpec, model: &ModelShard, req: &RankRequest<'a>) -> Scorer<'a> {
+fn build_scorer(spec: &ModelSpec, model: &ModelShard, req: &RankRequest<'_>) -> Scorer {
     match spec.algorithm {
         Algorithm::BetaBernoulli => {
             let exam = match spec.position {
@@ -114,24 +114,32 @@ fn build_scorer<'a>(spec: &ModelSpec, model: &ModelShard, req: &RankRequest<'a>)
                 .collect();
             Scorer::Beta { params, gammas }
         }
-        Algorithm::Linear { dim, lambda, hash_seed } => {
-            let post = match req.linear {
-                Some(p) => Some(std::borrow::Cow::Borrowed(p)),
-                None => {
-                    let f = model.read_factor(spec, req.now_ms);
-                    model.linear.as_ref().and_then(|l| l.posterior(lambda, f)).map(std::borrow::Cow::Owned)
-                }
-            };
-            let xs = req
+        Algorithm::Linear { .. } => {
+            let prior =
+                req.prior.unwrap_or_else(|| model.prior_in_force(spec, req.segment, req.now_ms, None).0);
+            let mut x = Vec::new();
+            if let Some(space) = spec.feature_space() {
+                space.vector(req.features, &mut x);
+            }
+            let f = model.read_factor(spec, req.now_ms);
+            let segment = req.linear.and_then(|t| t.get(req.segment));
+            let mean_sd = req
                 .candidates
                 .iter()
                 .map(|c| {
-                    let mut x = Vec::new();
-                    linear::features(dim as usize, hash_seed, req.segment, req.features, c, &mut x);
-                    x
+                    let prepared = segment.and_then(|m| m.get(c.as_str()));
+                    let computed;
+                    let post = match prepared {
+                        Some(p) => Some(p),
+                        None => {
+                            computed = model.linear_posterior(spec, prior, req.segment, c, f);
+                            computed.as_ref()
+                        }
+                    };
+                    post.map_or((0.0, 0.0), |p| p.mean_sd(&x))
                 })
                 .collect();
-            Scorer::Linear { post, xs }
+            Scorer::Linear { mean_sd }
         }
     }
 }
@@ -149,7 +157,7 @@ fn beta_draw<R: Rng>((a, b): (f64, f64), gammas: &Option<(Gamma<f64>, Gamma<f64>
     a / (a + b)
 }
 
-impl Scorer<'_> {
+impl Scorer {
     /// Thompson scores of `subset` only (for the Monte Carlo rankings).
     fn sample_subset<R: Rng>(&self, subset: &[usize], rng: &mut R, out: &mut Vec<f64>) {
         out.clear();
@@ -159,12 +167,11 @@ impl Scorer<'_> {
                     out.push(beta_draw(params[i], &gammas[i], rng));
                 }
             }
-            Scorer::Linear { post: None, .. } => out.resize(subset.len(), 0.0),
-            Scorer::Linear { post: Some(post), xs } => {
-                let z: Vec<f64> = (0..post.dim).map(|_| StandardNormal.sample(rng)).collect();
-                let theta = post.sample(1.0, &z);
+            Scorer::Linear { mean_sd } => {
                 for &i in subset {
-                    out.push(linear::dot(&theta, &xs[i]));
+                    let (m, sd) = mean_sd[i];
+                    let z: f64 = StandardNormal.sample(rng);
+                    out.push(m + sd * z);
                 }
             }
         }
@@ -186,24 +193,16 @@ impl Scorer<'_> {
                     out.push(s);
                 }
             }
-            Scorer::Linear { post, xs } => {
-                let Some(post) = post else {
-                    out.resize(xs.len(), 0.0);
-                    return;
-                };
-                let theta = match strategy {
-                    Strategy::Thompson => {
-                        let z: Vec<f64> = (0..post.dim).map(|_| StandardNormal.sample(rng)).collect();
-                        post.sample(1.0, &z)
-                    }
-                    _ => post.mean.clone(),
-                };
-                for x in xs {
-                    let mut s = linear::dot(&theta, x);
-                    if let Strategy::Ucb { c } = strategy {
-                        s += c * post.width(x);
-                    }
-                    out.push(s);
+            Scorer::Linear { mean_sd } => {
+                for &(m, sd) in mean_sd {
+                    out.push(match strategy {
+                        Strategy::Greedy => m,
+                        Strategy::Ucb { c } => m + c * sd,
+                        Strategy::Thompson => {
+                            let z: f64 = StandardNormal.sample(rng);
+                            m + sd * z
+                        }
+                    });
                 }
             }
         }

@@ -10,7 +10,7 @@
 //! | fixed examination weights (same number or not) | read-time | applies at once: new exposures use the new weights, old ones keep theirs and decay away |
 //! | attribution windows | read-time | applies at once: they decide what the join attributes, not what a sum means |
 //! | half-life | reinterpreted | sums keep their value at the partition's newest event time and decay with the new half-life from there |
-//! | algorithm, linear dimension or hash seed, position model (pbm / estimated / cascade), reward of a kind, value weight, reward scale | reset | old sums mean something else: the model starts empty on that partition (warned and counted by the edge) |
+//! | algorithm, linear dimension, hash seed or named features, position model (pbm / estimated / cascade), reward of a kind, value weight, reward scale | reset | old sums mean something else: the model starts empty on that partition (warned and counted by the edge) |
 //! | a model added | added | starts empty |
 //! | a model removed | removed | its state, buffered impressions and snapshot record are dropped |
 //!
@@ -70,6 +70,9 @@ pub fn reset_field(stored: &ModelSpec, configured: &ModelSpec) -> Option<String>
             }
             if h0 != h1 {
                 return Some("linear.hash_seed".into());
+            }
+            if stored.linear_features != configured.linear_features {
+                return Some("linear.features".into());
             }
         }
         _ => return Some("algorithm".into()),

@@ -13,7 +13,6 @@ use prost::Message;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::event::{FeedbackKind, Variant};
-use super::linear::LinearState;
 use super::model::{ArmStats, ModelShard, PositionStats, VariantStats};
 use super::params::{Algorithm, Examination, KindReward, ModelSpec, PositionModel, Prior, Rewards};
 use super::pb;
@@ -107,6 +106,7 @@ pub fn params_to_pb(spec: &ModelSpec) -> pb::ModelParams {
         linear_dim,
         linear_lambda,
         feature_hash_seed,
+        linear_features: spec.linear_features.clone(),
     }
 }
 
@@ -161,6 +161,7 @@ pub fn params_from_pb(model_id: &str, p: &pb::ModelParams) -> Result<ModelSpec, 
             .collect(),
         empirical_prior: p.empirical_prior,
         rewards: Rewards { kinds, scale: p.reward_scale },
+        linear_features: p.linear_features.clone(),
     })
 }
 
@@ -199,6 +200,7 @@ pub fn to_pb(spec: &ModelSpec, shard: &ModelShard, meta: &SnapshotMeta) -> pb::M
                 exposure: a.exposure,
                 success: a.success,
                 position_exposure: a.position_exposure.clone(),
+                linear: a.linear.clone(),
             });
         }
     }
@@ -239,12 +241,15 @@ pub fn to_pb(spec: &ModelSpec, shard: &ModelShard, meta: &SnapshotMeta) -> pb::M
                 reward_sq_micros2: s.reward_sq_micros2.to_string(),
             })
             .collect(),
-        linear: shard.linear.as_ref().map(|l| pb::LinearState {
-            dim: l.dim as u32,
-            xx_upper: l.xx.clone(),
-            xr: l.xr.clone(),
-            updates: l.updates,
-        }),
+        linear: match spec.algorithm {
+            Algorithm::Linear { dim, .. } => Some(pb::LinearState {
+                dim,
+                xx_upper: Vec::new(),
+                xr: Vec::new(),
+                updates: shard.linear_updates,
+            }),
+            Algorithm::BetaBernoulli => None,
+        },
         newest_impression_ms: shard.newest_impression_ms.unwrap_or(0),
         checksum: 0,
     };
@@ -272,7 +277,24 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedSnapshot, SnapshotError> {
 
 fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
     let params = snap.params.as_ref().ok_or_else(|| invalid("missing params"))?;
-    let spec = params_from_pb(&snap.model_id, params)?;
+    let mut spec = params_from_pb(&snap.model_id, params)?;
+    if let Algorithm::Linear { dim, .. } = &mut spec.algorithm {
+        if snap.linear.as_ref().is_some_and(|l| !l.xx_upper.is_empty()) {
+            // An older build's one shared linear model: not convertible to per-arm statistics.
+            // Dimension 0 differs from every configured one, so a processor starts the model
+            // afresh (a reset, logged and counted) and a serving node ranks it by the prior.
+            *dim = 0;
+        } else if !(1..=crate::core::linear::MAX_DIM).contains(dim) {
+            return Err(invalid(format!("linear_dim {dim} out of range")));
+        }
+        if spec.linear_features.len() >= *dim as usize && *dim > 0 {
+            return Err(invalid("more linear_features than linear_dim has slots"));
+        }
+    }
+    let linear_dim = match spec.algorithm {
+        Algorithm::Linear { dim, .. } => dim as usize,
+        Algorithm::BetaBernoulli => 0,
+    };
     let mut arms: HashMap<String, HashMap<String, ArmStats>> = HashMap::default();
     for a in snap.arms {
         let stats = ArmStats {
@@ -282,7 +304,11 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
             exposure: a.exposure,
             success: a.success,
             position_exposure: a.position_exposure,
+            linear: a.linear,
         };
+        if !stats.linear.is_empty() && stats.linear.len() != crate::core::linear::stats_len(linear_dim) {
+            return Err(invalid("an arm's linear statistics do not match linear_dim"));
+        }
         if arms.entry(a.segment).or_default().insert(a.item_id, stats).is_some() {
             return Err(invalid("an arm appears twice"));
         }
@@ -315,16 +341,10 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
             },
         );
     }
-    let linear = match (spec.algorithm, snap.linear) {
-        (Algorithm::Linear { dim, .. }, Some(l)) => {
-            let d = dim as usize;
-            if l.dim != dim || l.xx_upper.len() != d * (d + 1) / 2 || l.xr.len() != d {
-                return Err(invalid("linear state does not match linear_dim"));
-            }
-            Some(LinearState { dim: d, xx: l.xx_upper, xr: l.xr, updates: l.updates })
-        }
+    let linear_updates = match (spec.algorithm, snap.linear) {
+        (Algorithm::Linear { .. }, Some(l)) => l.updates,
         (Algorithm::Linear { .. }, None) => return Err(invalid("linear model without linear state")),
-        (Algorithm::BetaBernoulli, _) => None,
+        (Algorithm::BetaBernoulli, _) => 0,
     };
     let has_data = !arms.is_empty() || !variants.is_empty() || !positions.is_empty();
     let arm_total = arms.values().map(HashMap::len).sum();
@@ -335,7 +355,7 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
         arms,
         positions,
         variants,
-        linear,
+        linear_updates,
     };
     let meta = SnapshotMeta {
         model_id: snap.model_id,

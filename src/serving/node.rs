@@ -406,7 +406,7 @@ impl Node {
                 now_ms,
                 seed: xxh3_64(impression_id.as_bytes()),
                 prior,
-                linear: linear.as_ref().map(|c| &c.posterior),
+                linear: linear.as_ref().map(|c| &c.table),
             };
             policy::rank(model_spec, model, &self.config.policy, &preq)
                 .into_iter()

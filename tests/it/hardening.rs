@@ -216,15 +216,12 @@ fn snapshot_floats(bytes: &[u8]) -> Vec<f64> {
             out.push(a.exposure);
             out.push(a.success);
             out.extend(&a.position_exposure);
+            out.extend(&a.linear);
         }
     }
     for p in s.shard.positions.values() {
         out.push(p.ips_impressions);
         out.push(p.ips_clicks);
-    }
-    if let Some(l) = &s.shard.linear {
-        out.extend(&l.xx);
-        out.extend(&l.xr);
     }
     out.extend(s.shard.estimated_examination());
     out

@@ -4,6 +4,7 @@ mod alignment;
 mod bad_input;
 mod changelog;
 mod cluster;
+mod contextual;
 mod formats;
 mod fuzz_corpus;
 mod golden;

@@ -239,10 +239,10 @@ fn a_node_without_a_snapshot_answers_503_unless_a_cold_start_prior_is_configured
 
 #[test]
 fn a_linear_posterior_is_prepared_once_per_version_not_per_request() {
-    // Regression: a node factorised the linear model's A on every rank call (d³/6; ~0.3 s of
-    // CPU per request at d = 1,024). Now the posterior is prepared when the version is
-    // installed and again only when the decay factor has moved by more than 1 %; ranking with
-    // it gives exactly what computing it on the spot gives.
+    // Regression: a node factorised the linear model's A on every rank call (d³/6 per arm).
+    // Now the per-arm posteriors are prepared when the version is installed and again only when
+    // the decay factor has moved by more than 1 %; ranking with them gives exactly what
+    // computing them on the spot gives.
     let config = fixture_config(&[]);
     let catalog = fixture_catalog(&config);
     let sm = &catalog.models["search"];
@@ -271,7 +271,7 @@ fn a_linear_posterior_is_prepared_once_per_version_not_per_request() {
                 linear,
             };
             let fresh = policy::rank(&sm.merged.spec, &sm.merged.shard, &policy, &req(None));
-            let prepared = policy::rank(&sm.merged.spec, &sm.merged.shard, &policy, &req(Some(&a.posterior)));
+            let prepared = policy::rank(&sm.merged.spec, &sm.merged.shard, &policy, &req(Some(&a.table)));
             assert_eq!(fresh, prepared, "{strategy:?} seed {seed}");
         }
     }

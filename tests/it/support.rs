@@ -31,6 +31,7 @@ pub fn model(id: &str, algorithm: Algorithm, position: PositionModel, half_life_
         segment_priors: BTreeMap::new(),
         empirical_prior: false,
         rewards: rewards(),
+        linear_features: Vec::new(),
     }
 }
 
@@ -192,6 +193,10 @@ pub fn assert_shards_equivalent(a: &ModelShard, b: &ModelShard, spec: &ModelSpec
                 );
                 assert!(close(p, q), "{what}: position exposure {i} of {seg}/{item}");
             }
+            assert_eq!(x.linear.len(), y.linear.len(), "{what}: linear statistics of {seg}/{item}");
+            for (p, q) in x.linear.iter().zip(&y.linear) {
+                assert!(close(*p, *q), "{what}: linear statistics of {seg}/{item}: {p} vs {q}");
+            }
         }
     }
     assert_eq!(
@@ -207,16 +212,7 @@ pub fn assert_shards_equivalent(a: &ModelShard, b: &ModelShard, spec: &ModelSpec
             "{what}: position {pos} ips"
         );
     }
-    match (&a.linear, &b.linear) {
-        (Some(x), Some(y)) => {
-            assert_eq!(x.updates, y.updates, "{what}: linear updates");
-            for (p, q) in x.xx.iter().zip(&y.xx).chain(x.xr.iter().zip(&y.xr)) {
-                assert!(close(*p, *q), "{what}: linear statistics {p} vs {q}");
-            }
-        }
-        (None, None) => {}
-        _ => panic!("{what}: linear state present on one side only"),
-    }
+    assert_eq!(a.linear_updates, b.linear_updates, "{what}: linear updates");
 }
 
 /// Totals a model must hold: per (segment, item) impressions, feedback per kind and reward;
