@@ -111,6 +111,7 @@ fn slate_of_ten<'a>(
         seed,
         prior: None,
         linear,
+        examination: None,
     }
 }
 

@@ -195,6 +195,8 @@ pub fn evaluate(config: &Config, records: &[Record], options: Options) -> Result
     // Empirical priors are refitted per (model, segment) every PRIOR_REFIT impressions, as a
     // serving node refits them once per model version rather than per request.
     let mut priors: BTreeMap<(usize, String), (crate::core::params::Prior, u64)> = BTreeMap::new();
+    // So is an estimated examination curve, per model.
+    let mut exams: BTreeMap<usize, (Vec<f64>, u64)> = BTreeMap::new();
     let mut evaluated = 0u64;
     for (i, (r, e)) in records.iter().zip(&decoded).enumerate() {
         let Some(topic) = config.topic(&r.topic) else { continue };
@@ -205,15 +207,17 @@ pub fn evaluate(config: &Config, records: &[Record], options: Options) -> Result
                 let positions = imp.slate.iter().map(|s| s.position as usize).max().unwrap_or(0);
                 let model = &state.models[m];
                 evaluated += 1;
+                if matches!(spec.position, PositionModel::Pbm(Examination::Estimated))
+                    && exams.get(&m).is_none_or(|(_, at)| evaluated - at >= PRIOR_REFIT)
+                {
+                    exams.insert(m, (model.estimated_examination(), evaluated));
+                }
+                let exam = exams.get(&m).map(|(e, _)| e.as_slice());
                 let key = (m, imp.segment.clone());
                 let prior = match priors.get(&key) {
                     Some(&(p, at)) if evaluated - at < PRIOR_REFIT => p,
                     _ => {
-                        let exam = match spec.position {
-                            PositionModel::Pbm(Examination::Estimated) => Some(model.estimated_examination()),
-                            _ => None,
-                        };
-                        let p = model.prior_in_force(spec, &imp.segment, imp.time_ms, exam.as_deref()).0;
+                        let p = model.prior_in_force(spec, &imp.segment, imp.time_ms, exam).0;
                         priors.insert(key, (p, evaluated));
                         p
                     }
@@ -227,6 +231,7 @@ pub fn evaluate(config: &Config, records: &[Record], options: Options) -> Result
                     seed: xxh3_64(imp.impression_id.as_bytes()),
                     prior: Some(prior),
                     linear: None,
+                    examination: exam,
                 };
                 let pi = policy::placement_probabilities(
                     spec,

@@ -705,6 +705,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 seed,
                 prior: None,
                 linear: None,
+                examination: None,
             };
             println!("{:>8}  {:<16} {:>10} {:>10}", "position", "item", "score", "propensity");
             for p in policy::rank(&s.spec, &s.shard, &policy, &req) {

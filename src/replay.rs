@@ -107,6 +107,7 @@ pub fn merged_models(
                 meta: checkpoint::shard_meta(&config.core, st, &spec.id),
                 spec: spec.clone(),
                 shard: st.models[i].clone(),
+                legacy: None,
             })
             .collect();
         if shards.is_empty() {
@@ -120,6 +121,7 @@ pub fn merged_models(
                 },
                 spec: spec.clone(),
                 shard: ModelShard::new(spec),
+                legacy: None,
             });
         } else {
             out.push(snapshot::merge(&shards)?);

@@ -56,6 +56,7 @@ pub fn thompson_regret_curve(spec: &CoreSpec, rates: &[f64], rounds: usize, seed
             seed: seed.wrapping_mul(1_000_003).wrapping_add(t as u64),
             prior: None,
             linear: None,
+            examination: None,
         };
         let Some(chosen) = policy::rank(model, &state.models[0], &policy, &req).into_iter().next() else {
             break;
@@ -254,16 +255,18 @@ pub fn context_examination(position: u32) -> f64 {
     1.0 / (1.0 + 0.3 * f64::from(position.saturating_sub(1)))
 }
 
-/// A configuration with one model `m` for [`ContextShop`] experiments: the embedded defaults,
-/// a one-year half-life, the true examination curve of 5 positions as configured weights, and
-/// `model` (TOML lines such as `algorithm = "linear"`).
+/// A configuration with one model `m` for simulated experiments: the embedded defaults, a
+/// one-year half-life, and `model` (TOML lines such as `algorithm = "linear"`).
+pub fn experiment_config(model: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+    let text = format!("[[models]]\nid = \"m\"\nhalf_life = \"365d\"\n{model}\n");
+    crate::config::Config::from_layers(Some(("simulated experiment", &text)), Vec::new())
+}
+
+/// [`experiment_config`] for [`ContextShop`] experiments: the true examination curve of 5
+/// positions as configured weights, then `model`.
 pub fn context_config(model: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
     let weights: Vec<String> = (1..=5).map(|p| format!("{:.6}", context_examination(p))).collect();
-    let text = format!(
-        "[[models]]\nid = \"m\"\nhalf_life = \"365d\"\nexamination = [{}]\n{model}\n",
-        weights.join(", ")
-    );
-    crate::config::Config::from_layers(Some(("context experiment", &text)), Vec::new())
+    experiment_config(&format!("examination = [{}]\n{model}", weights.join(", ")))
 }
 
 /// Mean Kendall τ over 50 fresh contexts (seeded) between `shop`'s true rates and the scores of
@@ -293,4 +296,130 @@ pub fn context_tau(spec: &ModelSpec, shard: &ModelShard, shop: &ContextShop) -> 
         total += kendall_tau(&truth, &scores);
     }
     total / 50.0
+}
+
+/// How the slates of a [`position_log`] are chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Logging {
+    /// Treatment shows the items in one fixed order (the true best first; propensity 1), a
+    /// random `holdout` share of impressions a uniformly random order (propensity 1/n).
+    Deterministic { holdout: f64 },
+    /// Every slate a uniformly random order (propensity 1/n).
+    Random,
+}
+
+/// Exact exposures and clicks per item and position of a [`position_log`] (`[item][position −
+/// 1]`): what an oracle estimator sees.
+#[derive(Debug, Clone)]
+pub struct PositionCounts {
+    pub exposures: Vec<Vec<f64>>,
+    pub clicks: Vec<Vec<f64>>,
+}
+
+/// A log of `impressions` slates of `examination.len()` positions over items with true
+/// attractiveness `attractiveness` for model `m` in segment "all": position `p` is examined
+/// with probability `examination[p − 1]`, an examined item clicked with its attractiveness.
+/// Encoded as combined-topic protobuf records (an impression, then its clicks), with the exact
+/// counts.
+pub fn position_log(
+    attractiveness: &[f64],
+    examination: &[f64],
+    logging: Logging,
+    impressions: usize,
+    seed: u64,
+) -> (Vec<Vec<u8>>, PositionCounts) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xbb67_ae85_84ca_a73b);
+    let n = attractiveness.len();
+    let k = examination.len().min(n);
+    let items: Vec<String> = (0..n).map(|i| format!("item-{i:03}")).collect();
+    let mut best: Vec<usize> = (0..n).collect();
+    best.sort_by(|&a, &b| attractiveness[b].total_cmp(&attractiveness[a]).then(a.cmp(&b)));
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut counts = PositionCounts { exposures: vec![vec![0.0; k]; n], clicks: vec![vec![0.0; k]; n] };
+    let mut out = Vec::with_capacity(impressions * 2);
+    let encode = |e: &Event| event::encode(TopicRole::Combined, Encoding::Protobuf, e);
+    let t0 = 1_767_225_600_000i64;
+    for t in 0..impressions {
+        let now = t0 + 10 * t as i64;
+        let random = match logging {
+            Logging::Random => true,
+            Logging::Deterministic { holdout } => rng.random::<f64>() < holdout,
+        };
+        let (shown, propensity, variant) = if random {
+            for j in 0..k {
+                let r = rng.random_range(j..n);
+                order.swap(j, r);
+            }
+            (&order[..k], 1.0 / n as f64, Variant::Holdout)
+        } else {
+            (&best[..k], 1.0, Variant::Treatment)
+        };
+        let id = format!("p{t}");
+        let mut clicks = Vec::new();
+        let slate = shown
+            .iter()
+            .enumerate()
+            .map(|(p, &i)| {
+                counts.exposures[i][p] += 1.0;
+                if rng.random::<f64>() < examination[p] * attractiveness[i] {
+                    counts.clicks[i][p] += 1.0;
+                    clicks.push((i, p as u32 + 1));
+                }
+                SlateEntry { item_id: items[i].clone(), position: p as u32 + 1, propensity, score: 0.0 }
+            })
+            .collect();
+        out.push(encode(&Event::Impression(Impression {
+            impression_id: id.clone(),
+            time_ms: now,
+            model_id: "m".into(),
+            model_version: 1,
+            variant: if matches!(logging, Logging::Random) { Variant::Treatment } else { variant },
+            segment: "all".into(),
+            features: Vec::new(),
+            slate,
+            opted_out: false,
+        })));
+        for (i, pos) in clicks {
+            out.push(encode(&Event::Feedback(Feedback {
+                impression_id: id.clone(),
+                item_id: items[i].clone(),
+                position: pos,
+                kind: FeedbackKind::Click,
+                value: 0.0,
+                time_ms: now,
+            })));
+        }
+    }
+    (out, counts)
+}
+
+/// The oracle examination estimate: knowing every item's true attractiveness θ, the
+/// maximum-likelihood γ of each position from the exact counts (Σ c/γ = Σ (n − c) θ/(1 − γθ),
+/// solved by bisection), relative to position 1.
+pub fn oracle_examination(attractiveness: &[f64], counts: &PositionCounts) -> Vec<f64> {
+    let k = counts.exposures.first().map_or(0, Vec::len);
+    let max_theta = attractiveness.iter().copied().fold(0.0, f64::max);
+    let gamma: Vec<f64> = (0..k)
+        .map(|p| {
+            let slope = |g: f64| -> f64 {
+                let mut s = 0.0;
+                for (i, th) in attractiveness.iter().enumerate() {
+                    let (n, c) = (counts.exposures[i][p], counts.clicks[i][p]);
+                    s += c / g - (n - c) * th / (1.0 - g * th);
+                }
+                s
+            };
+            let (mut lo, mut hi) = (1e-9, (1.0 / max_theta).min(1e6) * (1.0 - 1e-12));
+            for _ in 0..200 {
+                let mid = 0.5 * (lo + hi);
+                if slope(mid) > 0.0 {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            0.5 * (lo + hi)
+        })
+        .collect();
+    gamma.iter().map(|g| g / gamma[0]).collect()
 }

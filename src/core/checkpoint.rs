@@ -632,7 +632,9 @@ pub fn restore(
                         m.id, s.meta.version, s.meta.source_partition, cp.records, cp.partition
                     )));
                 }
-                if let Some(field) = reconfigure::reset_field(&s.spec, m) {
+                if let Some(field) =
+                    s.legacy.map(str::to_string).or_else(|| reconfigure::reset_field(&s.spec, m))
+                {
                     report.push((m.id.clone(), ModelChange::Reset { field }));
                     dropped.push(m.id.clone());
                     continue;

@@ -10,6 +10,7 @@ pub mod buffer;
 pub mod checkpoint;
 pub mod decay;
 pub mod event;
+pub mod examination;
 pub mod join;
 pub mod linear;
 pub mod model;

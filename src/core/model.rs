@@ -32,6 +32,9 @@ pub struct ArmStats {
     pub success: f64,
     /// Decayed impressions per position (estimated examination only).
     pub position_exposure: Vec<f64>,
+    /// Decayed clicks per position (estimated examination only): with `position_exposure`, what
+    /// the examination curve is fitted to ([`ModelShard::estimated_examination`]).
+    pub position_clicks: Vec<f64>,
     /// Linear models: decayed `Σ w x xᵀ` (packed upper triangle) then `Σ r x` over the
     /// context's feature vector ([`linear::stats_len`] numbers; empty until the first update).
     pub linear: Vec<f64>,
@@ -42,6 +45,7 @@ impl ArmStats {
         self.exposure *= f;
         self.success *= f;
         self.position_exposure.iter_mut().for_each(|v| *v *= f);
+        self.position_clicks.iter_mut().for_each(|v| *v *= f);
         self.linear.iter_mut().for_each(|v| *v *= f);
     }
 
@@ -57,6 +61,12 @@ impl ArmStats {
             self.position_exposure.resize(o.position_exposure.len(), 0.0);
         }
         for (a, b) in self.position_exposure.iter_mut().zip(&o.position_exposure) {
+            *a += b;
+        }
+        if self.position_clicks.len() < o.position_clicks.len() {
+            self.position_clicks.resize(o.position_clicks.len(), 0.0);
+        }
+        for (a, b) in self.position_clicks.iter_mut().zip(&o.position_clicks) {
             *a += b;
         }
         if self.linear.len() < o.linear.len() {
@@ -395,10 +405,18 @@ impl ModelShard {
         }
         let scaled = reward_micros as f64 / 1e6 / spec.rewards.scale * df;
         let x = if scaled != 0.0 { Self::context_vector(spec, imp) } else { None };
+        let estimated = matches!(spec.position, PositionModel::Pbm(Examination::Estimated));
         if let Some(arm) = self.known_arm(imp.segment, item) {
             arm.feedback[kind.index()] += 1;
             arm.reward_micros = add_i64(arm.reward_micros, reward_micros, &mut saturated);
             arm.success += scaled;
+            if estimated && kind == FeedbackKind::Click {
+                let bucket = (position as usize).clamp(1, MAX_TRACKED_POSITIONS) - 1;
+                if arm.position_clicks.len() <= bucket {
+                    arm.position_clicks.resize(bucket + 1, 0.0);
+                }
+                arm.position_clicks[bucket] += df;
+            }
             if let Some(x) = &x {
                 linear::add_reward(&mut arm.linear, x, scaled);
             }
@@ -407,9 +425,30 @@ impl ModelShard {
     }
 
     /// Examination weight per position (index 0 = position 1) under estimated examination:
-    /// the inverse-propensity-weighted click rate at each position relative to position 1,
-    /// shrunk towards 1 with a pseudo-count, clamped to [0.01, 1].
+    /// the maximum-likelihood fit of the position-based model P(click) = γ_position · θ_arm to
+    /// every arm's decayed exposures and clicks per position
+    /// ([`super::examination::fit`]), relative to position 1 and clamped to [0.01, 1].
+    /// Positions no arm was shown at get 1. Read time only: the statistics are additive, the
+    /// fit is not.
     pub fn estimated_examination(&self) -> Vec<f64> {
+        let arms = || self.arms.values().flat_map(|m| m.values());
+        if !arms().any(|a| a.position_clicks.iter().any(|c| *c > 0.0)) {
+            // No clicks to fit (a new model, or a snapshot of an older build read by a serving
+            // node before the processor restarted it): the inverse-propensity estimate.
+            return self.ips_examination();
+        }
+        let arms = arms();
+        super::examination::fit(
+            arms.map(|a| (&a.position_exposure[..], &a.position_clicks[..])),
+            MAX_TRACKED_POSITIONS,
+        )
+    }
+
+    /// The inverse-propensity-weighted click rate at each position relative to position 1,
+    /// shrunk towards 1 with a pseudo-count, clamped to [0.01, 1] (index 0 = position 1): the
+    /// estimate of older builds, now EM's starting point. Biased when treatment slates are
+    /// deterministic (an item always at the same position gets propensity 1 there).
+    pub fn ips_examination(&self) -> Vec<f64> {
         let rate = |p: &PositionStats| (p.ips_clicks + 1.0) / (p.ips_impressions + 1.0);
         let top = self.positions.get(&1).map(rate).unwrap_or(1.0);
         (1..=MAX_TRACKED_POSITIONS as u32)

@@ -76,6 +76,10 @@ pub struct RankRequest<'a> {
     /// missing from the table has no data and is ranked by its prior. None: computed here at
     /// `now_ms`.
     pub linear: Option<&'a PosteriorTable>,
+    /// The estimated examination curve (index 0 = position 1) when the caller has it already
+    /// (an EM fit over every arm: a serving node fits it once per model version); None:
+    /// fitted here when the model estimates examination.
+    pub examination: Option<&'a [f64]>,
 }
 
 /// Precomputed per-request scorer so Monte Carlo draws do not redo the algebra.
@@ -93,8 +97,11 @@ enum Scorer {
 fn build_scorer(spec: &ModelSpec, model: &ModelShard, req: &RankRequest<'_>) -> Scorer {
     match spec.algorithm {
         Algorithm::BetaBernoulli => {
-            let exam = match spec.position {
-                PositionModel::Pbm(Examination::Estimated) => Some(model.estimated_examination()),
+            let exam = match (&spec.position, req.examination) {
+                (PositionModel::Pbm(Examination::Estimated), Some(e)) => Some(std::borrow::Cow::Borrowed(e)),
+                (PositionModel::Pbm(Examination::Estimated), None) => {
+                    Some(std::borrow::Cow::Owned(model.estimated_examination()))
+                }
                 _ => None,
             };
             let prior = req
@@ -315,8 +322,9 @@ pub fn expected_rewards(
     let mut means = Vec::with_capacity(req.candidates.len());
     // The greedy scores are the posterior means; no randomness is drawn.
     scorer.scores(Strategy::Greedy, &mut ChaCha8Rng::seed_from_u64(0), &mut means);
-    let estimated = match &spec.position {
-        PositionModel::Pbm(Examination::Estimated) => model.estimated_examination(),
+    let estimated = match (&spec.position, req.examination) {
+        (PositionModel::Pbm(Examination::Estimated), Some(e)) => e.to_vec(),
+        (PositionModel::Pbm(Examination::Estimated), None) => model.estimated_examination(),
         _ => Vec::new(),
     };
     let exam = |p: usize| -> f64 {

@@ -62,6 +62,9 @@ pub struct DecodedSnapshot {
     pub meta: SnapshotMeta,
     pub spec: ModelSpec,
     pub shard: ModelShard,
+    /// Set when the snapshot was written by an older build in a layout this build learns
+    /// differently: the config field a processor reports when it starts the model afresh.
+    pub legacy: Option<&'static str>,
 }
 
 pub fn params_to_pb(spec: &ModelSpec) -> pb::ModelParams {
@@ -107,6 +110,7 @@ pub fn params_to_pb(spec: &ModelSpec) -> pb::ModelParams {
         linear_lambda,
         feature_hash_seed,
         linear_features: spec.linear_features.clone(),
+        position_clicks_kept: matches!(spec.position, PositionModel::Pbm(Examination::Estimated)),
     }
 }
 
@@ -201,6 +205,7 @@ pub fn to_pb(spec: &ModelSpec, shard: &ModelShard, meta: &SnapshotMeta) -> pb::M
                 success: a.success,
                 position_exposure: a.position_exposure.clone(),
                 linear: a.linear.clone(),
+                position_clicks: a.position_clicks.clone(),
             });
         }
     }
@@ -278,6 +283,9 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedSnapshot, SnapshotError> {
 fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
     let params = snap.params.as_ref().ok_or_else(|| invalid("missing params"))?;
     let mut spec = params_from_pb(&snap.model_id, params)?;
+    let legacy = (matches!(spec.position, PositionModel::Pbm(Examination::Estimated))
+        && !params.position_clicks_kept)
+        .then_some("examination");
     if let Algorithm::Linear { dim, .. } = &mut spec.algorithm {
         if snap.linear.as_ref().is_some_and(|l| !l.xx_upper.is_empty()) {
             // An older build's one shared linear model: not convertible to per-arm statistics.
@@ -304,6 +312,7 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
             exposure: a.exposure,
             success: a.success,
             position_exposure: a.position_exposure,
+            position_clicks: a.position_clicks,
             linear: a.linear,
         };
         if !stats.linear.is_empty() && stats.linear.len() != crate::core::linear::stats_len(linear_dim) {
@@ -368,7 +377,7 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
             .map(|o| (o.topic, o.partition, o.next_offset))
             .collect(),
     };
-    Ok(DecodedSnapshot { meta, spec, shard })
+    Ok(DecodedSnapshot { meta, spec, shard, legacy })
 }
 
 /// Merges shard snapshots of one model into the global model. Shards are added in order of
@@ -410,5 +419,6 @@ pub fn merge_refs(snaps: &[&DecodedSnapshot]) -> Result<DecodedSnapshot, Snapsho
     }
     meta.input_offsets.sort();
     meta.input_offsets.dedup();
-    Ok(DecodedSnapshot { meta, spec, shard })
+    let legacy = order.iter().find_map(|s| s.legacy);
+    Ok(DecodedSnapshot { meta, spec, shard, legacy })
 }

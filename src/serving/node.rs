@@ -358,17 +358,18 @@ impl Node {
         let catalog = self.catalog.load();
         let loaded: Option<&Arc<ServingModel>> = catalog.models.get(&req.model);
         let empty;
-        let (model, version, model_spec, prior, linear) = match loaded {
+        let (model, version, model_spec, prior, linear, examination) = match loaded {
             Some(m) => (
                 &m.merged.shard,
                 m.version,
                 &m.merged.spec,
                 Some(m.priors.for_segment(segment)),
                 m.linear_posterior(now_ms),
+                m.examination.as_deref(),
             ),
             None if serving.cold_start => {
                 empty = ModelShard::new(spec);
-                (&empty, 0, spec, None, None)
+                (&empty, 0, spec, None, None, None)
             }
             None => {
                 ModelNotLoaded { model: &req.model }.emit();
@@ -407,6 +408,7 @@ impl Node {
                 seed: xxh3_64(impression_id.as_bytes()),
                 prior,
                 linear: linear.as_ref().map(|c| &c.table),
+                examination,
             };
             policy::rank(model_spec, model, &self.config.policy, &preq)
                 .into_iter()

@@ -53,6 +53,9 @@ pub struct ServingModel {
     /// The prior in force per segment, fitted once when the version is installed (read at the
     /// model's newest learned impression: the evidence the arms hold), not per request.
     pub priors: FittedPriors,
+    /// The estimated examination curve (an EM fit over every arm), fitted once when the
+    /// version is installed; None unless the model estimates examination.
+    pub examination: Option<Vec<f64>>,
     /// A linear model's per-arm posteriors (Cholesky factor and mean) and the decay factor they
     /// were computed at: built at install and again only when the node's clock has moved the
     /// factor by more than [`LINEAR_REFRESH`], not per request (d³/6 operations per arm).
@@ -88,6 +91,11 @@ impl ServingModel {
         let event_ms = shard_event_ms.iter().flatten().copied().min().unwrap_or(0);
         let read = merged.shard.read_time(visible_at_ms);
         let priors = merged.shard.fit_priors(&merged.spec, read);
+        let examination = matches!(
+            merged.spec.position,
+            crate::core::params::PositionModel::Pbm(crate::core::params::Examination::Estimated)
+        )
+        .then(|| merged.shard.estimated_examination());
         let m = ServingModel {
             merged,
             version,
@@ -95,6 +103,7 @@ impl ServingModel {
             visible_at_ms,
             event_ms,
             priors,
+            examination,
             linear: arc_swap::ArcSwapOption::empty(),
         };
         m.linear_posterior(visible_at_ms);

@@ -5,8 +5,9 @@
 //! `BANDITFLOW_WRITE_FORMAT_GOLDEN=1` before format 3 existed): restoring them must give the
 //! state this build computes from the same events. One exception is by design: the fixture's
 //! linear model was written in the one-shared-model layout of older builds, which per-arm
-//! statistics cannot be recovered from, so it restores as a reset of that model (empty, its
-//! buffered impressions dropped), exactly like a configuration change that resets it.
+//! statistics cannot be recovered from, and its estimated-examination model kept exposures per
+//! position without clicks, so both restore as a reset of that model (empty, its buffered
+//! impressions dropped), exactly like a configuration change that resets it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -131,16 +132,26 @@ fn the_previous_checkpoint_format_restores_to_what_this_build_computes() {
     assert_eq!(restored.offsets, state.offsets);
     // What this build computes, with the linear model reset by a configuration change on
     // restore: this build's own checkpoint restored under a different linear dimension.
+    let dir = tempfile::tempdir().expect("tmp");
+    let text = std::fs::read_to_string(root().join("tests/fixtures/shop.toml")).expect("fixture config");
+    std::fs::write(
+        dir.path().join("c.toml"),
+        text.replace("examination = \"estimated\"", "examination = [1.0, 0.5]"),
+    )
+    .expect("write");
     let changed = Config::load(
-        Some(&root().join("tests/fixtures/shop.toml")),
+        Some(&dir.path().join("c.toml")),
         vec![("BANDITFLOW__MODELS__1__LINEAR__DIM".to_string(), "4".to_string())],
     )
     .expect("changed config");
     let expected =
         banditflow::kafka::store::restore_partition(&changed, 0, &as_store(&values, state.records))
             .expect("this build's checkpoint restores");
+    // Both resets: the linear model's, and the estimated-examination model's, whose arms kept
+    // exposures per position without the clicks this build fits the curve to.
     assert_eq!(restored.models[1], banditflow::core::model::ModelShard::new(&config.core.models[1]));
+    assert_eq!(restored.models[2], banditflow::core::model::ModelShard::new(&config.core.models[2]));
     assert!(restored.join == expected.join, "join restored exactly");
     assert!(restored.models == expected.models, "models restored exactly");
-    assert!(restored.models[0] == state.models[0] && restored.models[2] == state.models[2]);
+    assert!(restored.models[0] == state.models[0]);
 }

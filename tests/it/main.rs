@@ -5,6 +5,7 @@ mod bad_input;
 mod changelog;
 mod cluster;
 mod contextual;
+mod examination;
 mod formats;
 mod fuzz_corpus;
 mod golden;

@@ -40,6 +40,7 @@ fn request<'a>(c: &'a [String], seed: u64) -> RankRequest<'a> {
         seed,
         prior: None,
         linear: None,
+        examination: None,
     }
 }
 
@@ -230,6 +231,7 @@ fn slate_of_two(c: &[String], seed: u64) -> RankRequest<'_> {
         seed,
         prior: None,
         linear: None,
+        examination: None,
     }
 }
 

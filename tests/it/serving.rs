@@ -269,6 +269,7 @@ fn a_linear_posterior_is_prepared_once_per_version_not_per_request() {
                 seed,
                 prior: None,
                 linear,
+                examination: None,
             };
             let fresh = policy::rank(&sm.merged.spec, &sm.merged.shard, &policy, &req(None));
             let prepared = policy::rank(&sm.merged.spec, &sm.merged.shard, &policy, &req(Some(&a.table)));
