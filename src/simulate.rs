@@ -24,23 +24,11 @@ pub fn thompson_regret_curve(spec: &CoreSpec, rates: &[f64], rounds: usize, seed
     let names: Vec<String> = (0..rates.len()).map(|k| format!("item-{k}")).collect();
     let policy =
         PolicySpec { strategy: Strategy::Thompson, epsilon: 0.0, propensity_samples: 1, propensity_rse: 0.0 };
-    let mut state = PartitionState::new(spec, 0);
-    state.join.changes.untracked = true;
-    state.join.buffer.untracked = true;
+    let mut state = simulation_state(spec);
     let mut offset = 0;
     let mut feed = |state: &mut PartitionState, e: Event| {
         let payload = event::encode(TopicRole::Combined, Encoding::Protobuf, &e);
-        let r = InputRecord {
-            topic: "events",
-            partition: 0,
-            offset,
-            role: TopicRole::Combined,
-            encoding: Encoding::Protobuf,
-            payload: &payload,
-            timestamp_ms: None,
-        };
-        offset += 1;
-        state.apply(spec, r);
+        apply_record(spec, state, &mut offset, &payload);
     };
     let t0 = 1_767_225_600_000i64;
     let mut total = 0.0;
@@ -229,24 +217,38 @@ pub fn uniform_log(
 /// A partition state of `spec` that learned `records` (combined-topic protobuf payloads, in
 /// order) through `PartitionState::apply`.
 pub fn learn_records(spec: &CoreSpec, records: &[Vec<u8>]) -> PartitionState {
+    let mut state = simulation_state(spec);
+    let mut offset = 0;
+    for payload in records {
+        apply_record(spec, &mut state, &mut offset, payload);
+    }
+    state
+}
+
+/// An empty partition state for simulations: nothing tracked for a changelog.
+pub fn simulation_state(spec: &CoreSpec) -> PartitionState {
     let mut state = PartitionState::new(spec, 0);
     state.join.changes.untracked = true;
     state.join.buffer.untracked = true;
-    for (offset, payload) in records.iter().enumerate() {
-        state.apply(
-            spec,
-            InputRecord {
-                topic: "events",
-                partition: 0,
-                offset: offset as i64,
-                role: TopicRole::Combined,
-                encoding: Encoding::Protobuf,
-                payload,
-                timestamp_ms: None,
-            },
-        );
-    }
     state
+}
+
+/// Applies one combined-topic protobuf record at `offset` of topic "events", partition 0,
+/// and moves `offset` on.
+pub fn apply_record(spec: &CoreSpec, state: &mut PartitionState, offset: &mut i64, payload: &[u8]) {
+    state.apply(
+        spec,
+        InputRecord {
+            topic: "events",
+            partition: 0,
+            offset: *offset,
+            role: TopicRole::Combined,
+            encoding: Encoding::Protobuf,
+            payload,
+            timestamp_ms: None,
+        },
+    );
+    *offset += 1;
 }
 
 /// The examination curve of [`ContextShop`] experiments: position `p` is examined with
@@ -256,9 +258,11 @@ pub fn context_examination(position: u32) -> f64 {
 }
 
 /// A configuration with one model `m` for simulated experiments: the embedded defaults, a
-/// one-year half-life, and `model` (TOML lines such as `algorithm = "linear"`).
+/// one-year half-life unless `model` sets one, and `model` (TOML lines such as
+/// `algorithm = "linear"`).
 pub fn experiment_config(model: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
-    let text = format!("[[models]]\nid = \"m\"\nhalf_life = \"365d\"\n{model}\n");
+    let half_life = if model.contains("half_life") { "" } else { "half_life = \"365d\"\n" };
+    let text = format!("[[models]]\nid = \"m\"\n{half_life}{model}\n");
     crate::config::Config::from_layers(Some(("simulated experiment", &text)), Vec::new())
 }
 
