@@ -7,14 +7,17 @@
 //! exports (`scripts/learning_bench.py`); the two simulators are checked against each other
 //! by the analytic uniform-random and oracle click rates they both report.
 //!
-//! Variants: `zozotown` (stationary), `shift` (every catalogue's appeal permuted half-way, the
-//! demo's trend shift), `context` (100 items, three context features, one campaign).
+//! Variants: `zozotown` (stationary), `shift` (every catalogue's appeal permuted after 100,000
+//! impressions, the demo's trend shift), `context` (100 items, three context features, one
+//! campaign).
 //!
 //! Writes `<BENCH_OUT>/shop.json` (the truth, for the peers) and `<BENCH_OUT>/banditflow.json`
 //! (per policy and seed: expected clicks and regret at 50 checkpoints).
 //!
-//! Run: `cargo bench --bench learning` (BENCH_IMPRESSIONS, default 1,000,000; BENCH_SEEDS,
-//! default 10; BENCH_OUT, default `target/learning`), then `scripts/learning_bench.py`.
+//! Run: `scripts/learning-bench.sh` (all of it), or `cargo bench --bench learning`
+//! (BENCH_IMPRESSIONS, default 1,000,000; BENCH_SEEDS, default 10; BENCH_OUT, default
+//! `target/learning`; BENCH_ONLY_EXPORT=1 writes the shop and stops), then
+//! `scripts/learning_bench.py`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -31,6 +34,9 @@ use serde_json::json;
 
 const EXAMINATION: [f64; 3] = [1.0, 0.85, 0.72];
 const CHECKPOINTS: usize = 50;
+/// The trend shift of the `shift` variant, in impressions: inside the peers' common prefix, so
+/// every policy meets it at the same point.
+const SHIFT_AT: usize = 100_000;
 /// Impressions per update batch in the batched policy: a one-second snapshot interval at
 /// 1,000 impressions/s.
 const BATCH: usize = 1_000;
@@ -77,7 +83,10 @@ fn run(
     n: usize,
     seed: u64,
 ) -> Vec<[f64; 4]> {
-    let config = simulate::experiment_config(&policy.model).expect("policy config");
+    // Clicks are the only feedback here: a click is worth 1 success (the default scale, the sum
+    // of every kind's reward, would count it as 1/8 and widen every posterior).
+    let config = simulate::experiment_config(&format!("{}\n[rewards]\nscale = 1.0", policy.model))
+        .expect("policy config");
     let spec = &config.core;
     let rank_policy =
         PolicySpec { strategy: Strategy::Thompson, epsilon: 0.0, propensity_samples: 1, propensity_rse: 0.0 };
@@ -107,7 +116,7 @@ fn run(
         rates.clear();
         match context {
             Some(shop) => rates.extend((0..cat.items.len()).map(|i| shop.rate(i, &features))),
-            None if shift && t >= n / 2 => rates.extend_from_slice(&cat.after_shift),
+            None if shift && t >= SHIFT_AT => rates.extend_from_slice(&cat.after_shift),
             None => rates.extend_from_slice(&cat.appeal),
         }
         let req = RankRequest {
@@ -210,6 +219,7 @@ fn main() {
         "impressions": n,
         "checkpoints": CHECKPOINTS,
         "batch": BATCH,
+        "shift_at": SHIFT_AT,
         "zozotown": {
             "traffic": traffic,
             "campaigns": zozotown.iter().map(|c| json!({
@@ -223,8 +233,13 @@ fn main() {
     });
     std::fs::write(out.join("shop.json"), serde_json::to_vec_pretty(&exported).expect("json"))
         .expect("write shop");
+    if std::env::var_os("BENCH_ONLY_EXPORT").is_some() {
+        return;
+    }
     let exam = format!("examination = [{}]", EXAMINATION.map(|e| e.to_string()).join(", "));
     let beta = |extra: &str| format!("algorithm = \"beta\"\n{exam}\n{extra}");
+    let only: Option<Vec<String>> =
+        std::env::var("BENCH_VARIANTS").ok().map(|v| v.split(',').map(str::to_string).collect());
     let variants: Vec<(&str, Vec<Policy>)> = vec![
         (
             "zozotown",
@@ -277,6 +292,9 @@ fn main() {
     ];
     let mut results = Vec::new();
     for (variant, policies) in &variants {
+        if only.as_ref().is_some_and(|o| !o.iter().any(|v| v == variant)) {
+            continue;
+        }
         let (cats, ctx, shift) = match *variant {
             "context" => (&context_cat, Some(&context_shop), false),
             "shift" => (&zozotown, None, true),
@@ -285,16 +303,31 @@ fn main() {
         let traffic_v: Vec<f64> = if ctx.is_some() { vec![1.0] } else { traffic.clone() };
         for p in policies {
             let (wall, cpu) = (Instant::now(), cpu_seconds());
-            let mut runs = Vec::new();
-            for seed in 0..seeds {
-                runs.push(run(cats, &traffic_v, ctx, shift, p, n, seed));
-            }
+            // Seeds run on BENCH_THREADS threads (default 2); each seed is one deterministic run.
+            let threads: u64 =
+                std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2).max(1);
+            let mut runs: Vec<(u64, Vec<[f64; 4]>)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|w| {
+                        let traffic_v = &traffic_v;
+                        scope.spawn(move || {
+                            (0..seeds)
+                                .filter(|s| s % threads == w)
+                                .map(|seed| (seed, run(cats, traffic_v, ctx, shift, p, n, seed)))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().flat_map(|h| h.join().expect("a seed's run")).collect()
+            });
+            runs.sort_by_key(|(seed, _)| *seed);
+            let runs: Vec<Vec<[f64; 4]>> = runs.into_iter().map(|(_, r)| r).collect();
             let (wall, cpu) = (wall.elapsed().as_secs_f64(), cpu_seconds() - cpu);
             let ratio: Vec<f64> = runs.iter().map(|r| r[r.len() - 1][1] / r[r.len() - 1][3]).collect();
             let mean = ratio.iter().sum::<f64>() / ratio.len() as f64;
             let last = &runs[0][runs[0].len() - 1];
             eprintln!(
-                "{variant:9} {:58} CTR/random {mean:.3} (oracle {:.3})  {:.1} s wall, {:.1} µs CPU per impression",
+                "{variant:9} {:58} CTR/random {mean:.3} (oracle {:.3})  {:.1} s wall ({threads} threads), {:.1} µs CPU per impression",
                 p.name,
                 last[2] / last[3],
                 wall,

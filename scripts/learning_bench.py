@@ -4,8 +4,9 @@
 `cargo bench --bench learning` runs banditflow's policies and exports the simulated shop
 (`shop.json`: the ZOZOTOWN-calibrated catalogues with their appeal before and after the trend
 shift, the traffic mix, the examination curve, and the context variant's truth). This script
-runs the same simulator (slates of 3, position-biased clicks, the shift half-way) for the
-peers people would pick instead, installed from PyPI into a venv of their own:
+runs the same simulator (slates of 3, position-biased clicks, the trend shift) for the
+peers people would pick instead, installed from PyPI into a venv of their own (the shift after `shift_at` impressions, as for
+banditflow):
 
 - Vowpal Wabbit 9.11.9, `--cb_explore_adf` with epsilon-greedy (ε 0.05) and with SquareCB;
 - MABWiser 2.7.4, Thompson sampling (one bandit per campaign) and LinTS (context variant);
@@ -54,6 +55,7 @@ class Shop:
 
     def __init__(self, shop, variant, n, rng):
         self.exam = shop["examination"]
+        self.shift_at = shop["shift_at"]
         self.variant = variant
         self.n = n
         self.rng = rng
@@ -84,7 +86,7 @@ class Shop:
             x = [self.rng.uniform(-0.5, 0.5) for _ in self.features]
             rates = [b + sum(w * v for w, v in zip(ws, x)) for b, ws in zip(self.base, self.weights)]
             return c, x, rates
-        rates = self.after[c] if self.variant == "shift" and t >= self.n // 2 else self.appeal[c]
+        rates = self.after[c] if self.variant == "shift" and t >= self.shift_at else self.appeal[c]
         return c, None, rates
 
     def benchmarks(self, rates):
@@ -305,6 +307,7 @@ def main():
     ap.add_argument("--impressions", type=int, default=200_000)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--variants", default="zozotown,shift,context")
+    ap.add_argument("--no-report", action="store_true", help="run the peers only")
     ap.add_argument("--peers", default=";".join(PEERS), help="peer names separated by ;")
     a = ap.parse_args()
     if a.install:
@@ -336,6 +339,8 @@ def main():
             )
             with open(peers_path, "w") as f:
                 json.dump(results, f)
+    if a.no_report:
+        return
     with open(os.path.join(a.dir, "banditflow.json")) as f:
         ours = json.load(f)
     report(ours, results, a.impressions, a.seeds, a.dir)
