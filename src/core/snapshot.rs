@@ -283,19 +283,21 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedSnapshot, SnapshotError> {
 fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
     let params = snap.params.as_ref().ok_or_else(|| invalid("missing params"))?;
     let mut spec = params_from_pb(&snap.model_id, params)?;
-    let legacy = (matches!(spec.position, PositionModel::Pbm(Examination::Estimated))
+    let mut legacy = (matches!(spec.position, PositionModel::Pbm(Examination::Estimated))
         && !params.position_clicks_kept)
         .then_some("examination");
     if let Algorithm::Linear { dim, .. } = &mut spec.algorithm {
         if snap.linear.as_ref().is_some_and(|l| !l.xx_upper.is_empty()) {
-            // An older build's one shared linear model: not convertible to per-arm statistics.
-            // Dimension 0 differs from every configured one, so a processor starts the model
-            // afresh (a reset, logged and counted) and a serving node ranks it by the prior.
-            *dim = 0;
+            // An older build's one shared linear model: not convertible to per-arm statistics,
+            // so it is dropped (the arms keep their Beta statistics): a processor starts the
+            // model afresh (a reset, logged and counted), a serving node ranks its arms by the
+            // prior until then. Older builds allowed up to 1,024 dimensions.
+            legacy = Some("linear");
+            *dim = (*dim).clamp(1, crate::core::linear::MAX_DIM);
         } else if !(1..=crate::core::linear::MAX_DIM).contains(dim) {
             return Err(invalid(format!("linear_dim {dim} out of range")));
         }
-        if spec.linear_features.len() >= *dim as usize && *dim > 0 {
+        if spec.linear_features.len() >= *dim as usize {
             return Err(invalid("more linear_features than linear_dim has slots"));
         }
     }

@@ -147,7 +147,8 @@ fn the_previous_checkpoint_format_restores_to_what_this_build_computes() {
     let expected =
         banditflow::kafka::store::restore_partition(&changed, 0, &as_store(&values, state.records))
             .expect("this build's checkpoint restores");
-    // Both resets: the linear model's, and the estimated-examination model's, whose arms kept
+    // Both resets: the linear model's (its one shared model dropped), and the
+    // estimated-examination model's, whose arms kept
     // exposures per position without the clicks this build fits the curve to.
     assert_eq!(restored.models[1], banditflow::core::model::ModelShard::new(&config.core.models[1]));
     assert_eq!(restored.models[2], banditflow::core::model::ModelShard::new(&config.core.models[2]));
