@@ -174,14 +174,17 @@ impl ModelShard {
     /// The prior in force for every segment the model knows, and for any other segment, read
     /// at `now_ms`: what a serving node computes once per model version.
     pub fn fit_priors(&self, spec: &ModelSpec, now_ms: i64) -> FittedPriors {
-        let estimated;
-        let exam = match spec.position {
-            PositionModel::Pbm(Examination::Estimated) => {
-                estimated = self.estimated_examination();
-                Some(estimated.as_slice())
-            }
+        let estimated = match spec.position {
+            PositionModel::Pbm(Examination::Estimated) => Some(self.estimated_examination()),
             _ => None,
         };
+        self.fit_priors_with(spec, now_ms, estimated.as_deref())
+    }
+
+    /// [`ModelShard::fit_priors`] with the estimated examination curve already fitted (None
+    /// unless the model estimates examination): a serving node fits the curve once per model
+    /// version and uses it for both.
+    pub fn fit_priors_with(&self, spec: &ModelSpec, now_ms: i64, exam: Option<&[f64]>) -> FittedPriors {
         // The model-wide fit once (not per segment that is too small for its own): one pass
         // over the arms for it and one for the segments' own fits.
         let other = self.model_prior(spec, now_ms, exam);

@@ -90,12 +90,12 @@ impl ServingModel {
         // A shard that has learned nothing says nothing about staleness.
         let event_ms = shard_event_ms.iter().flatten().copied().min().unwrap_or(0);
         let read = merged.shard.read_time(visible_at_ms);
-        let priors = merged.shard.fit_priors(&merged.spec, read);
         let examination = matches!(
             merged.spec.position,
             crate::core::params::PositionModel::Pbm(crate::core::params::Examination::Estimated)
         )
         .then(|| merged.shard.estimated_examination());
+        let priors = merged.shard.fit_priors_with(&merged.spec, read, examination.as_deref());
         let m = ServingModel {
             merged,
             version,
