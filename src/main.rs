@@ -616,7 +616,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Inspect { snapshot: path, top, json, at } => {
             let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            let s = snapshot::decode(&bytes)
+            let s = snapshot::decode_whole(&bytes)
                 .with_context(|| format!("{} is not a usable snapshot", path.display()))?;
             let view = replay::view_model(&s, at);
             if json {
@@ -664,7 +664,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut decoded = Vec::new();
             for p in &shards {
                 let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
-                decoded.push(snapshot::decode(&bytes).with_context(|| format!("{}", p.display()))?);
+                decoded.push(snapshot::decode_whole(&bytes).with_context(|| format!("{}", p.display()))?);
             }
             let m = snapshot::merge(&decoded)?;
             replay::write_atomic(&out, &snapshot::encode(&m.spec, &m.shard, &m.meta))?;
@@ -685,7 +685,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             features,
         } => {
             let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            let s = snapshot::decode(&bytes)?;
+            let s = snapshot::decode_whole(&bytes)?;
             let policy = PolicySpec {
                 strategy: match strategy {
                     Strat::Thompson => Strategy::Thompson,

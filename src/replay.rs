@@ -108,6 +108,7 @@ pub fn merged_models(
                 spec: spec.clone(),
                 shard: st.models[i].clone(),
                 legacy: None,
+                arm_log: None,
             })
             .collect();
         if shards.is_empty() {
@@ -122,6 +123,7 @@ pub fn merged_models(
                 spec: spec.clone(),
                 shard: ModelShard::new(spec),
                 legacy: None,
+                arm_log: None,
             });
         } else {
             out.push(snapshot::merge(&shards)?);

@@ -29,6 +29,7 @@ use std::collections::BTreeMap;
 use prost::Message;
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::armlog;
 use super::buffer::{Entry, Key, Slate, UNSAVED};
 use super::event::{self, Feedback, FeedbackKind, InvalidEvent, Variant};
 use super::join::{AttributionJoin, JoinChanges, JoinCounters};
@@ -150,12 +151,25 @@ pub fn model_key(model: &str, partition: i32) -> String {
 #[derive(Debug, Clone, Default)]
 pub struct SavedPartition {
     pub header: Vec<u8>,
-    /// Buffer entries to write: (key, value).
+    /// Values to write before the header and the heads: buffer segments, held feedback, arm
+    /// segments (key, value).
     pub puts: Vec<(String, Vec<u8>)>,
-    /// Buffer entries to delete (tombstones).
+    /// Keys to delete (tombstones).
     pub deletes: Vec<String>,
-    /// (model id, encoded ModelSnapshot), in configuration order.
+    /// (model id, the shard's head: an encoded ModelSnapshot of format 2 whose arms are in the
+    /// arm segments of `puts`, `core::armlog`), in configuration order.
     pub models: Vec<(String, Vec<u8>)>,
+}
+
+impl SavedPartition {
+    /// The shards of a whole save ([`save_all`], as for an empty store): each model's head with
+    /// its arm segments.
+    pub fn shards(&self, partition: i32) -> Result<Vec<DecodedSnapshot>, SnapshotError> {
+        let heads: Vec<(String, &[u8])> =
+            self.models.iter().map(|(m, b)| (model_key(m, partition), b.as_slice())).collect();
+        let segments = self.puts.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+        armlog::assemble(partition, segments.chain(heads.iter().map(|(k, v)| (k.as_str(), *v))))
+    }
 }
 
 /// Whether restore found every value the checkpoint says is live (format 3): a missing segment
@@ -243,7 +257,7 @@ fn encode_held(seq: u64, f: &Feedback) -> Vec<u8> {
     pb::HeldFeedback { sequence: seq, feedback: Some(event::feedback_to_pb(f)) }.encode_to_vec()
 }
 
-fn header_and_models(spec: &CoreSpec, state: &PartitionState) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+fn header(spec: &CoreSpec, state: &PartitionState) -> Vec<u8> {
     let mut cp = pb::PartitionCheckpoint {
         format_version: FORMAT_VERSION,
         partition: state.partition,
@@ -283,13 +297,27 @@ fn header_and_models(spec: &CoreSpec, state: &PartitionState) -> (Vec<u8>, Vec<(
         held_records: state.join.pending_order.len() as u64,
     };
     cp.checksum = xxh3_64(&cp.encode_to_vec());
-    let models = spec
-        .models
-        .iter()
-        .zip(&state.models)
-        .map(|(m, shard)| (m.id.clone(), snapshot::encode(m, shard, &shard_meta(spec, state, &m.id))))
-        .collect();
-    (cp.encode_to_vec(), models)
+    cp.encode_to_vec()
+}
+
+/// Every model's head, and its arm segments into `puts` / `deletes`: what changed since the
+/// last save (`whole`: everything, as for an empty store, without touching the logs).
+fn save_models(
+    spec: &CoreSpec,
+    state: &mut PartitionState,
+    whole: bool,
+    puts: &mut Vec<(String, Vec<u8>)>,
+    deletes: &mut Vec<String>,
+) -> Vec<(String, Vec<u8>)> {
+    let metas: Vec<SnapshotMeta> = spec.models.iter().map(|m| shard_meta(spec, state, &m.id)).collect();
+    let mut heads = Vec::with_capacity(spec.models.len());
+    for ((m, shard), meta) in spec.models.iter().zip(state.models.iter_mut()).zip(&metas) {
+        let saved = if whole { armlog::save_whole(m, shard, meta) } else { armlog::save(m, shard, meta) };
+        puts.extend(saved.puts);
+        deletes.extend(saved.deletes);
+        heads.push((m.id.clone(), saved.head));
+    }
+    heads
 }
 
 /// Names of one segment, numbered in order of first use.
@@ -376,23 +404,26 @@ fn encode_segment(
     compress(&segment.encode_to_vec())
 }
 
-fn compress(raw: &[u8]) -> Vec<u8> {
+/// A segment's value (buffer or arm segment), zstd-compressed.
+pub(crate) fn compress(raw: &[u8]) -> Vec<u8> {
     // Level 3 (zstd's default); compressing into memory cannot fail but for allocation.
     zstd::bulk::compress(raw, 3).unwrap_or_else(|_| raw.to_vec())
 }
 
-pub fn decode_segment(bytes: &[u8]) -> Result<pb::BufferSegment, SnapshotError> {
+/// The inverse of [`compress`], refusing more than 1 GiB; `what` names the value in errors.
+pub(crate) fn decompress(bytes: &[u8], what: &str) -> Result<Vec<u8>, SnapshotError> {
     use std::io::Read;
     let mut raw = Vec::new();
-    let decoder =
-        zstd::stream::read::Decoder::new(bytes).map_err(|e| invalid(format!("buffer segment: {e}")))?;
-    decoder
-        .take(MAX_SEGMENT_BYTES + 1)
-        .read_to_end(&mut raw)
-        .map_err(|e| invalid(format!("buffer segment: {e}")))?;
+    let decoder = zstd::stream::read::Decoder::new(bytes).map_err(|e| invalid(format!("{what}: {e}")))?;
+    decoder.take(MAX_SEGMENT_BYTES + 1).read_to_end(&mut raw).map_err(|e| invalid(format!("{what}: {e}")))?;
     if raw.len() as u64 > MAX_SEGMENT_BYTES {
-        return Err(invalid("buffer segment larger than 1 GiB"));
+        return Err(invalid(format!("{what} larger than 1 GiB")));
     }
+    Ok(raw)
+}
+
+pub fn decode_segment(bytes: &[u8]) -> Result<pb::BufferSegment, SnapshotError> {
+    let raw = decompress(bytes, "buffer segment")?;
     pb::BufferSegment::decode(raw.as_slice()).map_err(|e| SnapshotError::Decode(e.to_string()))
 }
 
@@ -485,8 +516,8 @@ pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartiti
     deletes.extend(changes.held_deleted.iter().map(|s| held_key(p, *s)));
     deletes.extend(changes.models_retired.iter().map(|m| model_key(m, p)));
     deletes.extend(changes.keys_deleted.iter().cloned());
-    let (header, models) = header_and_models(spec, state);
-    SavedPartition { header, puts, deletes, models }
+    let models = save_models(spec, state, false, &mut puts, &mut deletes);
+    SavedPartition { header: header(spec, state), puts, deletes, models }
 }
 
 /// The records for the whole state (the buffer in one segment), as for an empty store.
@@ -507,8 +538,9 @@ pub fn save_all(spec: &CoreSpec, state: &PartitionState) -> SavedPartition {
         ..Default::default()
     };
     state_for_header.join.buffer.segments = BTreeMap::from([(seq, only)]);
-    let (header, models) = header_and_models(spec, &state_for_header);
-    SavedPartition { header, puts, deletes: Vec::new(), models }
+    let mut deletes = Vec::new();
+    let models = save_models(spec, &mut state_for_header, true, &mut puts, &mut deletes);
+    SavedPartition { header: header(spec, &state_for_header), puts, deletes, models }
 }
 
 /// Restores a segment entry, or a format-1 record, as a join entry: names interned.
@@ -620,8 +652,18 @@ pub fn restore(
             report.push((id.clone(), ModelChange::Removed));
             dropped.push(id.clone());
             changes.models_retired.push(id.clone());
+            // Its arm segments go with its head.
+            if let Some(log) =
+                models.iter().find(|s| &s.meta.model_id == id).and_then(|s| s.shard.log.as_ref())
+            {
+                changes
+                    .keys_deleted
+                    .extend(log.segments.keys().map(|q| armlog::segment_key(id, cp.partition, *q)));
+            }
         }
     }
+    // Shards stored whole by an older build are written again as a head and arm segments.
+    let mut rewrite_models = false;
     for (i, m) in spec.models.iter().enumerate() {
         let found = models.iter().find(|s| s.meta.model_id == m.id);
         match found {
@@ -637,9 +679,19 @@ pub fn restore(
                 {
                     report.push((m.id.clone(), ModelChange::Reset { field }));
                     dropped.push(m.id.clone());
+                    // The fresh shard's first save deletes the old arm segments.
+                    if let Some(old) = &s.shard.log {
+                        let mut log = armlog::ArmLog::new();
+                        log.next = old.next;
+                        log.retired = old.segments.keys().copied().collect();
+                        state.models[i].log = Some(Box::new(log));
+                    }
                     continue;
                 }
                 let mut shard = s.shard.clone();
+                if shard.log.is_none() {
+                    rewrite_models = true;
+                }
                 if s.spec.half_life_ms != m.half_life_ms {
                     let at = cp.max_event_time_ms.or(shard.landmark_ms).unwrap_or(0);
                     shard.change_half_life(s.spec.half_life_ms, m.half_life_ms, at);
@@ -868,6 +920,7 @@ pub fn restore(
     }
     // Anything but an unchanged model means the stored records are out of date.
     changes.dirty = report.iter().any(|(_, c)| c.code() != "unchanged")
+        || rewrite_models
         || !legacy_impressions.is_empty()
         || !inline_held.is_empty();
     join.changes = changes;

@@ -5,6 +5,7 @@
 //! runtime, no Kafka, no metrics, no logging. Time and random seeds come in as arguments; the
 //! core returns values and the edges act on them. Nothing here panics on outside data.
 
+pub mod armlog;
 pub mod blob;
 pub mod buffer;
 pub mod checkpoint;

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 /// new arm is inserted.
 pub type HashMap<K, V> = hashbrown::HashMap<K, V, rustc_hash::FxBuildHasher>;
 
+use super::armlog::ArmLog;
 use super::decay;
 use super::event::{FeedbackKind, Variant};
 use super::linear::{self, ArmPosterior, LinearPrior};
@@ -20,7 +21,7 @@ use super::params::{Algorithm, Examination, ModelSpec, PositionModel, Prior};
 /// Positions past this share the last histogram bucket of estimated examination.
 pub const MAX_TRACKED_POSITIONS: usize = 32;
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct ArmStats {
     pub impressions: u64,
     /// Indexed by `FeedbackKind::index()`.
@@ -38,6 +39,23 @@ pub struct ArmStats {
     /// Linear models: decayed `Σ w x xᵀ` (packed upper triangle) then `Σ r x` over the
     /// context's feature vector ([`linear::stats_len`] numbers; empty until the first update).
     pub linear: Vec<f64>,
+    /// Where the arm's newest version is stored: the sequence of its arm segment
+    /// (`core::armlog`), [`super::armlog::NEVER_STORED`] or [`super::armlog::CHANGED`]. Bookkeeping, not
+    /// state: not compared.
+    pub stored: u32,
+}
+
+impl PartialEq for ArmStats {
+    fn eq(&self, o: &ArmStats) -> bool {
+        self.impressions == o.impressions
+            && self.feedback == o.feedback
+            && self.reward_micros == o.reward_micros
+            && self.exposure == o.exposure
+            && self.success == o.success
+            && self.position_exposure == o.position_exposure
+            && self.position_clicks == o.position_clicks
+            && self.linear == o.linear
+    }
 }
 
 impl ArmStats {
@@ -159,7 +177,7 @@ impl BetaPosterior {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ModelShard {
     /// Decay landmark; `None` until the first event.
     pub landmark_ms: Option<i64>,
@@ -175,6 +193,22 @@ pub struct ModelShard {
     /// Event time of the newest impression learned (see `newest_impression_ms` in
     /// snapshot.proto).
     pub newest_impression_ms: Option<i64>,
+    /// A processor's record of where the arms are stored and which changed since the last save
+    /// (`core::armlog`); `None` until the first save, and for shards that are never saved.
+    /// Bookkeeping, not state: not compared.
+    pub log: Option<Box<ArmLog>>,
+}
+
+impl PartialEq for ModelShard {
+    fn eq(&self, o: &ModelShard) -> bool {
+        self.landmark_ms == o.landmark_ms
+            && self.arms == o.arms
+            && self.positions == o.positions
+            && self.variants == o.variants
+            && self.linear_updates == o.linear_updates
+            && self.arm_total == o.arm_total
+            && self.newest_impression_ms == o.newest_impression_ms
+    }
 }
 
 /// What the join knows about the impression a change belongs to.
@@ -195,6 +229,7 @@ impl ModelShard {
             linear_updates: 0,
             arm_total: 0,
             newest_impression_ms: None,
+            log: None,
         }
     }
 
@@ -218,6 +253,9 @@ impl ModelShard {
 
     /// Multiplies every decayed sum by `f` (counters are untouched).
     fn scale_decayed(&mut self, f: f64) {
+        if let Some(log) = self.log.as_mut() {
+            log.all_changed(&mut self.arms);
+        }
         for items in self.arms.values_mut() {
             for a in items.values_mut() {
                 a.scale(f);
@@ -261,12 +299,6 @@ impl ModelShard {
                 v.insert(ArmStats::default())
             }
         }
-    }
-
-    /// An existing arm; feedback and cascade corrections never create one (an arm is missing
-    /// only when the arm cap kept its placement from being learned).
-    fn known_arm(&mut self, segment: &str, item: &str) -> Option<&mut ArmStats> {
-        self.arms.get_mut(segment).and_then(|m| m.get_mut(item))
     }
 
     fn examination_weight(spec: &ModelSpec, position: u32) -> f64 {
@@ -329,6 +361,9 @@ impl ModelShard {
                     v.insert(ArmStats::default())
                 }
             };
+            if let Some(log) = self.log.as_mut() {
+                log.touched(arm, imp.segment, item);
+            }
             arm.impressions += 1;
             if estimated {
                 let bucket = (position as usize).clamp(1, MAX_TRACKED_POSITIONS) - 1;
@@ -362,7 +397,10 @@ impl ModelShard {
     pub fn cascade_examination(&mut self, spec: &ModelSpec, imp: ImpressionRef<'_>, item: &str, sign: f64) {
         let df = self.weight(spec, imp.time_ms);
         let x = Self::context_vector(spec, imp);
-        if let Some(arm) = self.known_arm(imp.segment, item) {
+        if let Some(arm) = self.arms.get_mut(imp.segment).and_then(|m| m.get_mut(item)) {
+            if let Some(log) = self.log.as_mut() {
+                log.touched(arm, imp.segment, item);
+            }
             arm.exposure += sign * df;
             if let Some(x) = &x {
                 linear::add_exposure(&mut arm.linear, x, sign * df);
@@ -406,7 +444,10 @@ impl ModelShard {
         let scaled = reward_micros as f64 / 1e6 / spec.rewards.scale * df;
         let x = if scaled != 0.0 { Self::context_vector(spec, imp) } else { None };
         let estimated = matches!(spec.position, PositionModel::Pbm(Examination::Estimated));
-        if let Some(arm) = self.known_arm(imp.segment, item) {
+        if let Some(arm) = self.arms.get_mut(imp.segment).and_then(|m| m.get_mut(item)) {
+            if let Some(log) = self.log.as_mut() {
+                log.touched(arm, imp.segment, item);
+            }
             arm.feedback[kind.index()] += 1;
             arm.reward_micros = add_i64(arm.reward_micros, reward_micros, &mut saturated);
             arm.success += scaled;

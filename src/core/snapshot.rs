@@ -17,13 +17,17 @@ use super::model::{ArmStats, ModelShard, PositionStats, VariantStats};
 use super::params::{Algorithm, Examination, KindReward, ModelSpec, PositionModel, Prior, Rewards};
 use super::pb;
 
+/// A whole model (files, merged models, and shards of older builds): its arms inline.
 pub const FORMAT_VERSION: u32 = 1;
+/// A shard on the snapshot topic: everything but its arms, which are in the arm segments its
+/// `arm_log` names (`core::armlog`).
+pub const HEAD_FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SnapshotError {
     #[error("snapshot bytes do not decode: {0}")]
     Decode(String),
-    #[error("snapshot format version {found} is not supported (this build reads {FORMAT_VERSION})")]
+    #[error("snapshot format version {found} is not supported (this build reads {FORMAT_VERSION} and {HEAD_FORMAT_VERSION})")]
     Version { found: u32 },
     #[error("snapshot checksum mismatch: stored {stored:#018x}, computed {computed:#018x}")]
     Checksum { stored: u64, computed: u64 },
@@ -65,6 +69,8 @@ pub struct DecodedSnapshot {
     /// Set when the snapshot was written by an older build in a layout this build learns
     /// differently: the config field a processor reports when it starts the model afresh.
     pub legacy: Option<&'static str>,
+    /// A shard's head (format 2): where its arms are stored. `None` for a whole model.
+    pub arm_log: Option<pb::ArmLog>,
 }
 
 pub fn params_to_pb(spec: &ModelSpec) -> pb::ModelParams {
@@ -189,31 +195,83 @@ pub fn variant_from_pb(v: Option<&pb::Variant>) -> Result<Variant, SnapshotError
 
 /// The snapshot message for a shard (canonical, with its checksum set).
 pub fn to_pb(spec: &ModelSpec, shard: &ModelShard, meta: &SnapshotMeta) -> pb::ModelSnapshot {
-    let mut arms: Vec<pb::ArmStats> = Vec::with_capacity(shard.arm_count());
-    for (segment, items) in &shard.arms {
+    to_pb_with(spec, shard, meta, None)
+}
+
+/// A shard's head: [`to_pb`] without the arms, naming where they are stored.
+pub fn encode_head(spec: &ModelSpec, shard: &ModelShard, meta: &SnapshotMeta, log: pb::ArmLog) -> Vec<u8> {
+    to_pb_with(spec, shard, meta, Some(log)).encode_to_vec()
+}
+
+/// One arm as stored.
+pub(crate) fn arm_to_pb(segment: &str, item: &str, a: &ArmStats) -> pb::ArmStats {
+    pb::ArmStats {
+        segment: segment.to_string(),
+        item_id: item.to_string(),
+        impressions: a.impressions,
+        clicks: a.feedback[0],
+        add_to_carts: a.feedback[1],
+        purchases: a.feedback[2],
+        returns: a.feedback[3],
+        reward_micros: a.reward_micros,
+        exposure: a.exposure,
+        success: a.success,
+        position_exposure: a.position_exposure.clone(),
+        linear: a.linear.clone(),
+        position_clicks: a.position_clicks.clone(),
+    }
+}
+
+/// A stored arm (its linear statistics checked against the model's `linear_dim`, 0 for a
+/// Beta model), with where it is stored.
+pub(crate) fn arm_from_pb(
+    a: pb::ArmStats,
+    linear_dim: usize,
+    stored: u32,
+) -> Result<(String, String, ArmStats), SnapshotError> {
+    let stats = ArmStats {
+        impressions: a.impressions,
+        feedback: [a.clicks, a.add_to_carts, a.purchases, a.returns],
+        reward_micros: a.reward_micros,
+        exposure: a.exposure,
+        success: a.success,
+        position_exposure: a.position_exposure,
+        position_clicks: a.position_clicks,
+        linear: a.linear,
+        stored,
+    };
+    if !stats.linear.is_empty() && stats.linear.len() != crate::core::linear::stats_len(linear_dim) {
+        return Err(invalid("an arm's linear statistics do not match linear_dim"));
+    }
+    Ok((a.segment, a.item_id, stats))
+}
+
+/// The dimension of a model's linear statistics (0 for a Beta model).
+pub(crate) fn linear_dim(spec: &ModelSpec) -> usize {
+    match spec.algorithm {
+        Algorithm::Linear { dim, .. } => dim as usize,
+        Algorithm::BetaBernoulli => 0,
+    }
+}
+
+fn to_pb_with(
+    spec: &ModelSpec,
+    shard: &ModelShard,
+    meta: &SnapshotMeta,
+    arm_log: Option<pb::ArmLog>,
+) -> pb::ModelSnapshot {
+    let mut arms: Vec<pb::ArmStats> =
+        Vec::with_capacity(if arm_log.is_some() { 0 } else { shard.arm_count() });
+    for (segment, items) in shard.arms.iter().filter(|_| arm_log.is_none()) {
         for (item, a) in items {
-            arms.push(pb::ArmStats {
-                segment: segment.clone(),
-                item_id: item.clone(),
-                impressions: a.impressions,
-                clicks: a.feedback[0],
-                add_to_carts: a.feedback[1],
-                purchases: a.feedback[2],
-                returns: a.feedback[3],
-                reward_micros: a.reward_micros,
-                exposure: a.exposure,
-                success: a.success,
-                position_exposure: a.position_exposure.clone(),
-                linear: a.linear.clone(),
-                position_clicks: a.position_clicks.clone(),
-            });
+            arms.push(arm_to_pb(segment, item, a));
         }
     }
     arms.sort_by(|a, b| (&a.segment, &a.item_id).cmp(&(&b.segment, &b.item_id)));
     let mut offsets = meta.input_offsets.clone();
     offsets.sort();
     let mut snap = pb::ModelSnapshot {
-        format_version: FORMAT_VERSION,
+        format_version: if arm_log.is_some() { HEAD_FORMAT_VERSION } else { FORMAT_VERSION },
         model_id: meta.model_id.clone(),
         source_partition: meta.source_partition,
         version: meta.version,
@@ -256,6 +314,7 @@ pub fn to_pb(spec: &ModelSpec, shard: &ModelShard, meta: &SnapshotMeta) -> pb::M
             Algorithm::BetaBernoulli => None,
         },
         newest_impression_ms: shard.newest_impression_ms.unwrap_or(0),
+        arm_log,
         checksum: 0,
     };
     snap.checksum = xxh3_64(&snap.encode_to_vec());
@@ -268,8 +327,15 @@ pub fn encode(spec: &ModelSpec, shard: &ModelShard, meta: &SnapshotMeta) -> Vec<
 
 pub fn decode(bytes: &[u8]) -> Result<DecodedSnapshot, SnapshotError> {
     let mut snap = pb::ModelSnapshot::decode(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
-    if snap.format_version != FORMAT_VERSION {
-        return Err(SnapshotError::Version { found: snap.format_version });
+    match (snap.format_version, &snap.arm_log) {
+        (FORMAT_VERSION, None) => {}
+        (HEAD_FORMAT_VERSION, Some(_)) if snap.arms.is_empty() => {}
+        (FORMAT_VERSION | HEAD_FORMAT_VERSION, _) => {
+            return Err(invalid(
+                "a head must name its arm segments and hold no arms; a whole model the reverse",
+            ))
+        }
+        (found, _) => return Err(SnapshotError::Version { found }),
     }
     let stored = snap.checksum;
     snap.checksum = 0;
@@ -278,6 +344,18 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedSnapshot, SnapshotError> {
         return Err(SnapshotError::Checksum { stored, computed });
     }
     from_pb(snap)
+}
+
+/// [`decode`] of a whole model (a file): a shard's head, whose arms are elsewhere, is refused.
+pub fn decode_whole(bytes: &[u8]) -> Result<DecodedSnapshot, SnapshotError> {
+    let s = decode(bytes)?;
+    if s.arm_log.is_some() {
+        return Err(invalid(
+            "this is a shard's head from the snapshot topic: its arms are in the arm segments it names \
+             (read the topic with `inspect-topic`)",
+        ));
+    }
+    Ok(s)
 }
 
 fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
@@ -307,20 +385,8 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
     };
     let mut arms: HashMap<String, HashMap<String, ArmStats>> = HashMap::default();
     for a in snap.arms {
-        let stats = ArmStats {
-            impressions: a.impressions,
-            feedback: [a.clicks, a.add_to_carts, a.purchases, a.returns],
-            reward_micros: a.reward_micros,
-            exposure: a.exposure,
-            success: a.success,
-            position_exposure: a.position_exposure,
-            position_clicks: a.position_clicks,
-            linear: a.linear,
-        };
-        if !stats.linear.is_empty() && stats.linear.len() != crate::core::linear::stats_len(linear_dim) {
-            return Err(invalid("an arm's linear statistics do not match linear_dim"));
-        }
-        if arms.entry(a.segment).or_default().insert(a.item_id, stats).is_some() {
+        let (segment, item, stats) = arm_from_pb(a, linear_dim, crate::core::armlog::NEVER_STORED)?;
+        if arms.entry(segment).or_default().insert(item, stats).is_some() {
             return Err(invalid("an arm appears twice"));
         }
     }
@@ -357,7 +423,10 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
         (Algorithm::Linear { .. }, None) => return Err(invalid("linear model without linear state")),
         (Algorithm::BetaBernoulli, _) => 0,
     };
-    let has_data = !arms.is_empty() || !variants.is_empty() || !positions.is_empty();
+    let has_data = !arms.is_empty()
+        || !variants.is_empty()
+        || !positions.is_empty()
+        || snap.arm_log.as_ref().is_some_and(|l| l.arms > 0);
     let arm_total = arms.values().map(HashMap::len).sum();
     let shard = ModelShard {
         arm_total,
@@ -367,6 +436,7 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
         positions,
         variants,
         linear_updates,
+        log: None,
     };
     let meta = SnapshotMeta {
         model_id: snap.model_id,
@@ -379,7 +449,7 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
             .map(|o| (o.topic, o.partition, o.next_offset))
             .collect(),
     };
-    Ok(DecodedSnapshot { meta, spec, shard, legacy })
+    Ok(DecodedSnapshot { meta, spec, shard, legacy, arm_log: snap.arm_log })
 }
 
 /// Merges shard snapshots of one model into the global model. Shards are added in order of
@@ -422,5 +492,5 @@ pub fn merge_refs(snaps: &[&DecodedSnapshot]) -> Result<DecodedSnapshot, Snapsho
     meta.input_offsets.sort();
     meta.input_offsets.dedup();
     let legacy = order.iter().find_map(|s| s.legacy);
-    Ok(DecodedSnapshot { meta, spec, shard, legacy })
+    Ok(DecodedSnapshot { meta, spec, shard, legacy, arm_log: None })
 }

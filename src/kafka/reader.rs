@@ -39,7 +39,8 @@ impl rdkafka::consumer::ConsumerContext for QuietEof {}
 pub enum Keys {
     /// Everything (restoring a partition).
     All,
-    /// Model snapshots (`model/<m>/<p>` and their chunks) and partition checkpoints
+    /// Model snapshots (heads `model/<m>/<p>`, arm segments `model/<m>/<p>/<seq>` and their
+    /// chunks) and partition checkpoints
     /// (`checkpoint/<p>`, which say that a partition has state): what serving nodes and tools
     /// need. The attribution changelog is skipped.
     Models,
@@ -51,7 +52,9 @@ impl Keys {
             Keys::All => true,
             Keys::Models => {
                 let base = key.split('#').next().unwrap_or(key);
-                checkpoint::parse_model_key(base).is_some() || base.starts_with("checkpoint/")
+                checkpoint::parse_model_key(base).is_some()
+                    || crate::core::armlog::parse_segment_key(base).is_some()
+                    || base.starts_with("checkpoint/")
             }
         }
     }

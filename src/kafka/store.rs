@@ -1,8 +1,9 @@
 //! The snapshot topic: record keys, restoring partitions from it, and reading every model.
 //!
 //! Layout: the state of input partition `p` lives in snapshot-topic partition `p`, under the
-//! keys of `core::checkpoint` (`checkpoint/<p>`, `imp/<p>/<id>`, `held/<p>/<seq>`,
-//! `model/<model>/<p>`), written in one transaction per version. Values are `StoredBlob`s,
+//! keys of `core::checkpoint` (`checkpoint/<p>`, `buf/<p>/<seq>`, `held/<p>/<seq>`, the
+//! model heads `model/<model>/<p>` and their arm segments `model/<model>/<p>/<seq>`, and
+//! format 1's `imp/<p>/<id>`), written in one transaction per version. Values are `StoredBlob`s,
 //! chunked when large (see `core::blob`). Restoring reads the partition from the
 //! beginning to its end with read_committed, so only committed transactions are seen.
 
@@ -16,9 +17,9 @@ use crate::config::Config;
 use crate::core::blob::LatestByKey;
 
 use super::reader::{Keys, SnapshotReader};
-use crate::core::checkpoint;
 use crate::core::partition::PartitionState;
-use crate::core::snapshot::{self, DecodedSnapshot};
+use crate::core::snapshot::DecodedSnapshot;
+use crate::core::{armlog, checkpoint};
 
 pub use super::reader::QuietEof;
 
@@ -75,7 +76,7 @@ pub fn restore_partition(
         state.declare_inputs(inputs);
         return Ok(state);
     };
-    let mut models = Vec::new();
+    let mut model_values: Vec<(String, Vec<u8>)> = Vec::new();
     let mut segments = Vec::new();
     let mut legacy_impressions = Vec::new();
     let mut held = Vec::new();
@@ -90,14 +91,19 @@ pub fn restore_partition(
             continue;
         }
         if checkpoint::parse_model_key(key).is_some_and(|(_, p)| p == partition) {
+            // A head of another version is not this checkpoint's.
             if let Some((v, bytes)) = store.get(key)? {
                 if v == version {
-                    models.push(snapshot::decode(&bytes).with_context(|| format!("snapshot `{key}`"))?);
+                    model_values.push((key.clone(), bytes));
                 }
             }
             let segment = key.trim_start_matches("model/").rsplit_once('/').map_or("", |(m, _)| m);
             if !checkpoint::is_escaped_key_part(segment) {
                 legacy_keys.push(key.clone());
+            }
+        } else if armlog::parse_segment_key(key).is_some_and(|(_, p, _)| p == partition) {
+            if let Some((_, bytes)) = store.get(key)? {
+                model_values.push((key.clone(), bytes));
             }
         } else if key.starts_with(&seg_prefix) {
             if let Some((_, bytes)) = store.get(key)? {
@@ -114,6 +120,8 @@ pub fn restore_partition(
             }
         }
     }
+    let models = armlog::assemble(partition, model_values.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+        .with_context(|| format!("model snapshots of partition {partition}"))?;
     // Sequence order (keys are zero-padded), as restore applies them.
     segments.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let segments: Vec<Vec<u8>> = segments.into_iter().map(|(_, v)| v).collect();
@@ -150,13 +158,16 @@ pub fn read_models(
     let stores = super::reader::read_to_end(client, topic, &parts, Keys::Models, timeout)?;
     let mut out = BTreeMap::new();
     for (p, store) in &stores {
-        for key in store.values.keys() {
-            if let Some((model, _)) = checkpoint::parse_model_key(key) {
-                if let Some((_, bytes)) = store.get(key)? {
-                    let s = snapshot::decode(&bytes).with_context(|| format!("snapshot `{key}`"))?;
-                    out.insert((model, *p), s);
-                }
+        let mut values = Vec::new();
+        for key in store.values.keys().filter(|k| !k.contains('#')) {
+            if let Some((_, bytes)) = store.get(key)? {
+                values.push((key.clone(), bytes));
             }
+        }
+        let shards = armlog::assemble(*p, values.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+            .with_context(|| format!("model snapshots of partition {p}"))?;
+        for s in shards {
+            out.insert((s.meta.model_id.clone(), *p), s);
         }
     }
     Ok(out)

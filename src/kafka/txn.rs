@@ -51,7 +51,16 @@ impl Txn {
                             s.models.iter().map(move |(model, b)| PublishedShard {
                                 model,
                                 partition: o.partition,
-                                bytes: b.len(),
+                                // The head and the model's arm segments written with it.
+                                bytes: b.len()
+                                    + s.puts
+                                        .iter()
+                                        .filter(|(k, _)| {
+                                            crate::core::armlog::parse_segment_key(k)
+                                                .is_some_and(|(m, _, _)| &m == model)
+                                        })
+                                        .map(|(_, v)| v.len())
+                                        .sum::<usize>(),
                                 version: o.records,
                             })
                         })

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use rdkafka::config::ClientConfig;
 
+use crate::core::armlog::{self, ShardReader};
 use crate::core::blob::{BlobError, LatestByKey};
 use crate::core::checkpoint;
 use crate::core::event::Variant;
@@ -273,7 +274,7 @@ impl Subscriber {
             reader,
             ends: BTreeMap::new(),
             store: LatestByKey::default(),
-            shards: BTreeMap::new(),
+            readers: BTreeMap::new(),
             pending: BTreeSet::new(),
             catalog: Arc::clone(&catalog),
             status: Arc::clone(&status),
@@ -330,8 +331,9 @@ struct Follower {
     ends: BTreeMap<i32, i64>,
     /// Raw model values and chunks not yet assembled.
     store: LatestByKey,
-    /// Newest complete shard per (model, source partition).
-    shards: BTreeMap<(String, i32), DecodedSnapshot>,
+    /// Per (model, source partition): the shard's arm segments and heads as read, and its
+    /// newest complete version.
+    readers: BTreeMap<(String, i32), ShardReader>,
     /// Model keys whose newest value has not been assembled yet (chunks still missing).
     pending: BTreeSet<String>,
     catalog: Arc<ArcSwap<Catalog>>,
@@ -461,31 +463,61 @@ impl Follower {
     }
 
     /// Assembles every pending key that is complete, then merges and publishes changed models.
+    /// Arm segments go to their shard's reader first (in sequence order), heads after: a head
+    /// follows the segments it names in its transaction, and a reader applies what it holds
+    /// when the head arrives.
     fn publish(&mut self) {
         let mut models = BTreeSet::new();
         let keys: Vec<String> = self.pending.iter().cloned().collect();
-        for key in keys {
-            let Some((model, partition)) = checkpoint::parse_model_key(&key) else {
-                self.pending.remove(&key);
-                continue;
+        let (segments, heads): (Vec<String>, Vec<String>) =
+            keys.into_iter().partition(|k| armlog::parse_segment_key(k).is_some());
+        for key in segments.into_iter().chain(heads) {
+            let target = match (checkpoint::parse_model_key(&key), armlog::parse_segment_key(&key)) {
+                (Some((m, p)), _) => (m, p, None),
+                (None, Some((m, p, q))) => (m, p, Some(q)),
+                (None, None) => {
+                    self.pending.remove(&key);
+                    continue;
+                }
             };
+            let (model, partition, sequence) = target;
             match self.store.get(&key) {
-                Ok(Some((_, bytes))) => {
+                Ok(value) => {
                     self.pending.remove(&key);
                     self.forget(&key);
-                    match snapshot::decode(&bytes) {
-                        Ok(s) => {
-                            self.shards.insert((model.clone(), partition), s);
-                            models.insert(model);
+                    let id = (model.clone(), partition);
+                    let outcome = match (sequence, value) {
+                        // The tombstone of a segment of a shard not followed (a removed model).
+                        (Some(_), None) if !self.readers.contains_key(&id) => Ok(()),
+                        (Some(q), v) => self
+                            .readers
+                            .entry(id)
+                            .or_default()
+                            .segment(q, v.as_ref().map(|(_, b)| b.as_slice())),
+                        (None, Some((_, bytes))) => match snapshot::decode(&bytes) {
+                            Ok(head) => {
+                                models.insert(model);
+                                let r = self.readers.entry(id).or_default().head(head);
+                                if let Err(e) = &r {
+                                    // Until a later head finds its segments the shard stays
+                                    // as it was (with a compacted topic read from the start,
+                                    // an older head may name segments deleted since).
+                                    tracing::warn!(key = %key, error = %e, "a model head whose arm segments are not all here yet; keeping the previous model");
+                                }
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
+                        },
+                        (None, None) => {
+                            // Deleted: the model was removed from the processor's configuration.
+                            if self.readers.remove(&id).is_some() {
+                                models.insert(model);
+                            }
+                            Ok(())
                         }
-                        Err(e) => BadSnapshot { key: &key, error: &e }.emit(),
-                    }
-                }
-                Ok(None) => {
-                    // Deleted: the model was removed from the processor's configuration.
-                    self.pending.remove(&key);
-                    if self.shards.remove(&(model.clone(), partition)).is_some() {
-                        models.insert(model);
+                    };
+                    if let Err(e) = outcome {
+                        BadSnapshot { key: &key, error: &e }.emit();
                     }
                 }
                 // A manifest follows its chunks in the same transaction and partition, so a value
@@ -515,12 +547,20 @@ impl Follower {
         let now = now_ms();
         for model in models {
             let range = (model.clone(), i32::MIN)..=(model.clone(), i32::MAX);
-            let shards: Vec<&DecodedSnapshot> = self.shards.range(range.clone()).map(|(_, s)| s).collect();
-            if shards.is_empty() {
+            if self.readers.range(range.clone()).next().is_none() {
                 next.models.remove(&model);
                 continue;
             }
-            let partitions: BTreeSet<i32> = self.shards.range(range).map(|((_, p), _)| *p).collect();
+            // A shard whose newest head has not found its segments keeps the model as it was.
+            let Some(shards) = self
+                .readers
+                .range(range.clone())
+                .map(|(_, r)| r.complete())
+                .collect::<Option<Vec<&DecodedSnapshot>>>()
+            else {
+                continue;
+            };
+            let partitions: BTreeSet<i32> = self.readers.range(range).map(|((_, p), _)| *p).collect();
             let shard_event_ms: Vec<Option<i64>> =
                 shards.iter().map(|s| s.shard.newest_impression_ms).collect();
             match snapshot::merge_refs(&shards) {

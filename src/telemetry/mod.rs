@@ -200,7 +200,7 @@ metric!(
     Gauge,
     ["model", "partition"],
     Processor,
-    "Size of the last committed shard snapshot."
+    "Bytes the last committed transaction that saved the shard wrote for it: its head and the arm segments of the arms that changed."
 );
 metric!(
     SNAPSHOT_VERSION,

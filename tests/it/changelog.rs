@@ -92,12 +92,11 @@ impl Topic {
         let with = |prefix: &str| -> Vec<Vec<u8>> {
             self.values.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v.clone()).collect()
         };
-        let models = self
-            .values
-            .iter()
-            .filter(|(k, _)| k.starts_with("model/"))
-            .map(|(_, v)| snapshot::decode(v).expect("snapshot"))
-            .collect();
+        let models = banditflow::core::armlog::assemble(
+            p,
+            self.values.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+        )
+        .expect("the shards assemble");
         (&self.values[&checkpoint::header_key(p)], with("buf/"), with("held/"), models)
     }
 

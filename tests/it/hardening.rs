@@ -207,9 +207,8 @@ proptest! {
     }
 }
 
-/// Every float of a snapshot: what a serving node would read.
-fn snapshot_floats(bytes: &[u8]) -> Vec<f64> {
-    let s = snapshot::decode(bytes).expect("decodes");
+/// Every float of a shard: what a serving node would read.
+fn snapshot_floats(s: &snapshot::DecodedSnapshot) -> Vec<f64> {
     let mut out = Vec::new();
     for items in s.shard.arms.values() {
         for a in items.values() {
@@ -286,9 +285,9 @@ proptest! {
             apply_event(&mut state, spec, &e, i as i64, None);
         }
         let saved = checkpoint::save_all(spec, &state);
-        for (m, bytes) in &saved.models {
-            for v in snapshot_floats(bytes) {
-                prop_assert!(v.is_finite(), "model {}: a snapshot field is {}", m, v);
+        for s in saved.shards(state.partition).expect("assembles") {
+            for v in snapshot_floats(&s) {
+                prop_assert!(v.is_finite(), "model {}: a snapshot field is {}", s.meta.model_id, v);
             }
         }
     }
@@ -391,10 +390,11 @@ fn every_config_change_restores_with_a_defined_outcome() {
     let records = fixture_partition(0);
     let (state, _) = apply_all(&base, &records);
     let saved = checkpoint::save_all(&base.core, &state);
-    let models: Vec<_> = saved.models.iter().map(|(_, b)| snapshot::decode(b).expect("decodes")).collect();
-    let (segs, held): (Vec<_>, Vec<_>) = saved.puts.iter().partition(|(k, _)| k.starts_with("buf/"));
-    let segs: Vec<Vec<u8>> = segs.into_iter().map(|(_, v)| v.clone()).collect();
-    let held: Vec<Vec<u8>> = held.into_iter().map(|(_, v)| v.clone()).collect();
+    let models = saved.shards(state.partition).expect("assembles");
+    let pick = |prefix: &str| -> Vec<Vec<u8>> {
+        saved.puts.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v.clone()).collect()
+    };
+    let (segs, held) = (pick("buf/"), pick("held/"));
     let restore_with = |edit: &dyn Fn(&mut Config)| {
         let mut c = base.clone();
         edit(&mut c);
@@ -516,8 +516,9 @@ fn format1_store(config: &Config, state: &PartitionState, ids: &[&str]) -> Lates
     header.checksum = 0;
     header.checksum = xxhash_rust::xxh3::xxh3_64(&header.encode_to_vec());
     values.push((checkpoint::header_key(p), header.encode_to_vec()));
-    for (m, b) in &saved.models {
-        values.push((format!("model/{m}/{p}"), b.clone()));
+    // Format 1's model records held whole snapshots (arms inline).
+    for s in saved.shards(p).expect("assembles") {
+        values.push((format!("model/{}/{p}", s.meta.model_id), snapshot::encode(&s.spec, &s.shard, &s.meta)));
     }
     let mut store = LatestByKey::default();
     for (key, value) in values {
@@ -552,7 +553,11 @@ fn a_format_1_store_with_unescaped_keys_is_restored_and_rewritten() {
         "old records deleted"
     );
     let written: Vec<&str> = next.puts.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(written, ["buf/0/0000000000"], "the buffer written again as a segment");
+    assert_eq!(
+        written,
+        ["buf/0/0000000000", "model/home%251/0/0000000001"],
+        "the buffer written again as a segment, the model's arms as an arm segment"
+    );
     assert!(next.models.iter().any(|(m, _)| m == "home%1"));
     // And that segment restores the same state.
     let seg = checkpoint::decode_segment(&next.puts[0].1).expect("segment");
@@ -580,7 +585,7 @@ fn format_1_held_feedback_is_written_out_and_the_next_restore_finds_it() {
         "inline held feedback written as a record"
     );
     // The format-3 checkpoint counts it, and a restore from what was written finds it.
-    let models: Vec<_> = next.models.iter().map(|(_, b)| snapshot::decode(b).expect("decodes")).collect();
+    let models = next.shards(0).expect("assembles");
     let pick = |prefix: &str| -> Vec<Vec<u8>> {
         next.puts.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v.clone()).collect()
     };
@@ -627,7 +632,7 @@ fn caps_lowered_since_the_save_apply_at_restore() {
     let buffered = state.join.buffered_impressions();
     assert!(buffered > 100);
     let saved = checkpoint::save_all(&base.core, &state);
-    let models: Vec<_> = saved.models.iter().map(|(_, b)| snapshot::decode(b).expect("decodes")).collect();
+    let models = saved.shards(state.partition).expect("assembles");
     let segs: Vec<Vec<u8>> =
         saved.puts.iter().filter(|(k, _)| k.starts_with("buf/")).map(|(_, v)| v.clone()).collect();
     let held: Vec<Vec<u8>> =

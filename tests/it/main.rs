@@ -1,6 +1,7 @@
 //! The integration tests, as one binary (one link, shared helpers).
 
 mod alignment;
+mod armlog;
 mod bad_input;
 mod changelog;
 mod cluster;

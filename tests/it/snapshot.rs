@@ -89,8 +89,8 @@ fn a_newer_format_is_refused_by_version() {
     use prost::Message;
     let (_, all) = sample();
     let mut m = banditflow::core::pb::ModelSnapshot::decode(all[0].as_slice()).expect("decodes");
-    m.format_version = 2;
-    assert_eq!(snapshot::decode(&m.encode_to_vec()).err(), Some(SnapshotError::Version { found: 2 }));
+    m.format_version = 3;
+    assert_eq!(snapshot::decode(&m.encode_to_vec()).err(), Some(SnapshotError::Version { found: 3 }));
 }
 
 #[test]
@@ -149,10 +149,11 @@ fn a_partition_restores_exactly_from_its_checkpoint_and_model_snapshots() {
     apply(&mut straight, first);
     assert!(straight.join.pending_feedback() > 0 || straight.join.counters.feedback_held > 0);
     let saved = checkpoint::save_all(&spec, &straight);
-    let models: Vec<_> = saved.models.iter().map(|(_, b)| snapshot::decode(b).expect("decodes")).collect();
-    let (segs, held): (Vec<_>, Vec<_>) = saved.puts.iter().partition(|(k, _)| k.starts_with("buf/"));
-    let segs: Vec<Vec<u8>> = segs.into_iter().map(|(_, v)| v.clone()).collect();
-    let held: Vec<Vec<u8>> = held.into_iter().map(|(_, v)| v.clone()).collect();
+    let models = saved.shards(0).expect("assembles");
+    let pick = |prefix: &str| -> Vec<Vec<u8>> {
+        saved.puts.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v.clone()).collect()
+    };
+    let (segs, held) = (pick("buf/"), pick("held/"));
     assert!(straight.join.buffered_impressions() > 0);
     let (mut restored, changes) =
         checkpoint::restore(&spec, &saved.header, &segs, &[], &held, &models).expect("restores");
@@ -176,6 +177,6 @@ fn a_partition_restores_exactly_from_its_checkpoint_and_model_snapshots() {
     assert_eq!(restored.models, before.models);
     // Mismatched versions are refused.
     let other = checkpoint::save_all(&spec, &straight);
-    let newer: Vec<_> = other.models.iter().map(|(_, b)| snapshot::decode(b).expect("decodes")).collect();
+    let newer = other.shards(0).expect("assembles");
     assert!(checkpoint::restore(&spec, &saved.header, &segs, &[], &held, &newer).is_err());
 }

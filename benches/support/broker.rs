@@ -1,0 +1,148 @@
+//! Helpers of the benches that run `banditflow` against a real broker (`#[path]` module):
+//! producing records, CPU time of a process, starting and stopping a `banditflow run` binary.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::TopicPartitionList;
+
+use banditflow::kafka::{bootstrap_config, now_ms};
+
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+pub fn produce(bootstrap: &str, topic: &str, evs: &[(i32, Vec<u8>, Vec<u8>)], rate: Option<f64>) {
+    let mut c = bootstrap_config(bootstrap);
+    c.set("linger.ms", "5").set("enable.idempotence", "true").set("queue.buffering.max.messages", "1000000");
+    let p: BaseProducer = c.create().expect("producer");
+    let started = Instant::now();
+    for (i, (part, key, payload)) in evs.iter().enumerate() {
+        if let Some(r) = rate {
+            let due = started + Duration::from_secs_f64(i as f64 / r);
+            while Instant::now() < due {
+                p.poll(Duration::from_micros(200));
+            }
+        }
+        let mut rec = BaseRecord::to(topic)
+            .partition(*part)
+            .key(key.as_slice())
+            .payload(payload.as_slice())
+            .timestamp(now_ms());
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    rec = back;
+                    p.poll(Duration::from_millis(1));
+                }
+            }
+        }
+        if i % 1000 == 0 {
+            p.poll(Duration::ZERO);
+        }
+    }
+    p.flush(Duration::from_secs(120)).expect("flushed");
+}
+
+/// CPU seconds (user + system) of a process so far, from /proc/<pid>/stat.
+pub fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime (fields 14 and 15) are the 12th and 13th after the command name.
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+pub fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+pub fn start_binary(
+    bin: &str,
+    config: &std::path::Path,
+    partitions: i32,
+) -> (std::process::Child, Arc<AtomicBool>, Arc<std::sync::Mutex<Option<Instant>>>) {
+    let mut child = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(config)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("banditflow run starts");
+    let assigned = Arc::new(AtomicBool::new(false));
+    let at = Arc::new(std::sync::Mutex::new(None));
+    let stderr = child.stderr.take().expect("stderr");
+    let (flag, when) = (Arc::clone(&assigned), Arc::clone(&at));
+    std::thread::spawn(move || {
+        let mut seen = 0;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("partition assigned") {
+                seen += 1;
+                if seen == partitions {
+                    *when.lock().expect("lock") = Some(Instant::now());
+                    flag.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    (child, assigned, at)
+}
+
+pub fn stop(mut child: std::process::Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}
+
+/// The offsets `group` committed on `topic`, summed over its partitions.
+pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> i64 {
+    let mut c = bootstrap_config(bootstrap);
+    c.set("group.id", group);
+    let consumer: BaseConsumer = c.create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .map(|t| t.elements().iter().map(|e| e.offset().to_raw().unwrap_or(0).max(0)).sum())
+        .unwrap_or(0)
+}
+
+/// A processor configuration for one combined protobuf topic, its snapshot topic `<tag>-snapshots`
+/// and group `<tag>-group`; `kafka.snapshot_interval` from BENCH_SNAPSHOT_INTERVAL, else the
+/// binary's default.
+pub fn config_file(dir: &std::path::Path, bootstrap: &str, topic: &str, tag: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{tag}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[input]
+topics = [{{ name = "{topic}", role = "combined", encoding = "protobuf" }}]
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{tag}-group"
+snapshot_topic = "{tag}-snapshots"
+dead_letter_topic = "{tag}-dlq"
+metrics_address = ""
+{interval}"#,
+            interval = std::env::var("BENCH_SNAPSHOT_INTERVAL")
+                .map(|i| format!("snapshot_interval = \"{i}\"\n"))
+                .unwrap_or_default()
+        ),
+    )
+    .expect("config written");
+    path
+}

@@ -1,0 +1,306 @@
+//! Model shards on the snapshot topic as heads and arm segments (`core::armlog`): a save writes
+//! the arms that changed, a reader that follows the records (as a serving node does) or reads
+//! the compacted topic from the start (as a restore does) holds exactly the processor's shard,
+//! superseded versions stay bounded, and a model started afresh takes its old arms with it.
+//! The oracle for "what changed" is the events themselves: the items they placed or clicked.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use banditflow::core::armlog::{self, ShardReader};
+use banditflow::core::checkpoint::{self, SavedPartition};
+use banditflow::core::event::{Event, FeedbackKind, Variant};
+use banditflow::core::params::CoreSpec;
+use banditflow::core::partition::PartitionState;
+use banditflow::core::snapshot::{self, SnapshotError};
+
+use crate::support::*;
+
+/// The snapshot topic's partition 0 as records in the order a transaction writes them.
+#[derive(Default)]
+struct Log {
+    records: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Log {
+    fn append(&mut self, saved: &SavedPartition) {
+        for (k, v) in &saved.puts {
+            self.records.push((k.clone(), Some(v.clone())));
+        }
+        for k in &saved.deletes {
+            self.records.push((k.clone(), None));
+        }
+        self.records.push((checkpoint::header_key(0), Some(saved.header.clone())));
+        for (m, v) in &saved.models {
+            self.records.push((checkpoint::model_key(m, 0), Some(v.clone())));
+        }
+    }
+
+    /// What log compaction leaves: the newest record of each key at its offset, tombstones
+    /// gone (past `delete.retention.ms`).
+    fn compacted(&self) -> Log {
+        let last: BTreeMap<&str, usize> =
+            self.records.iter().enumerate().map(|(i, (k, _))| (k.as_str(), i)).collect();
+        let records = self
+            .records
+            .iter()
+            .enumerate()
+            .filter(|(i, (k, v))| last[k.as_str()] == *i && v.is_some())
+            .map(|(_, r)| r.clone())
+            .collect();
+        Log { records }
+    }
+
+    fn latest(&self) -> BTreeMap<String, Vec<u8>> {
+        self.compacted().records.into_iter().filter_map(|(k, v)| Some((k, v?))).collect()
+    }
+}
+
+/// One reader per model, fed the records from `from` on, in order.
+#[derive(Default)]
+struct Follower {
+    readers: BTreeMap<String, ShardReader>,
+    read: usize,
+}
+
+impl Follower {
+    fn follow(&mut self, log: &Log) {
+        for (key, value) in &log.records[self.read..] {
+            if let Some((m, _, q)) = armlog::parse_segment_key(key) {
+                self.readers.entry(m).or_default().segment(q, value.as_deref()).expect("a segment decodes");
+            } else if let Some((m, _)) = checkpoint::parse_model_key(key) {
+                let head = snapshot::decode(value.as_deref().expect("heads are never deleted here"))
+                    .expect("a head decodes");
+                self.readers.entry(m).or_default().head(head).expect("the head finds its segments");
+            }
+        }
+        self.read = log.records.len();
+    }
+
+    fn assert_holds(&self, spec: &CoreSpec, state: &PartitionState, what: &str) {
+        for (m, shard) in spec.models.iter().zip(&state.models) {
+            let got = self.readers[&m.id].complete().unwrap_or_else(|| panic!("{what}: {} incomplete", m.id));
+            assert!(&got.shard == shard, "{what}: model {} differs from the processor's shard", m.id);
+        }
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+const ITEMS: u64 = 3_000;
+const HOT: u64 = 20;
+
+/// Skewed traffic: a slate of one of 20 hot items and two of 3,000; a click on one item in
+/// four. Event time advances 3 minutes per impression, so the run crosses the decay landmark
+/// of the 1-day half-life (every 64 days).
+fn traffic(n: usize) -> Vec<Event> {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut out = Vec::with_capacity(n * 2);
+    for i in 0..n {
+        let t = T0 + i as i64 * 3 * MIN;
+        let id = format!("imp-{i}");
+        let items = [
+            format!("hot-{}", rng.below(HOT)),
+            format!("it-{}", rng.below(ITEMS)),
+            format!("it-{}", rng.below(ITEMS)),
+        ];
+        if items[1] == items[2] {
+            continue;
+        }
+        let refs: Vec<&str> = items.iter().map(String::as_str).collect();
+        for m in ["pbm", "lin", "est"] {
+            let imp = impression(&format!("{id}-{m}"), m, t, Variant::Treatment, "s", &refs);
+            out.push(Event::Impression(imp));
+        }
+        if rng.below(4) == 0 {
+            let pos = rng.below(3) as usize;
+            for m in ["pbm", "lin", "est"] {
+                let f =
+                    feedback(&format!("{id}-{m}"), &items[pos], pos as u32 + 1, FeedbackKind::Click, t + 1);
+                out.push(Event::Feedback(f));
+            }
+        }
+    }
+    out
+}
+
+/// The (segment, item) arms of model `pbm` the events place or click.
+fn touched(events: &[Event]) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for e in events {
+        match e {
+            Event::Impression(i) if i.model_id == "pbm" => {
+                out.extend(i.slate.iter().map(|s| (i.segment.clone(), s.item_id.clone())));
+            }
+            Event::Feedback(f) if f.impression_id.ends_with("-pbm") => {
+                out.insert(("s".into(), f.item_id.clone()));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The arms of the first arm segment `saved` writes for `model`.
+fn fresh_arms(saved: &SavedPartition, model: &str) -> Option<BTreeSet<(String, String)>> {
+    let (_, v) =
+        saved.puts.iter().find(|(k, _)| armlog::parse_segment_key(k).is_some_and(|(m, _, _)| m == model))?;
+    let seg = armlog::decode_segment(v).expect("decodes");
+    Some(seg.arms.into_iter().map(|a| (a.segment, a.item_id)).collect())
+}
+
+#[test]
+fn a_save_writes_what_changed_and_every_reader_holds_the_processors_shard() {
+    let spec = unbounded_spec();
+    let events = traffic(30_000);
+    let mut state = PartitionState::new(&spec, 0);
+    let mut log = Log::default();
+    let mut follower = Follower::default();
+    let (mut saves, mut rescaled, mut copied) = (0, 0, 0);
+    let mut later_bytes = Vec::new();
+    for (n, chunk) in events.chunks(60).enumerate() {
+        let landmark = state.models[0].landmark_ms;
+        for (i, e) in chunk.iter().enumerate() {
+            apply_event(&mut state, &spec, e, (n * 60 + i) as i64, None);
+        }
+        let saved = checkpoint::save_changes(&spec, &mut state);
+        saves += 1;
+        let arm_bytes: usize = saved
+            .puts
+            .iter()
+            .filter(|(k, _)| armlog::parse_segment_key(k).is_some())
+            .map(|(_, v)| v.len())
+            .sum();
+        // What the first segment of `pbm` holds: exactly the arms these events touched, or
+        // every arm when the decay landmark moved (every decayed sum was rescaled).
+        let fresh = fresh_arms(&saved, "pbm").unwrap_or_default();
+        if state.models[0].landmark_ms != landmark && landmark.is_some() {
+            rescaled += 1;
+            assert_eq!(fresh.len(), state.models[0].arm_count(), "save {saves}: a rescale writes every arm");
+        } else {
+            assert_eq!(fresh, touched(chunk), "save {saves}: the arms written are the arms touched");
+        }
+        if n > 20 {
+            later_bytes.push(arm_bytes);
+        }
+        let pbm = saved
+            .puts
+            .iter()
+            .filter(|(k, _)| armlog::parse_segment_key(k).is_some_and(|(m, _, _)| m == "pbm"));
+        if pbm.count() == 2 {
+            copied += 1;
+        }
+        // Superseded versions stay bounded: at most about twice the arms.
+        for (m, shard) in spec.models.iter().zip(&state.models) {
+            let l = shard.log.as_ref().expect("a saved shard has a log");
+            let written: u64 = l.segments.values().map(|u| u64::from(u.written)).sum();
+            let live: u64 = l.segments.values().map(|u| u64::from(u.live)).sum();
+            assert_eq!(live, shard.arm_count() as u64, "save {saves}: every arm of {} is live once", m.id);
+            assert!(
+                written <= 2 * live + armlog::COMPACTION_SLACK + 400,
+                "save {saves}: {} holds {written} versions of {live} arms",
+                m.id
+            );
+        }
+        log.append(&saved);
+        follower.follow(&log);
+        follower.assert_holds(&spec, &state, &format!("follower at save {saves}"));
+        if saves % 50 == 0 {
+            let mut fresh = Follower::default();
+            fresh.follow(&log.compacted());
+            fresh.assert_holds(&spec, &state, &format!("reader of the compacted topic at save {saves}"));
+        }
+    }
+    assert!(rescaled >= 1, "the run crosses a decay landmark");
+    assert!(copied >= 1, "the run copies arms out of superseded segments");
+    let arms = state.models[0].arm_count();
+    assert!(arms > 2_500, "{arms} arms");
+    // A save that touches ~50 arms per model writes a few kilobytes, not the model.
+    later_bytes.sort_unstable();
+    let median = later_bytes[later_bytes.len() / 2];
+    let whole: usize = checkpoint::save_all(&spec, &state)
+        .puts
+        .iter()
+        .filter(|(k, _)| armlog::parse_segment_key(k).is_some())
+        .map(|(_, v)| v.len())
+        .sum();
+    assert!(median * 20 < whole, "median save {median} bytes against {whole} for the whole models");
+    // The shard assembled from the compacted topic encodes to the bytes of the processor's.
+    let latest = log.latest();
+    let shards =
+        armlog::assemble(0, latest.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).expect("assembles");
+    assert_eq!(shards.len(), spec.models.len());
+    for (m, shard) in spec.models.iter().zip(&state.models) {
+        let s = shards.iter().find(|s| s.meta.model_id == m.id).expect("assembled");
+        let meta = checkpoint::shard_meta(&spec, &state, &m.id);
+        let same = snapshot::encode(&s.spec, &s.shard, &s.meta) == snapshot::encode(m, shard, &meta);
+        assert!(same, "model {}: the assembled shard encodes to other bytes", m.id);
+    }
+}
+
+#[test]
+fn a_model_started_afresh_takes_its_arms_with_it_and_a_missing_segment_is_named() {
+    let spec = unbounded_spec();
+    let events = traffic(2_000);
+    let mut state = PartitionState::new(&spec, 0);
+    let mut log = Log::default();
+    for (n, chunk) in events.chunks(100).enumerate() {
+        for (i, e) in chunk.iter().enumerate() {
+            apply_event(&mut state, &spec, e, (n * 100 + i) as i64, None);
+        }
+        log.append(&checkpoint::save_changes(&spec, &mut state));
+    }
+    let mut follower = Follower::default();
+    follower.follow(&log);
+    let old: Vec<String> = log
+        .latest()
+        .keys()
+        .filter(|k| armlog::parse_segment_key(k).is_some_and(|(m, _, _)| m == "pbm"))
+        .cloned()
+        .collect();
+    assert!(!old.is_empty());
+
+    // A changed reward scale starts `pbm` afresh: its next save deletes every old segment.
+    let mut changed = spec.clone();
+    changed.models[0].rewards.scale = 4.0;
+    let store = log.latest();
+    let h = &store[&checkpoint::header_key(0)];
+    let models =
+        armlog::assemble(0, store.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).expect("assembles");
+    let pick = |prefix: &str| -> Vec<Vec<u8>> {
+        store.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v.clone()).collect()
+    };
+    let (mut restored, report) =
+        checkpoint::restore(&changed, h, &pick("buf/"), &[], &pick("held/"), &models).expect("restores");
+    assert_eq!(report[0].1.code(), "reset");
+    let next = checkpoint::save_changes(&changed, &mut restored);
+    let mut deleted: Vec<String> =
+        next.deletes.iter().filter(|k| armlog::parse_segment_key(k).is_some()).cloned().collect();
+    deleted.sort();
+    assert_eq!(deleted, old, "the reset model's segments are deleted");
+    log.append(&next);
+    follower.follow(&log);
+    follower.assert_holds(&changed, &restored, "after the reset");
+    assert_eq!(follower.readers["pbm"].complete().map(|s| s.shard.arm_count()), Some(0));
+    assert!(follower.readers["lin"].complete().is_some_and(|s| s.shard.arm_count() > 2_000));
+
+    // A live segment missing from the topic (a `delete` cleanup policy) is named, not skipped.
+    let mut store = log.latest();
+    let lost = store
+        .keys()
+        .find(|k| armlog::parse_segment_key(k).is_some_and(|(m, _, _)| m == "lin"))
+        .cloned()
+        .expect("a segment of lin");
+    store.remove(&lost);
+    let err =
+        armlog::assemble(0, store.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).expect_err("refused");
+    assert!(matches!(&err, SnapshotError::Missing(m) if m.contains("model `lin`")), "{err}");
+}
