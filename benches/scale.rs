@@ -29,6 +29,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 mod broker;
 use broker::{committed, config_file, cpu_seconds, env_or, produce, start_binary, stop};
 
+use banditflow::core::blob::LatestByKey;
 use banditflow::core::event::{
     self, Encoding, Event, Feedback, FeedbackKind, Impression, SlateEntry, TopicRole, Variant,
 };
@@ -107,7 +108,8 @@ fn dummy() -> Feedback {
     }
 }
 
-/// Steady traffic: `rate` impressions/s for `seconds`, produced as due, with a click on 3 %.
+/// Steady traffic: `rate` impressions/s for `seconds`, a click on 3 % of them; produced by one
+/// producer, each record when due (event time = when it is due).
 fn steady(bootstrap: &str, topic: &str, shop: &Shop, rate: f64, seconds: f64, seed: u64) -> usize {
     let mut rng = seed | 1;
     let mut next = move |n: usize| {
@@ -117,22 +119,13 @@ fn steady(bootstrap: &str, topic: &str, shop: &Shop, rate: f64, seconds: f64, se
         (rng % n as u64) as usize
     };
     let n = (rate * seconds) as usize;
-    let started = Instant::now();
-    let mut batch = Vec::new();
-    let mut produced = 0;
+    let t0 = now_ms() + 500;
+    let mut records = Vec::with_capacity(n + n / 20);
     for i in 0..n {
-        let due = Duration::from_secs_f64(i as f64 / rate);
-        if due > started.elapsed() {
-            produce(bootstrap, topic, &std::mem::take(&mut batch), None);
-            while due > started.elapsed() {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-        let t = now_ms();
+        let t = t0 + (i as f64 * 1000.0 / rate) as i64;
         let id = format!("imp-{seed}-{i}");
         let items: Vec<usize> = (0..SLATE).map(|_| next(shop.items)).collect();
-        batch.push(shop.record(&id, &shop.impression(&id, t, next(shop.segments), &items)));
-        produced += 1;
+        records.push(shop.record(&id, &shop.impression(&id, t, next(shop.segments), &items)));
         if next(100) < 3 {
             let pos = next(SLATE);
             let f = Feedback {
@@ -143,12 +136,14 @@ fn steady(bootstrap: &str, topic: &str, shop: &Shop, rate: f64, seconds: f64, se
                 value: 0.0,
                 time_ms: t,
             };
-            batch.push(shop.record(&id, &Event::Feedback(f)));
-            produced += 1;
+            records.push(shop.record(&id, &Event::Feedback(f)));
         }
     }
-    produce(bootstrap, topic, &batch, None);
-    produced
+    while now_ms() < t0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    produce(bootstrap, topic, &records, Some(records.len() as f64 / seconds));
+    records.len()
 }
 
 fn end_offsets(bootstrap: &str, topic: &str, partitions: i32) -> Vec<i64> {
@@ -160,12 +155,18 @@ fn end_offsets(bootstrap: &str, topic: &str, partitions: i32) -> Vec<i64> {
         .collect()
 }
 
-/// Bytes (key + value) of the committed records of `topic` from `from` to `to` (per partition),
-/// by kind of key.
-fn bytes_between(bootstrap: &str, topic: &str, from: &[i64], to: &[i64]) -> BTreeMap<&'static str, usize> {
+/// Bytes (key + value) and records of the committed records of `topic` from `from` to `to` (per
+/// partition), by kind of key.
+fn bytes_between(
+    bootstrap: &str,
+    topic: &str,
+    from: &[i64],
+    to: &[i64],
+) -> BTreeMap<&'static str, (usize, usize)> {
     let mut c = bootstrap_config(bootstrap);
     c.set("group.id", "bench-scale-bytes")
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed");
     let consumer: BaseConsumer = c.create().expect("consumer");
     let mut tpl = TopicPartitionList::new();
@@ -173,12 +174,22 @@ fn bytes_between(bootstrap: &str, topic: &str, from: &[i64], to: &[i64]) -> BTre
         tpl.add_partition_offset(topic, p as i32, Offset::Offset(*o)).expect("tpl");
     }
     consumer.assign(&tpl).expect("assign");
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     let mut open: std::collections::BTreeSet<i32> =
         (0..from.len() as i32).filter(|p| from[*p as usize] < to[*p as usize]).collect();
     let deadline = Instant::now() + Duration::from_secs(300);
     while !open.is_empty() && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+        // A transaction's commit marker may be the last offset before `to`: the end of the
+        // partition, or any record at or past `to`, closes it.
+        let m = match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => m,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+                continue;
+            }
+            _ => continue,
+        };
+        {
             let p = m.partition();
             if m.offset() >= to[p as usize] {
                 open.remove(&p);
@@ -188,11 +199,25 @@ fn bytes_between(bootstrap: &str, topic: &str, from: &[i64], to: &[i64]) -> BTre
             let class = match key.split('/').next().unwrap_or("") {
                 "buf" | "imp" => "changelog",
                 "held" => "held",
+                // Heads `model/<m>/<p>`, arm segments `model/<m>/<p>/<seq>`, whole shards of
+                // older builds under the heads' keys.
+                "model" if key.split('#').next().unwrap_or("").matches('/').count() == 3 => "arms",
                 "model" => "models",
                 "checkpoint" => "checkpoint",
                 _ => "other",
             };
-            *out.entry(class).or_default() += key.len() + m.payload().map_or(0, <[u8]>::len);
+            if class == "arms" && !key.contains('#') {
+                // Arms in the segment (a whole value: chunks are not counted).
+                let mut one = LatestByKey::default();
+                one.put(key.clone(), m.payload().map(<[u8]>::to_vec));
+                if let Ok(Some((_, v))) = one.get(&key) {
+                    let n = banditflow::core::armlog::decode_segment(&v).map_or(0, |seg| seg.arms.len());
+                    out.entry("arm count").or_default().1 += n;
+                }
+            }
+            let e: &mut (usize, usize) = out.entry(class).or_default();
+            e.0 += key.len() + m.payload().map_or(0, <[u8]>::len);
+            e.1 += 1;
             if m.offset() + 1 >= to[p as usize] {
                 open.remove(&p);
             }
@@ -204,7 +229,7 @@ fn bytes_between(bootstrap: &str, topic: &str, from: &[i64], to: &[i64]) -> BTre
 /// One binary through warm-up and steady traffic; prints and returns its snapshot-topic bytes
 /// per second.
 fn run(bootstrap: &str, shop: &Shop, bin: &str, label: &str, rate: f64, seconds: f64) -> f64 {
-    let tag = format!("scale-{}-{label}", now_ms());
+    let tag = format!("scale-{}-{}", now_ms(), label.replace(' ', "-"));
     let topic = format!("{tag}-events");
     let snapshots = format!("{tag}-snapshots");
     admin::create_topics(bootstrap, &[(&topic, shop.partitions, false), (&snapshots, shop.partitions, true)])
@@ -213,6 +238,7 @@ fn run(bootstrap: &str, shop: &Shop, bin: &str, label: &str, rate: f64, seconds:
     let cfg = config_file(dir.path(), bootstrap, &topic, &tag);
     let warm = shop.warm_up(now_ms());
     produce(bootstrap, &topic, &warm, None);
+    println!("{label}: warm-up of {} impressions produced", warm.len());
     let (child, assigned, _) = start_binary(bin, &cfg, shop.partitions);
     let pid = child.id().to_string();
     while !assigned.load(Ordering::SeqCst) {
@@ -222,32 +248,53 @@ fn run(bootstrap: &str, shop: &Shop, bin: &str, label: &str, rate: f64, seconds:
     while committed(bootstrap, &group, &topic, shop.partitions) < warm.len() as i64 {
         std::thread::sleep(Duration::from_millis(100));
     }
+    println!("{label}: warm-up learned");
     // Past the warm-up's last transaction (it may still be in flight when its offsets show).
     std::thread::sleep(Duration::from_secs(3));
     let from = end_offsets(bootstrap, &snapshots, shop.partitions);
     let (t0, cpu0) = (Instant::now(), cpu_seconds(&pid));
     let n = steady(bootstrap, &topic, shop, rate, seconds, 7);
+    println!("{label}: {n} events of steady traffic produced in {:.1} s", t0.elapsed().as_secs_f64());
     let total = warm.len() as i64 + n as i64;
-    while committed(bootstrap, &group, &topic, shop.partitions) < total {
+    let mut report = Instant::now();
+    loop {
+        let done = committed(bootstrap, &group, &topic, shop.partitions);
+        if done >= total {
+            break;
+        }
+        if report.elapsed() > Duration::from_secs(10) {
+            println!("{label}: {done} of {total} input records committed");
+            report = Instant::now();
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     let (elapsed, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds(&pid) - cpu0);
     let to = end_offsets(bootstrap, &snapshots, shop.partitions);
     stop(child);
     let bytes = bytes_between(bootstrap, &snapshots, &from, &to);
-    let sum: usize = bytes.values().sum();
-    let per_s = |k: &str| bytes.get(k).copied().unwrap_or(0) as f64 / elapsed;
+    let arms_written = bytes.get("arm count").map(|b| b.1);
+    let sum: usize = bytes.iter().filter(|(k, _)| **k != "arm count").map(|(_, b)| b.0).sum();
+    let per_s = |k: &str| bytes.get(k).map_or(0, |b| b.0) as f64 / elapsed;
+    // Every commit writes each partition's checkpoint header once.
+    let commits = bytes.get("checkpoint").map_or(0, |b| b.1) as f64 / f64::from(shop.partitions);
     println!(
         "{label}: {:.0} B/s to the snapshot topic over {elapsed:.1} s of steady traffic ({n} events): \
-         models {:.0} B/s, changelog {:.0} B/s, held {:.0} B/s, checkpoints {:.0} B/s; \
-         {:.1} CPU µs per event ({:.2} cores)",
+         models {:.0} B/s (heads or whole shards) + {:.0} B/s (arm segments), changelog {:.0} B/s, held {:.0} B/s, checkpoints {:.0} B/s; \
+         {:.1} CPU µs per event ({:.2} cores); {:.2} commits per partition and second \
+         (every {:.2} s), {:.0} B per commit, {:.0} B per head record, {:.1} B per arm written",
         sum as f64 / elapsed,
         per_s("models"),
+        per_s("arms"),
         per_s("changelog"),
         per_s("held"),
         per_s("checkpoint"),
         cpu / n as f64 * 1e6,
-        cpu / elapsed
+        cpu / elapsed,
+        commits / elapsed,
+        elapsed / commits.max(1.0),
+        sum as f64 / commits.max(1.0),
+        bytes.get("models").map_or(0.0, |b| b.0 as f64 / b.1.max(1) as f64),
+        arms_written.map_or(f64::NAN, |n| per_s("arms") * elapsed / n as f64),
     );
     sum as f64 / elapsed
 }

@@ -88,6 +88,13 @@ pub fn start_binary(
     std::thread::spawn(move || {
         let mut seen = 0;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // A failing processor says why on the bench's output.
+            if line.contains(" ERROR ")
+                || line.contains("panicked")
+                || std::env::var_os("BENCH_VERBOSE").is_some()
+            {
+                eprintln!("banditflow run: {line}");
+            }
             if line.contains("partition assigned") {
                 seen += 1;
                 if seen == partitions {
@@ -122,7 +129,7 @@ pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> 
 
 /// A processor configuration for one combined protobuf topic, its snapshot topic `<tag>-snapshots`
 /// and group `<tag>-group`; `kafka.snapshot_interval` from BENCH_SNAPSHOT_INTERVAL, else the
-/// binary's default.
+/// binary's default; `/metrics` on BENCH_METRICS_ADDRESS, else none.
 pub fn config_file(dir: &std::path::Path, bootstrap: &str, topic: &str, tag: &str) -> std::path::PathBuf {
     let path = dir.join(format!("{tag}.toml"));
     std::fs::write(
@@ -136,8 +143,9 @@ bootstrap_servers = "{bootstrap}"
 group_id = "{tag}-group"
 snapshot_topic = "{tag}-snapshots"
 dead_letter_topic = "{tag}-dlq"
-metrics_address = ""
+metrics_address = "{metrics}"
 {interval}"#,
+            metrics = std::env::var("BENCH_METRICS_ADDRESS").unwrap_or_default(),
             interval = std::env::var("BENCH_SNAPSHOT_INTERVAL")
                 .map(|i| format!("snapshot_interval = \"{i}\"\n"))
                 .unwrap_or_default()
