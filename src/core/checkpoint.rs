@@ -271,11 +271,14 @@ fn header(spec: &CoreSpec, state: &PartitionState) -> Vec<u8> {
         next_sequence: state.join.next_seq,
         impressions: Vec::new(),
         held: Vec::new(),
+        // Zero counters are left out (restore reads a missing counter as 0): the header is
+        // written at every commit, and most counters stay 0.
         join_counters: state
             .join
             .counters
             .rows()
             .iter()
+            .filter(|(_, v)| *v != 0)
             .map(|(n, v)| pb::Counter { name: (*n).into(), value: *v })
             .collect(),
         invalid_counts: state

@@ -513,8 +513,9 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
             (seen, problems)
         })
     };
-    // One instance learns the first half; a second joins (1 → 2) for the second half, then
-    // leaves again (2 → 1) while records are still arriving.
+    // One instance learns the first half; a second joins (1 → 2) for the second half, then is
+    // killed (SIGKILL: its open transaction is aborted, its partitions move back, 2 → 1, and
+    // are restored from heads and arm segments) while records are still arriving.
     let _a = s.start("0");
     s.produce(first);
     s.wait_caught_up(Duration::from_secs(120));
@@ -525,8 +526,7 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
     let at_two = s.committed_total();
     let producer = s.produce_in_background(second);
     wait_until("progress with two instances", Duration::from_secs(60), || s.committed_total() > at_two);
-    let (status, _) = bee.terminate();
-    assert!(status.success(), "log:\n{}", bee.log_text());
+    bee.kill9();
     producer.join().expect("producer thread").expect("produced");
     s.wait_caught_up(Duration::from_secs(180));
 
@@ -574,6 +574,29 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
     .map(|st| st.values.keys().filter(|k| k.starts_with("model/") && k.contains('#')).count())
     .sum();
     assert!(chunks > 0, "the models were meant to be chunked");
+    // The shards went to the topic as heads and arm segments (what a save writes is checked
+    // against the events in tests/it/armlog.rs).
+    let p0 = store::read_partitions(
+        banditflow::kafka::bootstrap_config(&b),
+        &s.snapshots,
+        &[0],
+        Duration::from_secs(30),
+    )
+    .expect("snapshot partition 0");
+    let (mut heads, mut segments) = (0, 0);
+    for st in p0.values() {
+        for key in st.values.keys() {
+            let Ok(Some((_, v))) = st.get(key) else { continue };
+            if banditflow::core::checkpoint::parse_model_key(key).is_some() {
+                assert!(snapshot::decode(&v).expect("a head").arm_log.is_some(), "{key} is not a head");
+                heads += 1;
+            } else if banditflow::core::armlog::parse_segment_key(key).is_some() {
+                banditflow::core::armlog::decode_segment(&v).expect("an arm segment");
+                segments += 1;
+            }
+        }
+    }
+    assert!(heads == config.core.models.len() && segments > 0, "{heads} heads, {segments} arm segments");
     sub.stop();
     // Versions a serving node saw never went back, through the rebalance.
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
