@@ -67,9 +67,17 @@ impl Shop {
         })
     }
 
+    /// The input partition of a record keyed `key` (its impression id).
+    fn partition_of(&self, key: &str) -> i32 {
+        (xxhash_rust::xxh3::xxh3_64(key.as_bytes()) % self.partitions as u64) as i32
+    }
+
     fn record(&self, key: &str, e: &Event) -> (i32, Vec<u8>, Vec<u8>) {
-        let p = (xxhash_rust::xxh3::xxh3_64(key.as_bytes()) % self.partitions as u64) as i32;
-        (p, key.as_bytes().to_vec(), event::encode(TopicRole::Combined, Encoding::Protobuf, e))
+        (
+            self.partition_of(key),
+            key.as_bytes().to_vec(),
+            event::encode(TopicRole::Combined, Encoding::Protobuf, e),
+        )
     }
 
     /// Impressions that place every arm once on every partition (ids chosen per partition).
@@ -85,7 +93,7 @@ impl Shop {
                     let id = loop {
                         let id = format!("warm-{p}-{n}");
                         n += 1;
-                        if self.record(&id, &Event::Feedback(dummy())).0 == p {
+                        if self.partition_of(&id) == p {
                             break id;
                         }
                     };
@@ -94,17 +102,6 @@ impl Shop {
             }
         }
         out
-    }
-}
-
-fn dummy() -> Feedback {
-    Feedback {
-        impression_id: String::new(),
-        item_id: String::new(),
-        position: 1,
-        kind: FeedbackKind::Click,
-        value: 0.0,
-        time_ms: 0,
     }
 }
 

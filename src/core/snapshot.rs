@@ -379,10 +379,7 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
             return Err(invalid("more linear_features than linear_dim has slots"));
         }
     }
-    let linear_dim = match spec.algorithm {
-        Algorithm::Linear { dim, .. } => dim as usize,
-        Algorithm::BetaBernoulli => 0,
-    };
+    let linear_dim = linear_dim(&spec);
     let mut arms: HashMap<String, HashMap<String, ArmStats>> = HashMap::default();
     for a in snap.arms {
         let (segment, item, stats) = arm_from_pb(a, linear_dim, crate::core::armlog::NEVER_STORED)?;

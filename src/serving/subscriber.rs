@@ -472,15 +472,15 @@ impl Follower {
         let (segments, heads): (Vec<String>, Vec<String>) =
             keys.into_iter().partition(|k| armlog::parse_segment_key(k).is_some());
         for key in segments.into_iter().chain(heads) {
-            let target = match (checkpoint::parse_model_key(&key), armlog::parse_segment_key(&key)) {
-                (Some((m, p)), _) => (m, p, None),
-                (None, Some((m, p, q))) => (m, p, Some(q)),
-                (None, None) => {
-                    self.pending.remove(&key);
-                    continue;
-                }
-            };
-            let (model, partition, sequence) = target;
+            let (model, partition, sequence) =
+                match (checkpoint::parse_model_key(&key), armlog::parse_segment_key(&key)) {
+                    (Some((m, p)), _) => (m, p, None),
+                    (None, Some((m, p, q))) => (m, p, Some(q)),
+                    (None, None) => {
+                        self.pending.remove(&key);
+                        continue;
+                    }
+                };
             match self.store.get(&key) {
                 Ok(value) => {
                     self.pending.remove(&key);
