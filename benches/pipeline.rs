@@ -291,14 +291,16 @@ fn restore(bootstrap: &str, tag: &str, n: usize) {
     let config = banditflow::config::Config::from_layers(None, Vec::new()).expect("defaults");
     let spec = &config.core;
     let topic = format!("{tag}-restore-snapshots");
-    admin::create_topics(bootstrap, &[(&topic, 1, true)]).expect("topic");
+    let changelog = format!("{topic}-changelog");
+    admin::create_topics(bootstrap, &[(&topic, 1, true), (&changelog, 1, true)]).expect("topics");
     let mut c = bootstrap_config(bootstrap);
     c.set("linger.ms", "20").set("message.max.bytes", "2000000");
     let p: BaseProducer = c.create().expect("producer");
     let send = |key: &str, value: &[u8]| {
         for r in banditflow::core::blob::split(key, 1, value, 900_000, 0) {
             let Some(v) = r.value else { continue };
-            let mut rec = BaseRecord::to(&topic).partition(0).key(r.key.as_str()).payload(v.as_slice());
+            let to = if banditflow::core::checkpoint::is_changelog_key(key) { &changelog } else { &topic };
+            let mut rec = BaseRecord::to(to).partition(0).key(r.key.as_str()).payload(v.as_slice());
             loop {
                 match p.send(rec) {
                     Ok(()) => break,
@@ -369,15 +371,21 @@ fn restore(bootstrap: &str, tag: &str, n: usize) {
     drop(state);
     let cpu0 = cpu_seconds("self");
     let t = Instant::now();
-    let stores = banditflow::kafka::store::read_partitions(
-        bootstrap_config(bootstrap),
-        &topic,
-        &[0],
-        Duration::from_secs(300),
-    )
-    .expect("read");
+    let read = |topic: &str| {
+        banditflow::kafka::store::read_partitions(
+            bootstrap_config(bootstrap),
+            topic,
+            &[0],
+            Duration::from_secs(300),
+        )
+        .expect("read")
+        .remove(&0)
+        .expect("partition 0")
+    };
+    let (snapshots, changes) = (read(&topic), read(&changelog));
     let read = t.elapsed().as_secs_f64();
-    let restored = banditflow::kafka::store::restore_partition(&config, 0, &stores[&0]).expect("restores");
+    let restored =
+        banditflow::kafka::store::restore_partition(&config, 0, &snapshots, &changes).expect("restores");
     let total = t.elapsed().as_secs_f64();
     let cpu = cpu_seconds("self") - cpu0;
     assert_eq!(restored.join.buffered_impressions(), retained);

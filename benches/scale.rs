@@ -10,9 +10,9 @@
 //!    whole catalogue;
 //! 2. steady traffic: BENCH_RATE impressions/s (6-item slates of uniformly drawn items and
 //!    segments, a click on 3 % of them) for BENCH_SECONDS, spread over BENCH_PARTITIONS;
-//! 3. the snapshot topic's bytes (key + value, committed records) written between the end of
-//!    the warm-up and the end of the steady phase, per second, by kind of key; and the CPU
-//!    seconds the processor spent per steady-phase event.
+//! 3. the bytes (key + value, committed records) written to the snapshot topic and to the
+//!    changelog topic between the end of the warm-up and the end of the steady phase, per
+//!    second, by kind of key; and the CPU seconds the processor spent per steady-phase event.
 //!
 //! Run: `scripts/kafka.sh start && BANDITFLOW_KAFKA_BOOTSTRAP=127.0.0.1:39092 cargo bench --bench scale`
 //! Environment: BENCH_PARTITIONS (12), BENCH_SEGMENTS (3), BENCH_ITEMS (20,000), BENCH_RATE
@@ -30,9 +30,7 @@ mod broker;
 use broker::{committed, config_file, cpu_seconds, env_or, produce, start_binary, stop};
 
 use banditflow::core::blob::LatestByKey;
-use banditflow::core::event::{
-    self, Encoding, Event, Feedback, FeedbackKind, Impression, SlateEntry, TopicRole, Variant,
-};
+use banditflow::core::event::{self, Encoding, Event, Feedback, FeedbackKind, TopicRole};
 use banditflow::kafka::{admin, bootstrap_config, now_ms};
 
 const SLATE: usize = 6;
@@ -45,26 +43,7 @@ struct Shop {
 
 impl Shop {
     fn impression(&self, id: &str, t: i64, segment: usize, items: &[usize]) -> Event {
-        Event::Impression(Impression {
-            impression_id: id.into(),
-            time_ms: t,
-            model_id: "home".into(),
-            model_version: 0,
-            variant: Variant::Treatment,
-            segment: format!("seg-{segment}"),
-            features: Vec::new(),
-            slate: items
-                .iter()
-                .enumerate()
-                .map(|(i, it)| SlateEntry {
-                    item_id: format!("item-{it:05}"),
-                    position: i as u32 + 1,
-                    propensity: 0.5,
-                    score: 0.0,
-                })
-                .collect(),
-            opted_out: false,
-        })
+        broker::impression(id, t, segment, items)
     }
 
     /// The input partition of a record keyed `key` (its impression id).
@@ -223,14 +202,24 @@ fn bytes_between(
     out
 }
 
-/// One binary through warm-up and steady traffic; prints and returns its snapshot-topic bytes
-/// per second.
-fn run(bootstrap: &str, shop: &Shop, bin: &str, label: &str, rate: f64, seconds: f64) -> f64 {
+/// One binary through warm-up and steady traffic; prints and returns the bytes per second it
+/// wrote to (the snapshot topic, the snapshot and changelog topics together). A build before
+/// the changelog topic writes its attribution changelog to the snapshot topic.
+fn run(bootstrap: &str, shop: &Shop, bin: &str, label: &str, rate: f64, seconds: f64) -> (f64, f64) {
     let tag = format!("scale-{}-{}", now_ms(), label.replace(' ', "-"));
     let topic = format!("{tag}-events");
     let snapshots = format!("{tag}-snapshots");
-    admin::create_topics(bootstrap, &[(&topic, shop.partitions, false), (&snapshots, shop.partitions, true)])
-        .expect("topics");
+    // The default name for the snapshot topic.
+    let changelog = format!("{snapshots}-changelog");
+    admin::create_topics(
+        bootstrap,
+        &[
+            (&topic, shop.partitions, false),
+            (&snapshots, shop.partitions, true),
+            (&changelog, shop.partitions, true),
+        ],
+    )
+    .expect("topics");
     let dir = tempfile::tempdir().expect("tmp");
     let cfg = config_file(dir.path(), bootstrap, &topic, &tag);
     let warm = shop.warm_up(now_ms());
@@ -249,6 +238,7 @@ fn run(bootstrap: &str, shop: &Shop, bin: &str, label: &str, rate: f64, seconds:
     // Past the warm-up's last transaction (it may still be in flight when its offsets show).
     std::thread::sleep(Duration::from_secs(3));
     let from = end_offsets(bootstrap, &snapshots, shop.partitions);
+    let from_changelog = end_offsets(bootstrap, &changelog, shop.partitions);
     let (t0, cpu0) = (Instant::now(), cpu_seconds(&pid));
     let n = steady(bootstrap, &topic, shop, rate, seconds, 7);
     println!("{label}: {n} events of steady traffic produced in {:.1} s", t0.elapsed().as_secs_f64());
@@ -267,19 +257,27 @@ fn run(bootstrap: &str, shop: &Shop, bin: &str, label: &str, rate: f64, seconds:
     }
     let (elapsed, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds(&pid) - cpu0);
     let to = end_offsets(bootstrap, &snapshots, shop.partitions);
+    let to_changelog = end_offsets(bootstrap, &changelog, shop.partitions);
     stop(child);
-    let bytes = bytes_between(bootstrap, &snapshots, &from, &to);
+    let mut bytes = bytes_between(bootstrap, &snapshots, &from, &to);
+    let on_snapshots: usize = bytes.iter().filter(|(k, _)| **k != "arm count").map(|(_, b)| b.0).sum();
+    for (k, (b, n)) in bytes_between(bootstrap, &changelog, &from_changelog, &to_changelog) {
+        let e = bytes.entry(k).or_default();
+        e.0 += b;
+        e.1 += n;
+    }
     let arms_written = bytes.get("arm count").map(|b| b.1);
     let sum: usize = bytes.iter().filter(|(k, _)| **k != "arm count").map(|(_, b)| b.0).sum();
     let per_s = |k: &str| bytes.get(k).map_or(0, |b| b.0) as f64 / elapsed;
     // Every commit writes each partition's checkpoint header once.
     let commits = bytes.get("checkpoint").map_or(0, |b| b.1) as f64 / f64::from(shop.partitions);
     println!(
-        "{label}: {:.0} B/s to the snapshot topic over {elapsed:.1} s of steady traffic ({n} events): \
-         models {:.0} B/s (heads or whole shards) + {:.0} B/s (arm segments), changelog {:.0} B/s, held {:.0} B/s, checkpoints {:.0} B/s; \
+        "{label}: {:.0} B/s to the snapshot and changelog topics ({:.0} B/s to the snapshot topic) over {elapsed:.1} s \
+         of steady traffic ({n} events): models {:.0} B/s (heads or whole shards) + {:.0} B/s (arm segments), changelog {:.0} B/s, held {:.0} B/s, checkpoints {:.0} B/s; \
          {:.1} CPU µs per event ({:.2} cores); {:.2} commits per partition and second \
          (every {:.2} s), {:.0} B per commit, {:.0} B per head record, {:.1} B per arm written",
         sum as f64 / elapsed,
+        on_snapshots as f64 / elapsed,
         per_s("models"),
         per_s("arms"),
         per_s("changelog"),
@@ -293,7 +291,7 @@ fn run(bootstrap: &str, shop: &Shop, bin: &str, label: &str, rate: f64, seconds:
         bytes.get("models").map_or(0.0, |b| b.0 as f64 / b.1.max(1) as f64),
         arms_written.map_or(f64::NAN, |n| per_s("arms") * elapsed / n as f64),
     );
-    sum as f64 / elapsed
+    (on_snapshots as f64 / elapsed, sum as f64 / elapsed)
 }
 
 fn main() {
@@ -318,6 +316,10 @@ fn main() {
     let this = run(&bootstrap, &shop, env!("CARGO_BIN_EXE_banditflow"), "this build", rate, seconds);
     if let Some(bin) = std::env::var("BENCH_BASELINE_BIN").ok().filter(|b| !b.is_empty()) {
         let base = run(&bootstrap, &shop, &bin, "baseline", rate, seconds);
-        println!("snapshot-topic bytes per second: baseline / this build = {:.1}×", base / this);
+        println!(
+            "bytes per second, baseline / this build: snapshot topic {:.1}×, both state topics {:.1}×",
+            base.0 / this.0,
+            base.1 / this.1
+        );
     }
 }

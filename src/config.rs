@@ -98,6 +98,8 @@ struct RawKafka {
     group_id: String,
     instance_id: toml::Value,
     snapshot_topic: String,
+    #[serde(default)]
+    changelog_topic: Option<String>,
     dead_letter_topic: String,
     create_topics: bool,
     replication_factor: i64,
@@ -124,6 +126,10 @@ pub struct KafkaSpec {
     pub group_id: String,
     pub instance_id: String,
     pub snapshot_topic: String,
+    /// The attribution changelog's compacted topic (`buf/…`, `held/…`), written in the same
+    /// transaction as the snapshot topic, which serving nodes never read. Default
+    /// `<snapshot_topic>-changelog`.
+    pub changelog_topic: String,
     pub dead_letter_topic: String,
     pub create_topics: bool,
     pub replication_factor: i32,
@@ -869,11 +875,21 @@ fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, Config
     };
     let snapshot_topic = non_empty("kafka.snapshot_topic", k.snapshot_topic)?;
     let dead_letter_topic = non_empty("kafka.dead_letter_topic", k.dead_letter_topic)?;
-    for (field, t) in
-        [("kafka.snapshot_topic", &snapshot_topic), ("kafka.dead_letter_topic", &dead_letter_topic)]
-    {
-        if topics.iter().any(|i| &i.name == t) {
-            return Err(field_err(field, format!("`{t}` is also an input topic")));
+    let changelog_topic = match k.changelog_topic {
+        None => format!("{snapshot_topic}-changelog"),
+        Some(t) => non_empty("kafka.changelog_topic", t)?,
+    };
+    let outputs = [
+        ("kafka.snapshot_topic", &snapshot_topic),
+        ("kafka.dead_letter_topic", &dead_letter_topic),
+        ("kafka.changelog_topic", &changelog_topic),
+    ];
+    for (i, (field, t)) in outputs.iter().enumerate() {
+        if topics.iter().any(|input| &input.name == *t) {
+            return Err(field_err(*field, format!("`{t}` is also an input topic")));
+        }
+        if let Some((other, _)) = outputs[..i].iter().find(|(_, o)| o == t) {
+            return Err(field_err(*field, format!("`{t}` is also {other}")));
         }
     }
     let positive_ms = |field: &str, s: &str| {
@@ -934,6 +950,7 @@ fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, Config
         group_id: non_empty("kafka.group_id", k.group_id)?,
         instance_id: non_empty("kafka.instance_id", instance_id)?,
         snapshot_topic,
+        changelog_topic,
         dead_letter_topic,
         create_topics: k.create_topics,
         replication_factor: i32::try_from(count("kafka.replication_factor", k.replication_factor)?)
@@ -1056,6 +1073,9 @@ mod tests {
             ("[serving]\nproduce_timeout = \"soon\"", &[], "serving.produce_timeout"),
             ("[policy]\npropensity_rse = 1.0", &[], "policy.propensity_rse"),
             ("[kafka]\nsnapshot_topic = \"feedback\"", &[], "kafka.snapshot_topic"),
+            ("[kafka]\nchangelog_topic = \"banditflow-snapshots\"", &[], "kafka.changelog_topic"),
+            ("[kafka]\nchangelog_topic = \"banditflow-dead-letters\"", &[], "kafka.changelog_topic"),
+            ("[kafka]\nchangelog_topic = \"\"", &[], "kafka.changelog_topic"),
             ("", &[("BANDITFLOW__KAFKA__GROUP_ID", "\"\"")], "kafka.group_id"),
             (
                 "[kafka]\ntransaction_timeout = \"10s\"\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"",

@@ -127,10 +127,50 @@ pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> 
         .unwrap_or(0)
 }
 
+/// An impression of model `home` by `segment` (`seg-<n>`) showing `items` (`item-<nnnnn>`) in
+/// order, each at propensity 0.5.
+pub fn impression(id: &str, t: i64, segment: usize, items: &[usize]) -> banditflow::core::event::Event {
+    use banditflow::core::event::{Event, Impression, SlateEntry, Variant};
+    Event::Impression(Impression {
+        impression_id: id.into(),
+        time_ms: t,
+        model_id: "home".into(),
+        model_version: 0,
+        variant: Variant::Treatment,
+        segment: format!("seg-{segment}"),
+        features: Vec::new(),
+        slate: items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| SlateEntry {
+                item_id: format!("item-{it:05}"),
+                position: i as u32 + 1,
+                propensity: 0.5,
+                score: 0.0,
+            })
+            .collect(),
+        opted_out: false,
+    })
+}
+
 /// A processor configuration for one combined protobuf topic, its snapshot topic `<tag>-snapshots`
 /// and group `<tag>-group`; `kafka.snapshot_interval` from BENCH_SNAPSHOT_INTERVAL, else the
 /// binary's default; `/metrics` on BENCH_METRICS_ADDRESS, else none.
 pub fn config_file(dir: &std::path::Path, bootstrap: &str, topic: &str, tag: &str) -> std::path::PathBuf {
+    let metrics = std::env::var("BENCH_METRICS_ADDRESS").unwrap_or_default();
+    config_file_with(dir, bootstrap, topic, tag, &metrics, "")
+}
+
+/// [`config_file`] with `/metrics` on `metrics` (none if empty) and `extra` appended (e.g. a
+/// `[serving]` table).
+pub fn config_file_with(
+    dir: &std::path::Path,
+    bootstrap: &str,
+    topic: &str,
+    tag: &str,
+    metrics: &str,
+    extra: &str,
+) -> std::path::PathBuf {
     let path = dir.join(format!("{tag}.toml"));
     std::fs::write(
         &path,
@@ -144,8 +184,7 @@ group_id = "{tag}-group"
 snapshot_topic = "{tag}-snapshots"
 dead_letter_topic = "{tag}-dlq"
 metrics_address = "{metrics}"
-{interval}"#,
-            metrics = std::env::var("BENCH_METRICS_ADDRESS").unwrap_or_default(),
+{interval}{extra}"#,
             interval = std::env::var("BENCH_SNAPSHOT_INTERVAL")
                 .map(|i| format!("snapshot_interval = \"{i}\"\n"))
                 .unwrap_or_default()

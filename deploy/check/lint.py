@@ -314,6 +314,16 @@ def check_configs():
             model_keys |= set(model)
     topic_keys = {key for topic in default["input"]["topics"] for key in topic}
     reference = {k: v for k, v in default.items() if k != "models"}
+    # Optional fields default.toml documents commented out (`# name = value` in a section).
+    section = None
+    for line in (root / "config" / "default.toml").read_text().splitlines():
+        if m := re.match(r"^\[([a-z_.]+)\]\s*$", line):
+            section = m.group(1).split(".")
+        elif (m := re.match(r"^# ([a-z_]+) = \S", line)) and section and section[0] != "models":
+            table = reference
+            for part in section:
+                table = table.setdefault(part, {})
+            table.setdefault(m.group(1), None)
     configmap = yaml.safe_load((DEPLOY / "kubernetes" / "configmap.yaml").read_text())
     sources = {
         "compose/banditflow.toml": (DEPLOY / "compose" / "banditflow.toml").read_text(),

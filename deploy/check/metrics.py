@@ -52,6 +52,7 @@ PROCESSOR = {
     "banditflow_snapshot_bytes": ("gauge", ("model", "partition"), {"model": ["home", "search"], "partition": ["0", "1"]}),
     "banditflow_snapshot_version": ("gauge", ("model", "partition"), {"model": ["home", "search"], "partition": ["0", "1"]}),
     "banditflow_snapshot_written_bytes_total": ("counter", (), {}),
+    "banditflow_changelog_written_bytes_total": ("counter", (), {}),
     "banditflow_snapshot_last_success_timestamp_seconds": ("gauge", (), {}),
     "banditflow_event_to_snapshot_seconds": ("histogram", (), {}),
     "banditflow_buffered_impressions": ("gauge", ("partition",), {"partition": ["0", "1"]}),

@@ -57,6 +57,7 @@ COUNTER_RATES = {
     "banditflow_transactions_total": lambda l: 1.0 if l["result"] == "committed" else 0.0,
     "banditflow_snapshots_published_total": lambda l: 2.0 if l["result"] == "ok" else 0.0,
     "banditflow_snapshot_written_bytes_total": lambda l: 250_000.0,
+    "banditflow_changelog_written_bytes_total": lambda l: 60_000.0,
     "banditflow_changelog_copied_total": lambda l: 20.0,
     "banditflow_serving_requests_total": lambda l: {("rank", "200"): 100.0, ("feedback", "202"): 60.0, ("rank", "422"): 0.5}.get(
         (l["endpoint"], l["status"]), 0.0),

@@ -1,11 +1,19 @@
-//! Saving and restoring a whole partition. The [`PartitionState`] is stored as records of the
-//! snapshot topic, all written in one transaction per version:
+//! Saving and restoring a whole partition. The [`PartitionState`] is stored as records of two
+//! compacted topics, all written in one transaction per version. On the snapshot topic, which
+//! serving nodes follow:
 //!
 //! - `checkpoint/<p>`: a `PartitionCheckpoint` header (offsets, counters, watermark input);
+//! - `model/<model>/<p>` and `model/<model>/<p>/<sequence>`: each model's head and arm
+//!   segments (`core::armlog`).
+//!
+//! On the changelog topic ([`is_changelog_key`]), which only restoring processors read:
+//!
 //! - `buf/<p>/<sequence>`: changelog segments of the attribution buffer (`BufferSegment`,
 //!   zstd-compressed): the entries written or changed since the previous save, in one record;
-//! - `held/<p>/<sequence>`: one `HeldFeedback` per feedback waiting for its impression;
-//! - `model/<model>/<p>`: one `ModelSnapshot` per model.
+//! - `held/<p>/<sequence>`: one `HeldFeedback` per feedback waiting for its impression.
+//!
+//! Builds before the changelog topic kept `buf/` and `held/` on the snapshot topic: restore
+//! reads them there too and the next save moves them ([`JoinChanges::moved`]).
 //!
 //! The buffer is a changelog, so the cost of a save follows the traffic, not the size of the
 //! buffer, and it is written in batched, compressed segments rather than a record per
@@ -72,6 +80,13 @@ pub fn header_key(partition: i32) -> String {
 /// Key of a format-1 buffered-impression record (restored, then deleted).
 pub fn impression_key(partition: i32, id: &str) -> String {
     format!("imp/{partition}/{}", escape_key_part(id))
+}
+
+/// Whether `key` (a stored key or one of its chunks) belongs on the changelog topic: buffer
+/// segments and held feedback. Everything else (headers, model heads and arm segments, and the
+/// format-1 `imp/` records, which are only ever deleted) is on the snapshot topic.
+pub fn is_changelog_key(key: &str) -> bool {
+    key.starts_with("buf/") || key.starts_with("held/")
 }
 
 pub fn segment_key(partition: i32, sequence: u32) -> String {
@@ -156,6 +171,9 @@ pub struct SavedPartition {
     pub puts: Vec<(String, Vec<u8>)>,
     /// Keys to delete (tombstones).
     pub deletes: Vec<String>,
+    /// Changelog keys an older build stored on the snapshot topic, to delete there: their
+    /// values are among `puts` (first), bound for the changelog topic.
+    pub moved: Vec<String>,
     /// (model id, the shard's head: an encoded ModelSnapshot of format 2 whose arms are in the
     /// arm segments of `puts`, `core::armlog`), in configuration order.
     pub models: Vec<(String, Vec<u8>)>,
@@ -454,9 +472,12 @@ fn plan_compaction(join: &mut AttributionJoin) {
 
 /// The records for everything that changed since the previous save; takes the changes.
 pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartition {
-    let changes = std::mem::take(&mut state.join.changes);
+    let mut changes = std::mem::take(&mut state.join.changes);
     let p = state.partition;
-    let mut puts = Vec::new();
+    // Values moved from the snapshot topic go first: anything this save writes or deletes
+    // under the same key comes after them.
+    let moved: Vec<String> = changes.moved.iter().map(|(k, _)| k.clone()).collect();
+    let mut puts: Vec<(String, Vec<u8>)> = std::mem::take(&mut changes.moved);
     let mut deletes: Vec<String> = Vec::new();
     plan_compaction(&mut state.join);
     let buf = &mut state.join.buffer;
@@ -520,7 +541,7 @@ pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartiti
     deletes.extend(changes.models_retired.iter().map(|m| model_key(m, p)));
     deletes.extend(changes.keys_deleted.iter().cloned());
     let models = save_models(spec, state, false, &mut puts, &mut deletes);
-    SavedPartition { header: header(spec, state), puts, deletes, models }
+    SavedPartition { header: header(spec, state), puts, deletes, moved, models }
 }
 
 /// The records for the whole state (the buffer in one segment), as for an empty store.
@@ -543,7 +564,7 @@ pub fn save_all(spec: &CoreSpec, state: &PartitionState) -> SavedPartition {
     state_for_header.join.buffer.segments = BTreeMap::from([(seq, only)]);
     let mut deletes = Vec::new();
     let models = save_models(spec, &mut state_for_header, true, &mut puts, &mut deletes);
-    SavedPartition { header: header(spec, &state_for_header), puts, deletes, models }
+    SavedPartition { header: header(spec, &state_for_header), puts, deletes, moved: Vec::new(), models }
 }
 
 /// Restores a segment entry, or a format-1 record, as a join entry: names interned.

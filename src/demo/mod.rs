@@ -313,7 +313,11 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Outcome> {
                 snapshots: "banditflow-snapshots".into(),
                 dead_letters: "banditflow-dead-letters".into(),
             };
-            for t in [&topics.impressions, &topics.feedback, &topics.snapshots, &topics.dead_letters] {
+            // The changelog topic under its default name for the snapshot topic.
+            let changelog = format!("{}-changelog", topics.snapshots);
+            for t in
+                [&topics.impressions, &topics.feedback, &topics.snapshots, &changelog, &topics.dead_letters]
+            {
                 mock.create_topic(t, opts.partitions, 1)
                     .with_context(|| format!("creating `{t}` on the mock cluster"))?;
             }
@@ -334,6 +338,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Outcome> {
                     (&topics.impressions, opts.partitions, false),
                     (&topics.feedback, opts.partitions, false),
                     (&topics.snapshots, opts.partitions, true),
+                    (&format!("{}-changelog", topics.snapshots), opts.partitions, true),
                     (&topics.dead_letters, opts.partitions, false),
                 ],
             )?;

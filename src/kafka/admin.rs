@@ -1,6 +1,7 @@
-//! Start-up checks of the topics: inputs exist and are co-partitioned; the snapshot topic is
-//! compacted with a partition per input partition (created if missing and allowed); the
-//! dead-letter topic exists (created if missing and allowed). Every refusal says what to fix.
+//! Start-up checks of the topics: inputs exist and are co-partitioned; the snapshot and
+//! changelog topics are compacted with a partition per input partition (created if missing and
+//! allowed); the dead-letter topic exists (created if missing and allowed). Every refusal says
+//! what to fix.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -73,42 +74,41 @@ pub fn prepare_topics(config: &Config) -> anyhow::Result<i32> {
         super::client_config(k).create().context("creating an admin client")?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let mut to_create = Vec::new();
-    match counts.get(&k.snapshot_topic) {
-        Some(m) if *m < n => bail!(
-            "snapshot topic `{}` has {m} partitions but the inputs have {n}; it needs one per input partition \
-             (delete it to let banditflow create it, or add partitions)",
-            k.snapshot_topic
-        ),
-        Some(_) => {
-            let res = runtime
-                .block_on(admin.describe_configs(&[ResourceSpecifier::Topic(&k.snapshot_topic)], &opts))
-                .map_err(|e| NotYet(format!("describing the snapshot topic: {e}")))?;
-            let policy = res
-                .into_iter()
-                .filter_map(Result::ok)
-                .flat_map(|r| r.entries)
-                .find(|e| e.name == "cleanup.policy")
-                .and_then(|e| e.value)
-                .unwrap_or_default();
-            if !compacted_only(&policy) {
-                bail!(
-                    "snapshot topic `{topic}` has cleanup.policy={policy}; it must be `compact` alone: with \
-                     `delete`, segments older than retention.ms are deleted, and with them state that must \
-                     outlive them (the default funnel keeps purchased impressions 30 days; a model or a \
-                     checkpoint that did not change recently), so partitions would be restored without it. \
-                     Set it with: kafka-configs.sh --alter --entity-type topics --entity-name {topic} \
-                     --add-config cleanup.policy=compact",
-                    topic = k.snapshot_topic
-                );
+    for (role, topic) in [("snapshot", &k.snapshot_topic), ("changelog", &k.changelog_topic)] {
+        match counts.get(topic) {
+            Some(m) if *m < n => bail!(
+                "{role} topic `{topic}` has {m} partitions but the inputs have {n}; it needs one per input \
+                 partition (delete it to let banditflow create it, or add partitions)"
+            ),
+            Some(_) => {
+                let res = runtime
+                    .block_on(admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &opts))
+                    .map_err(|e| NotYet(format!("describing the {role} topic: {e}")))?;
+                let policy = res
+                    .into_iter()
+                    .filter_map(Result::ok)
+                    .flat_map(|r| r.entries)
+                    .find(|e| e.name == "cleanup.policy")
+                    .and_then(|e| e.value)
+                    .unwrap_or_default();
+                if !compacted_only(&policy) {
+                    bail!(
+                        "{role} topic `{topic}` has cleanup.policy={policy}; it must be `compact` alone: with \
+                         `delete`, segments older than retention.ms are deleted, and with them state that must \
+                         outlive them (the default funnel keeps purchased impressions 30 days; a model or a \
+                         checkpoint that did not change recently), so partitions would be restored without it. \
+                         Set it with: kafka-configs.sh --alter --entity-type topics --entity-name {topic} \
+                         --add-config cleanup.policy=compact"
+                    );
+                }
             }
-        }
-        None if k.create_topics => to_create.push((k.snapshot_topic.clone(), n, true)),
-        None => {
-            return Err(NotYet(format!(
-                "snapshot topic `{}` does not exist and kafka.create_topics is false",
-                k.snapshot_topic
-            ))
-            .into())
+            None if k.create_topics => to_create.push((topic.clone(), n, true)),
+            None => {
+                return Err(NotYet(format!(
+                    "{role} topic `{topic}` does not exist and kafka.create_topics is false"
+                ))
+                .into())
+            }
         }
     }
     if !counts.contains_key(&k.dead_letter_topic) {

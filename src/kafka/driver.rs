@@ -19,7 +19,7 @@
 //! most one transaction runs at a time: the next commit, a rebalance and the end of a session
 //! first wait for it, and its failure discards the session as above.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -237,7 +237,7 @@ fn session(
         session: Mutex::new(Some(Session {
             config: Arc::clone(config),
             runtime: runtime.handle().clone(),
-            txn: Some(Txn { config: Arc::clone(config), producer, chunks: HashMap::new() }),
+            txn: Some(Txn { config: Arc::clone(config), producer, chunks: Default::default() }),
             inflight: None,
             tasks: BTreeMap::new(),
             poisoned: None,

@@ -5,7 +5,7 @@
 //! on a thread of its own while the other partitions go on. Each partition restores within
 //! `kafka.restore_timeout` of its own.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,7 +44,7 @@ pub const REASONS: [&str; 7] = [
 /// A partition restored, with the chunk counts of its stored keys (for the transaction writer).
 pub(super) struct Restored {
     pub(super) state: PartitionState,
-    pub(super) chunks: HashMap<String, u32>,
+    pub(super) chunks: super::txn::ChunkCounts,
 }
 
 /// An assigned partition that could not be restored.
@@ -64,24 +64,31 @@ pub(super) fn backoff(attempts: u32) -> Duration {
     RETRY_FIRST.saturating_mul(1u32 << attempts.saturating_sub(1).min(16)).min(RETRY_MAX)
 }
 
-/// Restores partition `p` from the snapshot topic within `kafka.restore_timeout`.
+/// Restores partition `p` from the snapshot and changelog topics within
+/// `kafka.restore_timeout`.
 pub(super) fn restore_one(config: &Config, p: i32) -> Result<Restored, Failure> {
     let k = &config.kafka;
     let timeout = Duration::from_millis(k.restore_timeout_ms as u64);
-    let stores = store::read_partitions(super::consumer_config(k), &k.snapshot_topic, &[p], timeout)
-        .map_err(|e| {
-            let reason = if format!("{e:#}").contains("did not reach the end") {
-                "restore_timeout"
-            } else {
-                "snapshot_unreadable"
-            };
-            Failure { reason, error: e.context(format!("reading snapshot-topic partition {p}")) }
-        })?;
-    let s = stores.get(&p).ok_or_else(|| Failure {
-        reason: "snapshot_unreadable",
-        error: anyhow!("snapshot-topic partition {p} was not read"),
-    })?;
-    let state = store::restore_partition(config, p, s).map_err(|e| {
+    let started = std::time::Instant::now();
+    let read = |topic: &str, timeout: Duration| {
+        let mut stores =
+            store::read_partitions(super::consumer_config(k), topic, &[p], timeout).map_err(|e| {
+                let reason = if format!("{e:#}").contains("did not reach the end") {
+                    "restore_timeout"
+                } else {
+                    "snapshot_unreadable"
+                };
+                Failure { reason, error: e.context(format!("reading partition {p} of `{topic}`")) }
+            })?;
+        stores.remove(&p).ok_or_else(|| Failure {
+            reason: "snapshot_unreadable",
+            error: anyhow!("partition {p} of `{topic}` was not read"),
+        })
+    };
+    let snapshots = read(&k.snapshot_topic, timeout)?;
+    let changelog =
+        read(&k.changelog_topic, timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1)))?;
+    let state = store::restore_partition(config, p, &snapshots, &changelog).map_err(|e| {
         let reason = match e.chain().find_map(|c| c.downcast_ref::<SnapshotError>()) {
             Some(SnapshotError::Missing(_)) => "incomplete",
             Some(SnapshotError::CheckpointVersion { .. } | SnapshotError::Version { .. }) => "format_version",
@@ -89,12 +96,16 @@ pub(super) fn restore_one(config: &Config, p: i32) -> Result<Restored, Failure> 
         };
         Failure { reason, error: e }
     })?;
-    Ok(Restored { state, chunks: store::chunk_counts(s) })
+    let chunks = super::txn::ChunkCounts {
+        snapshot: store::chunk_counts(&snapshots),
+        changelog: store::chunk_counts(&changelog),
+    };
+    Ok(Restored { state, chunks })
 }
 
-/// Checks that partition `p` exists on every input topic and on the snapshot topic, given the
-/// partition counts read at assignment; adds snapshot-topic partitions for input partitions
-/// added while running (when `kafka.create_topics` allows it).
+/// Checks that partition `p` exists on every input topic and on the snapshot and changelog
+/// topics, given the partition counts read at assignment; adds their partitions for input
+/// partitions added while running (when `kafka.create_topics` allows it).
 pub(super) fn check_partition(
     config: &Config,
     counts: &BTreeMap<String, i32>,
@@ -118,32 +129,33 @@ pub(super) fn check_partition(
         });
     }
     let inputs = config.topics.iter().filter_map(|t| counts.get(&t.name)).max().copied().unwrap_or(0);
-    match counts.get(&k.snapshot_topic) {
-        Some(n) if *n > p => Ok(()),
-        Some(n) if k.create_topics => {
-            super::admin::add_partitions(config, &k.snapshot_topic, inputs).map_err(|e| Failure {
-                reason: "no_snapshot_partition",
-                error: e.context(format!(
-                    "input partition {p} has no snapshot-topic partition (`{}` has {n}) and adding them failed",
-                    k.snapshot_topic
-                )),
-            })?;
-            tracing::info!(topic = %k.snapshot_topic, from = n, to = inputs, "added snapshot-topic partitions for new input partitions");
-            Ok(())
+    for topic in [&k.snapshot_topic, &k.changelog_topic] {
+        match counts.get(topic) {
+            Some(n) if *n > p => {}
+            Some(n) if k.create_topics => {
+                super::admin::add_partitions(config, topic, inputs).map_err(|e| Failure {
+                    reason: "no_snapshot_partition",
+                    error: e.context(format!(
+                        "input partition {p} has no partition on `{topic}` (it has {n}) and adding them failed"
+                    )),
+                })?;
+                tracing::info!(%topic, from = n, to = inputs, "added partitions for new input partitions");
+            }
+            Some(n) => {
+                return Err(Failure {
+                    reason: "no_snapshot_partition",
+                    error: anyhow!(
+                        "input partition {p} has no partition on `{topic}` (it has {n}, the inputs {inputs}) and \
+                         kafka.create_topics is false: add partitions to it (kafka-topics.sh --alter --topic \
+                         {topic} --partitions {inputs})"
+                    ),
+                })
+            }
+            // Counts unknown (metadata unreadable): the restore finds out.
+            None => {}
         }
-        Some(n) => Err(Failure {
-            reason: "no_snapshot_partition",
-            error: anyhow!(
-                "input partition {p} has no snapshot-topic partition (`{}` has {n}, the inputs {inputs}) and \
-                 kafka.create_topics is false: add partitions to it (kafka-topics.sh --alter --topic {} \
-                 --partitions {inputs})",
-                k.snapshot_topic,
-                k.snapshot_topic
-            ),
-        }),
-        // Counts unknown (metadata unreadable): the restore finds out.
-        None => Ok(()),
     }
+    Ok(())
 }
 
 impl Session {

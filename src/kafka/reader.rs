@@ -42,7 +42,8 @@ pub enum Keys {
     /// Model snapshots (heads `model/<m>/<p>`, arm segments `model/<m>/<p>/<seq>` and their
     /// chunks) and partition checkpoints
     /// (`checkpoint/<p>`, which say that a partition has state): what serving nodes and tools
-    /// need. The attribution changelog is skipped.
+    /// need. Attribution changelog records an older build wrote here (before they had a topic
+    /// of their own) are skipped.
     Models,
 }
 

@@ -1,11 +1,14 @@
-//! The snapshot topic: record keys, restoring partitions from it, and reading every model.
+//! The snapshot and changelog topics: record keys, restoring partitions from them, and reading
+//! every model.
 //!
-//! Layout: the state of input partition `p` lives in snapshot-topic partition `p`, under the
-//! keys of `core::checkpoint` (`checkpoint/<p>`, `buf/<p>/<seq>`, `held/<p>/<seq>`, the
-//! model heads `model/<model>/<p>` and their arm segments `model/<model>/<p>/<seq>`, and
-//! format 1's `imp/<p>/<id>`), written in one transaction per version. Values are `StoredBlob`s,
-//! chunked when large (see `core::blob`). Restoring reads the partition from the
-//! beginning to its end with read_committed, so only committed transactions are seen.
+//! Layout: the state of input partition `p` lives in partition `p` of both topics, under the
+//! keys of `core::checkpoint`, written in one transaction per version: on the snapshot topic
+//! `checkpoint/<p>`, the model heads `model/<model>/<p>` and their arm segments
+//! `model/<model>/<p>/<seq>` (and format 1's `imp/<p>/<id>`, only ever deleted); on the
+//! changelog topic the attribution changelog, `buf/<p>/<seq>` and `held/<p>/<seq>`
+//! (`checkpoint::is_changelog_key`). Values are `StoredBlob`s, chunked when large (see
+//! `core::blob`). Restoring reads the partition of both from the beginning to its end with
+//! read_committed, so only committed transactions are seen.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -53,8 +56,8 @@ pub fn watermarks(
     Ok(out)
 }
 
-/// Reads snapshot-topic partitions to their current end (every key) and returns the newest
-/// value per key of each: what restoring a partition needs.
+/// Reads partitions of the snapshot or changelog topic to their current end (every key) and
+/// returns the newest value per key of each: what restoring a partition needs.
 pub fn read_partitions(
     client: rdkafka::config::ClientConfig,
     topic: &str,
@@ -64,14 +67,17 @@ pub fn read_partitions(
     super::reader::read_to_end(client, topic, partitions, Keys::All, timeout)
 }
 
-/// A partition's state rebuilt from its stored values (a fresh state if there are none).
+/// A partition's state rebuilt from its stored values on the snapshot topic (`snapshots`) and
+/// the changelog topic (`changelog`); a fresh state if there are none. Changelog values an
+/// older build kept on the snapshot topic are read there and moved by the next save.
 pub fn restore_partition(
     config: &Config,
     partition: i32,
-    store: &LatestByKey,
+    snapshots: &LatestByKey,
+    changelog: &LatestByKey,
 ) -> anyhow::Result<PartitionState> {
     let inputs = config.topics.iter().map(|t| t.name.as_str());
-    let Some((version, cp)) = store.get(&checkpoint_key(partition))? else {
+    let Some((version, cp)) = snapshots.get(&checkpoint_key(partition))? else {
         let mut state = PartitionState::new(&config.core, partition);
         state.declare_inputs(inputs);
         return Ok(state);
@@ -85,14 +91,30 @@ pub fn restore_partition(
     // Keys written by older versions: read, then deleted (model keys of unescaped ids are
     // written again under their escaped key; format-1 impressions go into a segment).
     let mut legacy_keys = Vec::new();
-    for key in store.values.keys() {
+    // Changelog values on the snapshot topic: read, then moved to the changelog topic.
+    let mut moved = Vec::new();
+    for key in changelog.values.keys() {
+        if key.contains('#') {
+            continue;
+        }
+        if key.starts_with(&seg_prefix) || key.starts_with(&held_prefix) {
+            if let Some((_, bytes)) = changelog.get(key)? {
+                if key.starts_with(&seg_prefix) {
+                    segments.push((key.clone(), bytes));
+                } else {
+                    held.push(bytes);
+                }
+            }
+        }
+    }
+    for key in snapshots.values.keys() {
         // Ids are escaped in keys (`checkpoint::escape_key_part`), so `#` marks a chunk only.
         if key.contains('#') {
             continue;
         }
         if checkpoint::parse_model_key(key).is_some_and(|(_, p)| p == partition) {
             // A head of another version is not this checkpoint's.
-            if let Some((v, bytes)) = store.get(key)? {
+            if let Some((v, bytes)) = snapshots.get(key)? {
                 if v == version {
                     model_values.push((key.clone(), bytes));
                 }
@@ -102,21 +124,28 @@ pub fn restore_partition(
                 legacy_keys.push(key.clone());
             }
         } else if armlog::parse_segment_key(key).is_some_and(|(_, p, _)| p == partition) {
-            if let Some((_, bytes)) = store.get(key)? {
+            if let Some((_, bytes)) = snapshots.get(key)? {
                 model_values.push((key.clone(), bytes));
             }
-        } else if key.starts_with(&seg_prefix) {
-            if let Some((_, bytes)) = store.get(key)? {
-                segments.push((key.clone(), bytes));
+        } else if key.starts_with(&seg_prefix) || key.starts_with(&held_prefix) {
+            let Some((_, bytes)) = snapshots.get(key)? else { continue };
+            // Both places (not written by any build): the changelog topic's value wins, and is
+            // written again so the snapshot topic's goes.
+            match changelog.get(key)? {
+                Some((_, newer)) => moved.push((key.clone(), newer)),
+                None => {
+                    if key.starts_with(&seg_prefix) {
+                        segments.push((key.clone(), bytes.clone()));
+                    } else {
+                        held.push(bytes.clone());
+                    }
+                    moved.push((key.clone(), bytes));
+                }
             }
         } else if key.starts_with(&imp_prefix) {
-            if let Some((_, bytes)) = store.get(key)? {
+            if let Some((_, bytes)) = snapshots.get(key)? {
                 legacy_keys.push(key.clone());
                 legacy_impressions.push(bytes);
-            }
-        } else if key.starts_with(&held_prefix) {
-            if let Some((_, bytes)) = store.get(key)? {
-                held.push(bytes);
             }
         }
     }
@@ -135,7 +164,19 @@ pub fn restore_partition(
             keys = legacy_keys.len(),
             "rewriting snapshot-topic records of an older format"
         );
-        state.join.changes.keys_deleted = legacy_keys;
+        state.join.changes.keys_deleted.extend(legacy_keys);
+        state.join.changes.dirty = true;
+    }
+    if !moved.is_empty() {
+        // In key order, so the same store is moved by the same records.
+        moved.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        tracing::info!(
+            partition,
+            keys = moved.len(),
+            bytes = moved.iter().map(|(_, v)| v.len()).sum::<usize>(),
+            "moving the attribution changelog from the snapshot topic to the changelog topic"
+        );
+        state.join.changes.moved = moved;
         state.join.changes.dirty = true;
     }
     for (model, change) in &changes {

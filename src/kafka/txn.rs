@@ -1,6 +1,6 @@
 //! The transaction writer (the state backend's write half; `store` is its read half): one
-//! Kafka transaction per commit holding the shard snapshots and changelog records, the dead
-//! letters, and the input offsets (`send_offsets_to_transaction` with the consumer's group
+//! Kafka transaction per commit holding the shard snapshots (snapshot topic) and the
+//! attribution changelog's records (changelog topic), the dead letters, and the input offsets (`send_offsets_to_transaction` with the consumer's group
 //! metadata, so a zombie member is fenced). Chunks large values (`core::blob`).
 
 use std::collections::HashMap;
@@ -14,7 +14,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Config;
-use crate::core::blob;
+use crate::core::{blob, checkpoint};
 use crate::replay::{HEADER_CODE, HEADER_REASON};
 use crate::telemetry::processor::{PublishedShard, TransactionCommitted, TransactionFailed};
 
@@ -26,8 +26,54 @@ use super::task::ShardOutput;
 pub(super) struct Txn {
     pub(super) config: Arc<Config>,
     pub(super) producer: BaseProducer,
-    /// Chunk counts of stored snapshot keys, to delete surplus chunks.
-    pub(super) chunks: HashMap<String, u32>,
+    pub(super) chunks: ChunkCounts,
+}
+
+/// The two compacted topics a partition's state is written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dest {
+    Snapshot = 0,
+    Changelog = 1,
+}
+
+impl Dest {
+    /// Where `key` is stored (`checkpoint::is_changelog_key`).
+    fn of(key: &str) -> Dest {
+        if checkpoint::is_changelog_key(key) {
+            Dest::Changelog
+        } else {
+            Dest::Snapshot
+        }
+    }
+}
+
+/// Chunk counts of the stored keys of each topic, to delete surplus chunks.
+#[derive(Debug, Default)]
+pub(super) struct ChunkCounts {
+    pub(super) snapshot: HashMap<String, u32>,
+    pub(super) changelog: HashMap<String, u32>,
+}
+
+impl ChunkCounts {
+    fn of(&self, d: Dest) -> &HashMap<String, u32> {
+        match d {
+            Dest::Snapshot => &self.snapshot,
+            Dest::Changelog => &self.changelog,
+        }
+    }
+
+    fn of_mut(&mut self, d: Dest) -> &mut HashMap<String, u32> {
+        match d {
+            Dest::Snapshot => &mut self.snapshot,
+            Dest::Changelog => &mut self.changelog,
+        }
+    }
+
+    /// Adds a restored partition's counts.
+    pub(super) fn extend(&mut self, other: ChunkCounts) {
+        self.snapshot.extend(other.snapshot);
+        self.changelog.extend(other.changelog);
+    }
 }
 
 impl Txn {
@@ -43,7 +89,7 @@ impl Txn {
         let _entered = span.enter();
         let started = Instant::now();
         match self.write(outputs, cgm) {
-            Ok(bytes) => {
+            Ok((bytes, changelog_bytes)) => {
                 let shards: Vec<PublishedShard<'_>> = outputs
                     .iter()
                     .flat_map(|o| {
@@ -73,6 +119,7 @@ impl Txn {
                 TransactionCommitted {
                     elapsed: started.elapsed(),
                     bytes,
+                    changelog_bytes,
                     shards: &shards,
                     dead_letters: &dead_letters,
                     record_timestamps: &record_timestamps,
@@ -92,17 +139,19 @@ impl Txn {
         }
     }
 
-    /// Writes and commits the transaction; returns the bytes written to the snapshot topic.
+    /// Writes and commits the transaction; returns the bytes written to the snapshot topic and
+    /// to the changelog topic.
     fn write(
         &mut self,
         outputs: &[ShardOutput],
         cgm: &rdkafka::consumer::ConsumerGroupMetadata,
-    ) -> anyhow::Result<usize> {
+    ) -> anyhow::Result<(usize, usize)> {
         let k = &self.config.kafka;
         let timeout = Duration::from_millis(k.transaction_timeout_ms as u64);
         self.producer.begin_transaction().context("begin transaction")?;
         let mut offsets = TopicPartitionList::new();
-        let mut bytes = 0usize;
+        // Per topic: [snapshot, changelog].
+        let mut bytes = [0usize; 2];
         let mut new_chunks = Vec::new();
         for out in outputs {
             for (t, p, o) in &out.offsets {
@@ -110,19 +159,24 @@ impl Txn {
             }
             if let Some(saved) = &out.saved {
                 for (key, value) in &saved.puts {
-                    bytes += value.len();
-                    self.put(key, out.records, out.partition, value, &mut new_chunks)?;
+                    bytes[Dest::of(key) as usize] += value.len();
+                    self.put(Dest::of(key), key, out.records, out.partition, value, &mut new_chunks)?;
                 }
-                for key in &saved.deletes {
-                    self.send(&k.snapshot_topic, Some(out.partition), key.as_bytes(), None, None)?;
+                // Deletes come after the puts: a key both written and deleted (a moved segment
+                // that this save reclaims) ends deleted.
+                let deletes = saved.deletes.iter().map(|k| (Dest::of(k), k));
+                let moved = saved.moved.iter().map(|k| (Dest::Snapshot, k));
+                for (dest, key) in deletes.chain(moved) {
+                    let topic = self.topic(dest);
+                    self.send(topic, Some(out.partition), key.as_bytes(), None, None)?;
                     // A deleted value that was chunked (a removed model's snapshot) takes its
                     // chunks with it, so compaction can drop them.
-                    if let Some(&n) = self.chunks.get(key) {
+                    if let Some(&n) = self.chunks.of(dest).get(key) {
                         for i in 0..n {
                             let ck = blob::chunk_key(key, i);
-                            self.send(&k.snapshot_topic, Some(out.partition), ck.as_bytes(), None, None)?;
+                            self.send(topic, Some(out.partition), ck.as_bytes(), None, None)?;
                         }
-                        new_chunks.push((key.clone(), 0));
+                        new_chunks.push((dest, key.clone(), 0));
                     }
                 }
                 let mut values = vec![(store::checkpoint_key(out.partition), &saved.header)];
@@ -130,8 +184,8 @@ impl Txn {
                     values.push((store::model_key(model, out.partition), b));
                 }
                 for (key, value) in values {
-                    bytes += value.len();
-                    self.put(&key, out.records, out.partition, value, &mut new_chunks)?;
+                    bytes[Dest::Snapshot as usize] += value.len();
+                    self.put(Dest::Snapshot, &key, out.records, out.partition, value, &mut new_chunks)?;
                 }
             }
             for d in &out.dead_letters {
@@ -164,34 +218,42 @@ impl Txn {
             self.producer.poll(Duration::from_millis(1));
         }
         self.producer.commit_transaction(timeout).map_err(|e| self.txn_error("commit", e))?;
-        for (key, n) in new_chunks {
+        for (dest, key, n) in new_chunks {
             if n > 0 {
-                self.chunks.insert(key, n);
+                self.chunks.of_mut(dest).insert(key, n);
             } else {
-                self.chunks.remove(&key);
+                self.chunks.of_mut(dest).remove(&key);
             }
         }
-        Ok(bytes)
+        Ok((bytes[0], bytes[1]))
     }
 
-    /// Writes one value of the snapshot topic, chunked if large.
+    fn topic(&self, d: Dest) -> &str {
+        match d {
+            Dest::Snapshot => &self.config.kafka.snapshot_topic,
+            Dest::Changelog => &self.config.kafka.changelog_topic,
+        }
+    }
+
+    /// Writes one value of the snapshot or changelog topic, chunked if large.
     fn put(
         &self,
+        dest: Dest,
         key: &str,
         version: u64,
         partition: i32,
         value: &[u8],
-        chunks: &mut Vec<(String, u32)>,
+        chunks: &mut Vec<(Dest, String, u32)>,
     ) -> anyhow::Result<()> {
         let k = &self.config.kafka;
-        let previous = self.chunks.get(key).copied().unwrap_or(0);
+        let previous = self.chunks.of(dest).get(key).copied().unwrap_or(0);
         let recs = blob::split(key, version, value, k.max_record_bytes, previous);
         let n = recs.iter().filter(|r| r.value.is_some() && r.key != key).count() as u32;
         if n > 0 || previous > 0 {
-            chunks.push((key.to_string(), n));
+            chunks.push((dest, key.to_string(), n));
         }
         for r in recs {
-            self.send(&k.snapshot_topic, Some(partition), r.key.as_bytes(), r.value.as_deref(), None)?;
+            self.send(self.topic(dest), Some(partition), r.key.as_bytes(), r.value.as_deref(), None)?;
         }
         Ok(())
     }

@@ -216,7 +216,15 @@ metric!(
     Counter,
     [],
     Processor,
-    "Bytes written to the snapshot topic in committed transactions (snapshots, changelog, checkpoints)."
+    "Bytes written to the snapshot topic in committed transactions (model heads and arm segments, checkpoints)."
+);
+metric!(
+    CHANGELOG_WRITTEN,
+    "banditflow_changelog_written_bytes_total",
+    Counter,
+    [],
+    Processor,
+    "Bytes written to the changelog topic in committed transactions (the attribution buffer's segments, held feedback)."
 );
 metric!(
     SNAPSHOT_SUCCESS,
@@ -265,7 +273,7 @@ metric!(
     Gauge,
     ["partition"],
     Processor,
-    "Attribution changelog segments stored on the snapshot topic."
+    "Attribution changelog segments stored on the changelog topic."
 );
 metric!(
     COPIED,
@@ -497,6 +505,7 @@ pub const CATALOG: &[Metric] = &[
     SNAPSHOT_BYTES,
     SNAPSHOT_VERSION,
     SNAPSHOT_WRITTEN,
+    CHANGELOG_WRITTEN,
     SNAPSHOT_SUCCESS,
     EVENT_TO_SNAPSHOT,
     BUFFERED,

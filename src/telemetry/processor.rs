@@ -72,6 +72,7 @@ impl Started<'_> {
         }
         counter!(SESSION_RESTARTS.name).absolute(0);
         counter!(SNAPSHOT_WRITTEN.name).absolute(0);
+        counter!(CHANGELOG_WRITTEN.name).absolute(0);
         counter!(COPIED.name).absolute(0);
         counter!(CONSUMER_ERRORS.name).absolute(0);
         gauge!(SNAPSHOT_SUCCESS.name).set(0.0);
@@ -414,7 +415,10 @@ pub struct PublishedShard<'a> {
 /// A transaction committed.
 pub struct TransactionCommitted<'a> {
     pub elapsed: Duration,
+    /// Bytes written to the snapshot topic.
     pub bytes: usize,
+    /// Bytes written to the changelog topic.
+    pub changelog_bytes: usize,
     pub shards: &'a [PublishedShard<'a>],
     pub dead_letters: &'a [&'static str],
     /// Timestamps (ms) of sampled records the transaction covers, and the commit time (ms).
@@ -427,6 +431,7 @@ impl TransactionCommitted<'_> {
         counter!(TRANSACTIONS.name, "result" => "committed").increment(1);
         histogram!(TRANSACTION_SECONDS.name).record(self.elapsed.as_secs_f64());
         counter!(SNAPSHOT_WRITTEN.name).increment(self.bytes as u64);
+        counter!(CHANGELOG_WRITTEN.name).increment(self.changelog_bytes as u64);
         gauge!(SNAPSHOT_SUCCESS.name).set(self.now_ms as f64 / 1e3);
         for s in self.shards {
             let (m, p) = (s.model.to_string(), s.partition.to_string());

@@ -76,13 +76,8 @@ fn feedback_fetched_far_ahead_of_its_impressions_waits_for_them() {
     for r in shop.records.clone() {
         replay::apply_record(&config, &mut run, r);
     }
-    let stores = store::read_partitions(
-        banditflow::kafka::bootstrap_config(&b),
-        &s.snapshots,
-        &[0, 1],
-        Duration::from_secs(60),
-    )
-    .expect("snapshot topic readable");
+    let read = |topic: &str| s.read_state(topic);
+    let (stores, changelog) = (read(&s.snapshots), read(&s.changelog()));
     // Outcomes that do not depend on where the watermark stands when a record arrives. The
     // others (expired, held, orphaned, released) may differ: the processor found the
     // feedback topic idle once it had delivered it all (`kafka.max_idle`) and let the
@@ -102,7 +97,7 @@ fn feedback_fetched_far_ahead_of_its_impressions_waits_for_them() {
             .collect()
     };
     for p in [0, 1] {
-        let restored = store::restore_partition(&config, p, &stores[&p]).expect("restores");
+        let restored = store::restore_partition(&config, p, &stores[&p], &changelog[&p]).expect("restores");
         assert_eq!(
             fixed(restored.join.counters.rows()),
             fixed(run.partitions[&p].join.counters.rows()),

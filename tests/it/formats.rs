@@ -96,6 +96,13 @@ fn as_store(values: &BTreeMap<String, Vec<u8>>, version: u64) -> LatestByKey {
     store
 }
 
+/// `values` as this build stores them: (snapshot topic, changelog topic).
+fn split_topics(
+    values: &BTreeMap<String, Vec<u8>>,
+) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String, Vec<u8>>) {
+    values.clone().into_iter().partition(|(k, _)| !checkpoint::is_changelog_key(k))
+}
+
 fn read_golden() -> BTreeMap<String, Vec<u8>> {
     let text = std::fs::read_to_string(root().join(GOLDEN)).expect("golden file");
     text.lines()
@@ -125,9 +132,15 @@ fn the_previous_checkpoint_format_restores_to_what_this_build_computes() {
     assert_eq!(header.format_version, 2, "the golden file holds the previous format");
     assert!(golden.keys().filter(|k| k.starts_with("buf/0/")).count() > 1, "several segments");
     assert!(golden.keys().any(|k| k.starts_with("held/0/")), "held feedback");
-    let restored =
-        banditflow::kafka::store::restore_partition(&config, 0, &as_store(&golden, header.records))
-            .expect("format 2 restores");
+    // The previous build kept the attribution changelog on the snapshot topic: all of it is
+    // in the one store, the changelog topic is empty.
+    let restored = banditflow::kafka::store::restore_partition(
+        &config,
+        0,
+        &as_store(&golden, header.records),
+        &LatestByKey::default(),
+    )
+    .expect("format 2 restores");
     assert_eq!(restored.records, state.records);
     assert_eq!(restored.offsets, state.offsets);
     // What this build computes, with the linear model reset by a configuration change on
@@ -144,9 +157,14 @@ fn the_previous_checkpoint_format_restores_to_what_this_build_computes() {
         vec![("BANDITFLOW__MODELS__1__LINEAR__DIM".to_string(), "4".to_string())],
     )
     .expect("changed config");
-    let expected =
-        banditflow::kafka::store::restore_partition(&changed, 0, &as_store(&values, state.records))
-            .expect("this build's checkpoint restores");
+    let (snapshots, changelog) = split_topics(&values);
+    let expected = banditflow::kafka::store::restore_partition(
+        &changed,
+        0,
+        &as_store(&snapshots, state.records),
+        &as_store(&changelog, state.records),
+    )
+    .expect("this build's checkpoint restores");
     // Both resets: the linear model's (its one shared model dropped), and the
     // estimated-examination model's, whose arms kept
     // exposures per position without the clicks this build fits the curve to.
@@ -155,4 +173,86 @@ fn the_previous_checkpoint_format_restores_to_what_this_build_computes() {
     assert!(restored.join == expected.join, "join restored exactly");
     assert!(restored.models == expected.models, "models restored exactly");
     assert!(restored.models[0] == state.models[0]);
+}
+
+/// Applies a save to the two topics as the transaction writer does (`kafka::txn`): puts, then
+/// deletes, each to the topic its key belongs on; moved keys are deleted from the snapshot
+/// topic; then the heads and the header.
+fn apply_to_topics(
+    saved: checkpoint::SavedPartition,
+    snapshots: &mut BTreeMap<String, Vec<u8>>,
+    changelog: &mut BTreeMap<String, Vec<u8>>,
+) {
+    for (k, v) in saved.puts {
+        if checkpoint::is_changelog_key(&k) {
+            changelog.insert(k, v)
+        } else {
+            snapshots.insert(k, v)
+        };
+    }
+    for k in &saved.deletes {
+        if checkpoint::is_changelog_key(k) {
+            changelog.remove(k)
+        } else {
+            snapshots.remove(k)
+        };
+    }
+    for k in &saved.moved {
+        snapshots.remove(k);
+    }
+    for (m, v) in saved.models {
+        snapshots.insert(checkpoint::model_key(&m, 0), v);
+    }
+    snapshots.insert(checkpoint::header_key(0), saved.header);
+}
+
+#[test]
+fn the_attribution_changelog_moves_off_the_snapshot_topic_in_one_save() {
+    // The previous build's store: buffer segments and held feedback on the snapshot topic.
+    let config = fixture_config();
+    let golden = read_golden();
+    let on_snapshots: Vec<String> =
+        golden.keys().filter(|k| checkpoint::is_changelog_key(k)).cloned().collect();
+    assert!(on_snapshots.len() > 2, "the fixture has segments and held feedback");
+    let records = pb::PartitionCheckpoint::decode(golden[&checkpoint::header_key(0)].as_slice())
+        .expect("header")
+        .records;
+    let restore = |snapshots: &BTreeMap<String, Vec<u8>>, changelog: &BTreeMap<String, Vec<u8>>| {
+        banditflow::kafka::store::restore_partition(
+            &config,
+            0,
+            &as_store(snapshots, records),
+            &as_store(changelog, records),
+        )
+        .expect("restores")
+    };
+    let mut state = restore(&golden, &BTreeMap::new());
+    let saved = checkpoint::save_changes(&config.core, &mut state);
+    // The first save moves every changelog value, unchanged, ahead of anything else it writes.
+    assert_eq!(saved.moved, on_snapshots, "every changelog key on the snapshot topic is moved");
+    for (i, key) in on_snapshots.iter().enumerate() {
+        assert_eq!(&saved.puts[i], &(key.clone(), golden[key].clone()), "{key} is written as it was");
+    }
+    let (mut snapshots, mut changelog) = (golden.clone(), BTreeMap::new());
+    apply_to_topics(saved, &mut snapshots, &mut changelog);
+    assert!(
+        !snapshots.keys().any(|k| checkpoint::is_changelog_key(k)),
+        "the snapshot topic keeps no changelog key"
+    );
+    assert!(changelog.keys().all(|k| checkpoint::is_changelog_key(k)) && !changelog.is_empty());
+    // Restoring the new layout gives the same partition, and moves nothing again.
+    let mut again = restore(&snapshots, &changelog);
+    assert!(again.join == state.join, "join restored exactly from the changelog topic");
+    assert!(again.models == state.models, "models restored exactly");
+    assert!(checkpoint::save_changes(&config.core, &mut again).moved.is_empty());
+    // Nothing on the snapshot topic is needed to restore the changelog: without it (a build
+    // before this one rolled back to) the restore fails loudly, naming what is missing.
+    let missing = banditflow::kafka::store::restore_partition(
+        &config,
+        0,
+        &as_store(&snapshots, records),
+        &LatestByKey::default(),
+    );
+    let err = format!("{:#}", missing.expect_err("a restore without the changelog topic fails"));
+    assert!(err.contains("buffer segment") || err.contains("held"), "{err}");
 }

@@ -123,7 +123,8 @@ fn an_event_within_the_skew_of_its_record_timestamp_is_accepted() {
 /// record size so that models are chunked) and restores it the way `banditflow run` does.
 fn through_the_topic(config: &Config, state: &PartitionState) -> PartitionState {
     let saved = checkpoint::save_all(&config.core, state);
-    let mut store = LatestByKey::default();
+    // (snapshot topic, changelog topic)
+    let mut stores = (LatestByKey::default(), LatestByKey::default());
     let version = state.records;
     let mut values = saved.puts.clone();
     values.push((checkpoint::header_key(state.partition), saved.header.clone()));
@@ -131,11 +132,13 @@ fn through_the_topic(config: &Config, state: &PartitionState) -> PartitionState 
         values.push((checkpoint::model_key(m, state.partition), b.clone()));
     }
     for (key, value) in &values {
+        let store = if checkpoint::is_changelog_key(key) { &mut stores.1 } else { &mut stores.0 };
         for r in blob::split(key, version, value, 2048, 0) {
             store.put(r.key, r.value);
         }
     }
-    banditflow::kafka::store::restore_partition(config, state.partition, &store).expect("restores")
+    banditflow::kafka::store::restore_partition(config, state.partition, &stores.0, &stores.1)
+        .expect("restores")
 }
 
 fn odd_id() -> impl Strategy<Value = String> {
@@ -542,7 +545,9 @@ fn a_format_1_store_with_unescaped_keys_is_restored_and_rewritten() {
     }
     let store = format1_store(&config, &state, &ids);
     assert!(store.values.contains_key("imp/0/a/b") && store.values.contains_key("model/home%1/0"));
-    let mut restored = banditflow::kafka::store::restore_partition(&config, 0, &store).expect("restores");
+    let mut restored =
+        banditflow::kafka::store::restore_partition(&config, 0, &store, &LatestByKey::default())
+            .expect("restores");
     assert!(restored.join == state.join && restored.models == state.models, "format 1 restores exactly");
     let next = checkpoint::save_changes(&spec, &mut restored);
     let mut deleted = next.deletes.clone();
@@ -577,7 +582,9 @@ fn format_1_held_feedback_is_written_out_and_the_next_restore_finds_it() {
         Applied::Event(banditflow::core::join::Outcome::FeedbackHeld)
     );
     let store = format1_store(&config, &state, &["seen"]);
-    let mut restored = banditflow::kafka::store::restore_partition(&config, 0, &store).expect("restores");
+    let mut restored =
+        banditflow::kafka::store::restore_partition(&config, 0, &store, &LatestByKey::default())
+            .expect("restores");
     assert_eq!(restored.join.pending_feedback(), 1);
     let next = checkpoint::save_changes(&spec, &mut restored);
     assert!(

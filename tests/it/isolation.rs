@@ -87,8 +87,9 @@ fn input_partitions_added_while_running_get_their_snapshot_partitions() {
     s.wait_caught_up(Duration::from_secs(180));
     let counts = admin::partition_counts(&config).expect("metadata");
     assert_eq!(counts[&s.snapshots], 4, "the snapshot topic grew with its inputs");
+    assert_eq!(counts[&s.changelog()], 4, "the changelog topic grew with its inputs");
     let log = p.log_text();
-    assert!(log.contains("added snapshot-topic partitions"), "{log}");
+    assert!(log.contains("added partitions for new input partitions"), "{log}");
     assert!(!log.contains("partition failed to restore"), "{log}");
     let (st, _) = p.terminate();
     assert!(st.success());

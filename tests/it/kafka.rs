@@ -166,6 +166,24 @@ metrics_address = ""
         fb
     }
 
+    /// The changelog topic (the default name for the snapshot topic).
+    pub(crate) fn changelog(&self) -> String {
+        format!("{}-changelog", self.snapshots)
+    }
+
+    /// The newest value per key of every partition of `topic` (a state topic), committed
+    /// records only.
+    pub(crate) fn read_state(&self, topic: &str) -> BTreeMap<i32, banditflow::core::blob::LatestByKey> {
+        let parts: Vec<i32> = (0..self.partitions).collect();
+        store::read_partitions(
+            banditflow::kafka::bootstrap_config(&self.bootstrap),
+            topic,
+            &parts,
+            Duration::from_secs(60),
+        )
+        .expect("topic readable")
+    }
+
     pub(crate) fn config(&self) -> Config {
         Config::load(Some(&self.config_path), Vec::new()).expect("test config is valid")
     }
@@ -1045,6 +1063,55 @@ fn ids_with_key_separators_survive_a_restart_byte_for_byte() {
     run_in_two_phases(&s, &first, &second, || {});
     s.assert_matches_offline(&shop.records);
     s.assert_totals_match_truth(&shop.events);
+}
+
+#[test]
+fn the_attribution_changelog_moves_off_the_snapshot_topic_without_loss() {
+    // A build before the changelog topic kept `buf/` and `held/` on the snapshot topic. The
+    // first phase runs this build; between the phases its changelog values are copied, as they
+    // are, onto the snapshot topic and the configuration names a new, empty changelog topic:
+    // the layout an upgrade finds. The second phase must restore from it, move it in its first
+    // transaction, and end byte-identical to the offline replay.
+    let b = bootstrap();
+    let s = Setup::new("moved", &b, 2);
+    let shop = s.shop_with(ShopSpec { seed: 23, impressions: 4000, ..ShopSpec::default() });
+    let (first, second) = halves(&shop);
+    let read = |topic: &str| s.read_state(topic);
+    let changelog_keys = |stores: &BTreeMap<i32, banditflow::core::blob::LatestByKey>| -> usize {
+        stores.values().map(|st| st.values.keys().filter(|k| checkpoint::is_changelog_key(k)).count()).sum()
+    };
+    let moved = unique("moved-changelog");
+    let mut copied = 0;
+    let log = run_in_two_phases(&s, &first, &second, || {
+        assert_eq!(
+            changelog_keys(&read(&s.snapshots)),
+            0,
+            "this build keeps the snapshot topic free of them"
+        );
+        let old = read(&s.changelog());
+        copied = changelog_keys(&old);
+        assert!(copied > 0, "the first phase retained impressions");
+        let producer: rdkafka::producer::BaseProducer =
+            banditflow::kafka::bootstrap_config(&b).create().expect("producer");
+        for (p, st) in &old {
+            for (k, v) in &st.values {
+                producer
+                    .send(rdkafka::producer::BaseRecord::to(&s.snapshots).partition(*p).key(k).payload(v))
+                    .expect("queued");
+            }
+        }
+        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30)).expect("flushed");
+        edit_config(&s, "[kafka]\n", &format!("[kafka]\nchangelog_topic = \"{moved}\"\n"));
+    });
+    assert!(log.contains("moving the attribution changelog"), "log:\n{log}");
+    s.assert_matches_offline(&shop.records);
+    s.assert_totals_match_truth(&shop.events);
+    assert_eq!(
+        changelog_keys(&read(&s.snapshots)),
+        0,
+        "the snapshot topic holds no changelog value any more"
+    );
+    assert!(changelog_keys(&read(&moved)) > 0, "the changelog topic holds it");
 }
 
 /// Rewrites the config file with `from` replaced by `to` (which must occur).
