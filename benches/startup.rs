@@ -10,7 +10,9 @@
 //!    is kept for 1 h + 1 h, so the warm-up is released and these R + partitions are retained;
 //! 3. `banditflow run` learns everything and stops (SIGTERM: its final commit); its
 //!    `banditflow_buffered_impressions` at the end says how many it retained;
-//! 4. `banditflow serve` starts BENCH_STARTS times on the topics; each time: wall time from
+//! 4. `banditflow run` starts again: wall time from spawn to its `/readyz` 200 (every partition
+//!    restored), its CPU seconds and resident memory then;
+//! 5. `banditflow serve` starts BENCH_STARTS times on the topics; each time: wall time from
 //!    spawn to the first `/readyz` 200, its CPU seconds and resident memory then.
 //!
 //! Run: `scripts/kafka.sh start && BANDITFLOW_KAFKA_BOOTSTRAP=127.0.0.1:39092 cargo bench --bench startup`
@@ -85,7 +87,9 @@ fn produce_shop(bootstrap: &str, topic: &str, partitions: i32, items: usize, ret
         let len = block.min(retained - done);
         let recs: Vec<_> = (done..done + len)
             .map(|i| {
-                let slate: Vec<usize> = (0..SLATE).map(|_| next(items)).collect();
+                // Distinct items (a slate naming one twice is dead-lettered).
+                let first = next(items);
+                let slate: Vec<usize> = (0..SLATE).map(|j| (first + j * 7) % items).collect();
                 record(
                     partitions,
                     &format!("kept-{i}"),
@@ -147,23 +151,25 @@ struct Start {
     rss_mb: f64,
 }
 
-fn start_node(bin: &str, config: &std::path::Path, listen: &str) -> Start {
+/// Starts `bin <command> --config config` and measures it at its first `/readyz` 200 on
+/// `listen`; then kills it (a processor's state is committed already; nothing is lost).
+fn start_until_ready(bin: &str, command: &str, config: &std::path::Path, listen: &str) -> Start {
     let started = Instant::now();
     let mut child = Command::new(bin)
-        .args(["serve", "--config"])
+        .args([command, "--config"])
         .arg(config)
         .env("BANDITFLOW_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("banditflow serve starts");
+        .expect("banditflow starts");
     let deadline = started + Duration::from_secs(600);
     loop {
         if get_status(listen, "/readyz").is_some_and(|(c, _)| c == 200) {
             break;
         }
-        assert!(Instant::now() < deadline, "the node did not become ready within 10 min");
-        assert!(child.try_wait().ok().flatten().is_none(), "the node exited");
+        assert!(Instant::now() < deadline, "`{command}` did not become ready within 10 min");
+        assert!(child.try_wait().ok().flatten().is_none(), "`{command}` exited");
         std::thread::sleep(Duration::from_millis(5));
     }
     let ready_s = started.elapsed().as_secs_f64();
@@ -217,7 +223,12 @@ fn run(
         written / 1e6
     );
     stop(child);
-    let mut runs: Vec<Start> = (0..starts).map(|_| start_node(bin, &cfg, listen)).collect();
+    let restore = start_until_ready(bin, "run", &cfg, metrics);
+    println!(
+        "RESULT {label}: {kept} retained impressions: processor restored every partition (ready) in {:.2} s, {:.2} CPU s, {:.0} MB resident",
+        restore.ready_s, restore.cpu_s, restore.rss_mb
+    );
+    let mut runs: Vec<Start> = (0..starts).map(|_| start_until_ready(bin, "serve", &cfg, listen)).collect();
     for (i, s) in runs.iter().enumerate() {
         println!(
             "{label}, {retained} retained: node start {}: ready in {:.2} s, {:.2} CPU s, {:.0} MB resident",

@@ -172,7 +172,8 @@ pub struct SavedPartition {
     /// Keys to delete (tombstones).
     pub deletes: Vec<String>,
     /// Changelog keys an older build stored on the snapshot topic, to delete there: their
-    /// values are among `puts` (first), bound for the changelog topic.
+    /// values are among `puts` (first), bound for the changelog topic, unless this save
+    /// deletes them.
     pub moved: Vec<String>,
     /// (model id, the shard's head: an encoded ModelSnapshot of format 2 whose arms are in the
     /// arm segments of `puts`, `core::armlog`), in configuration order.
@@ -541,6 +542,13 @@ pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartiti
     deletes.extend(changes.models_retired.iter().map(|m| model_key(m, p)));
     deletes.extend(changes.keys_deleted.iter().cloned());
     let models = save_models(spec, state, false, &mut puts, &mut deletes);
+    if !moved.is_empty() {
+        // A moved value this save deletes (a segment it reclaims) is not written at all.
+        let gone: rustc_hash::FxHashSet<&str> = deletes.iter().map(String::as_str).collect();
+        let rest = puts.split_off(moved.len());
+        puts.retain(|(k, _)| !gone.contains(k.as_str()));
+        puts.extend(rest);
+    }
     SavedPartition { header: header(spec, state), puts, deletes, moved, models }
 }
 

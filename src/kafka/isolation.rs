@@ -69,8 +69,7 @@ pub(super) fn backoff(attempts: u32) -> Duration {
 pub(super) fn restore_one(config: &Config, p: i32) -> Result<Restored, Failure> {
     let k = &config.kafka;
     let timeout = Duration::from_millis(k.restore_timeout_ms as u64);
-    let started = std::time::Instant::now();
-    let read = |topic: &str, timeout: Duration| {
+    let read = |topic: &str| {
         let mut stores =
             store::read_partitions(super::consumer_config(k), topic, &[p], timeout).map_err(|e| {
                 let reason = if format!("{e:#}").contains("did not reach the end") {
@@ -85,9 +84,19 @@ pub(super) fn restore_one(config: &Config, p: i32) -> Result<Restored, Failure> 
             error: anyhow!("partition {p} of `{topic}` was not read"),
         })
     };
-    let snapshots = read(&k.snapshot_topic, timeout)?;
-    let changelog =
-        read(&k.changelog_topic, timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1)))?;
+    // Both topics at once, each within the timeout.
+    let (snapshots, changelog) = std::thread::scope(|s| {
+        let changelog = s.spawn(|| read(&k.changelog_topic));
+        let snapshots = read(&k.snapshot_topic);
+        let changelog = changelog.join().unwrap_or_else(|_| {
+            Err(Failure {
+                reason: "snapshot_unreadable",
+                error: anyhow!("reading the changelog topic panicked"),
+            })
+        });
+        (snapshots, changelog)
+    });
+    let (snapshots, changelog) = (snapshots?, changelog?);
     let state = store::restore_partition(config, p, &snapshots, &changelog).map_err(|e| {
         let reason = match e.chain().find_map(|c| c.downcast_ref::<SnapshotError>()) {
             Some(SnapshotError::Missing(_)) => "incomplete",

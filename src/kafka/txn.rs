@@ -162,8 +162,7 @@ impl Txn {
                     bytes[Dest::of(key) as usize] += value.len();
                     self.put(Dest::of(key), key, out.records, out.partition, value, &mut new_chunks)?;
                 }
-                // Deletes come after the puts: a key both written and deleted (a moved segment
-                // that this save reclaims) ends deleted.
+                // Then the deletes, each on its topic, and the moved keys on the snapshot topic.
                 let deletes = saved.deletes.iter().map(|k| (Dest::of(k), k));
                 let moved = saved.moved.iter().map(|k| (Dest::Snapshot, k));
                 for (dest, key) in deletes.chain(moved) {
