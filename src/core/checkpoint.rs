@@ -173,7 +173,8 @@ pub struct SavedPartition {
     pub deletes: Vec<String>,
     /// Changelog keys an older build stored on the snapshot topic, to delete there: their
     /// values are among `puts` (first), bound for the changelog topic, unless this save
-    /// deletes them.
+    /// deletes them. At most [`MOVE_BYTES_PER_SAVE`] per save; the rest stay on the snapshot
+    /// topic, where restore still finds them, for the next saves.
     pub moved: Vec<String>,
     /// (model id, the shard's head: an encoded ModelSnapshot of format 2 whose arms are in the
     /// arm segments of `puts`, `core::armlog`), in configuration order.
@@ -471,14 +472,33 @@ fn plan_compaction(join: &mut AttributionJoin) {
     b.compaction = keys;
 }
 
+/// Bytes of changelog values one save moves off the snapshot topic (an older build's layout):
+/// the move of a large partition is spread over several saves, so no transaction grows with
+/// the partition's whole changelog.
+pub const MOVE_BYTES_PER_SAVE: usize = 16 << 20;
+
 /// The records for everything that changed since the previous save; takes the changes.
 pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartition {
+    save_changes_moving(spec, state, MOVE_BYTES_PER_SAVE)
+}
+
+/// [`save_changes`], moving at most `move_bytes` of changelog values off the snapshot topic
+/// (at least one value while any is left); the rest stays pending for the next saves.
+pub fn save_changes_moving(spec: &CoreSpec, state: &mut PartitionState, move_bytes: usize) -> SavedPartition {
     let mut changes = std::mem::take(&mut state.join.changes);
     let p = state.partition;
-    // Values moved from the snapshot topic go first: anything this save writes or deletes
-    // under the same key comes after them.
-    let moved: Vec<String> = changes.moved.iter().map(|(k, _)| k.clone()).collect();
-    let mut puts: Vec<(String, Vec<u8>)> = std::mem::take(&mut changes.moved);
+    let mut pending = std::mem::take(&mut changes.moved);
+    let mut budget = 0usize;
+    let count = pending
+        .iter()
+        .take_while(|(_, v)| {
+            let first = budget == 0;
+            budget += v.len();
+            first || budget <= move_bytes
+        })
+        .count();
+    let later = pending.split_off(count);
+    let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
     let mut deletes: Vec<String> = Vec::new();
     plan_compaction(&mut state.join);
     let buf = &mut state.join.buffer;
@@ -542,12 +562,33 @@ pub fn save_changes(spec: &CoreSpec, state: &mut PartitionState) -> SavedPartiti
     deletes.extend(changes.models_retired.iter().map(|m| model_key(m, p)));
     deletes.extend(changes.keys_deleted.iter().cloned());
     let models = save_models(spec, state, false, &mut puts, &mut deletes);
-    if !moved.is_empty() {
-        // A moved value this save deletes (a segment it reclaims) is not written at all.
+    // Changelog values moved off the snapshot topic go first (anything written under the same
+    // key comes after them). A value still on the snapshot topic that this save deletes (a
+    // segment it reclaims) is deleted there and not written; the others wait for later saves.
+    let mut moved = Vec::new();
+    if !pending.is_empty() || !later.is_empty() {
         let gone: rustc_hash::FxHashSet<&str> = deletes.iter().map(String::as_str).collect();
-        let rest = puts.split_off(moved.len());
-        puts.retain(|(k, _)| !gone.contains(k.as_str()));
-        puts.extend(rest);
+        let mut front = Vec::with_capacity(pending.len() + puts.len());
+        for (k, v) in pending {
+            if !gone.contains(k.as_str()) {
+                front.push((k.clone(), v));
+            }
+            moved.push(k);
+        }
+        let mut waiting = Vec::with_capacity(later.len());
+        for (k, v) in later {
+            if gone.contains(k.as_str()) {
+                moved.push(k);
+            } else {
+                waiting.push((k, v));
+            }
+        }
+        front.append(&mut puts);
+        puts = front;
+        if !waiting.is_empty() {
+            state.join.changes.moved = waiting;
+            state.join.changes.dirty = true;
+        }
     }
     SavedPartition { header: header(spec, state), puts, deletes, moved, models }
 }

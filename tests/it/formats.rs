@@ -259,3 +259,44 @@ fn the_attribution_changelog_moves_off_the_snapshot_topic_in_one_save() {
     let err = format!("{:#}", missing.expect_err("a restore without the changelog topic fails"));
     assert!(err.contains("buffer segment") || err.contains("held"), "{err}");
 }
+
+#[test]
+fn a_large_changelog_moves_over_several_saves_and_every_step_restores_exactly() {
+    // One value per save (a budget of one byte): every intermediate layout, part on each
+    // topic, must restore to the same partition, and a restore in between picks the move up.
+    let config = fixture_config();
+    let golden = read_golden();
+    let records = pb::PartitionCheckpoint::decode(golden[&checkpoint::header_key(0)].as_slice())
+        .expect("header")
+        .records;
+    let restore = |snapshots: &BTreeMap<String, Vec<u8>>, changelog: &BTreeMap<String, Vec<u8>>| {
+        banditflow::kafka::store::restore_partition(
+            &config,
+            0,
+            &as_store(snapshots, records),
+            &as_store(changelog, records),
+        )
+        .expect("restores")
+    };
+    let on_snapshots = golden.keys().filter(|k| checkpoint::is_changelog_key(k)).count();
+    let (mut snapshots, mut changelog) = (golden.clone(), BTreeMap::new());
+    let first = restore(&snapshots, &changelog);
+    let mut state = restore(&snapshots, &changelog);
+    let mut saves = 0;
+    while snapshots.keys().any(|k| checkpoint::is_changelog_key(k)) {
+        assert!(saves < on_snapshots, "each save moves at least one value");
+        let saved = checkpoint::save_changes_moving(&config.core, &mut state, 1);
+        assert_eq!(saved.moved.len(), 1, "one value per save");
+        apply_to_topics(saved, &mut snapshots, &mut changelog);
+        saves += 1;
+        let again = restore(&snapshots, &changelog);
+        assert!(again.join == first.join && again.models == first.models, "after {saves} saves");
+        if saves == 2 {
+            // A restart in the middle: the new owner moves what is left.
+            state = again;
+        }
+    }
+    assert_eq!(saves, on_snapshots);
+    assert_eq!(changelog.len(), on_snapshots, "every value is on the changelog topic");
+    assert!(state.join.changes.moved.is_empty());
+}
