@@ -13,7 +13,8 @@
 //! - `held/<p>/<sequence>`: one `HeldFeedback` per feedback waiting for its impression.
 //!
 //! Builds before the changelog topic kept `buf/` and `held/` on the snapshot topic: restore
-//! reads them there too and the next save moves them ([`JoinChanges::moved`]).
+//! reads them there too and the next saves move them ([`JoinChanges::moved`],
+//! [`MOVE_BYTES_PER_SAVE`] per save).
 //!
 //! The buffer is a changelog, so the cost of a save follows the traffic, not the size of the
 //! buffer, and it is written in batched, compressed segments rather than a record per

@@ -184,9 +184,9 @@ pub struct JoinChanges {
     pub models_retired: Vec<String>,
     /// Snapshot-topic keys to delete as they are (keys written by an older version).
     pub keys_deleted: Vec<String>,
-    /// Changelog values (key, stored value) an older build kept on the snapshot topic: the next
-    /// save writes them to the changelog topic and deletes them from the snapshot topic, in
-    /// one transaction.
+    /// Changelog values (key, stored value) an older build kept on the snapshot topic, in key
+    /// order: the next saves write them to the changelog topic and delete them from the
+    /// snapshot topic, each in one transaction (`checkpoint::MOVE_BYTES_PER_SAVE` per save).
     pub moved: Vec<(String, Vec<u8>)>,
     /// The stored state is out of date even without new records (a configuration change was
     /// applied at restore): the next save must write it.
