@@ -63,7 +63,7 @@ fn events(topic: &str, partitions: i32, impressions: usize, seed: u64) -> Vec<(i
     .collect()
 }
 
-/// Bytes (key + value) on a snapshot topic by kind of key: buffer changelog (`buf/`, `imp/`),
+/// Bytes (key + value) on a state topic by kind of key: buffer changelog (`buf/`, `imp/`),
 /// held feedback, models, checkpoint headers.
 fn snapshot_bytes(bootstrap: &str, topic: &str, partitions: i32) -> BTreeMap<&'static str, usize> {
     let mut c = bootstrap_config(bootstrap);
@@ -252,6 +252,9 @@ fn pipeline_run(
     bin: Option<&str>,
 ) -> (f64, f64) {
     let cfg = config_file(dir, bootstrap, topic, tag);
+    // The changelog topic under its default name, so that it exists for a build before it too.
+    let changelog = format!("{tag}-snapshots-changelog");
+    admin::create_topics(bootstrap, &[(&changelog, partitions, true)]).expect("changelog topic");
     let (child, assigned, at) = match bin {
         Some(b) => start_binary(b, &cfg, partitions),
         None => start_pipeline(&cfg, partitions),
@@ -269,7 +272,12 @@ fn pipeline_run(
     let rate = n as f64 / t0.elapsed().as_secs_f64();
     let cpu = (cpu_seconds(&pid) - cpu0) / n as f64 * 1e6;
     stop(child);
-    let bytes = snapshot_bytes(bootstrap, &format!("{tag}-snapshots"), partitions);
+    // Both state topics (a build before the changelog topic writes everything to the first and
+    // leaves the second empty).
+    let mut bytes = snapshot_bytes(bootstrap, &format!("{tag}-snapshots"), partitions);
+    for (class, b) in snapshot_bytes(bootstrap, &format!("{tag}-snapshots-changelog"), partitions) {
+        *bytes.entry(class).or_default() += b;
+    }
     let per = |k: &str| bytes.get(k).copied().unwrap_or(0) as f64 / n as f64;
     println!(
         "  snapshot topic per input event: changelog {:.1} B, held {:.1} B, models {:.1} B, checkpoints {:.1} B",

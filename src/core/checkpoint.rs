@@ -51,13 +51,18 @@ use super::snapshot::{self, DecodedSnapshot, SnapshotError, SnapshotMeta};
 /// The checkpoint format this build writes. The policy: a build restores the format before its
 /// own and its own (a rolling upgrade, or a rollback by one version, restores every
 /// partition); older ones are refused by name (`SnapshotError::CheckpointVersion`) and isolated to their
-/// partition. 3: per-input event-time clocks and what restore must find (live segments, held
-/// records); 2: the buffer in changelog segments; 1 (still restored, upgraded): a record per
-/// buffered impression.
-pub const FORMAT_VERSION: u32 = 3;
+/// partition. 4: the attribution changelog (`buf/`, `held/`) on the changelog topic (the header
+/// is as in 3; the version tells a build before it that the segments it names are not where it
+/// looks); 3: per-input event-time clocks and what restore must find (live segments, held
+/// records); 2 (still restored, upgraded): the buffer in changelog segments; 1 (still restored,
+/// upgraded): a record per buffered impression.
+pub const FORMAT_VERSION: u32 = 4;
 
 /// The previous format, still restored.
-pub const PREVIOUS_FORMAT_VERSION: u32 = 2;
+pub const PREVIOUS_FORMAT_VERSION: u32 = 3;
+
+/// Older formats this build still restores and writes again in its own.
+pub const UPGRADED_FORMAT_VERSIONS: [u32; 2] = [2, 1];
 
 /// xxh3-64 of segment sequence numbers in ascending order (u32 little-endian).
 pub fn segments_digest(sequences: impl IntoIterator<Item = u32>) -> u64 {
@@ -193,7 +198,7 @@ impl SavedPartition {
     }
 }
 
-/// Whether restore found every value the checkpoint says is live (format 3): a missing segment
+/// Whether restore found every value the checkpoint says is live (format 3 on): a missing segment
 /// or held record would silently lose retained impressions or held feedback.
 fn check_complete(cp: &pb::PartitionCheckpoint, found: &[u32], held: usize) -> Result<(), SnapshotError> {
     let p = cp.partition;
@@ -696,7 +701,10 @@ pub fn restore(
 ) -> Result<(PartitionState, Vec<(String, ModelChange)>), SnapshotError> {
     let decode_err = |e: prost::DecodeError| SnapshotError::Decode(e.to_string());
     let mut cp = pb::PartitionCheckpoint::decode(header).map_err(decode_err)?;
-    if ![FORMAT_VERSION, PREVIOUS_FORMAT_VERSION, 1].contains(&cp.format_version) {
+    if cp.format_version != FORMAT_VERSION
+        && cp.format_version != PREVIOUS_FORMAT_VERSION
+        && !UPGRADED_FORMAT_VERSIONS.contains(&cp.format_version)
+    {
         return Err(SnapshotError::CheckpointVersion { found: cp.format_version });
     }
     let stored = cp.checksum;

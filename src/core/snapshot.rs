@@ -32,7 +32,7 @@ pub enum SnapshotError {
     #[error("snapshot checksum mismatch: stored {stored:#018x}, computed {computed:#018x}")]
     Checksum { stored: u64, computed: u64 },
     #[error(
-        "checkpoint format version {found} is not supported (this build reads {} and {}, and upgrades 1)",
+        "checkpoint format version {found} is not supported (this build reads {} and {}, and upgrades 2 and 1)",
         crate::core::checkpoint::PREVIOUS_FORMAT_VERSION,
         crate::core::checkpoint::FORMAT_VERSION
     )]

@@ -78,7 +78,8 @@ pub fn prepare_topics(config: &Config) -> anyhow::Result<i32> {
         match counts.get(topic) {
             Some(m) if *m < n => bail!(
                 "{role} topic `{topic}` has {m} partitions but the inputs have {n}; it needs one per input \
-                 partition (delete it to let banditflow create it, or add partitions)"
+                 partition: add partitions (kafka-topics.sh --alter --topic {topic} --partitions {n}); \
+                 deleting it deletes the state it holds"
             ),
             Some(_) => {
                 let res = runtime

@@ -84,19 +84,61 @@ pub(super) fn restore_one(config: &Config, p: i32) -> Result<Restored, Failure> 
             error: anyhow!("partition {p} of `{topic}` was not read"),
         })
     };
-    // Both topics at once, each within the timeout.
-    let (snapshots, changelog) = std::thread::scope(|s| {
-        let changelog = s.spawn(|| read(&k.changelog_topic));
-        let snapshots = read(&k.snapshot_topic);
-        let changelog = changelog.join().unwrap_or_else(|_| {
-            Err(Failure {
-                reason: "snapshot_unreadable",
-                error: anyhow!("reading the changelog topic panicked"),
-            })
+    // Both topics at once, each within the timeout. They must be one cut: every commit writes
+    // the partition's checkpoint header to the snapshot topic, so if the snapshot partition's
+    // end (read_committed) is the same before and after both reads, no commit landed between
+    // them (an owner's last transaction resolving late, say) and the two reads agree.
+    let watermarks: BaseConsumer = {
+        let mut c = super::consumer_config(k);
+        c.set("isolation.level", "read_committed").set("group.id", "banditflow-restore");
+        c.create().map_err(|e| Failure {
+            reason: "snapshot_unreadable",
+            error: anyhow!("creating a watermark client: {e}"),
+        })?
+    };
+    let end = || {
+        watermarks.fetch_watermarks(&k.snapshot_topic, p, timeout).map(|w| w.1).map_err(|e| Failure {
+            reason: "snapshot_unreadable",
+            error: anyhow!("end offset of partition {p} of `{}`: {e}", k.snapshot_topic),
+        })
+    };
+    let mut attempt = 0;
+    let (snapshots, changelog) = loop {
+        let before = end()?;
+        let (snapshots, changelog) = std::thread::scope(|s| {
+            let changelog = s.spawn(|| read(&k.changelog_topic));
+            let snapshots = read(&k.snapshot_topic);
+            let changelog = changelog.join().unwrap_or_else(|_| {
+                Err(Failure {
+                    reason: "snapshot_unreadable",
+                    error: anyhow!("reading the changelog topic panicked"),
+                })
+            });
+            (snapshots, changelog)
         });
-        (snapshots, changelog)
-    });
-    let (snapshots, changelog) = (snapshots?, changelog?);
+        let (snapshots, changelog) = (snapshots?, changelog?);
+        let after = end()?;
+        if before == after {
+            break (snapshots, changelog);
+        }
+        attempt += 1;
+        if attempt == 3 {
+            return Err(Failure {
+                reason: "snapshot_unreadable",
+                error: anyhow!(
+                    "partition {p} of `{}` kept changing while it was read ({before} → {after}, {attempt} \
+                     times): is another instance still writing it?",
+                    k.snapshot_topic
+                ),
+            });
+        }
+        tracing::info!(
+            partition = p,
+            before,
+            after,
+            "the partition changed while it was read; reading it again"
+        );
+    };
     let state = store::restore_partition(config, p, &snapshots, &changelog).map_err(|e| {
         let reason = match e.chain().find_map(|c| c.downcast_ref::<SnapshotError>()) {
             Some(SnapshotError::Missing(_)) => "incomplete",

@@ -93,18 +93,17 @@ pub fn restore_partition(
     let mut legacy_keys = Vec::new();
     // Changelog values on the snapshot topic: read, then moved to the changelog topic.
     let mut moved = Vec::new();
-    for key in changelog.values.keys() {
-        if key.contains('#') {
-            continue;
+    let is_changelog = |key: &str| key.starts_with(&seg_prefix) || key.starts_with(&held_prefix);
+    let mut keep = |key: &str, bytes: Vec<u8>| {
+        if key.starts_with(&seg_prefix) {
+            segments.push((key.to_string(), bytes));
+        } else {
+            held.push(bytes);
         }
-        if key.starts_with(&seg_prefix) || key.starts_with(&held_prefix) {
-            if let Some((_, bytes)) = changelog.get(key)? {
-                if key.starts_with(&seg_prefix) {
-                    segments.push((key.clone(), bytes));
-                } else {
-                    held.push(bytes);
-                }
-            }
+    };
+    for key in changelog.values.keys().filter(|k| !k.contains('#') && is_changelog(k)) {
+        if let Some((_, bytes)) = changelog.get(key)? {
+            keep(key, bytes);
         }
     }
     for key in snapshots.values.keys() {
@@ -127,18 +126,14 @@ pub fn restore_partition(
             if let Some((_, bytes)) = snapshots.get(key)? {
                 model_values.push((key.clone(), bytes));
             }
-        } else if key.starts_with(&seg_prefix) || key.starts_with(&held_prefix) {
+        } else if is_changelog(key) {
             let Some((_, bytes)) = snapshots.get(key)? else { continue };
             // Both places (not written by any build): the changelog topic's value wins, and is
             // written again so the snapshot topic's goes.
             match changelog.get(key)? {
                 Some((_, newer)) => moved.push((key.clone(), newer)),
                 None => {
-                    if key.starts_with(&seg_prefix) {
-                        segments.push((key.clone(), bytes.clone()));
-                    } else {
-                        held.push(bytes.clone());
-                    }
+                    keep(key, bytes.clone());
                     moved.push((key.clone(), bytes));
                 }
             }
@@ -149,6 +144,8 @@ pub fn restore_partition(
             }
         }
     }
+    // In key order, so the same store is rewritten by the same records.
+    legacy_keys.sort_unstable();
     let models = armlog::assemble(partition, model_values.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
         .with_context(|| format!("model snapshots of partition {partition}"))?;
     // Sequence order (keys are zero-padded), as restore applies them.

@@ -1,10 +1,11 @@
-//! Snapshot-topic format versions. The policy (ARCHITECTURE.md, "Format versions"): a build
+//! Checkpoint format versions. The policy (ARCHITECTURE.md, "Format versions"): a build
 //! reads the checkpoint format before its own and its own, so a rolling upgrade or a rollback
 //! by one version restores every partition. The previous format's bytes are checked in
-//! (`tests/fixtures/checkpoint-v2.jsonl`, written by the build that wrote format 2, with
-//! `BANDITFLOW_WRITE_FORMAT_GOLDEN=1` before format 3 existed): restoring them must give the
-//! state this build computes from the same events. One exception is by design: the fixture's
-//! linear model was written in the one-shared-model layout of older builds, which per-arm
+//! (`tests/fixtures/checkpoint-v3.jsonl`, written by `c598598`'s own test with
+//! `BANDITFLOW_WRITE_FORMAT_GOLDEN=1`): restoring them must give exactly the state this build
+//! computes from the same events. Format 2's (`checkpoint-v2.jsonl`, written the same way by
+//! the build that wrote format 2) is still upgraded, with one exception by design: that
+//! fixture's linear model was written in the one-shared-model layout of older builds, which per-arm
 //! statistics cannot be recovered from, and its estimated-examination model kept exposures per
 //! position without clicks, so both restore as a reset of that model (empty, its buffered
 //! impressions dropped), exactly like a configuration change that resets it.
@@ -18,12 +19,17 @@ use banditflow::core::checkpoint;
 use banditflow::core::event;
 use banditflow::core::partition::PartitionState;
 use banditflow::core::pb;
+use banditflow::core::snapshot::SnapshotError;
 use base64::Engine as _;
 use prost::Message as _;
 
 use crate::support::apply_event;
 
-const GOLDEN: &str = "tests/fixtures/checkpoint-v2.jsonl";
+/// Format 2, still upgraded.
+const GOLDEN_V2: &str = "tests/fixtures/checkpoint-v2.jsonl";
+/// Format 3, the previous format, written by `c598598` (the attribution changelog on the
+/// snapshot topic): what a rolling upgrade finds.
+const GOLDEN_V3: &str = "tests/fixtures/checkpoint-v3.jsonl";
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 fn root() -> PathBuf {
@@ -103,8 +109,8 @@ fn split_topics(
     values.clone().into_iter().partition(|(k, _)| !checkpoint::is_changelog_key(k))
 }
 
-fn read_golden() -> BTreeMap<String, Vec<u8>> {
-    let text = std::fs::read_to_string(root().join(GOLDEN)).expect("golden file");
+fn read_golden(path: &str) -> BTreeMap<String, Vec<u8>> {
+    let text = std::fs::read_to_string(root().join(path)).expect("golden file");
     text.lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).expect("golden line");
@@ -115,32 +121,65 @@ fn read_golden() -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// Restores the checked-in store of an older build (format `format`, with segments and held
+/// feedback), which kept everything on the snapshot topic: the changelog topic is empty.
+fn restore_golden(config: &Config, path: &str, format: u32) -> PartitionState {
+    let golden = read_golden(path);
+    let header =
+        pb::PartitionCheckpoint::decode(golden[&checkpoint::header_key(0)].as_slice()).expect("header");
+    assert_eq!(header.format_version, format, "{path} holds format {format}");
+    assert!(golden.keys().filter(|k| k.starts_with("buf/0/")).count() > 1, "several segments");
+    assert!(golden.keys().any(|k| k.starts_with("held/0/")), "held feedback");
+    banditflow::kafka::store::restore_partition(
+        config,
+        0,
+        &as_store(&golden, header.records),
+        &LatestByKey::default(),
+    )
+    .unwrap_or_else(|e| panic!("format {format} restores: {e:#}"))
+}
+
+#[test]
+fn the_next_checkpoint_format_is_refused_by_name() {
+    // As a build before this one refuses format 4: by its version, isolated to the partition
+    // (reason format_version), never read as something it is not.
+    let config = fixture_config();
+    let (_, values) = state_and_store(&config, 400);
+    let mut header =
+        pb::PartitionCheckpoint::decode(values[&checkpoint::header_key(0)].as_slice()).expect("header");
+    assert_eq!(header.format_version, checkpoint::FORMAT_VERSION);
+    header.format_version = checkpoint::FORMAT_VERSION + 1;
+    let err = checkpoint::restore(&config.core, &header.encode_to_vec(), &[], &[], &[], &[]).err();
+    assert_eq!(err, Some(SnapshotError::CheckpointVersion { found: checkpoint::FORMAT_VERSION + 1 }));
+}
+
 #[test]
 fn the_previous_checkpoint_format_restores_to_what_this_build_computes() {
     let config = fixture_config();
     let (state, values) = state_and_store(&config, 400);
     if std::env::var_os("BANDITFLOW_WRITE_FORMAT_GOLDEN").is_some() {
+        // This build's format, both topics' keys in one file (a key names its topic), for the
+        // build after it to check in as its previous format.
         let lines: Vec<String> = values
             .iter()
             .map(|(k, v)| serde_json::json!({ "key": k, "value": B64.encode(v) }).to_string())
             .collect();
-        std::fs::write(root().join(GOLDEN), lines.join("\n") + "\n").expect("write golden");
+        let path = format!("tests/fixtures/checkpoint-v{}.jsonl", checkpoint::FORMAT_VERSION);
+        std::fs::write(root().join(path), lines.join("\n") + "\n").expect("write golden");
     }
-    let golden = read_golden();
-    let header =
-        pb::PartitionCheckpoint::decode(golden[&checkpoint::header_key(0)].as_slice()).expect("header");
-    assert_eq!(header.format_version, 2, "the golden file holds the previous format");
-    assert!(golden.keys().filter(|k| k.starts_with("buf/0/")).count() > 1, "several segments");
-    assert!(golden.keys().any(|k| k.starts_with("held/0/")), "held feedback");
-    // The previous build kept the attribution changelog on the snapshot topic: all of it is
-    // in the one store, the changelog topic is empty.
-    let restored = banditflow::kafka::store::restore_partition(
-        &config,
-        0,
-        &as_store(&golden, header.records),
-        &LatestByKey::default(),
-    )
-    .expect("format 2 restores");
+    let restored = restore_golden(&config, GOLDEN_V3, checkpoint::PREVIOUS_FORMAT_VERSION);
+    // Exactly what this build computes from the same events.
+    assert_eq!(restored.records, state.records);
+    assert_eq!(restored.offsets, state.offsets);
+    assert!(restored.join == state.join, "join restored exactly");
+    assert!(restored.models == state.models, "models restored exactly");
+}
+
+#[test]
+fn format_2_is_upgraded_to_what_this_build_computes() {
+    let config = fixture_config();
+    let (state, values) = state_and_store(&config, 400);
+    let restored = restore_golden(&config, GOLDEN_V2, 2);
     assert_eq!(restored.records, state.records);
     assert_eq!(restored.offsets, state.offsets);
     // What this build computes, with the linear model reset by a configuration change on
@@ -210,7 +249,7 @@ fn apply_to_topics(
 fn the_attribution_changelog_moves_off_the_snapshot_topic_in_one_save() {
     // The previous build's store: buffer segments and held feedback on the snapshot topic.
     let config = fixture_config();
-    let golden = read_golden();
+    let golden = read_golden(GOLDEN_V3);
     let on_snapshots: Vec<String> =
         golden.keys().filter(|k| checkpoint::is_changelog_key(k)).cloned().collect();
     assert!(on_snapshots.len() > 2, "the fixture has segments and held feedback");
@@ -265,7 +304,7 @@ fn a_large_changelog_moves_over_several_saves_and_every_step_restores_exactly() 
     // One value per save (a budget of one byte): every intermediate layout, part on each
     // topic, must restore to the same partition, and a restore in between picks the move up.
     let config = fixture_config();
-    let golden = read_golden();
+    let golden = read_golden(GOLDEN_V3);
     let records = pb::PartitionCheckpoint::decode(golden[&checkpoint::header_key(0)].as_slice())
         .expect("header")
         .records;
