@@ -18,8 +18,8 @@
 //! of this process for the raw consumer, of the `banditflow run` child for the pipeline) and
 //! the bytes the run wrote to the snapshot topic per input event, by kind of key (buffer
 //! changelog, held feedback, models, checkpoint headers). With BENCH_BASELINE_BIN set to
-//! another build of `banditflow`, each run also runs that binary on the same records: a
-//! same-run baseline of a previous version.
+//! another build of `banditflow`, each throughput run and each freshness rate also runs that
+//! binary on the same records: a same-run baseline of a previous version.
 //!
 //! Run: `scripts/kafka.sh start && BANDITFLOW_KAFKA_BOOTSTRAP=127.0.0.1:39092 cargo bench --bench pipeline`
 //! Environment: BENCH_EVENTS, BENCH_RATE (or BENCH_RATES, a list; empty skips freshness),
@@ -235,8 +235,21 @@ fn main() {
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![rate, rate / 2.0]);
+    let baseline = std::env::var("BENCH_BASELINE_BIN").ok().filter(|b| !b.is_empty());
     for (i, rate) in rates.into_iter().enumerate() {
-        freshness(&bootstrap, &tag, i, partitions, rate, seconds, dir.path());
+        freshness(&bootstrap, &tag, i, partitions, rate, seconds, dir.path(), None);
+        if let Some(bin) = &baseline {
+            freshness(
+                &bootstrap,
+                &format!("{tag}-base"),
+                i,
+                partitions,
+                rate,
+                seconds,
+                dir.path(),
+                Some(bin),
+            );
+        }
     }
 }
 
@@ -409,6 +422,8 @@ fn restore(bootstrap: &str, tag: &str, n: usize) {
     );
 }
 
+/// Freshness of this build (`bin` None) or of another build of `banditflow`.
+#[allow(clippy::too_many_arguments)]
 fn freshness(
     bootstrap: &str,
     tag: &str,
@@ -417,6 +432,7 @@ fn freshness(
     rate: f64,
     seconds: f64,
     dir: &std::path::Path,
+    bin: Option<&str>,
 ) {
     let bootstrap = bootstrap.to_string();
     let tag = format!("{tag}-{run}");
@@ -425,7 +441,10 @@ fn freshness(
     let n = (rate * seconds) as usize;
     let fevs: Vec<_> = events(&ftopic, partitions, n / 2 + 1000, 2).into_iter().take(n).collect();
     let fcfg = config_file(dir, &bootstrap, &ftopic, &format!("{tag}-fr"));
-    let (child, assigned, _) = start_pipeline(&fcfg, partitions);
+    let (child, assigned, _) = match bin {
+        Some(b) => start_binary(b, &fcfg, partitions),
+        None => start_pipeline(&fcfg, partitions),
+    };
     while !assigned.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -504,7 +523,8 @@ fn freshness(
     stop(child);
     fresh.sort_by(f64::total_cmp);
     println!(
-        "freshness at {:.0} events/s over {} events: p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+        "freshness{} at {:.0} events/s over {} events: p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+        bin.map_or(String::new(), |b| format!(" of {b}")),
         achieved,
         fresh.len(),
         percentile(&fresh, 0.5),

@@ -494,15 +494,14 @@ pub fn save_changes_moving(spec: &CoreSpec, state: &mut PartitionState, move_byt
     let mut changes = std::mem::take(&mut state.join.changes);
     let p = state.partition;
     let mut pending = std::mem::take(&mut changes.moved);
-    let mut budget = 0usize;
-    let count = pending
-        .iter()
-        .take_while(|(_, v)| {
-            let first = budget == 0;
-            budget += v.len();
-            first || budget <= move_bytes
-        })
-        .count();
+    let (mut count, mut bytes) = (0, 0);
+    for (_, v) in &pending {
+        if count > 0 && bytes + v.len() > move_bytes {
+            break;
+        }
+        bytes += v.len();
+        count += 1;
+    }
     let later = pending.split_off(count);
     let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
     let mut deletes: Vec<String> = Vec::new();
