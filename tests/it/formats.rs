@@ -214,6 +214,24 @@ fn format_2_is_upgraded_to_what_this_build_computes() {
     assert!(restored.models[0] == state.models[0]);
 }
 
+/// Partition 0 restored from the two topics' newest values (`checkpoint/0` among the first).
+fn restore_topics(
+    config: &Config,
+    snapshots: &BTreeMap<String, Vec<u8>>,
+    changelog: &BTreeMap<String, Vec<u8>>,
+) -> PartitionState {
+    let records = pb::PartitionCheckpoint::decode(snapshots[&checkpoint::header_key(0)].as_slice())
+        .expect("header")
+        .records;
+    banditflow::kafka::store::restore_partition(
+        config,
+        0,
+        &as_store(snapshots, records),
+        &as_store(changelog, records),
+    )
+    .expect("restores")
+}
+
 /// Applies a save to the two topics as the transaction writer does (`kafka::txn`): puts, then
 /// deletes, each to the topic its key belongs on; moved keys are deleted from the snapshot
 /// topic; then the heads and the header.
@@ -253,17 +271,8 @@ fn the_attribution_changelog_moves_off_the_snapshot_topic_in_one_save() {
     let on_snapshots: Vec<String> =
         golden.keys().filter(|k| checkpoint::is_changelog_key(k)).cloned().collect();
     assert!(on_snapshots.len() > 2, "the fixture has segments and held feedback");
-    let records = pb::PartitionCheckpoint::decode(golden[&checkpoint::header_key(0)].as_slice())
-        .expect("header")
-        .records;
     let restore = |snapshots: &BTreeMap<String, Vec<u8>>, changelog: &BTreeMap<String, Vec<u8>>| {
-        banditflow::kafka::store::restore_partition(
-            &config,
-            0,
-            &as_store(snapshots, records),
-            &as_store(changelog, records),
-        )
-        .expect("restores")
+        restore_topics(&config, snapshots, changelog)
     };
     let mut state = restore(&golden, &BTreeMap::new());
     let saved = checkpoint::save_changes(&config.core, &mut state);
@@ -287,8 +296,9 @@ fn the_attribution_changelog_moves_off_the_snapshot_topic_in_one_save() {
     assert!(again.join == state.join, "join restored exactly from the changelog topic");
     assert!(again.models == state.models, "models restored exactly");
     assert!(checkpoint::save_changes(&config.core, &mut again).moved.is_empty());
-    // Nothing on the snapshot topic is needed to restore the changelog: without it (a build
-    // before this one rolled back to) the restore fails loudly, naming what is missing.
+    // The changelog topic is needed: without it (deleted, or `kafka.changelog_topic` naming
+    // another topic) the restore fails loudly, naming what is missing.
+    let records = again.records;
     let missing = banditflow::kafka::store::restore_partition(
         &config,
         0,
@@ -305,17 +315,8 @@ fn a_large_changelog_moves_over_several_saves_and_every_step_restores_exactly() 
     // topic, must restore to the same partition, and a restore in between picks the move up.
     let config = fixture_config();
     let golden = read_golden(GOLDEN_V3);
-    let records = pb::PartitionCheckpoint::decode(golden[&checkpoint::header_key(0)].as_slice())
-        .expect("header")
-        .records;
     let restore = |snapshots: &BTreeMap<String, Vec<u8>>, changelog: &BTreeMap<String, Vec<u8>>| {
-        banditflow::kafka::store::restore_partition(
-            &config,
-            0,
-            &as_store(snapshots, records),
-            &as_store(changelog, records),
-        )
-        .expect("restores")
+        restore_topics(&config, snapshots, changelog)
     };
     let on_snapshots = golden.keys().filter(|k| checkpoint::is_changelog_key(k)).count();
     let (mut snapshots, mut changelog) = (golden.clone(), BTreeMap::new());
