@@ -276,7 +276,7 @@ enum Command {
         ucb_c: f64,
         #[arg(long, default_value_t = 0.05)]
         epsilon: f64,
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 16)]
         propensity_samples: u32,
         /// Stop Monte Carlo rankings once each served propensity has this relative standard error (0: never).
         #[arg(long, default_value_t = 0.1)]

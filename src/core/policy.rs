@@ -4,18 +4,24 @@
 //! Propensities: for UCB and greedy they are exact — the ranking is deterministic, and with
 //! probability `epsilon` the slate is a uniformly random permutation, so
 //! P(item i at position k) = (1 − ε)·[i ranked k] + ε / n. For Thompson sampling there is no
-//! closed form; P is estimated from seeded Monte Carlo rankings drawn from a separate random
-//! stream (not from the served draw, which is conditioned on its outcome: counting it would
-//! bias small propensities upwards by (1 − p) / (N + 1)). With `propensity_rse` > 0 a pilot of
-//! 64 rankings estimates how many rankings each served placement needs for that relative
-//! standard error ([`propensity_draws_needed`]); that many fresh rankings, in blocks of 64 and
-//! at most `propensity_samples` − 64, give the estimate (the pilot is discarded, so the
-//! adaptive count does not bias it). With `propensity_rse` = 0 exactly `propensity_samples`
-//! rankings are drawn. Any estimate from N rankings has a standard error of at most
-//! 0.5 / √N. The estimate hits / N is unbiased, and so is its mix with ε / n as above, which
-//! keeps every placement at or above ε / n. Only with ε = 0 is a served placement that no fresh
-//! ranking produced (it has a probability, too small to resolve) reported as 0.5 / N rather
-//! than 0: a bias of at most 0.5 / N, which bounds its inverse-propensity weight by 2N.
+//! closed form; P is estimated by conditional Monte Carlo from seeded rankings drawn from a
+//! separate random stream (not from the served draw, which is conditioned on its outcome:
+//! counting it would bias small propensities upwards). Each ranking contributes, for every
+//! served placement (i at k), not the indicator [i ranked k] but its expectation given the
+//! other candidates' draws: F_i(o_k) − F_i(o_{k+1}), the probability that i's own score falls
+//! between the others' (k − 1)-th and k-th best (F_i: the Beta CDF, or the normal CDF for
+//! linear models). The expectation is the same, so the estimate stays unbiased; the variance is
+//! smaller, by about the number of candidates where they are alike (the case that needs the
+//! most rankings), so far fewer rankings give the same precision. With `propensity_rse` > 0 a
+//! pilot of 8 rankings estimates, from its own values' variance, how many rankings each served
+//! placement needs for that relative standard error ([`propensity_draws_needed`]); that many
+//! fresh rankings, in blocks of 8 and at most `propensity_samples` − 8, give the estimate (the
+//! pilot is discarded, so the adaptive count does not bias it). With `propensity_rse` = 0
+//! exactly `propensity_samples` rankings are drawn. The ε mix keeps every placement at or above
+//! ε / n. Only with ε = 0 is a served placement whose every value underflowed (its probability
+//! is below what a double resolves) reported as 0.5 / N rather than 0, which bounds its
+//! inverse-propensity weight by 2N. [`placement_probabilities`] (for off-policy evaluation,
+//! offline) still counts hits over every candidate and position.
 //! Posterior draws are exact: Beta(α, β) as a ratio of Marsaglia–Tsang Gamma draws, which
 //! costs a fraction of a general Beta sampler.
 //! The seed comes in as an argument; the policy draws no other randomness.
@@ -87,7 +93,8 @@ enum Scorer {
     /// Beta(α, β) per candidate, sampled as X / (X + Y) with X ~ Gamma(α), Y ~ Gamma(β)
     /// (Marsaglia–Tsang, constants prepared once per request): exact Beta draws at a fraction
     /// of the cost of a general Beta sampler, which matters for the Monte Carlo propensities.
-    Beta { params: Vec<(f64, f64)>, gammas: Vec<Option<(Gamma<f64>, Gamma<f64>)>> },
+    /// `ln_beta[i]` = ln B(α_i, β_i), for the CDF of the conditional propensity estimate.
+    Beta { params: Vec<(f64, f64)>, gammas: Vec<Option<(Gamma<f64>, Gamma<f64>)>>, ln_beta: Vec<f64> },
     /// Disjoint linear model: θ_i·x of candidate i is normal under its arm's posterior, with
     /// mean θ̂_i·x and standard deviation √(m(1 − m))·‖L_i⁻¹x‖ (`ArmPosterior::mean_sd`); one
     /// normal draw per candidate is an exact LinTS draw of θ_i·x, since x is the request's.
@@ -119,7 +126,11 @@ fn build_scorer(spec: &ModelSpec, model: &ModelShard, req: &RankRequest<'_>) -> 
                 .iter()
                 .map(|&(a, b)| Some((Gamma::new(a, 1.0).ok()?, Gamma::new(b, 1.0).ok()?)))
                 .collect();
-            Scorer::Beta { params, gammas }
+            let ln_beta = params
+                .iter()
+                .map(|&(a, b)| libm::lgamma(a) + libm::lgamma(b) - libm::lgamma(a + b))
+                .collect();
+            Scorer::Beta { params, gammas, ln_beta }
         }
         Algorithm::Linear { .. } => {
             let prior =
@@ -165,11 +176,44 @@ fn beta_draw<R: Rng>((a, b): (f64, f64), gammas: &Option<(Gamma<f64>, Gamma<f64>
 }
 
 impl Scorer {
+    fn len(&self) -> usize {
+        match self {
+            Scorer::Beta { params, .. } => params.len(),
+            Scorer::Linear { mean_sd } => mean_sd.len(),
+        }
+    }
+
+    /// (P(S_i ≤ t), P(S_i > t)) for candidate `i`'s Thompson score S_i, the smaller of the two
+    /// computed directly (so a difference of two upper tails keeps its precision). None where
+    /// this cannot be computed to full precision: a point mass (a linear arm without variance,
+    /// a Beta whose sampler could not be built), shapes so small that both Gamma draws can
+    /// underflow (the sampler then returns the mean), or a continued fraction that has not
+    /// converged (shapes in the hundreds of thousands near the mean).
+    fn tails(&self, i: usize, t: f64) -> Option<(f64, f64)> {
+        match self {
+            Scorer::Beta { params, gammas, ln_beta } => {
+                let (a, b) = params[i];
+                if gammas[i].is_none() || a.min(b) < MIN_SHAPE_FOR_CDF {
+                    return None;
+                }
+                beta_tails(a, b, ln_beta[i], t)
+            }
+            Scorer::Linear { mean_sd } => {
+                let (m, sd) = mean_sd[i];
+                if !(sd > 0.0 && sd.is_finite()) {
+                    return None;
+                }
+                let z = (t - m) / sd * std::f64::consts::FRAC_1_SQRT_2;
+                Some((0.5 * libm::erfc(-z), 0.5 * libm::erfc(z)))
+            }
+        }
+    }
+
     /// Thompson scores of `subset` only (for the Monte Carlo rankings).
     fn sample_subset<R: Rng>(&self, subset: &[usize], rng: &mut R, out: &mut Vec<f64>) {
         out.clear();
         match self {
-            Scorer::Beta { params, gammas } => {
+            Scorer::Beta { params, gammas, .. } => {
                 for &i in subset {
                     out.push(beta_draw(params[i], &gammas[i], rng));
                 }
@@ -187,7 +231,7 @@ impl Scorer {
     fn scores(&self, strategy: Strategy, rng: &mut ChaCha8Rng, out: &mut Vec<f64>) {
         out.clear();
         match self {
-            Scorer::Beta { params, gammas } => {
+            Scorer::Beta { params, gammas, .. } => {
                 for (&(a, b), g) in params.iter().zip(gammas) {
                     let mean = a / (a + b);
                     let s = match strategy {
@@ -216,17 +260,176 @@ impl Scorer {
     }
 }
 
-/// Monte Carlo rankings are drawn in blocks of this many.
-const PROPENSITY_BLOCK: u32 = 64;
-/// Rankings needed for an estimate of a propensity near `p` to have relative standard error
-/// `rse`: √((1 − p) / (p N)) ≤ r ⇔ N ≥ (1 − p) / (p r²). With r = 0.1 that is 100 rankings for
-/// p = 0.5 and 900 for p = 0.1; a placement served with a small propensity needs more, up to
-/// the configured cap. `rse` ≤ 0 never stops early.
-pub fn propensity_draws_needed(p: f64, rse: f64) -> f64 {
-    if rse <= 0.0 {
+/// Monte Carlo rankings are drawn in blocks of this many; the pilot is one block.
+const PROPENSITY_BLOCK: u32 = 8;
+/// Beta shapes below this are not given to the CDF: both Gamma draws of the sampler can
+/// underflow there, and it then returns the mean, so its draws are not exactly Beta.
+const MIN_SHAPE_FOR_CDF: f64 = 0.05;
+/// Most steps (two terms each) of the incomplete beta function's continued fraction. Near the
+/// mean it takes about 11 for α + β = 1,000, 23 for 10,000 and 40 for 100,000 (measured); past
+/// this the placement's value falls back to the ranking's indicator, which is unbiased too.
+const BETA_CF_STEPS: u32 = 300;
+
+/// Rankings needed for the mean of per-ranking values with mean `mean` and variance `variance`
+/// to have relative standard error `rse`: σ / (μ √N) ≤ r ⇔ N ≥ σ² / (μ² r²). For a hit count
+/// (σ² = p(1 − p)) that is 100 rankings for p = 0.5 and 900 for p = 0.1; the conditional values
+/// this module averages have a smaller σ², often by a factor of about the number of
+/// candidates. `rse` ≤ 0, or a mean of 0, never stops early.
+pub fn propensity_draws_needed(mean: f64, variance: f64, rse: f64) -> f64 {
+    if rse <= 0.0 || mean <= 0.0 {
         return f64::INFINITY;
     }
-    (1.0 - p) / (p * rse * rse)
+    variance / (mean * mean * rse * rse)
+}
+
+/// The continued fraction of the incomplete beta function, 1 / (1 + d₁ / (1 + d₂ / (1 + …)))
+/// with the partial numerators of Numerical Recipes § 6.4, or None when it has not converged
+/// within [`BETA_CF_STEPS`]. Its convergents A/B come from the forward recurrence, each
+/// d = num / den applied as (A, A′) ← (den·A + num·A′, den·A): scaling a pair of convergents
+/// alike leaves their ratio, so no term divides, which makes it about 3× faster than the
+/// modified Lentz method (one division per two terms, to test convergence; rescaled before
+/// the magnitudes can overflow).
+fn beta_continued_fraction(a: f64, b: f64, x: f64) -> Option<f64> {
+    let (qab, qap, qam) = (a + b, a + 1.0, a - 1.0);
+    // (A_j, B_j, A_{j−1}, B_{j−1}), starting from A_1 = B_1 = 1, A_0 = 0, B_0 = 1.
+    let mut c = [1.0f64, 1.0, 0.0, 1.0];
+    let term = |c: &mut [f64; 4], num: f64, den: f64| {
+        *c = [den * c[0] + num * c[2], den * c[1] + num * c[3], den * c[0], den * c[1]];
+    };
+    term(&mut c, -qab * x, qap);
+    let mut f = c[0] / c[1];
+    for m in 1..=BETA_CF_STEPS {
+        let m = f64::from(m);
+        let m2 = 2.0 * m;
+        term(&mut c, m * (b - m) * x, (qam + m2) * (a + m2));
+        term(&mut c, -(a + m) * (qab + m) * x, (a + m2) * (qap + m2));
+        if c[0].abs().max(c[1].abs()) > 1e150 {
+            c = c.map(|v| v * 1e-150);
+        }
+        let next = c[0] / c[1];
+        if (next - f).abs() <= 4.0 * f64::EPSILON * next.abs() {
+            return Some(next);
+        }
+        f = next;
+    }
+    None
+}
+
+/// (P(X ≤ x), P(X > x)) for X ~ Beta(a, b), `ln_beta` = ln B(a, b): the regularized incomplete
+/// beta function I_x(a, b) by its continued fraction on the side where it converges fast, the
+/// tail on that side computed directly and the other as its complement.
+fn beta_tails(a: f64, b: f64, ln_beta: f64, x: f64) -> Option<(f64, f64)> {
+    if x.is_nan() {
+        return None;
+    }
+    if x <= 0.0 {
+        return Some((0.0, 1.0));
+    }
+    if x >= 1.0 {
+        return Some((1.0, 0.0));
+    }
+    let front = (a * x.ln() + b * (-x).ln_1p() - ln_beta).exp();
+    if x < (a + 1.0) / (a + b + 2.0) {
+        let lower = (front * beta_continued_fraction(a, b, x)? / a).clamp(0.0, 1.0);
+        Some((lower, 1.0 - lower))
+    } else {
+        let upper = (front * beta_continued_fraction(b, a, 1.0 - x)? / b).clamp(0.0, 1.0);
+        Some((1.0 - upper, upper))
+    }
+}
+
+/// P(candidate `i` ranks at the 0-based position `pos` | every other candidate's score), from
+/// one Monte Carlo ranking: `s` holds every candidate's draw and `idx` the best `k + 1` of them
+/// (all, if fewer), best first. Candidate `i` lands at `pos` exactly when `pos` others beat it,
+/// so the value is P(o_{pos+1} < S_i < o_pos) = F_i(o_pos) − F_i(o_{pos+1}) for the others'
+/// order statistics o (o_0 = +∞, o_m = −∞ past the last other). Its expectation over the others'
+/// draws is the propensity (the law of total probability), and its variance is at most that of
+/// the indicator [`idx[pos] == i`] it replaces (the law of total variance). Where S_i has no
+/// usable CDF ([`Scorer::tails`]), the indicator itself: which of the two is used depends on
+/// the others' draws only, so the expectation is the same.
+fn conditional_placement(scorer: &Scorer, s: &[f64], idx: &[usize], i: usize, pos: usize) -> f64 {
+    let own = idx.iter().position(|&j| j == i);
+    // The m-th best other (1-based) is idx[m − 1] while that is above i, idx[m] past it.
+    let other = |m: usize| -> f64 {
+        if m == 0 {
+            return f64::INFINITY;
+        }
+        let at = if own.is_some_and(|r| m > r) { m } else { m - 1 };
+        idx.get(at).map_or(f64::NEG_INFINITY, |&j| s[j])
+    };
+    match (scorer.tails(i, other(pos)), scorer.tails(i, other(pos + 1))) {
+        (Some((below_hi, above_hi)), Some((below_lo, above_lo))) => {
+            // The difference of the smaller tails: both above the median, the upper ones.
+            let v = if below_lo > 0.5 { above_lo - above_hi } else { below_hi - below_lo };
+            v.clamp(0.0, 1.0)
+        }
+        _ => f64::from(u8::from(idx.get(pos) == Some(&i))),
+    }
+}
+
+/// The Thompson part of each served placement's propensity, before the ε mix: P(a Thompson
+/// ranking puts `order[pos]` at `pos`) for the `k` served positions. Rankings come from a
+/// separate, fast stream (xoshiro256++), not the served draw (a ranking conditioned on its
+/// outcome). Each ranking gives every placement its conditional probability
+/// ([`conditional_placement`]); the estimate is their mean over `N` fresh rankings. With an
+/// adaptive count a pilot block says how many rankings each placement needs for its relative
+/// standard error to reach `propensity_rse` (from the pilot's own variance), within the cap;
+/// the pilot is then discarded, so the stopping rule cannot bias the estimate.
+fn thompson_propensities(
+    scorer: &Scorer,
+    policy: &PolicySpec,
+    order: &[usize],
+    k: usize,
+    eps: f64,
+    seed: u64,
+) -> Vec<f64> {
+    let n = scorer.len();
+    let mut mc = Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x5851_f42d_4c95_7f2d);
+    let cap = policy.propensity_samples.max(1);
+    let all: Vec<usize> = (0..n).collect();
+    let top = (k + 1).min(n);
+    let (mut s, mut idx) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    // Per placement: the sum of its values and of their squares.
+    let mut draw = |count: u32, sums: &mut Vec<(f64, f64)>| {
+        sums.clear();
+        sums.resize(k, (0.0, 0.0));
+        for _ in 0..count {
+            scorer.sample_subset(&all, &mut mc, &mut s);
+            top_k_into(&s, top, &mut idx);
+            for (pos, (&i, sum)) in order.iter().zip(sums.iter_mut()).enumerate() {
+                let v = conditional_placement(scorer, &s, &idx, i, pos);
+                sum.0 += v;
+                sum.1 += v * v;
+            }
+        }
+    };
+    let mut sums = Vec::with_capacity(k);
+    let fresh = if policy.propensity_rse > 0.0 && cap > 2 * PROPENSITY_BLOCK {
+        draw(PROPENSITY_BLOCK, &mut sums);
+        let pilot = f64::from(PROPENSITY_BLOCK);
+        let needed = sums
+            .iter()
+            .map(|&(sum, squares)| {
+                let mean = sum / pilot;
+                let variance = ((squares - sum * mean) / (pilot - 1.0)).max(0.0);
+                propensity_draws_needed(mean, variance, policy.propensity_rse)
+            })
+            .fold(0.0f64, f64::max);
+        let room = cap - PROPENSITY_BLOCK;
+        // Whole blocks, at least one, at most what the cap leaves after the pilot.
+        let blocks = (needed / pilot).ceil().clamp(1.0, f64::from(room / PROPENSITY_BLOCK).max(1.0));
+        (blocks as u32 * PROPENSITY_BLOCK).min(room)
+    } else {
+        cap
+    };
+    draw(fresh, &mut sums);
+    let total = f64::from(fresh);
+    // The mean is unbiased, zeros included; with ε > 0 the ε / n term keeps every placement
+    // above zero. Only without it does a served placement whose every value underflowed (so
+    // its probability is not zero, only below what a double resolves here) need a floor: half
+    // a ranking's worth, which bounds its inverse-propensity weight by 2N.
+    let floor = if eps > 0.0 { 0.0 } else { 0.5 / total };
+    sums.iter().map(|&(sum, _)| if sum > 0.0 { (sum / total).min(1.0) } else { floor }).collect()
 }
 
 /// Indices of the top `k` scores, best first; ties go to the earlier candidate.
@@ -338,6 +541,37 @@ pub fn expected_rewards(
     means.iter().map(|m| (0..positions).map(|p| m * exam(p) * spec.rewards.scale).collect()).collect()
 }
 
+/// The propensity the policy gives each placement of the slate `order` (indices into
+/// `req.candidates`, which must be unique; `order[pos]` at position `pos + 1`), the ε mix
+/// included: what [`rank`] logs when it serves that slate for `req`. For studying the estimator
+/// on a fixed slate (benchmarks, audits of logged propensities); Thompson estimates use the
+/// Monte Carlo stream of `req.seed`.
+pub fn slate_propensities(
+    spec: &ModelSpec,
+    model: &ModelShard,
+    policy: &PolicySpec,
+    req: &RankRequest<'_>,
+    order: &[usize],
+) -> Vec<f64> {
+    let n = req.candidates.len();
+    let k = order.len().min(n);
+    if k == 0 {
+        return Vec::new();
+    }
+    let scorer = build_scorer(spec, model, req);
+    let eps = policy.epsilon.clamp(0.0, 1.0);
+    let base = match policy.strategy {
+        Strategy::Thompson => thompson_propensities(&scorer, policy, &order[..k], k, eps, req.seed),
+        strategy @ (Strategy::Ucb { .. } | Strategy::Greedy) => {
+            let mut scores = Vec::with_capacity(n);
+            scorer.scores(strategy, &mut ChaCha8Rng::seed_from_u64(req.seed), &mut scores);
+            let ranked = top_k(&scores, k);
+            (0..k).map(|pos| if ranked[pos] == order[pos] { 1.0 } else { 0.0 }).collect()
+        }
+    };
+    base.iter().map(|b| ((1.0 - eps) * b + eps / n as f64).clamp(eps / n as f64, 1.0)).collect()
+}
+
 /// Ranks candidates. Duplicate candidates are ranked once (first occurrence).
 pub fn rank(
     spec: &ModelSpec,
@@ -385,52 +619,7 @@ pub fn rank(
     // base[pos] = P(the policy's ranking puts order[pos] at pos), before the ε mix. Only the
     // served placements are estimated.
     let base: Vec<f64> = match policy.strategy {
-        Strategy::Thompson => {
-            // Rankings from a separate, fast stream (xoshiro256++). With an adaptive count a
-            // pilot block of rankings decides how many fresh ones to draw (enough for each
-            // served placement's relative standard error to reach `propensity_rse`, within the
-            // cap); the estimate uses the fresh rankings only, so the stopping rule cannot bias
-            // it. The served draw is not counted: it is a ranking conditioned on its outcome.
-            let mut mc = Xoshiro256PlusPlus::seed_from_u64(req.seed ^ 0x5851_f42d_4c95_7f2d);
-            let cap = policy.propensity_samples.max(1);
-            let all: Vec<usize> = (0..n).collect();
-            let mut s = Vec::with_capacity(n);
-            let mut idx = Vec::with_capacity(n);
-            let mut draw = |count: u32, hits: &mut Vec<u32>| {
-                hits.clear();
-                hits.resize(k, 0);
-                for _ in 0..count {
-                    scorer.sample_subset(&all, &mut mc, &mut s);
-                    top_k_into(&s, k, &mut idx);
-                    for (h, (a, b)) in hits.iter_mut().zip(idx.iter().zip(&order)) {
-                        *h += u32::from(a == b);
-                    }
-                }
-            };
-            let mut hits = Vec::with_capacity(k);
-            let fresh = if policy.propensity_rse > 0.0 && cap > 2 * PROPENSITY_BLOCK {
-                draw(PROPENSITY_BLOCK, &mut hits);
-                let pilot = f64::from(PROPENSITY_BLOCK);
-                let needed = hits
-                    .iter()
-                    .map(|&h| propensity_draws_needed(f64::from(h) / pilot, policy.propensity_rse))
-                    .fold(0.0f64, f64::max);
-                let room = cap - PROPENSITY_BLOCK;
-                // Whole blocks, at least one, at most what the cap leaves after the pilot.
-                let blocks = (needed / pilot).ceil().clamp(1.0, f64::from(room / PROPENSITY_BLOCK).max(1.0));
-                (blocks as u32 * PROPENSITY_BLOCK).min(room)
-            } else {
-                cap
-            };
-            draw(fresh, &mut hits);
-            let total = f64::from(fresh);
-            // hits / N is unbiased, zeros included; with ε > 0 the ε / n term keeps every
-            // placement above zero. Only without it does a served placement that no fresh
-            // ranking produced (so its probability is not zero) need a floor: half a ranking's
-            // worth, a bias of at most 0.5 / N.
-            let floor = if eps > 0.0 { 0.0 } else { 0.5 / total };
-            hits.iter().map(|&h| if h == 0 { floor } else { f64::from(h) / total }).collect()
-        }
+        Strategy::Thompson => thompson_propensities(&scorer, policy, &order, k, eps, req.seed),
         Strategy::Ucb { .. } | Strategy::Greedy => {
             (0..k).map(|pos| if ranked[pos] == order[pos] { 1.0 } else { 0.0 }).collect()
         }
