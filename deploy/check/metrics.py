@@ -97,6 +97,7 @@ SERVING = {
         {"endpoint": ["rank", "feedback"], "status": ["200", "202", "400", "404", "413", "415", "422", "503"]},
     ),
     "banditflow_serving_request_seconds": ("histogram", ("endpoint",), {"endpoint": ["rank", "feedback"]}),
+    "banditflow_serving_kafka_ack_seconds": ("histogram", ("topic",), {"topic": ["impressions", "feedback"]}),
     "banditflow_serving_impressions_total": ("counter", ("model", "variant"), {"model": ["home", "search"], "variant": ["treatment", "holdout"]}),
     "banditflow_serving_feedback_total": ("counter", ("kind",), {"kind": ["click", "add_to_cart", "purchase", "return"]}),
     "banditflow_serving_model_version": ("gauge", ("model",), {"model": ["home", "search"]}),

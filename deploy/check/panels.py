@@ -69,6 +69,7 @@ COUNTER_RATES = {
 # Fraction of observations at or below each bucket of BUCKETS, and observations per second.
 HISTOGRAMS = {
     "banditflow_serving_request_seconds": ((0.2, 0.6, 0.9, 0.995, 1, 1, 1, 1, 1, 1, 1), 80.0),
+    "banditflow_serving_kafka_ack_seconds": ((0.3, 0.7, 0.95, 0.998, 1, 1, 1, 1, 1, 1, 1), 80.0),
     "banditflow_transaction_duration_seconds": ((0, 0.05, 0.3, 0.9, 0.99, 1, 1, 1, 1, 1, 1), 1.0),
     "banditflow_snapshot_gather_seconds": ((0.1, 0.5, 0.8, 0.99, 1, 1, 1, 1, 1, 1, 1), 1.0),
     "banditflow_event_to_snapshot_seconds": ((0, 0, 0, 0.01, 0.05, 0.4, 0.8, 0.99, 1, 1, 1), 30.0),

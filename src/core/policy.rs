@@ -328,6 +328,25 @@ fn beta_tails(a: f64, b: f64, ln_beta: f64, x: f64) -> Option<(f64, f64)> {
     if x >= 1.0 {
         return Some((1.0, 0.0));
     }
+    // Closed forms for a unit shape (the configured prior Beta(1, 9) of every unseen item, for
+    // one): I_x(1, b) = 1 − (1 − x)^b and I_x(a, 1) = x^a.
+    // One transcendental each: the small tail directly (expm1 only where it is the small one).
+    let split = |ln_tail: f64| -> (f64, f64) {
+        if ln_tail < -std::f64::consts::LN_2 {
+            let tail = ln_tail.exp();
+            (tail, 1.0 - tail)
+        } else {
+            let rest = -ln_tail.exp_m1();
+            (1.0 - rest, rest)
+        }
+    };
+    if a == 1.0 {
+        let (upper, lower) = split(b * (-x).ln_1p());
+        return Some((lower, upper));
+    }
+    if b == 1.0 {
+        return Some(split(a * x.ln()));
+    }
     let front = (a * x.ln() + b * (-x).ln_1p() - ln_beta).exp();
     if x < (a + 1.0) / (a + b + 2.0) {
         let lower = (front * beta_continued_fraction(a, b, x)? / a).clamp(0.0, 1.0);

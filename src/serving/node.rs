@@ -23,7 +23,9 @@ use crate::core::policy::{self, RankRequest as PolicyRequest};
 use super::subscriber::{Catalog, ServingModel, WrittenRecords};
 use crate::core::event::InvalidEvent;
 use crate::core::partition;
-use crate::telemetry::serving::{FeedbackLogged, ImpressionLogged, ModelNotLoaded, ProduceFailed};
+use crate::telemetry::serving::{
+    FeedbackLogged, ImpressionLogged, ModelNotLoaded, ProduceFailed, RecordAcknowledged,
+};
 
 /// The problem for a record the processor's validator refuses. The request's own fields were
 /// checked before, so this names what the node built from them: a field the processor's
@@ -134,6 +136,10 @@ impl Problem {
 use crate::core::event::{MAX_ABS_VALUE as MAX_ABS_NUMBER, MIN_EVENT_TIME_MS};
 
 const MAX_POSITION: u64 = 1000;
+/// Candidates × Monte Carlo rankings above which a Thompson request is ranked with its worker's
+/// other tasks moved away (`block_in_place`): 4,096 is ~0.2–0.4 ms of CPU (BENCHMARKS.md), so
+/// 100 candidates at the default 16 rankings rank in place, 500 candidates do not.
+const LONG_RANK_WORK: u64 = 4096;
 /// The longest impression id a node makes: 16 hex digits of prefix, `-`, a 64-bit counter in hex.
 pub const IMPRESSION_ID_BYTES: usize = 16 + 1 + 16;
 /// Seed of the holdout hash (fixed: the assignment of a user key never changes).
@@ -457,12 +463,17 @@ impl Node {
     /// Ranks and writes the impression; answers only once Kafka has acknowledged it.
     pub async fn rank(&self, req: &RankRequest, now_ms: i64) -> Result<RankResponse, Problem> {
         let id = self.next_impression_id();
-        // Thompson sampling spends up to milliseconds of CPU on a large request: on a
-        // multi-threaded runtime it runs with the worker's other tasks moved away, so health
-        // checks and other requests are not held up behind it.
+        // Thompson sampling of many candidates with many Monte Carlo rankings can spend a
+        // millisecond of CPU: on a multi-threaded runtime such a request runs with the worker's
+        // other tasks moved away, so health checks and other requests are not held up behind it.
+        // Handing the worker over costs tens of µs, more than a request of the default size
+        // (16 rankings) takes, so smaller requests rank in place.
         let on_workers = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        let ranked = if on_workers && matches!(self.config.policy.strategy, policy::Strategy::Thompson) {
+        let long = matches!(self.config.policy.strategy, policy::Strategy::Thompson)
+            && req.candidates.len() as u64 * u64::from(self.config.policy.propensity_samples)
+                > LONG_RANK_WORK;
+        let ranked = if on_workers && long {
             tokio::task::block_in_place(|| self.rank_only(req, id, now_ms))?
         } else {
             self.rank_only(req, id, now_ms)?
@@ -576,6 +587,7 @@ impl Node {
         // time: the processor bounds event times by it.
         let written_ms = crate::kafka::now_ms();
         let record = FutureRecord::to(&sink.topic).key(key).payload(payload).timestamp(written_ms);
+        let sent = std::time::Instant::now();
         // librdkafka times out queued records after `message.timeout.ms`, but a request already
         // sent waits for its response up to `request.timeout.ms` (30 s): on a network that
         // swallows packets the answer would wait for that. The request's own deadline is the
@@ -583,6 +595,7 @@ impl Node {
         // nobody saw, never an answer for an impression not written).
         match tokio::time::timeout(timeout, producer.send(record, timeout)).await {
             Ok(Ok(delivery)) => {
+                RecordAcknowledged { topic: &sink.topic, elapsed: sent.elapsed() }.emit();
                 if let Some(w) = &self.written {
                     w.written(&sink.topic, delivery.partition, delivery.offset, written_ms);
                 }

@@ -360,6 +360,14 @@ metric!(
     "API request latency, including the Kafka acknowledgement of the logged record."
 );
 metric!(
+    KAFKA_ACK_SECONDS,
+    "banditflow_serving_kafka_ack_seconds",
+    Histogram(LATENCY_BUCKETS),
+    ["topic"],
+    Serving,
+    "From handing a logged record (impression or feedback) to the producer to Kafka's acknowledgement, which its answer waits for: the part of the request latency that is Kafka's (linger, the broker's append and replication)."
+);
+metric!(
     SERVING_IMPRESSIONS,
     "banditflow_serving_impressions_total",
     Counter,
@@ -526,6 +534,7 @@ pub const CATALOG: &[Metric] = &[
     SERVING_READY,
     REQUESTS,
     REQUEST_SECONDS,
+    KAFKA_ACK_SECONDS,
     SERVING_IMPRESSIONS,
     SERVING_FEEDBACK,
     MODEL_VERSION,

@@ -41,6 +41,7 @@ impl Started<'_> {
         }
         for t in self.topics {
             counter!(PRODUCE_FAILURES.name, "topic" => t.to_string()).absolute(0);
+            let _ = histogram!(KAFKA_ACK_SECONDS.name, "topic" => t.to_string());
         }
         counter!(BAD_SNAPSHOTS.name).absolute(0);
         counter!(INCOMPLETE_VALUES.name).absolute(0);
@@ -107,6 +108,19 @@ impl ProduceFailed<'_> {
     pub fn emit(self) {
         counter!(PRODUCE_FAILURES.name, "topic" => self.topic.to_string()).increment(1);
         tracing::warn!(topic = self.topic, error = self.error, "record not acknowledged by Kafka");
+    }
+}
+
+/// Kafka acknowledged a record this node logged.
+pub struct RecordAcknowledged<'a> {
+    pub topic: &'a str,
+    pub elapsed: Duration,
+}
+
+impl RecordAcknowledged<'_> {
+    pub fn emit(self) {
+        histogram!(KAFKA_ACK_SECONDS.name, "topic" => self.topic.to_string())
+            .record(self.elapsed.as_secs_f64());
     }
 }
 

@@ -267,11 +267,17 @@ fn shard_with_posteriors(
 
 #[test]
 fn thompson_propensities_of_an_asymmetric_slate_match_the_exact_integral() {
-    // Four arms with different posteriors (prior Beta(1, 1), no decay), a slate of two.
-    let params: [(u32, u32); 4] = [(3, 9), (5, 5), (2, 2), (8, 4)];
-    let (spec, shard, c) = shard_with_posteriors(&params);
+    // Four arms with different posteriors (prior Beta(1, 1), no decay), a slate of two: the
+    // continued fraction of the Beta CDF, then the closed forms of unit shapes (Beta(1, b),
+    // Beta(a, 1)) beside it.
+    check_against_the_exact_integral(&[(3, 9), (5, 5), (2, 2), (8, 4)]);
+    check_against_the_exact_integral(&[(1, 4), (6, 1), (2, 3), (1, 1)]);
+}
+
+fn check_against_the_exact_integral(params: &[(u32, u32)]) {
+    let (spec, shard, c) = shard_with_posteriors(params);
     let m = &spec.models[2];
-    let exact = exact_slate_probabilities(&params);
+    let exact = exact_slate_probabilities(params);
     for (i, e) in exact.iter().enumerate() {
         assert!(e.iter().all(|v| (0.0..=1.0).contains(v)), "item {i}: {e:?}");
     }
@@ -404,26 +410,32 @@ fn thompson_propensities_near_the_epsilon_floor_are_unbiased() {
 
 #[test]
 fn thompson_propensities_of_alike_candidates_are_one_over_n_and_precise_at_the_default_count() {
-    // Twenty unseen candidates share the prior, so by symmetry every one of them is at every
+    // Twenty candidates with the same posterior: by symmetry every one of them is at every
     // position with probability exactly 1/20, whatever ε (the oracle). At the default 16
     // rankings the estimate must be unbiased and have a relative error well under what hit
     // counts over 16 rankings give (√(0.95 / (0.05 · 16)) ≈ 109 %): conditional Monte Carlo
     // gives each placement the probability of its own score falling between the others'.
-    // For the Beta model and the linear one (normal scores).
+    // Unseen candidates of the Beta model (the prior Beta(1, 9): a closed-form CDF) and of the
+    // linear one (normal scores), and learned ones all at Beta(7, 30) (the continued fraction).
     let config = banditflow::config::Config::from_layers(None, Vec::new()).expect("default config");
     let defaults = config.policy;
     assert_eq!(defaults.propensity_samples, 16, "the default this test is about");
-    let c: Vec<String> = (0..20).map(|k| format!("unseen{k}")).collect();
-    let n = c.len() as f64;
-    for model in ["pbm", "lin"] {
-        let (spec, f, i) = trained(model);
-        let policy = PolicySpec { strategy: Strategy::Thompson, epsilon: 0.05, ..defaults };
+    let policy = PolicySpec { strategy: Strategy::Thompson, epsilon: 0.05, ..defaults };
+    let unseen: Vec<String> = (0..20).map(|k| format!("unseen{k}")).collect();
+    let alike = shard_with_posteriors(&[(7, 30); 20]);
+    for model in ["pbm", "lin", "learned"] {
+        let trained = (model != "learned").then(|| trained(model));
+        let (spec, shard, c, segment) = match &trained {
+            Some((spec, f, i)) => (&spec.models[*i], &f.state.models[*i], &unseen, "women"),
+            None => (&alike.0.models[2], &alike.1, &alike.2, "s"),
+        };
+        let n = c.len() as f64;
         // Relative errors of every placement, and their mean per request (a request's
         // placements share its rankings, so the standard error is taken over requests).
         let (mut rel, mut per_request) = (Vec::new(), Vec::new());
         for seed in 0..400 {
-            let req = RankRequest { slate_size: 10, ..request(&c, seed) };
-            let slate = rank(&spec.models[i], &f.state.models[i], &policy, &req);
+            let req = RankRequest { slate_size: 10, segment, ..request(c, seed) };
+            let slate = rank(spec, shard, &policy, &req);
             assert_eq!(slate.len(), 10);
             let errors: Vec<f64> = slate.iter().map(|p| p.propensity * n - 1.0).collect();
             per_request.push(errors.iter().sum::<f64>() / errors.len() as f64);
