@@ -372,7 +372,13 @@ fn linear(calls: usize) {
         };
         measure(&format!("linear{dim}_ucb_prepared"), calls, rank(Strategy::Ucb { c: 2.0 }, 1, true));
         measure(&format!("linear{dim}_greedy_prepared"), calls, rank(Strategy::Greedy, 1, true));
-        measure(&format!("linear{dim}_thompson_prepared"), calls, rank(Strategy::Thompson, 256, true));
+        let samples = config.policy.propensity_samples;
+        measure(
+            &format!("linear{dim}_thompson_{samples}_prepared"),
+            calls,
+            rank(Strategy::Thompson, samples, true),
+        );
+        measure(&format!("linear{dim}_thompson_256_prepared"), calls, rank(Strategy::Thompson, 256, true));
         measure(
             &format!("baseline_linear{dim}_ucb_per_call"),
             calls,
