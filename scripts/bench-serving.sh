@@ -7,9 +7,10 @@
 #
 #   scripts/bench-serving.sh [SECONDS_PER_CASE] [CONNECTIONS]
 #
-# Greedy and UCB are then run again at half the peak rate wrk found, as an open model (Vegeta,
-# installed from the Go module proxy into the cache when missing: requests at a fixed rate,
-# whatever the answers' latency), for the latency at a load the node can carry. With
+# Greedy and UCB are then run again at half the peak rate wrk found, at a fixed rate (Vegeta,
+# installed from the Go module proxy into the cache when missing; at most CONNECTIONS requests
+# in flight, so a node that falls behind shows as an achieved rate below the target), for the
+# latency at a load the node can carry. With
 # BENCH_BASELINE_BIN=<banditflow binary> the health and Thompson cases also run on that binary,
 # in the same run, against the same broker.
 #
@@ -141,6 +142,8 @@ def share_over(name, bound):
 def quantile(name, q):  # as Prometheus's histogram_quantile: linear within the bucket
     les = sorted(le for (n, le) in b if n == name)
     counts = [b[(name, le)] - a.get((name, le), 0) for le in les]
+    if not counts or counts[-1] <= 0:
+        return float("nan")
     rank, prev_le, prev = q * counts[-1], 0.0, 0.0
     for le, c in zip(les, counts):
         if c >= rank:
@@ -208,7 +211,7 @@ echo "wrk: 1 thread, $conns connections, ${secs} s per case; node: banditflow se
 body100="{\"model\": \"home\", \"segment\": \"women\", \"slate_size\": 10, \"candidates\": $c100}"
 body20="{\"model\": \"home\", \"segment\": \"women\", \"slate_size\": 10, \"candidates\": $c20}"
 ratio() { python3 -c "print(f'{float(\"$1\") / float(\"$2\"):.3f}')"; }
-half() { python3 -c "print(int(float(\"$1\") / 2))"; }
+half() { python3 -c "print(max(1, int(float(\"$1\") / 2)))"; }
 run_case "baseline: GET /healthz" thompson GET /healthz ""
 health=$rps
 run_case "rank greedy, 100 candidates -> 10" greedy POST /v1/rank "$body100"

@@ -146,7 +146,7 @@ ROWS = [
     (
         "Serving",
         [
-            ("timeseries", "Request latency p50 / p99", "Time to answer POST /v1/rank and /v1/feedback, including Kafka's acknowledgement of the record; beside it the acknowledgement's own p99 (Kafka's part: linger, the broker's append and replication).", "s", 8,
+            ("timeseries", "Request latency p50 / p99", "Time to answer POST /v1/rank and /v1/feedback, including Kafka's acknowledgement of the record; beside it the p99 of Kafka's answer itself (Kafka's part: linger, the broker's append and replication).", "s", 8,
              [q(f"histogram_quantile(0.5, sum by (endpoint, le) (rate(banditflow_serving_request_seconds_bucket{{{I}}}[$__rate_interval])))", "{{endpoint}} p50"),
               q(f"histogram_quantile(0.99, sum by (endpoint, le) (rate(banditflow_serving_request_seconds_bucket{{{I}}}[$__rate_interval])))", "{{endpoint}} p99"),
               q(f"histogram_quantile(0.99, sum by (topic, le) (rate(banditflow_serving_kafka_ack_seconds_bucket{{{I}}}[$__rate_interval])))", "Kafka ack p99 {{topic}}")], {}),

@@ -7,10 +7,10 @@
 //! closed form; P is estimated by conditional Monte Carlo from seeded rankings drawn from a
 //! separate random stream (not from the served draw, which is conditioned on its outcome:
 //! counting it would bias small propensities upwards). Each ranking contributes, for every
-//! served placement (i at k), not the indicator [i ranked k] but its expectation given the
-//! other candidates' draws: F_i(o_k) − F_i(o_{k+1}), the probability that i's own score falls
-//! between the others' (k − 1)-th and k-th best (F_i: the Beta CDF, or the normal CDF for
-//! linear models). The expectation is the same, so the estimate stays unbiased; the variance is
+//! served placement (i at 0-based position k), not the indicator [i ranked k] but its
+//! expectation given the other candidates' draws: F_i(o_k) − F_i(o_{k+1}), the probability
+//! that i's own score falls between the others' k-th and (k + 1)-th best (o_0 = +∞; F_i: the
+//! Beta CDF, or the normal CDF for linear models). The expectation is the same, so the estimate stays unbiased; the variance is
 //! smaller, by about the number of candidates where they are alike (the case that needs the
 //! most rankings), so far fewer rankings give the same precision. With `propensity_rse` > 0 a
 //! pilot of 8 rankings estimates, from its own values' variance, how many rankings each served
@@ -18,9 +18,9 @@
 //! fresh rankings, in blocks of 8 and at most `propensity_samples` − 8, give the estimate (the
 //! pilot is discarded, so the adaptive count does not bias it). With `propensity_rse` = 0
 //! exactly `propensity_samples` rankings are drawn. The ε mix keeps every placement at or above
-//! ε / n. Only with ε = 0 is a served placement whose every value underflowed (its probability
-//! is below what a double resolves) reported as 0.5 / N rather than 0, which bounds its
-//! inverse-propensity weight by 2N. [`placement_probabilities`] (for off-policy evaluation,
+//! ε / n. Only with ε = 0 is a served placement whose every value was 0 (its probability below
+//! what a double resolves, or every ranking's indicator 0 where the CDF was not usable)
+//! reported as 0.5 / N rather than 0, which bounds its inverse-propensity weight by 2N. [`placement_probabilities`] (for off-policy evaluation,
 //! offline) still counts hits over every candidate and position.
 //! Posterior draws are exact: Beta(α, β) as a ratio of Marsaglia–Tsang Gamma draws, which
 //! costs a fraction of a general Beta sampler.
@@ -183,12 +183,14 @@ impl Scorer {
         }
     }
 
-    /// (P(S_i ≤ t), P(S_i > t)) for candidate `i`'s Thompson score S_i, the smaller of the two
-    /// computed directly (so a difference of two upper tails keeps its precision). None where
-    /// this cannot be computed to full precision: a point mass (a linear arm without variance,
-    /// a Beta whose sampler could not be built), shapes so small that both Gamma draws can
-    /// underflow (the sampler then returns the mean), or a continued fraction that has not
-    /// converged (shapes in the hundreds of thousands near the mean).
+    /// (P(S_i ≤ t), P(S_i > t)) for candidate `i`'s Thompson score S_i, the tail on `t`'s side
+    /// of the mean computed directly and the other as its complement (so a difference of two
+    /// upper tails keeps its precision). None where the CDF would not describe the sampler's
+    /// draws: a point mass (a linear arm without variance, or with a spread too small to move
+    /// a draw off its mean in floating point; a Beta whose sampler could not be built), shapes
+    /// so small that both Gamma draws can underflow (the sampler then returns the mean), a
+    /// continued fraction that has not converged (shapes in the hundreds of thousands near the
+    /// mean), or a threshold or mean that is not a number.
     fn tails(&self, i: usize, t: f64) -> Option<(f64, f64)> {
         match self {
             Scorer::Beta { params, gammas, ln_beta } => {
@@ -200,7 +202,7 @@ impl Scorer {
             }
             Scorer::Linear { mean_sd } => {
                 let (m, sd) = mean_sd[i];
-                if !(sd > 0.0 && sd.is_finite()) {
+                if t.is_nan() || !m.is_finite() || !(sd.is_finite() && sd > m.abs() * 1e-12) {
                     return None;
                 }
                 let z = (t - m) / sd * std::f64::consts::FRAC_1_SQRT_2;
@@ -366,8 +368,15 @@ fn beta_tails(a: f64, b: f64, ln_beta: f64, x: f64) -> Option<(f64, f64)> {
 /// the indicator [`idx[pos] == i`] it replaces (the law of total variance). Where S_i has no
 /// usable CDF ([`Scorer::tails`]), the indicator itself: which of the two is used depends on
 /// the others' draws only, so the expectation is the same.
-fn conditional_placement(scorer: &Scorer, s: &[f64], idx: &[usize], i: usize, pos: usize) -> f64 {
-    let own = idx.iter().position(|&j| j == i);
+/// `own`: i's place in `idx`, if it is there.
+fn conditional_placement(
+    scorer: &Scorer,
+    s: &[f64],
+    idx: &[usize],
+    own: Option<usize>,
+    i: usize,
+    pos: usize,
+) -> f64 {
     // The m-th best other (1-based) is idx[m − 1] while that is above i, idx[m] past it.
     let other = |m: usize| -> f64 {
         if m == 0 {
@@ -408,6 +417,9 @@ fn thompson_propensities(
     let all: Vec<usize> = (0..n).collect();
     let top = (k + 1).min(n);
     let (mut s, mut idx) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    // Each candidate's place in the ranking's top list (usize::MAX: not in it), so a placement
+    // finds its item's own place in O(1), not O(k).
+    let mut place = vec![usize::MAX; n];
     // Per placement: the sum of its values and of their squares.
     let mut draw = |count: u32, sums: &mut Vec<(f64, f64)>| {
         sums.clear();
@@ -415,10 +427,17 @@ fn thompson_propensities(
         for _ in 0..count {
             scorer.sample_subset(&all, &mut mc, &mut s);
             top_k_into(&s, top, &mut idx);
+            for (r, &j) in idx.iter().enumerate() {
+                place[j] = r;
+            }
             for (pos, (&i, sum)) in order.iter().zip(sums.iter_mut()).enumerate() {
-                let v = conditional_placement(scorer, &s, &idx, i, pos);
+                let own = Some(place[i]).filter(|&r| r != usize::MAX);
+                let v = conditional_placement(scorer, &s, &idx, own, i, pos);
                 sum.0 += v;
                 sum.1 += v * v;
+            }
+            for &j in &idx {
+                place[j] = usize::MAX;
             }
         }
     };
@@ -444,8 +463,8 @@ fn thompson_propensities(
     draw(fresh, &mut sums);
     let total = f64::from(fresh);
     // The mean is unbiased, zeros included; with ε > 0 the ε / n term keeps every placement
-    // above zero. Only without it does a served placement whose every value underflowed (so
-    // its probability is not zero, only below what a double resolves here) need a floor: half
+    // above zero. Only without it does a served placement whose every value was 0 (its
+    // probability below what a double resolves, or only indicators, all 0) need a floor: half
     // a ranking's worth, which bounds its inverse-propensity weight by 2N.
     let floor = if eps > 0.0 { 0.0 } else { 0.5 / total };
     sums.iter().map(|&(sum, _)| if sum > 0.0 { (sum / total).min(1.0) } else { floor }).collect()

@@ -24,7 +24,7 @@ use super::subscriber::{Catalog, ServingModel, WrittenRecords};
 use crate::core::event::InvalidEvent;
 use crate::core::partition;
 use crate::telemetry::serving::{
-    FeedbackLogged, ImpressionLogged, ModelNotLoaded, ProduceFailed, RecordAcknowledged,
+    FeedbackLogged, ImpressionLogged, KafkaAnswered, ModelNotLoaded, ProduceFailed,
 };
 
 /// The problem for a record the processor's validator refuses. The request's own fields were
@@ -136,9 +136,11 @@ impl Problem {
 use crate::core::event::{MAX_ABS_VALUE as MAX_ABS_NUMBER, MIN_EVENT_TIME_MS};
 
 const MAX_POSITION: u64 = 1000;
-/// Candidates × Monte Carlo rankings above which a Thompson request is ranked with its worker's
-/// other tasks moved away (`block_in_place`): 4,096 is ~0.2–0.4 ms of CPU (BENCHMARKS.md), so
-/// 100 candidates at the default 16 rankings rank in place, 500 candidates do not.
+/// Work of a Thompson request, Monte Carlo rankings × (candidates + 4 × slate size) (a ranking
+/// draws every candidate and evaluates two CDFs, each worth about two draws, per placement),
+/// above which it is ranked with its worker's other tasks moved away (`block_in_place`): 4,096
+/// is ~0.2–0.4 ms of CPU (BENCHMARKS.md), so 100 candidates into 10 places at the default 16
+/// rankings rank in place, 500 candidates or a slate of 100 do not.
 const LONG_RANK_WORK: u64 = 4096;
 /// The longest impression id a node makes: 16 hex digits of prefix, `-`, a 64-bit counter in hex.
 pub const IMPRESSION_ID_BYTES: usize = 16 + 1 + 16;
@@ -470,8 +472,10 @@ impl Node {
         // (16 rankings) takes, so smaller requests rank in place.
         let on_workers = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let n = req.candidates.len() as u64;
+        let slate = req.slate_size.unwrap_or(10).min(n);
         let long = matches!(self.config.policy.strategy, policy::Strategy::Thompson)
-            && req.candidates.len() as u64 * u64::from(self.config.policy.propensity_samples)
+            && u64::from(self.config.policy.propensity_samples).saturating_mul(n.saturating_add(4 * slate))
                 > LONG_RANK_WORK;
         let ranked = if on_workers && long {
             tokio::task::block_in_place(|| self.rank_only(req, id, now_ms))?
@@ -593,9 +597,10 @@ impl Node {
         // swallows packets the answer would wait for that. The request's own deadline is the
         // produce timeout; a record still in flight then may be written later (an impression
         // nobody saw, never an answer for an impression not written).
-        match tokio::time::timeout(timeout, producer.send(record, timeout)).await {
+        let answer = tokio::time::timeout(timeout, producer.send(record, timeout)).await;
+        KafkaAnswered { topic: &sink.topic, elapsed: sent.elapsed() }.emit();
+        match answer {
             Ok(Ok(delivery)) => {
-                RecordAcknowledged { topic: &sink.topic, elapsed: sent.elapsed() }.emit();
                 if let Some(w) = &self.written {
                     w.written(&sink.topic, delivery.partition, delivery.offset, written_ms);
                 }

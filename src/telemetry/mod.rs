@@ -365,7 +365,7 @@ metric!(
     Histogram(LATENCY_BUCKETS),
     ["topic"],
     Serving,
-    "From handing a logged record (impression or feedback) to the producer to Kafka's acknowledgement, which its answer waits for: the part of the request latency that is Kafka's (linger, the broker's append and replication)."
+    "From handing a logged record (impression or feedback) to the producer to Kafka's answer (its acknowledgement, an error or the produce timeout), which the request waits for: the part of the request latency that is Kafka's (linger, the broker's append and replication)."
 );
 metric!(
     SERVING_IMPRESSIONS,

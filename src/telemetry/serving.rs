@@ -111,13 +111,14 @@ impl ProduceFailed<'_> {
     }
 }
 
-/// Kafka acknowledged a record this node logged.
-pub struct RecordAcknowledged<'a> {
+/// Kafka answered a record this node logged: acknowledged it, failed it, or the produce timeout
+/// ran out.
+pub struct KafkaAnswered<'a> {
     pub topic: &'a str,
     pub elapsed: Duration,
 }
 
-impl RecordAcknowledged<'_> {
+impl KafkaAnswered<'_> {
     pub fn emit(self) {
         histogram!(KAFKA_ACK_SECONDS.name, "topic" => self.topic.to_string())
             .record(self.elapsed.as_secs_f64());

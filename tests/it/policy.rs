@@ -344,8 +344,8 @@ fn no_propensity_is_below_the_epsilon_floor_and_a_served_placement_is_never_zero
                 let floor = eps / c.len() as f64;
                 assert!(p.propensity >= floor, "eps {eps} seed {seed}: {p:?}");
                 if eps == 0.0 {
-                    // One conditional value per placement: positive, since the served draw
-                    // shows the placement can happen.
+                    // One ranking per placement: never zero (its conditional value, or the
+                    // 0.5 / N floor where that is 0).
                     assert!(p.propensity > 0.0, "seed {seed}: {p:?}");
                 }
             }
