@@ -25,13 +25,19 @@ const FORBIDDEN: &[(&str, &str)] = &[
     ("crate::replay", "an edge"),
 ];
 
-/// Every forbidden use in the `.rs` files of `dir`, as "file:line: uses …"; and how many
-/// files were read.
+/// Every forbidden use in the `.rs` files of `dir` and its subdirectories, as
+/// "file:line: uses …"; and how many files were read.
 fn violations(dir: &Path) -> (Vec<String>, usize) {
     let mut problems = Vec::new();
     let mut files = 0;
     for entry in std::fs::read_dir(dir).expect("directory exists") {
         let path = entry.expect("readable dir entry").path();
+        if path.is_dir() {
+            let (more, n) = violations(&path);
+            problems.extend(more);
+            files += n;
+            continue;
+        }
         if path.extension().is_none_or(|e| e != "rs") {
             continue;
         }
