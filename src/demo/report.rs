@@ -1,4 +1,4 @@
-//! The demo's report files: `curves.csv` and two PNG charts (plotters) — learning curves (CTR
+//! The demo's results table and report files: `results.txt`, `curves.csv` and two PNG charts (plotters) — learning curves (CTR
 //! per variant over time, with the random and oracle rankings' expected CTR) and freshness.
 //!
 //! Text is drawn with a system TrueType font (DejaVu Sans, Debian's fonts-dejavu-core); without
@@ -12,7 +12,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
-use super::{percentile, Outcome, BUCKET_MS};
+use super::{percentile, Lift, Outcome, Tally, BUCKET_MS};
 
 const FONT_PATHS: [&str; 3] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -225,4 +225,123 @@ pub fn line_chart(
     }
     legend_and_save(chart, &root)?;
     Ok(true)
+}
+
+/// The results table.
+pub fn table(o: &Outcome) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let t = &o.treatment;
+    let h = &o.holdout;
+    let _ = writeln!(
+        s,
+        "banditflow demo — {:.0} s, Kafka: {}",
+        o.elapsed.as_secs_f64(),
+        if o.mock { "in-process mock cluster" } else { "broker" }
+    );
+    let _ = writeln!(s, "shop: ZOZOTOWN item priors from {}", o.priors_source);
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "{:<34} {:>11} {:>10} {:>12} {:>13}",
+        "", "impressions", "CTR", "expected CTR", "regret/impr."
+    );
+    let row = |s: &mut String, name: &str, t: &Tally| {
+        let _ = writeln!(
+            s,
+            "{:<34} {:>11} {:>10.4} {:>12.4} {:>13.4}",
+            name,
+            t.impressions,
+            t.ctr(),
+            t.per(t.expected),
+            t.per(t.oracle - t.expected)
+        );
+    };
+    row(&mut s, "treatment (Thompson sampling)", t);
+    row(&mut s, "holdout (candidates' given order)", h);
+    let mut all = *t;
+    all.merge(h);
+    let _ = writeln!(
+        s,
+        "{:<34} {:>11} {:>10} {:>12.4} {:>13.4}",
+        "uniformly random ranking",
+        "–",
+        "–",
+        all.per(all.random),
+        all.per(all.oracle - all.random)
+    );
+    let _ = writeln!(
+        s,
+        "{:<34} {:>11} {:>10} {:>12.4} {:>13.4}",
+        "oracle ranking (true appeal)",
+        "–",
+        "–",
+        all.per(all.oracle),
+        0.0
+    );
+    let _ = writeln!(
+        s,
+        "CTR = clicks per impression (a slate of 10); expected CTR and regret under the simulator's truth."
+    );
+    let _ = writeln!(s);
+    let show = |l: Option<Lift>| match l {
+        Some(l) => format!(
+            "{:+.4} clicks/impression ({:+.1} %), 95 % CI [{:+.4}, {:+.4}]",
+            l.diff,
+            l.relative * 100.0,
+            l.low,
+            l.high
+        ),
+        None => "not enough impressions".into(),
+    };
+    let _ = writeln!(s, "lift over holdout:             {}", show(o.lift));
+    let _ = writeln!(s, "lift over holdout, last third: {}", show(o.lift_last_third));
+    let mut f = o.freshness_ms.clone();
+    f.sort_unstable();
+    let fmt = |v: Option<i64>| v.map_or("–".to_string(), |v| format!("{:.2} s", v as f64 / 1000.0));
+    let _ = writeln!(
+        s,
+        "freshness (feedback written → visible to ranking): p50 {}, p99 {} ({} records)",
+        fmt(percentile(&f, 0.5)),
+        fmt(percentile(&f, 0.99)),
+        f.len()
+    );
+    // The first seconds include the consumer group's first rebalance (3 s on the mock cluster).
+    let mut steady: Vec<i64> =
+        o.buckets.iter().skip(2).flat_map(|b| b.freshness_ms.iter().copied()).collect();
+    steady.sort_unstable();
+    let _ = writeln!(
+        s,
+        "  after the first {} s:                            p50 {}, p99 {} ({} records)",
+        2 * BUCKET_MS / 1000,
+        fmt(percentile(&steady, 0.5)),
+        fmt(percentile(&steady, 0.99)),
+        steady.len()
+    );
+    let _ = writeln!(
+        s,
+        "events: {} written, {} processed (input offsets the final model covers), {} dead-lettered ({} planted bad records)",
+        o.produced, o.processed, o.dead_lettered, o.poison_planted
+    );
+    if !o.rank_errors.is_empty() || o.write_errors > 0 {
+        let _ = writeln!(s, "errors: rank {:?}, feedback writes {}", o.rank_errors, o.write_errors);
+    }
+    let verdict = if o.significant() {
+        "the learning variant beats the holdout (95 % interval above zero)"
+    } else {
+        "the learning variant did NOT beat the holdout significantly"
+    };
+    let _ = writeln!(s, "verdict: {verdict}");
+    s
+}
+
+/// Writes `results.txt`, `curves.csv` and the PNG charts into `dir`.
+pub fn write_report(o: &Outcome, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut out = Vec::new();
+    let results = dir.join("results.txt");
+    std::fs::write(&results, table(o))?;
+    out.push(results);
+    out.extend(write(o, dir)?);
+    Ok(out)
 }
