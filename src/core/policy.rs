@@ -598,15 +598,39 @@ pub fn slate_propensities(
     }
     let scorer = build_scorer(spec, model, req);
     let eps = policy.epsilon.clamp(0.0, 1.0);
-    let base = match policy.strategy {
-        Strategy::Thompson => thompson_propensities(&scorer, policy, &order[..k], k, eps, req.seed),
+    // UCB and greedy are exact: the policy's own ranking (their scores draw no randomness).
+    let ranked = match policy.strategy {
+        Strategy::Thompson => Vec::new(),
         strategy @ (Strategy::Ucb { .. } | Strategy::Greedy) => {
             let mut scores = Vec::with_capacity(n);
             scorer.scores(strategy, &mut ChaCha8Rng::seed_from_u64(req.seed), &mut scores);
-            let ranked = top_k(&scores, k);
-            (0..k).map(|pos| if ranked[pos] == order[pos] { 1.0 } else { 0.0 }).collect()
+            top_k(&scores, k)
         }
     };
+    mixed_propensities(&scorer, policy, &order[..k], &ranked, n, eps, req.seed)
+}
+
+/// Each placement's propensity, the ε mix included: P(the policy puts `order[pos]` at `pos`)
+/// by conditional Monte Carlo for Thompson sampling, exactly for UCB and greedy (`ranked`:
+/// their own top k), then (1 − ε)·that + ε / n.
+fn mixed_propensities(
+    scorer: &Scorer,
+    policy: &PolicySpec,
+    order: &[usize],
+    ranked: &[usize],
+    n: usize,
+    eps: f64,
+    seed: u64,
+) -> Vec<f64> {
+    let k = order.len();
+    let base: Vec<f64> = match policy.strategy {
+        Strategy::Thompson => thompson_propensities(scorer, policy, order, k, eps, seed),
+        Strategy::Ucb { .. } | Strategy::Greedy => {
+            (0..k).map(|pos| if ranked.get(pos) == Some(&order[pos]) { 1.0 } else { 0.0 }).collect()
+        }
+    };
+    // A convex mix of probabilities: within [ε / n, 1] up to rounding, which the bounds make
+    // exact.
     base.iter().map(|b| ((1.0 - eps) * b + eps / n as f64).clamp(eps / n as f64, 1.0)).collect()
 }
 
@@ -654,23 +678,16 @@ pub fn rank(
         ranked.clone()
     };
 
-    // base[pos] = P(the policy's ranking puts order[pos] at pos), before the ε mix. Only the
-    // served placements are estimated.
-    let base: Vec<f64> = match policy.strategy {
-        Strategy::Thompson => thompson_propensities(&scorer, policy, &order, k, eps, req.seed),
-        Strategy::Ucb { .. } | Strategy::Greedy => {
-            (0..k).map(|pos| if ranked[pos] == order[pos] { 1.0 } else { 0.0 }).collect()
-        }
-    };
+    // Only the served placements' propensities are computed.
+    let propensities = mixed_propensities(&scorer, policy, &order, &ranked, n, eps, req.seed);
     order
         .iter()
+        .zip(propensities)
         .enumerate()
-        .map(|(pos, &i)| Placement {
+        .map(|(pos, (&i, propensity))| Placement {
             item_id: candidates[i].clone(),
             position: pos as u32 + 1,
-            // A convex mix of probabilities: within [ε / n, 1] up to rounding, which the
-            // bounds make exact.
-            propensity: ((1.0 - eps) * base[pos] + eps / n as f64).clamp(eps / n as f64, 1.0),
+            propensity,
             score: scores[i],
         })
         .collect()
