@@ -438,8 +438,22 @@ fn encode_segment(
 
 /// A segment's value (buffer or arm segment), zstd-compressed.
 pub(crate) fn compress(raw: &[u8]) -> Vec<u8> {
-    // Level 3 (zstd's default); compressing into memory cannot fail but for allocation.
-    zstd::bulk::compress(raw, 3).unwrap_or_else(|_| raw.to_vec())
+    // Level 3 (zstd's default); compressing into memory cannot fail but for allocation. One
+    // compression context per thread, reused: a fresh one per segment allocated (and the
+    // kernel zeroed) its ~1 MB of tables every time. The output is the same bytes either way.
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    COMPRESSOR
+        .with(|c| {
+            let mut c = c.try_borrow_mut().ok()?;
+            if c.is_none() {
+                *c = zstd::bulk::Compressor::new(3).ok();
+            }
+            c.as_mut()?.compress(raw).ok()
+        })
+        .unwrap_or_else(|| zstd::bulk::compress(raw, 3).unwrap_or_else(|_| raw.to_vec()))
 }
 
 /// The inverse of [`compress`], refusing more than 1 GiB; `what` names the value in errors.
