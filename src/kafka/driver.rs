@@ -13,11 +13,15 @@
 //! state ahead of what is stored, so the whole session is discarded and rebuilt from Kafka:
 //! nothing is lost, nothing counted twice.
 //!
-//! Threads: one consumer thread (polls, routes records, runs rebalance callbacks, collects the
-//! tasks' snapshots), a small tokio runtime running one task per assigned partition, and a
-//! commit thread per interval transaction, so the tasks go on learning while it commits. At
-//! most one transaction runs at a time: the next commit, a rebalance and the end of a session
-//! first wait for it, and its failure discards the session as above.
+//! Threads: one consumer thread (polls the consumer's own queue for events — rebalances,
+//! errors, statistics — runs the rebalance callbacks, collects the tasks' snapshots), a small
+//! tokio runtime running one task per assigned partition, which reads its input partitions'
+//! records straight from their librdkafka queues (`queue.rs`, split off before the partition is
+//! assigned, so no record passes through the consumer thread), and a commit thread per interval
+//! transaction, so the tasks go on learning while it commits. At most one transaction runs at
+//! a time: the next commit, a rebalance and the end of a session first wait for it, and its
+//! failure discards the session as above. The tasks' queues hold the consumer: a session ends
+//! its tasks before the consumer closes.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,7 +70,12 @@ impl ClientContext for Ctx {
 impl ConsumerContext for Ctx {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let mut guard = self.lock();
-        let Some(session) = guard.as_mut() else { return };
+        let Some(session) = guard.as_mut() else {
+            // The session has ended (its tasks with it) and the consumer is closing: give
+            // everything up, or librdkafka waits for the application to do so forever.
+            let _ = consumer.unassign();
+            return;
+        };
         let partitions = input_partitions(tpl);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
@@ -236,6 +245,7 @@ fn session(
     let ctx = Ctx {
         session: Mutex::new(Some(Session {
             config: Arc::clone(config),
+            consumer: std::sync::Weak::new(),
             runtime: runtime.handle().clone(),
             txn: Some(Txn { config: Arc::clone(config), producer, chunks: Default::default() }),
             inflight: None,
@@ -280,7 +290,14 @@ fn session(
     // Impressions and feedback of partition p must meet in one task: range assignment gives a
     // member the same partition numbers of co-partitioned topics.
     cc.set("partition.assignment.strategy", "range").set("group.protocol", "classic");
-    let consumer: BaseConsumer<Ctx> = cc.create_with_context(ctx).context("creating the consumer")?;
+    let consumer: Arc<BaseConsumer<Ctx>> =
+        Arc::new(cc.create_with_context(ctx).context("creating the consumer")?);
+    // The partition tasks' queues hold the consumer: the session (and with it the tasks) must
+    // end before the consumer is dropped, however this function returns.
+    let _end = EndSession(Arc::clone(&consumer));
+    if let Some(s) = consumer.context().lock().as_mut() {
+        s.consumer = Arc::downgrade(&consumer);
+    }
     let topics: Vec<&str> = config.topics.iter().map(|t| t.name.as_str()).collect();
     consumer.subscribe(&topics).context("subscribing to the input topics")?;
     let interval = Duration::from_millis(k.snapshot_interval_ms as u64);
@@ -296,9 +313,9 @@ fn session(
         let mut guard = consumer.context().lock();
         let Some(s) = guard.as_mut() else { return Err(anyhow!("session vanished")) };
         match polled {
-            Some(Ok(m)) => s.route(&m),
+            Some(Ok(m)) => s.stray(&m),
             Some(Err(e)) => ConsumerError { error: &e }.emit(),
-            None => s.flush_batches(),
+            None => {}
         }
         s.retry_failed(&consumer);
         if s.align {
@@ -340,7 +357,7 @@ fn session(
             return Ok(SessionEnd::Restart(e));
         }
         s.release_pauses(&consumer, &parts);
-        s.tasks.clear();
+        s.end_tasks(&parts);
         s.report_lag();
     }
     consumer.unsubscribe();
@@ -349,7 +366,19 @@ fn session(
     while Instant::now() < deadline && consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
         let _ = consumer.poll(Duration::from_millis(20));
     }
+    drop(_end);
     drop(consumer);
     tracing::info!("left the group");
     Ok(SessionEnd::Shutdown)
+}
+
+/// Ends the session held in the consumer's context when dropped: its tasks end and drop their
+/// queues, so the consumer closes when its last handle goes.
+struct EndSession(Arc<BaseConsumer<Ctx>>);
+
+impl Drop for EndSession {
+    fn drop(&mut self) {
+        let session = self.0.context().lock().take();
+        drop(session);
+    }
 }

@@ -4,10 +4,12 @@
 //!
 //! Two input topics are aligned per partition task: records are applied in timestamp order
 //! across both, and a topic whose partition still has records on the broker is never
-//! overtaken. The consumer thread tells each task, in order with its records, which of its
-//! inputs are behind (the consumer's position below the end offset last reported by the
-//! broker); a task that holds too many records of one topic while it waits for another asks
-//! the consumer thread to pause that topic-partition, and to resume it once the other caught up.
+//! overtaken. The consumer thread tells each task which of its inputs are behind (the
+//! consumer's position below the end offset last reported by the broker). Positions move only
+//! as a task takes records from its queues, so the task has read every record such news
+//! covers. A task that holds too many records of one topic while it waits for another stops
+//! reading that topic's queue and asks the consumer thread to pause the topic-partition, and
+//! to resume it once the other caught up.
 //! The consumer-facing half (`impl Session` below) reads positions and applies pauses on the
 //! consumer the driver owns; the decisions are the pure [`Aligner`]'s.
 
@@ -24,7 +26,7 @@ use crate::telemetry::processor::{InputPaused, InputsAligned};
 
 use super::driver::Ctx;
 use super::session::Session;
-use super::task::{Cmd, OwnedRecord, BATCH};
+use super::task::{Cmd, OwnedRecord};
 
 /// What an input topic of a partition task has left on the broker, as far as the consumer
 /// knows. Decides whether the task may skip the topic when it has no records of it queued.
@@ -43,7 +45,7 @@ pub(super) enum Backlog {
 /// records and where the partition ends.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct InputLag {
-    /// The consumer's position: past the last record routed, or librdkafka's own position,
+    /// The consumer's position: librdkafka's position (past the last record a task took from its queue),
     /// which also moves past transaction markers (control records). -1: not known.
     pub(super) next: i64,
     /// The end offset last known (read_committed: the last stable offset, from the watermarks
@@ -297,7 +299,7 @@ impl Session {
     /// Takes the end offsets (last stable offsets) and the consumer's positions that librdkafka
     /// reports for the aligned inputs. `ls_offset` comes from the last fetch response of the
     /// partition; `app_offset` is the position after the last record (or transaction marker)
-    /// handed to this thread, so every record before it has been routed already.
+    /// a task took from its queue, so every record before it has been read already.
     pub(super) fn observe_stats(&mut self, stats: &Statistics) {
         if !self.align {
             return;
@@ -358,7 +360,8 @@ impl Session {
         }
     }
 
-    /// Sends each task the inputs whose backlog changed, after the records routed so far.
+    /// Sends each task the inputs whose backlog changed (positions move only as a task reads
+    /// its queue, so the task has read every record the news covers).
     pub(super) fn publish_backlog(&mut self) {
         let mut dead = Vec::new();
         let mut changed = false;
@@ -374,13 +377,6 @@ impl Session {
                     topic = %self.config.topics[u].name, partition = *p, next = input.next, end = input.end,
                     ?backlog, "input backlog changed"
                 );
-                if !task.batch.is_empty() {
-                    let batch = std::mem::replace(&mut task.batch, Vec::with_capacity(BATCH));
-                    if task.tx.blocking_send(Cmd::Records(batch)).is_err() {
-                        dead.push(*p);
-                        break;
-                    }
-                }
                 if task.tx.blocking_send(Cmd::Backlog { topic: u, backlog }).is_err() {
                     dead.push(*p);
                     break;

@@ -300,6 +300,15 @@ impl Session {
             }
             resume.add_partition(&t.name, p);
         }
+        // The task's queues are split off before the seek, so that every record fetched from
+        // where the state ends reaches them.
+        let queues = match self.split_queues(p) {
+            Ok(q) => q,
+            Err(e) => {
+                self.poison(e);
+                return;
+            }
+        };
         // Records fetched for the partition while it failed were dropped (no task): read again
         // from where the state ends.
         if let Err(e) = consumer.seek_partitions(seek, Duration::from_secs(10)) {
@@ -323,7 +332,7 @@ impl Session {
             Vec::new()
         };
         let records = state.records;
-        self.spawn(p, state, inputs);
+        self.spawn(p, state, inputs, queues);
         if let Err(e) = consumer.resume(&resume) {
             self.poison(anyhow!("resuming a recovered partition failed: {e}"));
             return;

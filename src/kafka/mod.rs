@@ -7,6 +7,10 @@ pub mod driver;
 mod inputs;
 pub mod isolation;
 pub mod probes;
+// The one module allowed `unsafe`: librdkafka's batch read of a split partition queue, which
+// rust-rdkafka does not offer (see its docs).
+#[allow(unsafe_code)]
+mod queue;
 pub mod reader;
 mod session;
 pub mod store;

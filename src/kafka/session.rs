@@ -1,11 +1,11 @@
 //! The consumer group session: what this member owns (one partition task per assigned input
-//! partition), how an assignment is restored and a revocation committed, how records are
-//! routed to tasks, and when a transaction is written. The driver calls it from the consumer
+//! partition), how an assignment is restored (and the partition's queues split off for its
+//! task) and a revocation committed, and when a transaction is written. The driver calls it from the consumer
 //! thread (the poll loop and the rebalance callbacks).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
@@ -23,21 +23,31 @@ use super::driver::Ctx;
 use super::inputs::{input_lag, Backlog, Flow, InputLag};
 use super::isolation::{check_partition, restore_one, Failed, Failure, Restored};
 use super::probes::Health as Probe;
+use super::queue::SplitQueue;
 use super::store;
-use super::task::{partition_task, Cmd, OwnedRecord, BATCH};
+use super::task::{partition_task, Cmd, TaskInputs, NO_TIMESTAMP};
 use super::txn::Txn;
 
 pub(super) struct Task {
     pub(super) tx: mpsc::Sender<Cmd>,
-    pub(super) batch: Vec<OwnedRecord>,
+    /// Awaited when the task ends, so that its queues (which hold the consumer) are gone
+    /// before the partition is given up or the consumer closed.
+    pub(super) handle: tokio::task::JoinHandle<()>,
     /// Per input topic (index into `config.topics`), when two or more are aligned; else empty.
     pub(super) inputs: Vec<InputLag>,
     /// The task's pause requests (read on the consumer thread only).
     pub(super) flow: Arc<Flow>,
     /// When the task started (ms since the epoch), for lag in seconds before any record.
     pub(super) assigned_ms: i64,
-    /// Per input topic: the timestamp of the last record routed (for lag in seconds).
-    pub(super) last_timestamp: Vec<Option<i64>>,
+    /// Per input topic: the timestamp of the last record the task read (for lag in seconds).
+    pub(super) last_timestamps: Arc<[AtomicI64]>,
+}
+
+/// A partition's input queues, split off the consumer before its task starts.
+pub(super) struct TaskQueues {
+    pub(super) queues: Vec<SplitQueue>,
+    /// Notified by librdkafka when one of them goes from empty to non-empty.
+    pub(super) wake: Arc<tokio::sync::Notify>,
 }
 
 /// Partitions restored at once on assignment (reading is I/O, rebuilding one core each): one
@@ -68,6 +78,9 @@ pub(super) enum SessionEnd {
 /// State shared between the consumer loop and the rebalance callbacks (same thread).
 pub(super) struct Session {
     pub(super) config: Arc<Config>,
+    /// The consumer whose context holds this session (set once it exists): partition tasks
+    /// split their queues off it.
+    pub(super) consumer: Weak<BaseConsumer<Ctx>>,
     pub(super) runtime: tokio::runtime::Handle,
     /// `None` while a transaction runs in the background (`inflight`).
     pub(super) txn: Option<Txn>,
@@ -247,7 +260,12 @@ impl Session {
             } else {
                 Vec::new()
             };
-            self.spawn(p, state, inputs);
+            // The queues are split off before the partition is assigned, so that not one of
+            // its records reaches the consumer's own queue.
+            match self.split_queues(p) {
+                Ok(queues) => self.spawn(p, state, inputs, queues),
+                Err(e) => self.poison(e),
+            }
         }
         Assigned { partitions: self.tasks.len() }.emit();
         self.report_lag();
@@ -265,6 +283,7 @@ impl Session {
             let Some(&u) = self.topic_index.get(topic) else { continue };
             for (p, part) in &t.partitions {
                 let Some(task) = self.tasks.get(p) else { continue };
+                let last = task.last_timestamps.get(u).map(|t| t.load(Ordering::Relaxed));
                 let end = if part.ls_offset >= 0 { part.ls_offset } else { part.hi_offset };
                 let position = if part.app_offset >= 0 { part.app_offset } else { part.committed_offset };
                 if end < 0 || position < 0 {
@@ -274,7 +293,7 @@ impl Session {
                 let seconds = if records == 0 {
                     0.0
                 } else {
-                    let since = task.last_timestamp.get(u).copied().flatten().unwrap_or(task.assigned_ms);
+                    let since = last.filter(|t| *t != NO_TIMESTAMP).unwrap_or(task.assigned_ms);
                     (now - since).max(0) as f64 / 1e3
                 };
                 ConsumerLag { topic, partition: *p, records, seconds }.emit();
@@ -296,9 +315,34 @@ impl Session {
         })
     }
 
-    pub(super) fn spawn(&mut self, partition: i32, state: PartitionState, inputs: Vec<InputLag>) {
-        let cap = (self.config.kafka.partition_queue_records / BATCH).max(2);
-        let (tx, rx) = mpsc::channel(cap);
+    /// Splits partition `p`'s input topic-partitions off the consumer's queue: from now on
+    /// their records go to the queues returned (in `config.topics` order), which only the
+    /// partition's task reads. librdkafka keeps a queue split through later assignments and
+    /// seeks (an application's forwarding is not undone by a fetch start), and drops records
+    /// fetched before a seek by their version, so a task reads exactly from where it was placed.
+    pub(super) fn split_queues(&self, p: i32) -> anyhow::Result<TaskQueues> {
+        let consumer = self.consumer.upgrade().ok_or_else(|| anyhow!("the consumer is gone"))?;
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let queues = self
+            .config
+            .topics
+            .iter()
+            .map(|t| {
+                SplitQueue::split(&consumer, &t.name, p, Arc::clone(&wake))
+                    .ok_or_else(|| anyhow!("librdkafka refused a queue for {}[{p}]", t.name))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(TaskQueues { queues, wake })
+    }
+
+    pub(super) fn spawn(
+        &mut self,
+        partition: i32,
+        state: PartitionState,
+        inputs: Vec<InputLag>,
+        queues: TaskQueues,
+    ) {
+        let (tx, rx) = mpsc::channel(16);
         let config = Arc::clone(&self.config);
         let flow = Arc::new(Flow {
             want: inputs.iter().map(|_| AtomicBool::new(false)).collect(),
@@ -311,17 +355,29 @@ impl Session {
                 backlog = ?b, "input backlog at assignment"
             );
         }
+        let TaskQueues { queues, wake } = queues;
+        let last_timestamps: Arc<[AtomicI64]> =
+            self.config.topics.iter().map(|_| AtomicI64::new(NO_TIMESTAMP)).collect();
+        let task_inputs = TaskInputs { queues, wake, last_timestamps: Arc::clone(&last_timestamps) };
         let span = tracing::info_span!("partition", partition);
-        self.runtime.spawn(partition_task(config, state, backlog, Arc::clone(&flow), rx).instrument(span));
-        let task = Task {
-            tx,
-            batch: Vec::with_capacity(BATCH),
-            inputs,
-            flow,
-            assigned_ms: super::now_ms(),
-            last_timestamp: vec![None; self.config.topics.len()],
-        };
+        let handle = self.runtime.spawn(
+            partition_task(config, state, backlog, Arc::clone(&flow), task_inputs, rx).instrument(span),
+        );
+        let task = Task { tx, handle, inputs, flow, assigned_ms: super::now_ms(), last_timestamps };
         self.tasks.insert(partition, task);
+    }
+
+    /// Ends the tasks of `parts` (told to stop, or not: closing the channel ends a task) and
+    /// waits until they have, so that their queues are dropped.
+    pub(super) fn end_tasks(&mut self, parts: &[i32]) {
+        for p in parts {
+            if let Some(task) = self.tasks.remove(p) {
+                drop(task.tx);
+                if self.runtime.block_on(task.handle).is_err() {
+                    tracing::error!(partition = *p, "a partition task panicked");
+                }
+            }
+        }
     }
 
     pub(super) fn revoke(&mut self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
@@ -342,9 +398,7 @@ impl Session {
         // partitions next (this member included: a pause outlives the assignment).
         self.release_pauses(consumer, &parts);
         self.release_failed(consumer, &input_partitions(tpl));
-        for p in &parts {
-            self.tasks.remove(p);
-        }
+        self.end_tasks(&parts);
         for p in &parts {
             PartitionReleased { config: &self.config, partition: *p }.emit();
         }
@@ -353,59 +407,20 @@ impl Session {
         self.report_lag();
     }
 
-    pub(super) fn route(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
-        let Some(&topic) = self.topic_index.get(m.topic()) else { return };
-        let Some(task) = self.tasks.get_mut(&m.partition()) else { return };
-        let record = OwnedRecord::copy(topic, m);
-        if let Some(slot) = task.last_timestamp.get_mut(topic) {
-            *slot = record.timestamp_ms.or(*slot);
-        }
-        task.batch.push(record);
-        // With aligned topics: the record may be the last one the broker reported (or the first
-        // that tells where the consumer is); the task hears so right after the record.
-        let mut told = None;
-        if let Some(input) = task.inputs.get_mut(topic) {
-            input.delivered(m.offset() + 1);
-            let backlog = input.backlog();
-            if backlog != input.told {
-                input.told = backlog;
-                told = Some(backlog);
-            }
-        }
-        if task.batch.len() >= BATCH || told.is_some() {
-            let batch = std::mem::replace(&mut task.batch, Vec::with_capacity(BATCH));
-            let mut ok = task.tx.blocking_send(Cmd::Records(batch)).is_ok();
-            if let Some(backlog) = told {
-                ok = ok && task.tx.blocking_send(Cmd::Backlog { topic, backlog }).is_ok();
-            }
-            if !ok {
-                self.poison(anyhow!("partition task {} ended unexpectedly", m.partition()));
-            }
-        }
-        if let Some(backlog) = told {
-            tracing::debug!(
-                topic = m.topic(),
-                partition = m.partition(),
-                offset = m.offset(),
-                ?backlog,
-                "input backlog changed"
-            );
-            self.report_lag();
-        }
-    }
-
-    pub(super) fn flush_batches(&mut self) {
-        let mut dead = Vec::new();
-        for (p, task) in &mut self.tasks {
-            if !task.batch.is_empty() {
-                let batch = std::mem::replace(&mut task.batch, Vec::with_capacity(BATCH));
-                if task.tx.blocking_send(Cmd::Records(batch)).is_err() {
-                    dead.push(*p);
-                }
-            }
-        }
-        for p in dead {
-            self.poison(anyhow!("partition task {p} ended unexpectedly"));
+    /// A record that reached the consumer's own queue: none should, since every assigned
+    /// partition with a task has its queues split off before it is assigned or sought. One
+    /// of a partition that has a task means its records took two paths, and the task may have
+    /// read past it already: the session is rebuilt from Kafka rather than the record lost.
+    /// Records of partitions without a task (a failed restore, paused) are dropped; they are
+    /// read again from where the state ends when it recovers.
+    pub(super) fn stray(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        if self.topic_index.contains_key(m.topic()) && self.tasks.contains_key(&m.partition()) {
+            self.poison(anyhow!(
+                "a record of {}[{}] at offset {} bypassed its partition task's queue",
+                m.topic(),
+                m.partition(),
+                m.offset()
+            ));
         }
     }
 
@@ -417,7 +432,6 @@ impl Session {
     pub(super) fn commit(&mut self, consumer: &BaseConsumer<Ctx>, what: Commit<'_>) -> anyhow::Result<()> {
         self.settle()?;
         let gather_started = Instant::now();
-        self.flush_batches();
         let (targets, stop, background): (Vec<i32>, bool, bool) = match what {
             Commit::Interval => (self.tasks.keys().copied().collect(), false, true),
             Commit::Revoke(ps) => (ps.to_vec(), true, false),
@@ -477,7 +491,10 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // The producer must not outlive the session in a detached thread.
+        // The producer must not outlive the session in a detached thread, nor the tasks' queues
+        // the consumer.
         let _ = self.settle();
+        let parts: Vec<i32> = self.tasks.keys().copied().collect();
+        self.end_tasks(&parts);
     }
 }

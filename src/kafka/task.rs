@@ -1,29 +1,45 @@
 //! One partition's operator: a tokio task that owns the [`PartitionState`] of one input
-//! partition, applies the records the driver routes to it (through the [`Aligner`] when two
-//! input topics are merged by timestamp), and reports its shard output when asked. It does no
-//! I/O besides its channels: the driver feeds it, the transaction writer stores what it reports.
+//! partition, reads its input topic-partitions straight from librdkafka's per-partition queues
+//! (split off the consumer's queue at assignment, so no record passes through the consumer
+//! thread), applies them (through the [`Aligner`] when two input topics are merged by
+//! timestamp), and reports its shard output when asked. Besides its queues and its command
+//! channel it does no I/O: the transaction writer stores what it reports.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::message::{Headers, Message};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::Config;
 use crate::core::checkpoint::{self, SavedPartition};
 use crate::core::event::InvalidEvent;
 use crate::core::partition::{Applied, InputRecord, PartitionState};
-use crate::telemetry::processor::PartitionMeter;
+use crate::telemetry::processor::{ConsumerError, PartitionMeter};
 
 use super::inputs::{Aligner, Backlog, Flow};
+use super::queue::{Batch, Msg, SplitQueue};
 
-/// Records handed to a partition task at a time.
-pub(super) const BATCH: usize = 256;
+/// Records a task reads from its queues before it looks at its commands and lets the other
+/// tasks on its worker run.
+pub(super) const POLL_BUDGET: usize = 4096;
+
+/// Records taken from librdkafka before they are applied.
+const BATCH: usize = 256;
 
 /// One input record in this many (by offset) gives a sample of `banditflow_event_to_snapshot_seconds`.
 pub(super) const FRESHNESS_SAMPLE: i64 = 16;
 
-/// An input record copied out of the consumer's buffer.
+/// How long an idle task sleeps when nothing wakes it. librdkafka wakes it when a queue goes
+/// from empty to non-empty; this only bounds the cost of a wake-up that never comes.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// "No record yet" in [`TaskInputs::last_timestamps`].
+pub(super) const NO_TIMESTAMP: i64 = i64::MIN;
+
+/// An input record copied out of librdkafka's buffer: a dead letter, or a record the aligner
+/// holds while it waits for the other topic.
 #[derive(Debug)]
 pub(super) struct OwnedRecord {
     pub(super) topic: usize,
@@ -37,27 +53,18 @@ pub(super) struct OwnedRecord {
 }
 
 impl OwnedRecord {
-    pub(super) fn copy(topic: usize, m: &rdkafka::message::BorrowedMessage<'_>) -> OwnedRecord {
-        let payload = m.payload().unwrap_or_default();
-        let key = m.key().unwrap_or_default();
+    pub(super) fn copy(topic: usize, m: Msg<'_>) -> OwnedRecord {
+        let (payload, key) = (m.payload(), m.key());
         let mut bytes = Vec::with_capacity(payload.len() + key.len());
         bytes.extend_from_slice(payload);
         bytes.extend_from_slice(key);
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
-                    .collect()
-            })
-            .unwrap_or_default();
         OwnedRecord {
             topic,
             offset: m.offset(),
-            timestamp_ms: m.timestamp().to_millis(),
+            timestamp_ms: m.timestamp_ms(),
             bytes,
             payload_len: payload.len(),
-            headers,
+            headers: m.headers(),
         }
     }
 
@@ -76,18 +83,12 @@ pub(super) struct DeadLetter {
 }
 
 pub(super) enum Cmd {
-    Records(Vec<OwnedRecord>),
-    /// What the consumer now knows of input `topic`'s records on the broker; sent after the
-    /// records routed before it, so "caught up" covers every record the task has been sent.
-    Backlog {
-        topic: usize,
-        backlog: Backlog,
-    },
+    /// What the consumer now knows of input `topic`'s records on the broker. The consumer
+    /// thread learns where the task has read to from librdkafka's positions, which move only
+    /// when the task takes a record from its queue: every record the news covers has been read.
+    Backlog { topic: usize, backlog: Backlog },
     /// Report the state; with `stop`, end the task afterwards.
-    Snapshot {
-        stop: bool,
-        reply: oneshot::Sender<ShardOutput>,
-    },
+    Snapshot { stop: bool, reply: oneshot::Sender<ShardOutput> },
 }
 
 pub(super) struct ShardOutput {
@@ -103,57 +104,59 @@ pub(super) struct ShardOutput {
     pub(super) timestamps: Vec<i64>,
 }
 
-/// The partition task: applies what it is sent, reports when asked, ends when told to or when
-/// its channel closes.
-pub(super) async fn partition_task(
+/// A task's inputs: one librdkafka queue per input topic (indexed as `config.topics`), split
+/// off the consumer's queue before the partition was assigned or sought.
+pub(super) struct TaskInputs {
+    pub(super) queues: Vec<SplitQueue>,
+    /// Woken by librdkafka when one of the queues goes from empty to non-empty.
+    pub(super) wake: Arc<Notify>,
+    /// Per input topic: the timestamp of the last record read ([`NO_TIMESTAMP`] before the
+    /// first), for the consumer thread's lag in seconds.
+    pub(super) last_timestamps: Arc<[AtomicI64]>,
+}
+
+/// The partition's operator state between commands.
+struct Operator {
     config: Arc<Config>,
-    mut state: PartitionState,
-    backlog: Vec<Backlog>,
+    state: PartitionState,
+    last_saved: u64,
+    dead: Vec<DeadLetter>,
+    timestamps: Vec<i64>,
+    meter: PartitionMeter,
+    aligner: Aligner,
     flow: Arc<Flow>,
-    mut rx: mpsc::Receiver<Cmd>,
-) {
-    let mut last_saved = state.records;
-    let mut dead: Vec<DeadLetter> = Vec::new();
-    let mut timestamps = Vec::new();
-    let mut meter = PartitionMeter::new(&state, config.topics.len());
-    let spec = &config.core;
-    let mut aligner = Aligner::new(
-        backlog,
-        Duration::from_millis(config.kafka.max_idle_ms as u64),
-        config.kafka.partition_queue_records,
-    );
-    let partition = state.partition;
-    // Asks the consumer thread to pause or resume topics as the aligner's queues say.
-    let steer = |aligner: &mut Aligner| {
-        if aligner.update_pauses() {
-            tracing::debug!(
-                partition, paused = ?aligner.paused, queued = aligner.queued, "pause requests changed"
-            );
-            flow.request(&aligner.paused);
-        }
-    };
-    let apply = |state: &mut PartitionState,
-                 r: OwnedRecord,
-                 dead: &mut Vec<DeadLetter>,
-                 timestamps: &mut Vec<i64>,
-                 meter: &mut PartitionMeter| {
-        let t = &config.topics[r.topic];
+    /// Messages taken from a queue and not yet applied (reused).
+    batch: Batch,
+}
+
+impl Operator {
+    /// Applies one record; the reason when it is to be dead-lettered (the caller then copies
+    /// it out of librdkafka's buffer, the only record that is copied on the one-topic path).
+    fn apply(
+        &mut self,
+        topic: usize,
+        offset: i64,
+        timestamp_ms: Option<i64>,
+        payload: &[u8],
+    ) -> Option<InvalidEvent> {
+        let t = &self.config.topics[topic];
         let input = InputRecord {
             topic: &t.name,
-            partition: state.partition,
-            offset: r.offset,
+            partition: self.state.partition,
+            offset,
             role: t.role,
             encoding: t.encoding,
-            payload: r.payload(),
-            timestamp_ms: r.timestamp_ms,
+            payload,
+            timestamp_ms,
         };
-        let counts = meter.records.get_mut(r.topic);
-        match state.apply(spec, input) {
+        let applied = self.state.apply(&self.config.core, input);
+        let counts = self.meter.records.get_mut(topic);
+        match applied {
             Applied::Invalid(reason) => {
                 if let Some(c) = counts {
                     c[1] += 1;
                 }
-                dead.push(DeadLetter { record: r, reason })
+                return Some(reason);
             }
             Applied::AlreadyCovered => {
                 if let Some(c) = counts {
@@ -164,75 +167,184 @@ pub(super) async fn partition_task(
                 if let Some(c) = counts {
                     c[0] += 1;
                 }
-                if let Some(ts) = r.timestamp_ms.filter(|_| r.offset % FRESHNESS_SAMPLE == 0) {
-                    timestamps.push(ts);
+                if let Some(ts) = timestamp_ms.filter(|_| offset % FRESHNESS_SAMPLE == 0) {
+                    self.timestamps.push(ts);
                 }
             }
         }
-    };
-    // Releases what the aligner lets go, telling the state first which inputs it skipped as idle.
-    let drain = |aligner: &mut Aligner,
-                 state: &mut PartitionState,
-                 dead: &mut Vec<DeadLetter>,
-                 timestamps: &mut Vec<i64>,
-                 meter: &mut PartitionMeter| {
-        while let Some(r) = aligner.pop(Instant::now()) {
-            if std::mem::take(&mut aligner.idle_changed) {
-                for (u, idle) in aligner.idle.iter().enumerate() {
-                    state.set_idle(&config.topics[u].name, *idle);
+        None
+    }
+
+    /// Releases what the aligner lets go, telling the state first which inputs it skipped as
+    /// idle, then asks the consumer thread to pause or resume topics as the queues say.
+    fn drain(&mut self) {
+        while let Some(r) = self.aligner.pop(Instant::now()) {
+            if std::mem::take(&mut self.aligner.idle_changed) {
+                for (u, idle) in self.aligner.idle.iter().enumerate() {
+                    self.state.set_idle(&self.config.topics[u].name, *idle);
                 }
             }
-            apply(state, r, dead, timestamps, meter);
+            if let Some(reason) = self.apply(r.topic, r.offset, r.timestamp_ms, r.payload()) {
+                self.dead.push(DeadLetter { record: r, reason });
+            }
         }
-        steer(aligner);
-    };
-    loop {
-        let cmd = match aligner.wait_hint(Instant::now()) {
-            Some(wait) => match tokio::time::timeout(wait, rx.recv()).await {
-                Ok(c) => c,
-                Err(_) => {
-                    drain(&mut aligner, &mut state, &mut dead, &mut timestamps, &mut meter);
-                    continue;
+        if self.aligner.update_pauses() {
+            tracing::debug!(
+                partition = self.state.partition,
+                paused = ?self.aligner.paused,
+                queued = self.aligner.queued,
+                "pause requests changed"
+            );
+            self.flow.request(&self.aligner.paused);
+        }
+    }
+
+    /// Reads up to [`POLL_BUDGET`] records from the queues and applies them (one topic) or
+    /// hands them to the aligner (two). Returns whether a queue may hold more (it gave its
+    /// whole budget).
+    fn read(&mut self, inputs: &TaskInputs) -> bool {
+        let aligned = inputs.queues.len() > 1;
+        let budget = POLL_BUDGET / inputs.queues.len().max(1);
+        let (mut read, mut more) = (0, false);
+        for (u, queue) in inputs.queues.iter().enumerate() {
+            // A topic the aligner holds too much of is left in librdkafka's queue (and paused
+            // on the consumer at the task's request) until the other topic catches up.
+            if aligned && self.aligner.paused.get(u).copied().unwrap_or(false) {
+                continue;
+            }
+            let mut last_ts = None;
+            let mut n = 0;
+            // Taken from librdkafka a batch at a time (one queue lock), then applied in a tight
+            // loop, so the core's tables stay in the cache between records.
+            let mut batch = std::mem::take(&mut self.batch);
+            while n < budget {
+                let want = BATCH.min(budget - n);
+                batch.clear();
+                let got = queue.read(&mut batch, want);
+                n += got;
+                for m in batch.iter() {
+                    if let Some(e) = m.error() {
+                        ConsumerError { error: &e }.emit();
+                        continue;
+                    }
+                    let ts = m.timestamp_ms();
+                    last_ts = ts.or(last_ts);
+                    if aligned {
+                        self.aligner.push(OwnedRecord::copy(u, m));
+                    } else if let Some(reason) = self.apply(u, m.offset(), ts, m.payload()) {
+                        self.dead.push(DeadLetter { record: OwnedRecord::copy(u, m), reason });
+                    }
                 }
-            },
-            None => rx.recv().await,
-        };
-        let Some(cmd) = cmd else { return };
+                if got < want {
+                    break;
+                }
+            }
+            batch.clear();
+            self.batch = batch;
+            if let (Some(ts), Some(slot)) = (last_ts, inputs.last_timestamps.get(u)) {
+                slot.store(ts, Ordering::Relaxed);
+            }
+            read += n;
+            more |= n == budget;
+        }
+        if aligned && read > 0 {
+            self.drain();
+        }
+        more
+    }
+
+    /// Carries out a command; `true` when the task is to end.
+    fn command(&mut self, cmd: Cmd) -> bool {
         match cmd {
-            Cmd::Records(batch) => {
-                if config.topics.len() == 1 {
-                    for r in batch {
-                        apply(&mut state, r, &mut dead, &mut timestamps, &mut meter);
-                    }
-                } else {
-                    for r in batch {
-                        aligner.push(r);
-                    }
-                    drain(&mut aligner, &mut state, &mut dead, &mut timestamps, &mut meter);
-                }
-            }
             Cmd::Backlog { topic, backlog } => {
-                aligner.set_backlog(topic, backlog, Instant::now());
-                drain(&mut aligner, &mut state, &mut dead, &mut timestamps, &mut meter);
+                self.aligner.set_backlog(topic, backlog, Instant::now());
+                self.drain();
+                false
             }
             Cmd::Snapshot { stop, reply } => {
+                let spec = &self.config.core;
+                let state = &mut self.state;
                 // A configuration change applied at restore must reach the snapshot topic even
                 // on a partition that receives nothing (serving nodes merge all its shards).
-                let saved = (state.records != last_saved || !dead.is_empty() || state.join.changes.dirty)
-                    .then(|| checkpoint::save_changes(spec, &mut state));
-                meter.report(&config, &state);
-                last_saved = state.records;
+                let saved =
+                    (state.records != self.last_saved || !self.dead.is_empty() || state.join.changes.dirty)
+                        .then(|| checkpoint::save_changes(spec, state));
+                self.meter.report(&self.config, state);
+                self.last_saved = state.records;
                 let out = ShardOutput {
                     partition: state.partition,
                     records: state.records,
                     saved,
                     offsets: state.offsets.iter().map(|((t, p), o)| (t.clone(), *p, *o)).collect(),
-                    dead_letters: std::mem::take(&mut dead),
-                    timestamps: std::mem::take(&mut timestamps),
+                    dead_letters: std::mem::take(&mut self.dead),
+                    timestamps: std::mem::take(&mut self.timestamps),
                 };
                 let _ = reply.send(out);
-                if stop {
-                    return;
+                stop
+            }
+        }
+    }
+}
+
+/// The partition task: reads its queues, carries out what it is told, reports when asked,
+/// ends when told to or when its channel closes (dropping its queues).
+pub(super) async fn partition_task(
+    config: Arc<Config>,
+    state: PartitionState,
+    backlog: Vec<Backlog>,
+    flow: Arc<Flow>,
+    inputs: TaskInputs,
+    mut rx: mpsc::Receiver<Cmd>,
+) {
+    let aligner = Aligner::new(
+        backlog,
+        Duration::from_millis(config.kafka.max_idle_ms as u64),
+        config.kafka.partition_queue_records,
+    );
+    let mut op = Operator {
+        meter: PartitionMeter::new(&state, config.topics.len()),
+        last_saved: state.records,
+        config,
+        state,
+        dead: Vec::new(),
+        timestamps: Vec::new(),
+        aligner,
+        flow,
+        batch: Batch::with_capacity(BATCH),
+    };
+    loop {
+        // Commands first: a snapshot request covers what was read before it.
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => {
+                    if op.command(cmd) {
+                        return;
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
+            }
+        }
+        if op.read(&inputs) {
+            // More may be waiting: let the worker's other tasks run, then read on.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let wait = op.aligner.wait_hint(Instant::now()).unwrap_or(IDLE_TICK);
+        tokio::select! {
+            biased;
+            cmd = rx.recv() => match cmd {
+                Some(cmd) => {
+                    if op.command(cmd) {
+                        return;
+                    }
+                }
+                None => return,
+            },
+            _ = inputs.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {
+                if inputs.queues.len() > 1 {
+                    op.drain();
                 }
             }
         }
