@@ -57,9 +57,9 @@ pub fn pow2(k: i64) -> f64 {
 /// Portable `2^x`: exact power of two for the integer part times a fixed-length series for the
 /// fraction (error below 1e-15 relative, the same bits everywhere).
 pub fn exp2(x: f64) -> f64 {
-    // The series costs 18 dependent divisions, and every model of a partition asks for the
-    // same x of an event (and events of the same millisecond for the same x again): a small
-    // per-thread memo of results returns the very bits the series would.
+    // The series costs 18 dependent divisions, and at a shop's rates many events share a
+    // millisecond (and so, within a model, the same x): a small per-thread memo of results
+    // returns the very bits the series would.
     thread_local! {
         static MEMO: [std::cell::Cell<(u64, f64)>; MEMO_SLOTS] =
             const { [const { std::cell::Cell::new((EMPTY_KEY, 0.0)) }; MEMO_SLOTS] };

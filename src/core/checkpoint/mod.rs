@@ -371,49 +371,134 @@ impl<'a> Names<'a> {
     }
 }
 
-fn segment_entry<'a>(
+/// Protobuf wire types.
+const VARINT: u32 = 0;
+const FIXED64: u32 = 1;
+const LEN: u32 = 2;
+
+fn put_varint(out: &mut Vec<u8>, v: u64) {
+    prost::encoding::encode_varint(v, out);
+}
+
+fn put_key(out: &mut Vec<u8>, field: u32, wire: u32) {
+    put_varint(out, u64::from(field << 3 | wire));
+}
+
+/// A proto3 integer field (omitted at 0, as prost omits it).
+fn put_uint(out: &mut Vec<u8>, field: u32, v: u64) {
+    if v != 0 {
+        put_key(out, field, VARINT);
+        put_varint(out, v);
+    }
+}
+
+fn put_len(out: &mut Vec<u8>, field: u32, len: usize) {
+    put_key(out, field, LEN);
+    put_varint(out, len as u64);
+}
+
+/// A packed repeated varint field (omitted when empty).
+fn put_packed_varints(out: &mut Vec<u8>, field: u32, values: impl Iterator<Item = u64> + Clone) {
+    let len: usize = values.clone().map(prost::encoding::encoded_len_varint).sum();
+    if len == 0 {
+        return;
+    }
+    put_len(out, field, len);
+    for v in values {
+        put_varint(out, v);
+    }
+}
+
+/// Writes one retained impression as a `SegmentEntry` message, byte for byte what prost
+/// writes for the same message (fields in tag order, proto3 defaults omitted, repeated
+/// scalars packed), without building it: a segment holds tens of thousands of entries, and
+/// the message's vectors cost more than the encoding. `slots` is scratch space.
+fn write_entry<'a>(
     spec: &'a CoreSpec,
     join: &'a AttributionJoin,
     names: &mut Names<'a>,
     e: &Entry,
-) -> pb::SegmentEntry {
+    slots: &mut Vec<(u32, u32, f32, u8)>,
+    out: &mut Vec<u8>,
+) {
     let r = AttributionJoin::retention(spec);
     let b = &join.buffer;
+    // Names are numbered in the order prost's message was built in: arm, model, segment,
+    // items, features.
     let (variant_kind, arm) = match e.variant {
         0 => (pb::VariantKind::Treatment, 0),
         1 => (pb::VariantKind::Holdout, 0),
         n => (pb::VariantKind::Experiment, names.of(b.names.name(n - 2))),
     };
-    let slots: Vec<(u32, u32, f32, u8)> = b.slate(e).collect();
+    let model = names.of(spec.models.get(usize::from(e.model)).map_or("", |m| m.id.as_str()));
+    let segment = names.of(b.names.name(e.segment));
+    slots.clear();
+    slots.extend(b.slate(e));
     let first_position = slots.first().map_or(0, |s| s.1);
     let consecutive =
         slots.iter().enumerate().all(|(i, s)| Some(s.1) == first_position.checked_add(i as u32));
-    pb::SegmentEntry {
-        key_high: e.key.0,
-        key_low: e.key.1,
-        event_time_ms: e.time_ms,
-        retained_until_ms: r.retained_until(e),
-        model: names.of(spec.models.get(usize::from(e.model)).map_or("", |m| m.id.as_str())),
-        variant_kind: variant_kind as i32,
-        arm,
-        segment: names.of(b.names.name(e.segment)),
-        items: slots.iter().map(|s| names.of(b.names.name(s.0))).collect(),
-        first_position,
-        positions: if consecutive { Vec::new() } else { slots.iter().map(|s| s.1).collect() },
-        propensities: slots.iter().map(|s| s.2).collect(),
-        seen: if slots.iter().any(|s| s.3 != 0) { slots.iter().map(|s| s.3).collect() } else { Vec::new() },
-        total_reward_micros: e.total_reward_micros,
-        opted_out: e.opted_out,
-        depth: u32::from(e.depth),
-        features: b
-            .features
-            .get(&e.key)
-            .map(|f| f.iter().map(|(n, v)| pb::FeatureRef { name: names.of(n), value: *v }).collect())
-            .unwrap_or_default(),
+    if e.key.0 != 0 {
+        put_key(out, 1, FIXED64);
+        out.extend_from_slice(&e.key.0.to_le_bytes());
+    }
+    if e.key.1 != 0 {
+        put_key(out, 2, FIXED64);
+        out.extend_from_slice(&e.key.1.to_le_bytes());
+    }
+    put_uint(out, 3, e.time_ms as u64);
+    put_uint(out, 4, r.retained_until(e) as u64);
+    put_uint(out, 5, u64::from(model));
+    put_uint(out, 6, variant_kind as i32 as i64 as u64);
+    put_uint(out, 7, u64::from(arm));
+    put_uint(out, 8, u64::from(segment));
+    let mut items_len = 0;
+    for s in slots.iter_mut() {
+        // The item's name index replaces its interned id (names numbered in slate order).
+        s.0 = names.of(b.names.name(s.0));
+        items_len += prost::encoding::encoded_len_varint(u64::from(s.0));
+    }
+    if items_len > 0 {
+        put_len(out, 9, items_len);
+        for s in slots.iter() {
+            put_varint(out, u64::from(s.0));
+        }
+    }
+    put_uint(out, 10, u64::from(first_position));
+    if !consecutive {
+        put_packed_varints(out, 11, slots.iter().map(|s| u64::from(s.1)));
+    }
+    if !slots.is_empty() {
+        put_len(out, 12, 4 * slots.len());
+        for s in slots.iter() {
+            out.extend_from_slice(&s.2.to_le_bytes());
+        }
+    }
+    if slots.iter().any(|s| s.3 != 0) {
+        put_len(out, 13, slots.len());
+        out.extend(slots.iter().map(|s| s.3));
+    }
+    put_uint(out, 14, e.total_reward_micros as u64);
+    put_uint(out, 15, u64::from(e.opted_out));
+    put_uint(out, 16, u64::from(e.depth));
+    if let Some(features) = b.features.get(&e.key) {
+        for (n, v) in features {
+            let name = names.of(n);
+            let name_len =
+                if name != 0 { 1 + prost::encoding::encoded_len_varint(u64::from(name)) } else { 0 };
+            // prost omits a double equal to 0 (so -0.0 too).
+            let value_len = if *v != 0.0 { 9 } else { 0 };
+            put_len(out, 17, name_len + value_len);
+            put_uint(out, 1, u64::from(name));
+            if *v != 0.0 {
+                put_key(out, 2, FIXED64);
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
     }
 }
 
-/// One compressed segment holding `keys` (present ones) and the delete markers `deleted`.
+/// One compressed segment holding `keys` (present ones) and the delete markers `deleted`: a
+/// `BufferSegment` message written field by field (see [`write_entry`]).
 fn encode_segment(
     spec: &CoreSpec,
     join: &AttributionJoin,
@@ -421,37 +506,89 @@ fn encode_segment(
     keys: &[Key],
     deleted: &[Key],
 ) -> Vec<u8> {
+    // Scratch space kept per thread: a segment can be megabytes, and buffers allocated
+    // afresh at every save came back from the kernel as pages it had to zero.
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    }
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => {
+            let (entries, raw) = &mut *scratch;
+            let value = write_segment(spec, join, sequence, keys, deleted, entries, raw);
+            // Past 16 MB, give the memory back rather than keep it for the next save.
+            for buf in [entries, raw] {
+                buf.clear();
+                if buf.capacity() > 16 << 20 {
+                    *buf = Vec::new();
+                }
+            }
+            value
+        }
+        Err(_) => write_segment(spec, join, sequence, keys, deleted, &mut Vec::new(), &mut Vec::new()),
+    })
+}
+
+fn write_segment(
+    spec: &CoreSpec,
+    join: &AttributionJoin,
+    sequence: u32,
+    keys: &[Key],
+    deleted: &[Key],
+    entries: &mut Vec<u8>,
+    raw: &mut Vec<u8>,
+) -> Vec<u8> {
     let mut names = Names::default();
-    let entries: Vec<pb::SegmentEntry> = keys
-        .iter()
-        .filter_map(|k| join.buffer.get(*k))
-        .map(|e| segment_entry(spec, join, &mut names, e))
-        .collect();
-    let segment = pb::BufferSegment {
-        sequence,
-        names: names.list,
-        entries,
-        deleted: deleted.iter().flat_map(|k| [k.0, k.1]).collect(),
-    };
-    compress(&segment.encode_to_vec())
+    // The entries (field 3) first, since the names (field 2, written before them) are known
+    // only once every entry has named its strings.
+    let mut entry = Vec::with_capacity(256);
+    let mut slots = Vec::with_capacity(16);
+    for e in keys.iter().filter_map(|k| join.buffer.get(*k)) {
+        entry.clear();
+        write_entry(spec, join, &mut names, e, &mut slots, &mut entry);
+        put_len(entries, 3, entry.len());
+        entries.extend_from_slice(&entry);
+    }
+    put_uint(raw, 1, u64::from(sequence));
+    for n in &names.list {
+        put_len(raw, 2, n.len());
+        raw.extend_from_slice(n.as_bytes());
+    }
+    raw.extend_from_slice(entries);
+    if !deleted.is_empty() {
+        put_len(raw, 4, 16 * deleted.len());
+        for k in deleted {
+            raw.extend_from_slice(&k.0.to_le_bytes());
+            raw.extend_from_slice(&k.1.to_le_bytes());
+        }
+    }
+    compress(raw)
 }
 
 /// A segment's value (buffer or arm segment), zstd-compressed.
 pub(crate) fn compress(raw: &[u8]) -> Vec<u8> {
     // Level 3 (zstd's default); compressing into memory cannot fail but for allocation. One
     // compression context per thread, reused: a fresh one per segment allocated (and the
-    // kernel zeroed) its ~1 MB of tables every time. The output is the same bytes either way.
+    // kernel zeroed) its ~1 MB of tables every time. The output goes to a buffer kept with it
+    // (sized for the worst case) and leaves as an exact copy. The bytes are the same either way.
     thread_local! {
-        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        static COMPRESSOR: std::cell::RefCell<Option<(zstd::bulk::Compressor<'static>, Vec<u8>)>> =
             const { std::cell::RefCell::new(None) };
     }
     COMPRESSOR
         .with(|c| {
             let mut c = c.try_borrow_mut().ok()?;
             if c.is_none() {
-                *c = zstd::bulk::Compressor::new(3).ok();
+                *c = Some((zstd::bulk::Compressor::new(3).ok()?, Vec::new()));
             }
-            c.as_mut()?.compress(raw).ok()
+            let (compressor, out) = c.as_mut()?;
+            out.clear();
+            out.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+            compressor.compress_to_buffer(raw, out).ok()?;
+            let value = out.clone();
+            if out.capacity() > 16 << 20 {
+                *out = Vec::new();
+            }
+            Some(value)
         })
         .unwrap_or_else(|| zstd::bulk::compress(raw, 3).unwrap_or_else(|_| raw.to_vec()))
 }
