@@ -27,8 +27,8 @@ use super::driver::Ctx;
 /// ones fetched before a seek by their version.
 pub(super) struct SplitQueue {
     queue: NonNull<rd::rd_kafka_queue_t>,
-    /// The callback's argument, alive while the callback is enabled.
-    wake: Arc<Notify>,
+    /// The callback's argument, kept alive while the callback is enabled.
+    _wake: Arc<Notify>,
     _consumer: Arc<BaseConsumer<Ctx>>,
 }
 
@@ -61,7 +61,7 @@ impl SplitQueue {
         };
         let queue = NonNull::new(queue)?;
         // SAFETY: `queue` is valid; forwarding to nothing stops it feeding the consumer's queue,
-        // and the callback's argument lives in `self.wake` until `drop` disables it.
+        // and the callback's argument lives in `self._wake` until `drop` disables it.
         unsafe {
             rd::rd_kafka_queue_forward(queue.as_ptr(), std::ptr::null_mut());
             rd::rd_kafka_queue_cb_event_enable(
@@ -70,7 +70,7 @@ impl SplitQueue {
                 Arc::as_ptr(&wake) as *mut c_void,
             );
         }
-        Some(SplitQueue { queue, wake, _consumer: Arc::clone(consumer) })
+        Some(SplitQueue { queue, _wake: wake, _consumer: Arc::clone(consumer) })
     }
 
     /// Takes up to `max` messages without waiting, appending them to `batch`; how many.
@@ -95,13 +95,12 @@ impl SplitQueue {
 
 impl Drop for SplitQueue {
     fn drop(&mut self) {
-        // SAFETY: the callback is disabled before its argument (`self.wake`) can go, then the
+        // SAFETY: the callback is disabled before its argument (`self._wake`) can go, then the
         // handle is destroyed once.
         unsafe {
             rd::rd_kafka_queue_cb_event_enable(self.queue.as_ptr(), None, std::ptr::null_mut());
             rd::rd_kafka_queue_destroy(self.queue.as_ptr());
         }
-        let _ = &self.wake;
     }
 }
 
