@@ -1,7 +1,8 @@
 //! Core benchmarks (criterion). Each group measures banditflow's code next to a baseline in the
 //! same run, so the figures in BENCHMARKS.md compare like with like on one machine:
 //!
-//! - decode: `event::decode` (prost + validation + domain types) vs prost's decode alone;
+//! - decode: `event::decode` (prost + validation + domain types), `event::decode_in_place` (the
+//!   processor's reader: strings borrowed, same validation) vs prost's decode alone;
 //! - beta_update: `ModelShard::observe_impression` per placed item vs a bare HashMap increment;
 //! - lints_update_d16: packed upper-triangle rank-1 update vs a full d×d update;
 //! - join: impressions + feedback through `AttributionJoin` vs HashMap insert + lookup;
@@ -131,14 +132,14 @@ fn report_buffer_size() {
         // The models' arms exist before counting (a throwaway join learned the same stream),
         // so the count is the buffer's alone.
         let mut state = banditflow::core::partition::PartitionState::new(&core, 0);
-        for imp in imps.iter().take(200_000).cloned() {
-            AttributionJoin::untracked().process_impression(&core, &mut state.models, 0, imp);
+        for imp in imps.iter().take(200_000) {
+            AttributionJoin::untracked().process_impression(&core, &mut state.models, 0, &imp.view());
         }
         state.join = AttributionJoin::untracked();
         COUNTING.store(true, Ordering::Relaxed);
         let start = LIVE.load(Ordering::Relaxed);
-        for imp in imps.iter().cloned() {
-            state.join.process_impression(&core, &mut state.models, 0, imp);
+        for imp in &imps {
+            state.join.process_impression(&core, &mut state.models, 0, &imp.view());
         }
         let after = LIVE.load(Ordering::Relaxed);
         assert_eq!(state.join.buffered_impressions(), n, "all retained");
@@ -229,6 +230,16 @@ fn decode(c: &mut Criterion) {
         b.iter(|| {
             for p in &payloads {
                 black_box(event::decode(TopicRole::Impressions, Encoding::Protobuf, p).is_ok());
+            }
+        })
+    });
+    g.bench_function("banditflow_decode_in_place", |b| {
+        b.iter(|| {
+            for p in &payloads {
+                black_box(matches!(
+                    event::decode_in_place(TopicRole::Impressions, Encoding::Protobuf, p),
+                    Some(Ok(_))
+                ));
             }
         })
     });
@@ -367,8 +378,8 @@ fn join(c: &mut Criterion) {
             },
             |(mut j, mut models, imps, fbs)| {
                 for (imp, fb) in imps.into_iter().zip(fbs) {
-                    j.process_impression(&core, &mut models, 0, imp);
-                    j.process_feedback(&core, &mut models, fb);
+                    j.process_impression(&core, &mut models, 0, &imp.view());
+                    j.process_feedback(&core, &mut models, &fb.view());
                 }
                 black_box(j.counters.feedback_attributed)
             },

@@ -44,6 +44,14 @@ pub fn event(data: &[u8]) {
         Some((ts, payload)) if selector & 8 != 0 => (Some(i64::from_le_bytes(*ts)), payload),
         _ => (None, rest),
     };
+    // The processor's in-place reader answers as prost does, or leaves the record to it.
+    if let Some(fast) = event::decode_in_place(role, encoding, payload) {
+        assert_eq!(
+            fast.map(|v| v.to_event()),
+            event::decode(role, encoding, payload),
+            "in-place decode differs"
+        );
+    }
     if let Ok(e) = event::decode(role, encoding, payload) {
         if encoding == Encoding::Protobuf {
             let again = event::decode(role, encoding, &event::encode(role, encoding, &e));

@@ -10,6 +10,7 @@ use prost::Message;
 use serde::Deserialize;
 
 use super::pb;
+use super::wire;
 
 /// How the records of one topic are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -143,6 +144,149 @@ impl Event {
             Event::Feedback(f) => f.time_ms,
         }
     }
+
+    /// The event seen through borrowed strings, as the join takes it.
+    pub fn view(&self) -> EventView<'_> {
+        match self {
+            Event::Impression(i) => EventView::Impression(i.view()),
+            Event::Feedback(f) => EventView::Feedback(f.view()),
+        }
+    }
+}
+
+/// A valid [`Impression`] whose strings borrow the bytes it was decoded from (or an owned
+/// impression: [`Impression::view`]). The join only hashes, interns or compares its ids, so
+/// the processor's hot path decodes into views ([`decode_in_place`]) and allocates no string
+/// per id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImpressionView<'a> {
+    pub impression_id: &'a str,
+    pub time_ms: i64,
+    pub model_id: &'a str,
+    pub model_version: u64,
+    pub variant: Variant,
+    pub segment: &'a str,
+    pub features: Vec<(&'a str, f64)>,
+    /// Sorted by position, as in [`Impression::slate`].
+    pub slate: Vec<SlateView<'a>>,
+    pub opted_out: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlateView<'a> {
+    pub item_id: &'a str,
+    pub position: u32,
+    pub propensity: f64,
+    pub score: f64,
+}
+
+/// A valid [`Feedback`] with borrowed ids.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FeedbackView<'a> {
+    pub impression_id: &'a str,
+    pub item_id: &'a str,
+    pub position: u32,
+    pub kind: FeedbackKind,
+    pub value: f64,
+    pub time_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventView<'a> {
+    Impression(ImpressionView<'a>),
+    Feedback(FeedbackView<'a>),
+}
+
+impl EventView<'_> {
+    pub fn time_ms(&self) -> i64 {
+        match self {
+            EventView::Impression(i) => i.time_ms,
+            EventView::Feedback(f) => f.time_ms,
+        }
+    }
+
+    pub fn to_event(&self) -> Event {
+        match self {
+            EventView::Impression(i) => Event::Impression(i.to_impression()),
+            EventView::Feedback(f) => Event::Feedback(f.to_feedback()),
+        }
+    }
+}
+
+impl Impression {
+    pub fn view(&self) -> ImpressionView<'_> {
+        ImpressionView {
+            impression_id: &self.impression_id,
+            time_ms: self.time_ms,
+            model_id: &self.model_id,
+            model_version: self.model_version,
+            variant: self.variant.clone(),
+            segment: &self.segment,
+            features: self.features.iter().map(|(n, v)| (n.as_str(), *v)).collect(),
+            slate: self
+                .slate
+                .iter()
+                .map(|s| SlateView {
+                    item_id: &s.item_id,
+                    position: s.position,
+                    propensity: s.propensity,
+                    score: s.score,
+                })
+                .collect(),
+            opted_out: self.opted_out,
+        }
+    }
+}
+
+impl ImpressionView<'_> {
+    pub fn to_impression(&self) -> Impression {
+        Impression {
+            impression_id: self.impression_id.to_string(),
+            time_ms: self.time_ms,
+            model_id: self.model_id.to_string(),
+            model_version: self.model_version,
+            variant: self.variant.clone(),
+            segment: self.segment.to_string(),
+            features: self.features.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+            slate: self
+                .slate
+                .iter()
+                .map(|s| SlateEntry {
+                    item_id: s.item_id.to_string(),
+                    position: s.position,
+                    propensity: s.propensity,
+                    score: s.score,
+                })
+                .collect(),
+            opted_out: self.opted_out,
+        }
+    }
+}
+
+impl Feedback {
+    pub fn view(&self) -> FeedbackView<'_> {
+        FeedbackView {
+            impression_id: &self.impression_id,
+            item_id: &self.item_id,
+            position: self.position,
+            kind: self.kind,
+            value: self.value,
+            time_ms: self.time_ms,
+        }
+    }
+}
+
+impl FeedbackView<'_> {
+    pub fn to_feedback(&self) -> Feedback {
+        Feedback {
+            impression_id: self.impression_id.to_string(),
+            item_id: self.item_id.to_string(),
+            position: self.position,
+            kind: self.kind,
+            value: self.value,
+            time_ms: self.time_ms,
+        }
+    }
 }
 
 /// Why a record was rejected. `code()` is a stable label for metrics and dead-letter headers;
@@ -253,7 +397,11 @@ fn check_range(field: &'static str, v: f64) -> Result<f64, InvalidEvent> {
 
 /// Checks an event against the configured bounds on ids and features (`max_id_bytes`,
 /// `max_features`), which `decode` cannot know.
-pub fn check_limits(event: &Event, max_id_bytes: usize, max_features: usize) -> Result<(), InvalidEvent> {
+pub fn check_limits(
+    event: &EventView<'_>,
+    max_id_bytes: usize,
+    max_features: usize,
+) -> Result<(), InvalidEvent> {
     let id = |field: &'static str, s: &str| {
         if s.len() > max_id_bytes {
             Err(InvalidEvent::IdTooLong { field, len: s.len(), max: max_id_bytes })
@@ -262,10 +410,10 @@ pub fn check_limits(event: &Event, max_id_bytes: usize, max_features: usize) -> 
         }
     };
     match event {
-        Event::Impression(i) => {
-            id("impression_id", &i.impression_id)?;
-            id("model_id", &i.model_id)?;
-            id("context.segment", &i.segment)?;
+        EventView::Impression(i) => {
+            id("impression_id", i.impression_id)?;
+            id("model_id", i.model_id)?;
+            id("context.segment", i.segment)?;
             if let Variant::Arm(a) = &i.variant {
                 id("variant.arm", a)?;
             }
@@ -276,12 +424,12 @@ pub fn check_limits(event: &Event, max_id_bytes: usize, max_features: usize) -> 
                 id("context.features.name", name)?;
             }
             for e in &i.slate {
-                id("slate.item_id", &e.item_id)?;
+                id("slate.item_id", e.item_id)?;
             }
         }
-        Event::Feedback(f) => {
-            id("impression_id", &f.impression_id)?;
-            id("item_id", &f.item_id)?;
+        EventView::Feedback(f) => {
+            id("impression_id", f.impression_id)?;
+            id("item_id", f.item_id)?;
         }
     }
     Ok(())
@@ -295,35 +443,64 @@ pub fn decode(role: TopicRole, encoding: Encoding, payload: &[u8]) -> Result<Eve
     match (encoding, role) {
         (Encoding::Protobuf, TopicRole::Impressions) => {
             let m = pb::Impression::decode(payload).map_err(|e| bad_pb("Impression", e))?;
-            impression_from_pb(m).map(Event::Impression)
+            impression_from_pb(&m).map(|i| Event::Impression(i.to_impression()))
         }
         (Encoding::Protobuf, TopicRole::Feedback) => {
             let m = pb::Feedback::decode(payload).map_err(|e| bad_pb("Feedback", e))?;
-            feedback_from_pb(m).map(Event::Feedback)
+            feedback_from_pb(&m).map(|f| Event::Feedback(f.to_feedback()))
         }
         (Encoding::Protobuf, TopicRole::Combined) => {
             let m = pb::Event::decode(payload).map_err(|e| bad_pb("Event", e))?;
-            match m.body {
-                Some(pb::event::Body::Impression(i)) => impression_from_pb(i).map(Event::Impression),
-                Some(pb::event::Body::Feedback(f)) => feedback_from_pb(f).map(Event::Feedback),
+            match &m.body {
+                Some(pb::event::Body::Impression(i)) => {
+                    impression_from_pb(i).map(|i| Event::Impression(i.to_impression()))
+                }
+                Some(pb::event::Body::Feedback(f)) => {
+                    feedback_from_pb(f).map(|f| Event::Feedback(f.to_feedback()))
+                }
                 None => Err(InvalidEvent::MissingField("body")),
             }
         }
         (Encoding::Json, TopicRole::Impressions) => {
             let j: JsonImpression = serde_json::from_slice(payload).map_err(|e| bad_json("Impression", e))?;
-            j.validate().map(Event::Impression)
+            j.validate().map(|i| Event::Impression(i.to_impression()))
         }
         (Encoding::Json, TopicRole::Feedback) => {
             let j: JsonFeedback = serde_json::from_slice(payload).map_err(|e| bad_json("Feedback", e))?;
-            j.validate().map(Event::Feedback)
+            j.validate().map(|f| Event::Feedback(f.to_feedback()))
         }
         (Encoding::Json, TopicRole::Combined) => {
             let j: JsonEvent = serde_json::from_slice(payload).map_err(|e| bad_json("Event", e))?;
-            match j {
-                JsonEvent::Impression(i) => i.validate().map(Event::Impression),
-                JsonEvent::Feedback(f) => f.validate().map(Event::Feedback),
+            match &j {
+                JsonEvent::Impression(i) => i.validate().map(|i| Event::Impression(i.to_impression())),
+                JsonEvent::Feedback(f) => f.validate().map(|f| Event::Feedback(f.to_feedback())),
             }
         }
+    }
+}
+
+/// Decodes and validates a protobuf record without copying its strings: the processor's hot
+/// path. `None` when the record is not protobuf or holds something this reader leaves to
+/// prost (a message field repeated, an invalid varint or string, a group, a wire type that
+/// does not match the contract): [`decode`] then answers, with prost's own error. Where it
+/// answers, it answers exactly what [`decode`] does (tested against it on mutated records).
+pub fn decode_in_place(
+    role: TopicRole,
+    encoding: Encoding,
+    payload: &[u8],
+) -> Option<Result<EventView<'_>, InvalidEvent>> {
+    if encoding != Encoding::Protobuf || payload.is_empty() {
+        return None;
+    }
+    match role {
+        TopicRole::Impressions => {
+            Some(impression_from_parts(wire::impression(payload)?).map(EventView::Impression))
+        }
+        TopicRole::Feedback => Some(feedback_from_parts(wire::feedback(payload)?).map(EventView::Feedback)),
+        TopicRole::Combined => Some(match wire::event(payload)? {
+            wire::Body::Impression(i) => impression_from_parts(i).map(EventView::Impression),
+            wire::Body::Feedback(f) => feedback_from_parts(f).map(EventView::Feedback),
+        }),
     }
 }
 
@@ -335,7 +512,7 @@ fn bad_json(message: &'static str, e: serde_json::Error) -> InvalidEvent {
     InvalidEvent::BadJson { message, detail: e.to_string() }
 }
 
-fn require(s: String, field: &'static str) -> Result<String, InvalidEvent> {
+fn require<'a>(s: &'a str, field: &'static str) -> Result<&'a str, InvalidEvent> {
     if s.is_empty() {
         Err(InvalidEvent::MissingField(field))
     } else {
@@ -372,20 +549,20 @@ fn check_finite(field: &'static str, v: f64) -> Result<f64, InvalidEvent> {
 }
 
 /// An impression as decoded, before validation.
-struct RawImpression {
-    impression_id: String,
+struct RawImpression<'a> {
+    impression_id: &'a str,
     time_ms: i64,
-    model_id: String,
+    model_id: &'a str,
     model_version: u64,
     variant: Variant,
-    segment: String,
-    features: Vec<(String, f64)>,
+    segment: &'a str,
+    features: Vec<(&'a str, f64)>,
     /// (item, position, propensity, score)
-    slate: Vec<(String, i64, f64, f64)>,
+    slate: Vec<(&'a str, i64, f64, f64)>,
     opted_out: bool,
 }
 
-fn build_impression(raw: RawImpression) -> Result<Impression, InvalidEvent> {
+fn build_impression(raw: RawImpression<'_>) -> Result<ImpressionView<'_>, InvalidEvent> {
     let RawImpression {
         impression_id,
         time_ms,
@@ -422,10 +599,10 @@ fn build_impression(raw: RawImpression) -> Result<Impression, InvalidEvent> {
         let position = check_position("slate.position", position)?;
         let propensity = check_finite("slate.propensity", propensity)?;
         if !(propensity > 0.0 && propensity <= 1.0) {
-            return Err(InvalidEvent::BadPropensity { item: item_id, value: propensity });
+            return Err(InvalidEvent::BadPropensity { item: item_id.to_string(), value: propensity });
         }
         let score = check_finite("slate.score", score)?;
-        out.push(SlateEntry { item_id, position, propensity, score });
+        out.push(SlateView { item_id, position, propensity, score });
     }
     // Positions and items must be unique: the join looks feedback up by (item, position).
     // Sorted by position, equal positions are neighbours; items are compared pairwise for
@@ -437,14 +614,14 @@ fn build_impression(raw: RawImpression) -> Result<Impression, InvalidEvent> {
     let item_repeats = if out.len() <= 16 {
         out.iter().enumerate().any(|(i, a)| out[i + 1..].iter().any(|b| a.item_id == b.item_id))
     } else {
-        let mut items: Vec<&str> = out.iter().map(|e| e.item_id.as_str()).collect();
+        let mut items: Vec<&str> = out.iter().map(|e| e.item_id).collect();
         items.sort_unstable();
         items.windows(2).any(|w| w[0] == w[1])
     };
     if item_repeats {
         return Err(InvalidEvent::BadSlate("an item appears twice".into()));
     }
-    Ok(Impression {
+    Ok(ImpressionView {
         impression_id,
         time_ms,
         model_id,
@@ -457,60 +634,112 @@ fn build_impression(raw: RawImpression) -> Result<Impression, InvalidEvent> {
     })
 }
 
-fn impression_from_pb(m: pb::Impression) -> Result<Impression, InvalidEvent> {
+/// A protobuf `Impression`'s fields, borrowed from prost's message or from the record's
+/// bytes ([`wire`]): both decoders validate through the same code.
+pub(crate) struct PbImpression<'a> {
+    pub impression_id: &'a str,
+    pub event_time_ms: i64,
+    pub model_id: &'a str,
+    pub model_version: u64,
+    /// (kind, arm) when the message has a `variant`.
+    pub variant: Option<(i32, &'a str)>,
+    pub segment: &'a str,
+    pub features: Vec<(&'a str, f64)>,
+    pub slate: Vec<(&'a str, i64, f64, f64)>,
+    pub opted_out: bool,
+}
+
+/// A protobuf `Feedback`'s fields, borrowed.
+pub(crate) struct PbFeedback<'a> {
+    pub impression_id: &'a str,
+    pub item_id: &'a str,
+    pub position: u32,
+    pub kind: i32,
+    pub value: f64,
+    pub event_time_ms: i64,
+}
+
+fn impression_from_pb(m: &pb::Impression) -> Result<ImpressionView<'_>, InvalidEvent> {
+    let (segment, features) = match &m.context {
+        Some(c) => (c.segment.as_str(), c.features.iter().map(|f| (f.name.as_str(), f.value)).collect()),
+        None => ("", Vec::new()),
+    };
+    impression_from_parts(PbImpression {
+        impression_id: &m.impression_id,
+        event_time_ms: m.event_time_ms,
+        model_id: &m.model_id,
+        model_version: m.model_version,
+        variant: m.variant.as_ref().map(|v| (v.kind, v.arm.as_str())),
+        segment,
+        features,
+        slate: m
+            .slate
+            .iter()
+            .map(|s| (s.item_id.as_str(), i64::from(s.position), s.propensity, s.score))
+            .collect(),
+        opted_out: m.opted_out,
+    })
+}
+
+fn impression_from_parts(m: PbImpression<'_>) -> Result<ImpressionView<'_>, InvalidEvent> {
     let variant = match m.variant {
         None => Variant::Treatment,
-        Some(v) => match pb::VariantKind::try_from(v.kind) {
+        Some((kind, arm)) => match pb::VariantKind::try_from(kind) {
             Ok(pb::VariantKind::Treatment) | Ok(pb::VariantKind::Unspecified) => Variant::Treatment,
             Ok(pb::VariantKind::Holdout) => Variant::Holdout,
-            Ok(pb::VariantKind::Experiment) => Variant::Arm(require(v.arm, "variant.arm")?),
+            Ok(pb::VariantKind::Experiment) => Variant::Arm(require(arm, "variant.arm")?.to_string()),
             Err(_) => return Err(InvalidEvent::MissingField("variant.kind")),
         },
     };
-    let (segment, features) = match m.context {
-        Some(c) => (c.segment, c.features.into_iter().map(|f| (f.name, f.value)).collect()),
-        None => (String::new(), Vec::new()),
-    };
-    let slate =
-        m.slate.into_iter().map(|s| (s.item_id, i64::from(s.position), s.propensity, s.score)).collect();
     build_impression(RawImpression {
         impression_id: m.impression_id,
         time_ms: m.event_time_ms,
         model_id: m.model_id,
         model_version: m.model_version,
         variant,
-        segment,
-        features,
-        slate,
+        segment: m.segment,
+        features: m.features,
+        slate: m.slate,
         opted_out: m.opted_out,
     })
 }
 
-fn build_feedback(
-    impression_id: String,
-    item_id: String,
+fn build_feedback<'a>(
+    impression_id: &'a str,
+    item_id: &'a str,
     position: i64,
     kind: Option<FeedbackKind>,
-    kind_text: String,
+    kind_text: &dyn fmt::Display,
     value: f64,
     time_ms: i64,
-) -> Result<Feedback, InvalidEvent> {
+) -> Result<FeedbackView<'a>, InvalidEvent> {
     let impression_id = require(impression_id, "impression_id")?;
     let item_id = require(item_id, "item_id")?;
     let position = check_position("position", position)?;
-    let kind = kind.ok_or(InvalidEvent::UnknownKind(kind_text))?;
+    let kind = kind.ok_or_else(|| InvalidEvent::UnknownKind(kind_text.to_string()))?;
     let value = check_range("value", check_finite("value", value)?)?;
     let time_ms = check_time(time_ms)?;
-    Ok(Feedback { impression_id, item_id, position, kind, value, time_ms })
+    Ok(FeedbackView { impression_id, item_id, position, kind, value, time_ms })
 }
 
-fn feedback_from_pb(m: pb::Feedback) -> Result<Feedback, InvalidEvent> {
+fn feedback_from_pb(m: &pb::Feedback) -> Result<FeedbackView<'_>, InvalidEvent> {
+    feedback_from_parts(PbFeedback {
+        impression_id: &m.impression_id,
+        item_id: &m.item_id,
+        position: m.position,
+        kind: m.kind,
+        value: m.value,
+        event_time_ms: m.event_time_ms,
+    })
+}
+
+fn feedback_from_parts(m: PbFeedback<'_>) -> Result<FeedbackView<'_>, InvalidEvent> {
     build_feedback(
         m.impression_id,
         m.item_id,
         i64::from(m.position),
         FeedbackKind::from_pb(m.kind),
-        m.kind.to_string(),
+        &m.kind,
         m.value,
         m.event_time_ms,
     )
@@ -566,22 +795,23 @@ struct JsonSlateItem {
 }
 
 impl JsonImpression {
-    fn validate(self) -> Result<Impression, InvalidEvent> {
+    fn validate(&self) -> Result<ImpressionView<'_>, InvalidEvent> {
         let variant = match self.variant.as_deref() {
             None | Some("treatment") => Variant::Treatment,
             Some("holdout") => Variant::Holdout,
             Some("") => return Err(InvalidEvent::MissingField("variant")),
             Some(arm) => Variant::Arm(arm.to_string()),
         };
-        let (segment, features) = match self.context {
-            Some(c) => (c.segment, c.features.into_iter().collect()),
-            None => (String::new(), Vec::new()),
+        let (segment, features) = match &self.context {
+            Some(c) => (c.segment.as_str(), c.features.iter().map(|(n, v)| (n.as_str(), *v)).collect()),
+            None => ("", Vec::new()),
         };
-        let slate = self.slate.into_iter().map(|s| (s.item_id, s.position, s.propensity, s.score)).collect();
+        let slate =
+            self.slate.iter().map(|s| (s.item_id.as_str(), s.position, s.propensity, s.score)).collect();
         build_impression(RawImpression {
-            impression_id: self.impression_id,
+            impression_id: &self.impression_id,
             time_ms: self.event_time_ms,
-            model_id: self.model_id,
+            model_id: &self.model_id,
             model_version: self.model_version,
             variant,
             segment,
@@ -610,14 +840,14 @@ struct JsonFeedback {
 }
 
 impl JsonFeedback {
-    fn validate(self) -> Result<Feedback, InvalidEvent> {
+    fn validate(&self) -> Result<FeedbackView<'_>, InvalidEvent> {
         let kind = FeedbackKind::parse(&self.kind);
         build_feedback(
-            self.impression_id,
-            self.item_id,
+            &self.impression_id,
+            &self.item_id,
             self.position,
             kind,
-            self.kind,
+            &self.kind,
             self.value,
             self.event_time_ms,
         )

@@ -41,7 +41,7 @@ use std::collections::BTreeSet;
 use rustc_hash::FxHashMap as HashMap;
 
 use super::buffer::{kind_bit, Buffer, Entry, Key, Retention, Slate, UNSAVED};
-use super::event::{Feedback, FeedbackKind, Impression};
+use super::event::{Feedback, FeedbackKind, FeedbackView, ImpressionView};
 use super::model::{ImpressionRef, ModelShard};
 use super::params::{Algorithm, CoreSpec, PositionModel};
 
@@ -345,14 +345,19 @@ impl AttributionJoin {
         spec: &CoreSpec,
         models: &mut [ModelShard],
         model: usize,
-        imp: Impression,
+        imp: &ImpressionView<'_>,
     ) -> Outcome {
         self.advance(imp.time_ms);
         self.impression(spec, models, model, imp)
     }
 
     /// [`AttributionJoin::process_impression`]'s counterpart for feedback.
-    pub fn process_feedback(&mut self, spec: &CoreSpec, models: &mut [ModelShard], fb: Feedback) -> Outcome {
+    pub fn process_feedback(
+        &mut self,
+        spec: &CoreSpec,
+        models: &mut [ModelShard],
+        fb: &FeedbackView<'_>,
+    ) -> Outcome {
         self.advance(fb.time_ms);
         self.feedback(spec, models, fb)
     }
@@ -364,7 +369,7 @@ impl AttributionJoin {
         spec: &CoreSpec,
         models: &mut [ModelShard],
         model: usize,
-        imp: Impression,
+        imp: &ImpressionView<'_>,
     ) -> Outcome {
         let r = self.cached_retention(spec);
         let outcome = self.insert_impression(spec, &r, models, model, imp);
@@ -373,15 +378,15 @@ impl AttributionJoin {
     }
 
     /// Processes feedback without moving the watermark's clock (see [`AttributionJoin::impression`]).
-    pub fn feedback(&mut self, spec: &CoreSpec, models: &mut [ModelShard], fb: Feedback) -> Outcome {
+    pub fn feedback(&mut self, spec: &CoreSpec, models: &mut [ModelShard], fb: &FeedbackView<'_>) -> Outcome {
         let r = self.cached_retention(spec);
-        let key = Key::of(&fb.impression_id);
+        let key = Key::of(fb.impression_id);
         let features = self.buffer_features(key);
         let outcome = match self.buffer.get_mut(key) {
             Some((entry, names, heap)) => {
                 let before = r.retained_until(entry);
                 let outcome =
-                    apply_feedback(spec, models, entry, names, heap, &features, &fb, &mut self.counters);
+                    apply_feedback(spec, models, entry, names, heap, &features, fb, &mut self.counters);
                 // Only outcomes that changed the entry (seen kinds, reward, depth) need a write.
                 if changes_entry(outcome) {
                     self.buffer.mark(key);
@@ -390,7 +395,7 @@ impl AttributionJoin {
                 outcome
             }
             None => {
-                self.hold(spec, fb);
+                self.hold(spec, fb.to_feedback());
                 Outcome::FeedbackHeld
             }
         };
@@ -422,9 +427,9 @@ impl AttributionJoin {
         r: &Retention,
         models: &mut [ModelShard],
         model: usize,
-        imp: Impression,
+        imp: &ImpressionView<'_>,
     ) -> Outcome {
-        let key = Key::of(&imp.impression_id);
+        let key = Key::of(imp.impression_id);
         if self.buffer.contains(key) {
             self.counters.impressions_duplicate += 1;
             return Outcome::ImpressionDuplicate;
@@ -436,7 +441,14 @@ impl AttributionJoin {
         if self.buffer.len() >= spec.join.max_impressions {
             self.evict_one(r);
         }
-        let Impression { impression_id, time_ms, variant, segment, features, slate, opted_out, .. } = imp;
+        let ImpressionView { impression_id, time_ms, ref variant, segment, ref slate, opted_out, .. } = *imp;
+        let linear = spec.models.get(model).is_some_and(|m| matches!(m.algorithm, Algorithm::Linear { .. }));
+        // Only a linear model learns (and keeps) the context's features.
+        let features: Vec<(String, f64)> = if linear {
+            imp.features.iter().map(|(name, value)| (name.to_string(), *value)).collect()
+        } else {
+            Vec::new()
+        };
         // Propensities divide inverse-propensity sums: raised to the floor (counted) here, for
         // impressions that are kept, so a rejected or duplicate record counts nothing. They are
         // stored (and learned) as f32: 7 significant digits, far finer than any estimate.
@@ -445,22 +457,21 @@ impl AttributionJoin {
         self.counters.propensities_clipped += clipped;
         let slots: Vec<(u32, u32, f32)> = slate
             .iter()
-            .map(|s| (self.buffer.names.intern(&s.item_id), s.position, s.propensity.max(floor) as f32))
+            .map(|s| (self.buffer.names.intern(s.item_id), s.position, s.propensity.max(floor) as f32))
             .collect();
         let (stored, heap) = Slate::new(&slots);
         let entry = Entry {
             key,
             time_ms,
             total_reward_micros: 0,
-            segment: self.buffer.names.intern(&segment),
-            variant: self.buffer.intern_variant(&variant),
+            segment: self.buffer.names.intern(segment),
+            variant: self.buffer.intern_variant(variant),
             changelog: UNSAVED,
             depth: 0,
             model: model as u8,
             opted_out,
             slate: stored,
         };
-        let linear = spec.models.get(model).is_some_and(|m| matches!(m.algorithm, Algorithm::Linear { .. }));
         let outcome = if opted_out {
             self.counters.impressions_opted_out += 1;
             Outcome::ImpressionOptedOut
@@ -469,14 +480,11 @@ impl AttributionJoin {
                 // The caller resolved `model` against the same spec; unreachable by construction.
                 return Outcome::ImpressionDuplicate;
             };
-            let learned: Vec<(&str, u32, f64)> = slate
-                .iter()
-                .zip(&slots)
-                .map(|(s, (_, p, q))| (s.item_id.as_str(), *p, f64::from(*q)))
-                .collect();
-            let imp = ImpressionRef { time_ms, segment: &segment, features: &features };
+            let learned: Vec<(&str, u32, f64)> =
+                slate.iter().zip(&slots).map(|(s, (_, p, q))| (s.item_id, *p, f64::from(*q))).collect();
+            let imp = ImpressionRef { time_ms, segment, features: &features };
             self.counters.arms_rejected +=
-                shard.observe_impression(mspec, imp, &variant, &learned, spec.limits.max_arms_per_model);
+                shard.observe_impression(mspec, imp, variant, &learned, spec.limits.max_arms_per_model);
             self.counters.impressions_learned += 1;
             Outcome::ImpressionLearned
         };
@@ -485,14 +493,14 @@ impl AttributionJoin {
         }
         self.buffer.insert(r, entry, heap);
         // Feedback that arrived first is applied now, in arrival order.
-        if let Some(held) = self.pending.remove(&impression_id) {
+        if let Some((impression_id, held)) = self.pending.remove_entry(impression_id) {
             let feats = self.buffer_features(key);
             for (seq, fb) in held {
                 self.pending_order.remove(&(fb.time_ms, impression_id.clone(), seq));
                 self.changes.release(seq);
                 if let Some((entry, names, heap)) = self.buffer.get_mut(key) {
                     let before = r.retained_until(entry);
-                    apply_feedback(spec, models, entry, names, heap, &feats, &fb, &mut self.counters);
+                    apply_feedback(spec, models, entry, names, heap, &feats, &fb.view(), &mut self.counters);
                     self.buffer.reschedule(r, key, before);
                 }
             }
@@ -589,14 +597,14 @@ fn apply_feedback(
     names: &super::buffer::Interner,
     mut heap: Option<&mut super::buffer::HeapSlate>,
     features: &[(String, f64)],
-    fb: &Feedback,
+    fb: &FeedbackView<'_>,
     counters: &mut JoinCounters,
 ) -> Outcome {
     if entry.opted_out {
         counters.feedback_opted_out += 1;
         return Outcome::FeedbackOptedOut;
     }
-    let item = names.find(&fb.item_id);
+    let item = names.find(fb.item_id);
     let len = entry.slate.len(heap.as_deref());
     let Some(idx) = (0..len).find(|&i| {
         let s = entry.slate.get(i, heap.as_deref());
@@ -638,7 +646,7 @@ fn apply_feedback(
         mspec,
         imp,
         &variant,
-        &fb.item_id,
+        fb.item_id,
         position,
         f64::from(propensity),
         fb.kind,

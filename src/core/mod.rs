@@ -23,3 +23,4 @@ pub mod policy;
 pub mod prior;
 pub mod reconfigure;
 pub mod snapshot;
+mod wire;

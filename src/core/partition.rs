@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::event::{self, Encoding, Event, InvalidEvent, TopicRole};
+use super::event::{self, Encoding, Event, EventView, InvalidEvent, TopicRole};
 use super::join::{AttributionJoin, Outcome};
 use super::model::ModelShard;
 use super::params::CoreSpec;
@@ -148,23 +148,35 @@ impl PartitionState {
             }
         }
         self.records += 1;
-        let decoded = event::decode(record.role, record.encoding, record.payload)
-            .and_then(|e| check_bounds(spec, record.timestamp_ms, e));
+        // Protobuf records decode in place (no string copied); the rest, and what that reader
+        // leaves to prost, through the owned decoder. Both give the same event or error.
+        let owned: Event;
+        let decoded = match event::decode_in_place(record.role, record.encoding, record.payload) {
+            Some(view) => view,
+            None => match event::decode(record.role, record.encoding, record.payload) {
+                Ok(e) => {
+                    owned = e;
+                    Ok(owned.view())
+                }
+                Err(e) => Err(e),
+            },
+        }
+        .and_then(|e| check_bounds(spec, record.timestamp_ms, e));
         let result = match decoded {
-            Ok(Event::Impression(imp)) => match spec.models.iter().position(|m| m.id == imp.model_id) {
+            Ok(EventView::Impression(imp)) => match spec.models.iter().position(|m| m.id == imp.model_id) {
                 Some(model) => {
                     if let Some(t) = self.tick(record.topic, imp.time_ms) {
                         self.join.advance(t);
                     }
-                    Ok(self.join.impression(spec, &mut self.models, model, imp))
+                    Ok(self.join.impression(spec, &mut self.models, model, &imp))
                 }
-                None => Err(InvalidEvent::UnknownModel(imp.model_id)),
+                None => Err(InvalidEvent::UnknownModel(imp.model_id.to_string())),
             },
-            Ok(Event::Feedback(fb)) => {
+            Ok(EventView::Feedback(fb)) => {
                 if let Some(t) = self.tick(record.topic, fb.time_ms) {
                     self.join.advance(t);
                 }
-                Ok(self.join.feedback(spec, &mut self.models, fb))
+                Ok(self.join.feedback(spec, &mut self.models, &fb))
             }
             Err(e) => Err(e),
         };
@@ -194,7 +206,11 @@ impl PartitionState {
 /// trustworthy reference, since a quiet partition may legitimately jump by hours.
 /// A rejected event moves nothing: it is checked before the join sees it. Serving nodes run
 /// the same check on what they log.
-pub fn check_bounds(spec: &CoreSpec, timestamp_ms: Option<i64>, e: Event) -> Result<Event, InvalidEvent> {
+pub fn check_bounds<'a>(
+    spec: &CoreSpec,
+    timestamp_ms: Option<i64>,
+    e: EventView<'a>,
+) -> Result<EventView<'a>, InvalidEvent> {
     event::check_limits(&e, spec.limits.max_id_bytes, spec.limits.max_features)?;
     if let Some(reference_ms) = timestamp_ms.filter(|t| *t > 0) {
         let max_skew_ms = spec.limits.max_event_time_skew_ms;

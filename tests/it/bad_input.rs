@@ -226,3 +226,181 @@ fn arbitrary_bytes_never_panic() {
         }
     }
 }
+
+/// The processor decodes protobuf records in place (`decode_in_place`, strings borrowed from
+/// the record) and leaves what that reader does not handle to prost (`decode`). The oracle is
+/// prost: over random messages of every shape (valid and invalid values, non-ASCII and empty
+/// ids, unknown fields, fields given twice, overlong varints, wrong wire types, groups, flipped
+/// bytes, truncation), decoded as every role, the in-place reader either leaves the record to
+/// prost or gives exactly prost's event or error. It must answer every record prost encoded
+/// itself and every record with unknown non-group fields added, so the hot path is the one
+/// that runs.
+#[test]
+fn the_in_place_decoder_answers_as_prost_does_or_leaves_the_record_to_it() {
+    use banditflow::core::event::decode_in_place;
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(16);
+    let strings = ["", "a", "imp-1", "home", "item|7", "ä→ß", "x\u{0}y", "a-very-long-identifier-0123456789"];
+    let pick = |rng: &mut rand_chacha::ChaCha8Rng| strings[rng.random_range(0..strings.len())].to_string();
+    let number = |rng: &mut rand_chacha::ChaCha8Rng| match rng.random_range(0..8) {
+        0 => f64::NAN,
+        1 => -0.0,
+        2 => 2e12,
+        3 => 1.0,
+        _ => rng.random_range(-1.0..1.5),
+    };
+    let time = |rng: &mut rand_chacha::ChaCha8Rng| match rng.random_range(0..6) {
+        0 => 0,
+        1 => -5,
+        2 => 1_767_225_600, // seconds
+        _ => 1_767_225_600_000 + rng.random_range(0..1_000_000),
+    };
+    let mut answered = [0usize; 8];
+    let mut previous: [Vec<u8>; 3] = Default::default();
+    let mut total = [0usize; 8];
+    for _ in 0..4000 {
+        let impression = pb::Impression {
+            impression_id: pick(&mut rng),
+            event_time_ms: time(&mut rng),
+            model_id: pick(&mut rng),
+            model_version: rng.random(),
+            variant: rng
+                .random_bool(0.5)
+                .then(|| pb::Variant { kind: rng.random_range(-1..5), arm: pick(&mut rng) }),
+            context: rng.random_bool(0.5).then(|| pb::Context {
+                segment: pick(&mut rng),
+                features: (0..rng.random_range(0..4))
+                    .map(|_| pb::Feature { name: pick(&mut rng), value: number(&mut rng) })
+                    .collect(),
+            }),
+            slate: (0..rng.random_range(0..20))
+                .map(|i| pb::SlateItem {
+                    item_id: if rng.random_bool(0.9) {
+                        format!("item-{}", rng.random_range(0..40))
+                    } else {
+                        pick(&mut rng)
+                    },
+                    position: match rng.random_range(0..10) {
+                        0 => 0,
+                        1 => 70_000,
+                        2 => rng.random(),
+                        _ => i + 1,
+                    },
+                    propensity: number(&mut rng),
+                    score: number(&mut rng),
+                })
+                .collect(),
+            opted_out: rng.random_bool(0.1),
+            user_key: pick(&mut rng),
+        };
+        let feedback = pb::Feedback {
+            impression_id: pick(&mut rng),
+            item_id: pick(&mut rng),
+            position: if rng.random_bool(0.8) { rng.random_range(0..30) } else { rng.random() },
+            kind: rng.random_range(-1..6),
+            value: number(&mut rng),
+            event_time_ms: time(&mut rng),
+        };
+        let body = if rng.random_bool(0.5) {
+            pb::event::Body::Impression(impression.clone())
+        } else {
+            pb::event::Body::Feedback(feedback.clone())
+        };
+        let shape = rng.random_range(0..3);
+        let base = match shape {
+            0 => impression.encode_to_vec(),
+            1 => feedback.encode_to_vec(),
+            _ => pb::Event { body: Some(body) }.encode_to_vec(),
+        };
+        let own_role = [TopicRole::Impressions, TopicRole::Feedback, TopicRole::Combined][shape];
+        let mutation = rng.random_range(0..8usize);
+        let mut bytes = base.clone();
+        match mutation {
+            0 => {}
+            // Unknown fields of every non-group wire type (numbers 20..), before or after.
+            1 => {
+                let mut extra = Vec::new();
+                for _ in 0..rng.random_range(1..4) {
+                    let field: u64 = rng.random_range(20..5000);
+                    let wire_type = [0u64, 1, 2, 5][rng.random_range(0..4)];
+                    prost::encoding::encode_varint(field << 3 | wire_type, &mut extra);
+                    match wire_type {
+                        0 => prost::encoding::encode_varint(rng.random(), &mut extra),
+                        1 => extra.extend_from_slice(&rng.random::<u64>().to_le_bytes()),
+                        2 => {
+                            let n = rng.random_range(0..6);
+                            prost::encoding::encode_varint(n, &mut extra);
+                            extra.extend((0..n).map(|_| rng.random::<u8>()));
+                        }
+                        _ => extra.extend_from_slice(&rng.random::<u32>().to_le_bytes()),
+                    }
+                }
+                if rng.random_bool(0.5) {
+                    bytes.extend_from_slice(&extra);
+                } else {
+                    bytes.splice(0..0, extra);
+                }
+            }
+            // Another message of the same type after it: scalars given twice (the last wins),
+            // lists appended, singular messages merged.
+            2 => bytes.extend_from_slice(&previous[shape]),
+            3 => {
+                if !bytes.is_empty() {
+                    let at = rng.random_range(0..bytes.len());
+                    bytes[at] ^= 1 << rng.random_range(0..8);
+                }
+            }
+            4 => bytes.truncate(rng.random_range(0..=bytes.len())),
+            // A group, a wire type prost skips and this reader leaves to it.
+            5 => {
+                let mut g = Vec::new();
+                prost::encoding::encode_varint(33 << 3 | 3, &mut g);
+                prost::encoding::encode_varint(7 << 3, &mut g);
+                prost::encoding::encode_varint(1, &mut g);
+                prost::encoding::encode_varint(33 << 3 | 4, &mut g);
+                bytes.extend_from_slice(&g);
+            }
+            // An overlong varint for the first key (valid protobuf, 1-byte key written in 3).
+            6 => {
+                if bytes.first().is_some_and(|b| *b < 0x80) {
+                    let k = bytes[0];
+                    bytes.splice(0..1, [k | 0x80, 0x80, 0x00]);
+                }
+            }
+            // A known field with another wire type.
+            _ => {
+                let mut f = Vec::new();
+                prost::encoding::encode_varint(
+                    rng.random_range(1..10u64) << 3 | [0u64, 1, 2, 5][rng.random_range(0..4)],
+                    &mut f,
+                );
+                f.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+                bytes.extend_from_slice(&f);
+            }
+        }
+        previous[shape] = base;
+        for role in [TopicRole::Impressions, TopicRole::Feedback, TopicRole::Combined] {
+            let reference = decode(role, Encoding::Protobuf, &bytes);
+            let fast = decode_in_place(role, Encoding::Protobuf, &bytes);
+            if role == own_role {
+                total[mutation] += 1;
+                answered[mutation] += usize::from(fast.is_some());
+            }
+            if let Some(fast) = fast {
+                assert_eq!(
+                    fast.map(|v| v.to_event()),
+                    reference,
+                    "mutation {mutation}, role {role:?}, bytes {bytes:02x?}"
+                );
+            }
+        }
+    }
+    // As prost wrote them, with unknown fields, with an overlong key: always answered here.
+    for m in [0, 1, 6] {
+        assert_eq!(answered[m], total[m], "mutation {m}: {answered:?} of {total:?}");
+    }
+    // Every mutation happened, and flipped or cut records were answered too where they still
+    // parse (their values checked above against prost's).
+    assert!(total.iter().all(|t| *t > 300), "{total:?}");
+    assert!(answered[3] > 0 && answered[4] > 0, "{answered:?}");
+}

@@ -733,9 +733,12 @@ fn poison_records_go_to_the_dead_letter_topic_with_their_reason() {
             Err(_) => true,
             Ok(e) => {
                 let limits = &config.core.limits;
-                let over_long =
-                    banditflow::core::event::check_limits(&e, limits.max_id_bytes, limits.max_features)
-                        .is_err();
+                let over_long = banditflow::core::event::check_limits(
+                    &e.view(),
+                    limits.max_id_bytes,
+                    limits.max_features,
+                )
+                .is_err();
                 let future =
                     r.timestamp_ms.is_some_and(|ts| e.time_ms() > ts + limits.max_event_time_skew_ms);
                 over_long || future
