@@ -540,10 +540,21 @@ impl Buffer {
         }
     }
 
-    /// Records that the entry `key` is stored in segment `seq` (its previous segment loses it).
-    pub fn stored_in(&mut self, key: Key, seq: u32) {
-        let Some(i) = self.find_slot(key) else { return };
-        let Some(e) = self.slot_mut(i) else { return };
+    /// Where the entry `key` sits (a handle for [`Buffer::at`] and [`Buffer::stored_in`],
+    /// valid until the buffer changes): a save looks each key up once.
+    pub fn slot_of(&self, key: Key) -> Option<u32> {
+        self.find_slot(key)
+    }
+
+    /// The entry at a slot from [`Buffer::slot_of`].
+    pub fn at(&self, slot: u32) -> Option<&Entry> {
+        self.slot(slot)
+    }
+
+    /// Records that the entry at `slot` is stored in segment `seq` (its previous segment loses
+    /// it).
+    pub fn stored_in(&mut self, slot: u32, seq: u32) {
+        let Some(e) = self.slot_mut(slot) else { return };
         let before = std::mem::replace(&mut e.changelog, seq);
         if let Some(s) = self.segments.get_mut(&before) {
             s.live = s.live.saturating_sub(1);

@@ -497,13 +497,14 @@ fn write_entry<'a>(
     }
 }
 
-/// One compressed segment holding `keys` (present ones) and the delete markers `deleted`: a
-/// `BufferSegment` message written field by field (see [`write_entry`]).
+/// One compressed segment holding the entries at `slots` (`Buffer::slot_of`, in key order)
+/// and the delete markers `deleted`: a `BufferSegment` message written field by field (see
+/// [`write_entry`]).
 fn encode_segment(
     spec: &CoreSpec,
     join: &AttributionJoin,
     sequence: u32,
-    keys: &[Key],
+    slots: &[u32],
     deleted: &[Key],
 ) -> Vec<u8> {
     // Scratch space kept per thread: a segment can be megabytes, and buffers allocated
@@ -514,7 +515,7 @@ fn encode_segment(
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
         Ok(mut scratch) => {
             let (entries, raw) = &mut *scratch;
-            let value = write_segment(spec, join, sequence, keys, deleted, entries, raw);
+            let value = write_segment(spec, join, sequence, slots, deleted, entries, raw);
             // Past 16 MB, give the memory back rather than keep it for the next save.
             for buf in [entries, raw] {
                 buf.clear();
@@ -524,7 +525,7 @@ fn encode_segment(
             }
             value
         }
-        Err(_) => write_segment(spec, join, sequence, keys, deleted, &mut Vec::new(), &mut Vec::new()),
+        Err(_) => write_segment(spec, join, sequence, slots, deleted, &mut Vec::new(), &mut Vec::new()),
     })
 }
 
@@ -532,7 +533,7 @@ fn write_segment(
     spec: &CoreSpec,
     join: &AttributionJoin,
     sequence: u32,
-    keys: &[Key],
+    slots: &[u32],
     deleted: &[Key],
     entries: &mut Vec<u8>,
     raw: &mut Vec<u8>,
@@ -541,10 +542,10 @@ fn write_segment(
     // The entries (field 3) first, since the names (field 2, written before them) are known
     // only once every entry has named its strings.
     let mut entry = Vec::with_capacity(256);
-    let mut slots = Vec::with_capacity(16);
-    for e in keys.iter().filter_map(|k| join.buffer.get(*k)) {
+    let mut slate = Vec::with_capacity(16);
+    for e in slots.iter().filter_map(|i| join.buffer.at(*i)) {
         entry.clear();
-        write_entry(spec, join, &mut names, e, &mut slots, &mut entry);
+        write_entry(spec, join, &mut names, e, &mut slate, &mut entry);
         put_len(entries, 3, entry.len());
         entries.extend_from_slice(&entry);
     }
@@ -684,12 +685,13 @@ pub fn save_changes_moving(spec: &CoreSpec, state: &mut PartitionState, move_byt
         }
         let seq = state.join.buffer.next_segment;
         let deleted_keys: Vec<Key> = deleted.iter().map(|d| d.0).collect();
-        let value = encode_segment(spec, &state.join, seq, &keys, &deleted_keys);
+        let slots: Vec<u32> = keys.iter().filter_map(|k| state.join.buffer.slot_of(*k)).collect();
+        let value = encode_segment(spec, &state.join, seq, &slots, &deleted_keys);
         let buf = &mut state.join.buffer;
         buf.next_segment = seq.wrapping_add(1);
         buf.segments.entry(seq).or_default().markers_until = deleted.iter().map(|d| d.1).max();
-        for k in &keys {
-            buf.stored_in(*k, seq);
+        for &i in &slots {
+            buf.stored_in(i, seq);
         }
         puts.push((segment_key(p, seq), value));
     }
@@ -708,13 +710,19 @@ pub fn save_changes_moving(spec: &CoreSpec, state: &mut PartitionState, move_byt
             deletes.push(segment_key(p, q));
         }
     }
-    let held: BTreeMap<u64, &Feedback> =
-        state.join.pending.values().flatten().map(|(s, f)| (*s, f)).collect();
-    let mut held_written: Vec<u64> = changes.held_written.iter().copied().collect();
-    held_written.sort_unstable();
-    for seq in &held_written {
-        if let Some(f) = held.get(seq) {
-            puts.push((held_key(p, *seq), encode_held(*seq, f)));
+    // Held feedback written since the last save, in sequence order (the pending map is read
+    // only when there is some: it may hold a million events).
+    if !changes.held_written.is_empty() {
+        let held: BTreeMap<u64, &Feedback> = state
+            .join
+            .pending
+            .values()
+            .flatten()
+            .filter(|(s, _)| changes.held_written.contains(s))
+            .map(|(s, f)| (*s, f))
+            .collect();
+        for (seq, f) in held {
+            puts.push((held_key(p, seq), encode_held(seq, f)));
         }
     }
     deletes.extend(changes.held_deleted.iter().map(|s| held_key(p, *s)));
@@ -758,7 +766,8 @@ pub fn save_all(spec: &CoreSpec, state: &PartitionState) -> SavedPartition {
     let mut keys: Vec<Key> = state.join.buffer.entries().map(|e| e.key).collect();
     keys.sort_unstable();
     let seq = state.join.buffer.next_segment.saturating_sub(1);
-    let mut puts = vec![(segment_key(p, seq), encode_segment(spec, &state.join, seq, &keys, &[]))];
+    let slots: Vec<u32> = keys.iter().filter_map(|k| state.join.buffer.slot_of(*k)).collect();
+    let mut puts = vec![(segment_key(p, seq), encode_segment(spec, &state.join, seq, &slots, &[]))];
     puts.extend(state.join.pending.values().flatten().map(|(s, f)| (held_key(p, *s), encode_held(*s, f))));
     puts.sort();
     let mut state_for_header = state.clone();
