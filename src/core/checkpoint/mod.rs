@@ -39,7 +39,7 @@ use prost::Message;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::armlog;
-use super::buffer::{Entry, Key, Slate, UNSAVED};
+use super::buffer::{Entry, Key, Retention, Slate, UNSAVED};
 use super::event::{self, Feedback, FeedbackKind, InvalidEvent, Variant};
 use super::join::{AttributionJoin, JoinChanges, JoinCounters};
 use super::params::CoreSpec;
@@ -416,12 +416,12 @@ fn put_packed_varints(out: &mut Vec<u8>, field: u32, values: impl Iterator<Item 
 fn write_entry<'a>(
     spec: &'a CoreSpec,
     join: &'a AttributionJoin,
+    r: &Retention,
     names: &mut Names<'a>,
     e: &Entry,
     slots: &mut Vec<(u32, u32, f32, u8)>,
     out: &mut Vec<u8>,
 ) {
-    let r = AttributionJoin::retention(spec);
     let b = &join.buffer;
     // Names are numbered in the order prost's message was built in: arm, model, segment,
     // items, features.
@@ -543,9 +543,10 @@ fn write_segment(
     // only once every entry has named its strings.
     let mut entry = Vec::with_capacity(256);
     let mut slate = Vec::with_capacity(16);
+    let r = AttributionJoin::retention(spec);
     for e in slots.iter().filter_map(|i| join.buffer.at(*i)) {
         entry.clear();
-        write_entry(spec, join, &mut names, e, &mut slate, &mut entry);
+        write_entry(spec, join, &r, &mut names, e, &mut slate, &mut entry);
         put_len(entries, 3, entry.len());
         entries.extend_from_slice(&entry);
     }
