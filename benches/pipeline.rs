@@ -1,7 +1,9 @@
 //! End-to-end benchmark on a real broker (not a timed test; figures go to BENCHMARKS.md):
 //!
-//! 1. throughput: N events (default 1,000,000) on a combined topic; raw rdkafka consumption of
-//!    the topic (a bare consumer counting records) against the whole pipeline (the release
+//! 1. throughput: N events (default 1,000,000) on a combined topic (with BENCH_TOPICS=2 on an
+//!    impressions topic in protobuf and a feedback topic in JSON, the default configuration's
+//!    layout, which the processor aligns by event time); raw rdkafka consumption of the topics (a bare consumer counting records)
+//!    against the whole pipeline (the release
 //!    `banditflow run` binary: consume → decode → attribute → update → snapshot → commit),
 //!    both timed from assignment to the last record (pipeline: to the last committed offset);
 //! 2. freshness: events produced at a steady rate (default 100,000/s for 20 s) with their
@@ -23,7 +25,8 @@
 //!
 //! Run: `scripts/kafka.sh start && BANDITFLOW_KAFKA_BOOTSTRAP=127.0.0.1:39092 cargo bench --bench pipeline`
 //! Environment: BENCH_EVENTS, BENCH_RATE (or BENCH_RATES, a list; empty skips freshness),
-//! BENCH_SECONDS, BENCH_PARTITIONS, BENCH_REPEAT (throughput runs, default 3; medians reported),
+//! BENCH_SECONDS, BENCH_PARTITIONS, BENCH_TOPICS (1 or 2 input topics for the throughput runs),
+//! BENCH_REPEAT (throughput runs, default 3; medians reported),
 //! BENCH_BASELINE_BIN, BENCH_RESTORE_IMPRESSIONS (0 skips the restore measurement),
 //! BENCH_SNAPSHOT_INTERVAL (the processor's `kafka.snapshot_interval`; unset: the binary's default).
 //! The processor runs with the default configuration otherwise.
@@ -40,7 +43,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 #[path = "support/broker.rs"]
 mod broker;
-use broker::{committed, config_file, cpu_seconds, env_or, produce, start_binary, stop};
+use broker::{committed, config_file, config_file_inputs, cpu_seconds, env_or, produce, start_binary, stop};
 
 use banditflow::core::blob::LatestByKey;
 use banditflow::core::pb;
@@ -60,6 +63,30 @@ fn events(topic: &str, partitions: i32, impressions: usize, seed: u64) -> Vec<(i
     .records
     .into_iter()
     .map(|r| (r.partition, r.key.unwrap_or_default(), r.payload))
+    .collect()
+}
+
+/// Events of the synthetic shop on an impressions (protobuf) and a feedback topic (JSON), as
+/// (topic, partition, key, payload).
+fn split_events(
+    impressions_topic: &str,
+    feedback_topic: &str,
+    partitions: i32,
+    impressions: usize,
+    seed: u64,
+) -> Vec<(String, i32, Vec<u8>, Vec<u8>)> {
+    generate::generate(&ShopSpec {
+        seed,
+        impressions,
+        partitions,
+        malformed_share: 0.0,
+        impressions_topic: impressions_topic.into(),
+        feedback_topic: feedback_topic.into(),
+        ..ShopSpec::default()
+    })
+    .records
+    .into_iter()
+    .map(|r| (r.topic, r.partition, r.key.unwrap_or_default(), r.payload))
     .collect()
 }
 
@@ -100,15 +127,17 @@ fn snapshot_bytes(bootstrap: &str, topic: &str, partitions: i32) -> BTreeMap<&'s
     out
 }
 
-fn raw_consume(bootstrap: &str, topic: &str, partitions: i32, total: usize, run: usize) -> (f64, f64) {
+fn raw_consume(bootstrap: &str, topics: &[String], partitions: i32, total: usize, run: usize) -> (f64, f64) {
     let mut c = bootstrap_config(bootstrap);
     c.set("group.id", format!("bench-raw-{run}"))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed");
     let consumer: BaseConsumer = c.create().expect("consumer");
     let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
+    for topic in topics {
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
+        }
     }
     consumer.assign(&tpl).expect("assign");
     let mut n = 0usize;
@@ -157,13 +186,33 @@ fn main() {
     let dir = tempfile::tempdir().expect("tmp");
 
     // 1. Throughput.
-    let topic = format!("{tag}-events");
-    admin::create_topics(&bootstrap, &[(&topic, partitions, false)]).expect("topic");
-    let mut evs = events(&topic, partitions, total / 2 + 1000, 1);
+    let inputs: Vec<(String, &str, &str)> = if env_or("BENCH_TOPICS", 1) == 2 {
+        vec![
+            (format!("{tag}-impressions"), "impressions", "protobuf"),
+            (format!("{tag}-feedback"), "feedback", "json"),
+        ]
+    } else {
+        vec![(format!("{tag}-events"), "combined", "protobuf")]
+    };
+    let topics: Vec<String> = inputs.iter().map(|(t, _, _)| t.clone()).collect();
+    for t in &topics {
+        admin::create_topics(&bootstrap, &[(t, partitions, false)]).expect("topic");
+    }
+    let mut evs = match &topics[..] {
+        [imps, fbs] => split_events(imps, fbs, partitions, total / 2 + 1000, 1),
+        _ => events(&topics[0], partitions, total / 2 + 1000, 1)
+            .into_iter()
+            .map(|(p, k, v)| (topics[0].clone(), p, k, v))
+            .collect(),
+    };
     evs.truncate(total);
     let t = Instant::now();
-    produce(&bootstrap, &topic, &evs, None);
-    println!("produced {} events to {topic} in {:.1} s", evs.len(), t.elapsed().as_secs_f64());
+    for topic in &topics {
+        let of_topic: Vec<(i32, Vec<u8>, Vec<u8>)> =
+            evs.iter().filter(|e| &e.0 == topic).map(|(_, p, k, v)| (*p, k.clone(), v.clone())).collect();
+        produce(&bootstrap, topic, &of_topic, None);
+    }
+    println!("produced {} events to {} in {:.1} s", evs.len(), topics.join(" and "), t.elapsed().as_secs_f64());
     // Raw and pipeline runs alternate, so both see the same machine load; the medians are the
     // figures (a shared two-core machine varies by tens of percent between runs).
     let repeat: usize = env_or("BENCH_REPEAT", 3).max(1);
@@ -171,13 +220,13 @@ fn main() {
     let (mut raws, mut pipes, mut bases) = (Vec::new(), Vec::new(), Vec::new());
     let n = evs.len();
     for r in 0..repeat {
-        let (raw, raw_cpu) = raw_consume(&bootstrap, &topic, partitions, n, r);
+        let (raw, raw_cpu) = raw_consume(&bootstrap, &topics, partitions, n, r);
         println!(
             "run {}: raw rdkafka consumption: {raw:.0} events/s, {raw_cpu:.2} CPU s per million events",
             r + 1
         );
         let pipeline =
-            pipeline_run(&bootstrap, &topic, partitions, n, dir.path(), &format!("{tag}-tp{r}"), None);
+            pipeline_run(&bootstrap, &inputs, partitions, n, dir.path(), &format!("{tag}-tp{r}"), None);
         println!(
             "run {}: pipeline (consume → decode → attribute → update → snapshot → commit): {:.0} events/s (ratio {:.2}), {:.2} CPU s per million events (ratio {:.2})",
             r + 1,
@@ -189,7 +238,7 @@ fn main() {
         if let Some(bin) = &baseline_bin {
             let base = pipeline_run(
                 &bootstrap,
-                &topic,
+                &inputs,
                 partitions,
                 n,
                 dir.path(),
@@ -257,14 +306,17 @@ fn main() {
 /// CPU seconds per million events), and what it wrote to its snapshot topic per event.
 fn pipeline_run(
     bootstrap: &str,
-    topic: &str,
+    inputs: &[(String, &str, &str)],
     partitions: i32,
     n: usize,
     dir: &std::path::Path,
     tag: &str,
     bin: Option<&str>,
 ) -> (f64, f64) {
-    let cfg = config_file(dir, bootstrap, topic, tag);
+    let cfg = match inputs {
+        [(topic, "combined", "protobuf")] => config_file(dir, bootstrap, topic, tag),
+        _ => config_file_inputs(dir, bootstrap, inputs, tag),
+    };
     // The changelog topic under its default name, so that it exists for a build before it too.
     let changelog = format!("{tag}-snapshots-changelog");
     admin::create_topics(bootstrap, &[(&changelog, partitions, true)]).expect("changelog topic");
@@ -279,7 +331,7 @@ fn pipeline_run(
     let t0 = at.lock().expect("lock").unwrap_or_else(Instant::now);
     let cpu0 = cpu_seconds(&pid);
     let group = format!("{tag}-group");
-    while committed(bootstrap, &group, topic, partitions) < n as i64 {
+    while inputs.iter().map(|(t, _, _)| committed(bootstrap, &group, t, partitions)).sum::<i64>() < n as i64 {
         std::thread::sleep(Duration::from_millis(20));
     }
     let rate = n as f64 / t0.elapsed().as_secs_f64();

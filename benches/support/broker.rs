@@ -161,6 +161,29 @@ pub fn config_file(dir: &std::path::Path, bootstrap: &str, topic: &str, tag: &st
     config_file_with(dir, bootstrap, topic, tag, &metrics, "")
 }
 
+/// [`config_file`] reading `inputs` ((topic, role, encoding)) instead of one combined topic.
+#[allow(dead_code)] // not every bench reads several topics
+pub fn config_file_inputs(
+    dir: &std::path::Path,
+    bootstrap: &str,
+    inputs: &[(String, &str, &str)],
+    tag: &str,
+) -> std::path::PathBuf {
+    let metrics = std::env::var("BENCH_METRICS_ADDRESS").unwrap_or_default();
+    let path = config_file_with(dir, bootstrap, "", tag, &metrics, "");
+    let topics: Vec<String> = inputs
+        .iter()
+        .map(|(t, role, encoding)| format!(r#"{{ name = "{t}", role = "{role}", encoding = "{encoding}" }}"#))
+        .collect();
+    let text = std::fs::read_to_string(&path).expect("config read");
+    let text = text.replace(
+        r#"topics = [{ name = "", role = "combined", encoding = "protobuf" }]"#,
+        &format!("topics = [{}]", topics.join(", ")),
+    );
+    std::fs::write(&path, text).expect("config written");
+    path
+}
+
 /// [`config_file`] with `/metrics` on `metrics` (none if empty) and `extra` appended (e.g. a
 /// `[serving]` table).
 pub fn config_file_with(
