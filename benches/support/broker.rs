@@ -19,22 +19,28 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 pub fn produce(bootstrap: &str, topic: &str, evs: &[(i32, Vec<u8>, Vec<u8>)], rate: Option<f64>) {
+    produce_records(bootstrap, evs.iter().map(|(p, k, v)| (topic, *p, k.as_slice(), v.as_slice())), rate);
+}
+
+/// Writes (topic, partition, key, payload) records in the order given, each stamped with the
+/// time it is produced: records of several topics interleave in time as their order says.
+pub fn produce_records<'a>(
+    bootstrap: &str,
+    evs: impl IntoIterator<Item = (&'a str, i32, &'a [u8], &'a [u8])>,
+    rate: Option<f64>,
+) {
     let mut c = bootstrap_config(bootstrap);
     c.set("linger.ms", "5").set("enable.idempotence", "true").set("queue.buffering.max.messages", "1000000");
     let p: BaseProducer = c.create().expect("producer");
     let started = Instant::now();
-    for (i, (part, key, payload)) in evs.iter().enumerate() {
+    for (i, (topic, part, key, payload)) in evs.into_iter().enumerate() {
         if let Some(r) = rate {
             let due = started + Duration::from_secs_f64(i as f64 / r);
             while Instant::now() < due {
                 p.poll(Duration::from_micros(200));
             }
         }
-        let mut rec = BaseRecord::to(topic)
-            .partition(*part)
-            .key(key.as_slice())
-            .payload(payload.as_slice())
-            .timestamp(now_ms());
+        let mut rec = BaseRecord::to(topic).partition(part).key(key).payload(payload).timestamp(now_ms());
         loop {
             match p.send(rec) {
                 Ok(()) => break,
