@@ -77,7 +77,7 @@ pub fn examination(position: u32) -> f64 {
 
 #[derive(Debug, Clone)]
 pub struct Shop {
-    /// Hidden click probability given examination, [segment][item].
+    /// Hidden click probability given examination, `[segment][item]`.
     pub attractiveness: Vec<Vec<f64>>,
     pub records: Vec<Record>,
     /// Valid events, as produced (the ground truth for totals).

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::event::{self, Encoding, Event, EventView, InvalidEvent, TopicRole};
+use super::event::{self, Encoding, EventView, InvalidEvent, TopicRole};
 use super::join::{AttributionJoin, Outcome};
 use super::model::ModelShard;
 use super::params::CoreSpec;
@@ -150,20 +150,10 @@ impl PartitionState {
         self.records += 1;
         // Protobuf records decode in place (no string copied); the rest, and what that reader
         // leaves to prost, through the owned decoder. Both give the same event or error.
-        let owned: Event;
-        let decoded = match event::decode_in_place(record.role, record.encoding, record.payload) {
-            Some(view) => view,
-            None => match event::decode(record.role, record.encoding, record.payload) {
-                Ok(e) => {
-                    owned = e;
-                    Ok(owned.view())
-                }
-                Err(e) => Err(e),
-            },
-        }
-        .and_then(|e| check_bounds(spec, record.timestamp_ms, e));
-        let result = match decoded {
-            Ok(EventView::Impression(imp)) => match spec.models.iter().position(|m| m.id == imp.model_id) {
+        let result = event::with_view(record.role, record.encoding, record.payload, |decoded| match decoded
+            .and_then(|e| check_bounds(spec, record.timestamp_ms, e))?
+        {
+            EventView::Impression(imp) => match spec.models.iter().position(|m| m.id == imp.model_id) {
                 Some(model) => {
                     if let Some(t) = self.tick(record.topic, imp.time_ms) {
                         self.join.advance(t);
@@ -172,14 +162,13 @@ impl PartitionState {
                 }
                 None => Err(InvalidEvent::UnknownModel(imp.model_id.to_string())),
             },
-            Ok(EventView::Feedback(fb)) => {
+            EventView::Feedback(fb) => {
                 if let Some(t) = self.tick(record.topic, fb.time_ms) {
                     self.join.advance(t);
                 }
                 Ok(self.join.feedback(spec, &mut self.models, &fb))
             }
-            Err(e) => Err(e),
-        };
+        });
         match result {
             Ok(outcome) => Applied::Event(outcome),
             Err(reason) => {

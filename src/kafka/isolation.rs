@@ -30,7 +30,7 @@ pub(super) struct Failure {
     pub(super) error: anyhow::Error,
 }
 
-/// The classes of [`Failure::reason`] (the metric's label values).
+/// The classes of `Failure::reason` (the metric's label values).
 pub const REASONS: [&str; 7] = [
     "restore_timeout",
     "snapshot_unreadable",

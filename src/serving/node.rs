@@ -570,8 +570,9 @@ impl Node {
     /// the processor would dead-letter.
     fn checked(&self, sink: &Sink, event: Event, now_ms: i64) -> Result<Vec<u8>, Problem> {
         let payload = event::encode(sink.role, sink.encoding, &event);
-        let checked = event::decode(sink.role, sink.encoding, &payload)
-            .and_then(|e| partition::check_bounds(&self.config.core, Some(now_ms), e.view()).map(drop));
+        let checked = event::with_view(sink.role, sink.encoding, &payload, |e| {
+            e.and_then(|e| partition::check_bounds(&self.config.core, Some(now_ms), e)).map(drop)
+        });
         match checked {
             Ok(()) => Ok(payload),
             Err(e) => Err(problem_of(&e)),

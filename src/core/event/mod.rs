@@ -7,10 +7,14 @@
 use std::fmt;
 
 use prost::Message;
-use serde::Deserialize;
 
 use super::pb;
 use super::wire;
+
+mod json;
+mod view;
+
+pub use view::{EventView, FeedbackView, ImpressionView, SlateView};
 
 /// How the records of one topic are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -150,141 +154,6 @@ impl Event {
         match self {
             Event::Impression(i) => EventView::Impression(i.view()),
             Event::Feedback(f) => EventView::Feedback(f.view()),
-        }
-    }
-}
-
-/// A valid [`Impression`] whose strings borrow the bytes it was decoded from (or an owned
-/// impression: [`Impression::view`]). The join only hashes, interns or compares its ids, so
-/// the processor's hot path decodes into views ([`decode_in_place`]) and allocates no string
-/// per id.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ImpressionView<'a> {
-    pub impression_id: &'a str,
-    pub time_ms: i64,
-    pub model_id: &'a str,
-    pub model_version: u64,
-    pub variant: Variant,
-    pub segment: &'a str,
-    pub features: Vec<(&'a str, f64)>,
-    /// Sorted by position, as in [`Impression::slate`].
-    pub slate: Vec<SlateView<'a>>,
-    pub opted_out: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SlateView<'a> {
-    pub item_id: &'a str,
-    pub position: u32,
-    pub propensity: f64,
-    pub score: f64,
-}
-
-/// A valid [`Feedback`] with borrowed ids.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FeedbackView<'a> {
-    pub impression_id: &'a str,
-    pub item_id: &'a str,
-    pub position: u32,
-    pub kind: FeedbackKind,
-    pub value: f64,
-    pub time_ms: i64,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum EventView<'a> {
-    Impression(ImpressionView<'a>),
-    Feedback(FeedbackView<'a>),
-}
-
-impl EventView<'_> {
-    pub fn time_ms(&self) -> i64 {
-        match self {
-            EventView::Impression(i) => i.time_ms,
-            EventView::Feedback(f) => f.time_ms,
-        }
-    }
-
-    pub fn to_event(&self) -> Event {
-        match self {
-            EventView::Impression(i) => Event::Impression(i.to_impression()),
-            EventView::Feedback(f) => Event::Feedback(f.to_feedback()),
-        }
-    }
-}
-
-impl Impression {
-    pub fn view(&self) -> ImpressionView<'_> {
-        ImpressionView {
-            impression_id: &self.impression_id,
-            time_ms: self.time_ms,
-            model_id: &self.model_id,
-            model_version: self.model_version,
-            variant: self.variant.clone(),
-            segment: &self.segment,
-            features: self.features.iter().map(|(n, v)| (n.as_str(), *v)).collect(),
-            slate: self
-                .slate
-                .iter()
-                .map(|s| SlateView {
-                    item_id: &s.item_id,
-                    position: s.position,
-                    propensity: s.propensity,
-                    score: s.score,
-                })
-                .collect(),
-            opted_out: self.opted_out,
-        }
-    }
-}
-
-impl ImpressionView<'_> {
-    pub fn to_impression(&self) -> Impression {
-        Impression {
-            impression_id: self.impression_id.to_string(),
-            time_ms: self.time_ms,
-            model_id: self.model_id.to_string(),
-            model_version: self.model_version,
-            variant: self.variant.clone(),
-            segment: self.segment.to_string(),
-            features: self.features.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
-            slate: self
-                .slate
-                .iter()
-                .map(|s| SlateEntry {
-                    item_id: s.item_id.to_string(),
-                    position: s.position,
-                    propensity: s.propensity,
-                    score: s.score,
-                })
-                .collect(),
-            opted_out: self.opted_out,
-        }
-    }
-}
-
-impl Feedback {
-    pub fn view(&self) -> FeedbackView<'_> {
-        FeedbackView {
-            impression_id: &self.impression_id,
-            item_id: &self.item_id,
-            position: self.position,
-            kind: self.kind,
-            value: self.value,
-            time_ms: self.time_ms,
-        }
-    }
-}
-
-impl FeedbackView<'_> {
-    pub fn to_feedback(&self) -> Feedback {
-        Feedback {
-            impression_id: self.impression_id.to_string(),
-            item_id: self.item_id.to_string(),
-            position: self.position,
-            kind: self.kind,
-            value: self.value,
-            time_ms: self.time_ms,
         }
     }
 }
@@ -461,21 +330,24 @@ pub fn decode(role: TopicRole, encoding: Encoding, payload: &[u8]) -> Result<Eve
                 None => Err(InvalidEvent::MissingField("body")),
             }
         }
-        (Encoding::Json, TopicRole::Impressions) => {
-            let j: JsonImpression = serde_json::from_slice(payload).map_err(|e| bad_json("Impression", e))?;
-            j.validate().map(|i| Event::Impression(i.to_impression()))
-        }
-        (Encoding::Json, TopicRole::Feedback) => {
-            let j: JsonFeedback = serde_json::from_slice(payload).map_err(|e| bad_json("Feedback", e))?;
-            j.validate().map(|f| Event::Feedback(f.to_feedback()))
-        }
-        (Encoding::Json, TopicRole::Combined) => {
-            let j: JsonEvent = serde_json::from_slice(payload).map_err(|e| bad_json("Event", e))?;
-            match &j {
-                JsonEvent::Impression(i) => i.validate().map(|i| Event::Impression(i.to_impression())),
-                JsonEvent::Feedback(f) => f.validate().map(|f| Event::Feedback(f.to_feedback())),
-            }
-        }
+        (Encoding::Json, role) => json::decode(role, payload),
+    }
+}
+
+/// The processor's decode: [`decode_in_place`], and [`decode`] for what that leaves, handed to
+/// `f` as a view either way (serving nodes check what they log through it too).
+pub fn with_view<R>(
+    role: TopicRole,
+    encoding: Encoding,
+    payload: &[u8],
+    f: impl FnOnce(Result<EventView<'_>, InvalidEvent>) -> R,
+) -> R {
+    match decode_in_place(role, encoding, payload) {
+        Some(view) => f(view),
+        None => match decode(role, encoding, payload) {
+            Ok(e) => f(Ok(e.view())),
+            Err(e) => f(Err(e)),
+        },
     }
 }
 
@@ -745,122 +617,6 @@ fn feedback_from_parts(m: PbFeedback<'_>) -> Result<FeedbackView<'_>, InvalidEve
     )
 }
 
-/// JSON shape of an impression (field names as in the protobuf contract).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonImpression {
-    #[serde(default)]
-    impression_id: String,
-    #[serde(default)]
-    event_time_ms: i64,
-    #[serde(default)]
-    model_id: String,
-    #[serde(default)]
-    model_version: u64,
-    /// "treatment" (default), "holdout", or the name of an experiment arm.
-    #[serde(default)]
-    variant: Option<String>,
-    #[serde(default)]
-    context: Option<JsonContext>,
-    #[serde(default)]
-    slate: Vec<JsonSlateItem>,
-    #[serde(default)]
-    opted_out: bool,
-    #[serde(default)]
-    #[allow(dead_code)] // accepted, never stored
-    user_key: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonContext {
-    #[serde(default)]
-    segment: String,
-    /// Named features as an object `{"name": value}`.
-    #[serde(default)]
-    features: std::collections::BTreeMap<String, f64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonSlateItem {
-    #[serde(default)]
-    item_id: String,
-    #[serde(default)]
-    position: i64,
-    #[serde(default)]
-    propensity: f64,
-    #[serde(default)]
-    score: f64,
-}
-
-impl JsonImpression {
-    fn validate(&self) -> Result<ImpressionView<'_>, InvalidEvent> {
-        let variant = match self.variant.as_deref() {
-            None | Some("treatment") => Variant::Treatment,
-            Some("holdout") => Variant::Holdout,
-            Some("") => return Err(InvalidEvent::MissingField("variant")),
-            Some(arm) => Variant::Arm(arm.to_string()),
-        };
-        let (segment, features) = match &self.context {
-            Some(c) => (c.segment.as_str(), c.features.iter().map(|(n, v)| (n.as_str(), *v)).collect()),
-            None => ("", Vec::new()),
-        };
-        let slate =
-            self.slate.iter().map(|s| (s.item_id.as_str(), s.position, s.propensity, s.score)).collect();
-        build_impression(RawImpression {
-            impression_id: &self.impression_id,
-            time_ms: self.event_time_ms,
-            model_id: &self.model_id,
-            model_version: self.model_version,
-            variant,
-            segment,
-            features,
-            slate,
-            opted_out: self.opted_out,
-        })
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonFeedback {
-    #[serde(default)]
-    impression_id: String,
-    #[serde(default)]
-    item_id: String,
-    #[serde(default)]
-    position: i64,
-    #[serde(default)]
-    kind: String,
-    #[serde(default)]
-    value: f64,
-    #[serde(default)]
-    event_time_ms: i64,
-}
-
-impl JsonFeedback {
-    fn validate(&self) -> Result<FeedbackView<'_>, InvalidEvent> {
-        let kind = FeedbackKind::parse(&self.kind);
-        build_feedback(
-            &self.impression_id,
-            &self.item_id,
-            self.position,
-            kind,
-            &self.kind,
-            self.value,
-            self.event_time_ms,
-        )
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum JsonEvent {
-    Impression(JsonImpression),
-    Feedback(JsonFeedback),
-}
-
 /// Encodes an event the way [`decode`] reads it back (used by the generator and tests).
 pub fn encode(role: TopicRole, encoding: Encoding, event: &Event) -> Vec<u8> {
     match encoding {
@@ -875,19 +631,7 @@ pub fn encode(role: TopicRole, encoding: Encoding, event: &Event) -> Vec<u8> {
             }
             .encode_to_vec(),
         },
-        Encoding::Json => {
-            let mut v = match event {
-                Event::Impression(i) => impression_to_json(i),
-                Event::Feedback(f) => feedback_to_json(f),
-            };
-            if role == TopicRole::Combined {
-                if let serde_json::Value::Object(m) = &mut v {
-                    let t = if matches!(event, Event::Impression(_)) { "impression" } else { "feedback" };
-                    m.insert("type".into(), t.into());
-                }
-            }
-            v.to_string().into_bytes()
-        }
+        Encoding::Json => json::encode(role, event),
     }
 }
 
@@ -935,43 +679,4 @@ pub fn feedback_to_pb(f: &Feedback) -> pb::Feedback {
         value: f.value,
         event_time_ms: f.time_ms,
     }
-}
-
-fn impression_to_json(i: &Impression) -> serde_json::Value {
-    let features: serde_json::Map<String, serde_json::Value> =
-        i.features.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
-    serde_json::json!({
-        "impression_id": i.impression_id,
-        "event_time_ms": i.time_ms,
-        "model_id": i.model_id,
-        "model_version": i.model_version,
-        "variant": match &i.variant {
-            Variant::Treatment => "treatment".to_string(),
-            Variant::Holdout => "holdout".to_string(),
-            Variant::Arm(a) => a.clone(),
-        },
-        "context": {"segment": i.segment, "features": features},
-        "slate": i.slate.iter().map(|s| {
-            let mut item = serde_json::json!({
-                "item_id": s.item_id, "position": s.position, "propensity": s.propensity
-            });
-            // Like proto3's JSON mapping, a zero score (the default) is left out.
-            if s.score != 0.0 {
-                item["score"] = serde_json::json!(s.score);
-            }
-            item
-        }).collect::<Vec<_>>(),
-        "opted_out": i.opted_out,
-    })
-}
-
-fn feedback_to_json(f: &Feedback) -> serde_json::Value {
-    serde_json::json!({
-        "impression_id": f.impression_id,
-        "item_id": f.item_id,
-        "position": f.position,
-        "kind": f.kind.as_str(),
-        "value": f.value,
-        "event_time_ms": f.time_ms,
-    })
 }
