@@ -54,6 +54,15 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Merges every partition's shard of every model from the snapshot topic and writes the
+    /// merged models to the merged-model topic (`kafka.merged_topic`), only the arms that
+    /// changed, exactly once; serving nodes with `serving.read_merged` read that instead of
+    /// every shard. One per consumer group. Stops cleanly on SIGTERM/SIGINT.
+    Aggregate {
+        /// Config file (TOML): the processors' (same topics, group and models).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// The whole loop in one command: an embedded Kafka (librdkafka's in-process mock cluster),
     /// the processor, a serving node and a shop simulated from ZOZOTOWN's item priors. Shows live
     /// progress, prints a results table, and exits non-zero unless the learning variant beats
@@ -390,6 +399,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let shutdown = Arc::new(AtomicBool::new(false));
             watch_signals(Arc::clone(&shutdown))?;
             banditflow::kafka::driver::run(Arc::new(config), shutdown, health)?;
+        }
+        Command::Aggregate { config } => {
+            let config = Config::load(config.as_deref(), std::env::vars())?;
+            let k = &config.kafka;
+            // The loop may block on reading the merged topic back or on a transaction.
+            let stall = std::time::Duration::from_millis(
+                (k.restore_timeout_ms + 2 * k.transaction_timeout_ms) as u64 + 60_000,
+            );
+            let health = banditflow::kafka::probes::Health::with_ready_message(
+                stall,
+                "ready: snapshot topic read and every model merged and written",
+            );
+            if let Some(addr) = k.metrics_address {
+                let exporter = banditflow::telemetry::install(banditflow::telemetry::Component::Processor)?;
+                banditflow::kafka::probes::serve(addr, Arc::clone(&health), exporter)?;
+            }
+            let shutdown = Arc::new(AtomicBool::new(false));
+            watch_signals(Arc::clone(&shutdown))?;
+            banditflow::kafka::aggregate::run(Arc::new(config), shutdown, health)?;
         }
         Command::Demo {
             duration,

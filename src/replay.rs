@@ -109,6 +109,7 @@ pub fn merged_models(
                 shard: st.models[i].clone(),
                 legacy: None,
                 arm_log: None,
+                merged_from: None,
             })
             .collect();
         if shards.is_empty() {
@@ -124,6 +125,7 @@ pub fn merged_models(
                 shard: ModelShard::new(spec),
                 legacy: None,
                 arm_log: None,
+                merged_from: None,
             });
         } else {
             out.push(snapshot::merge(&shards)?);

@@ -61,6 +61,7 @@ struct RawServing {
     max_body_bytes: i64,
     holdout_share: f64,
     cold_start: bool,
+    read_merged: bool,
     produce_timeout: String,
 }
 
@@ -75,6 +76,8 @@ pub struct ServingSpec {
     pub holdout_share: f64,
     /// Rank by the configured prior until a snapshot of the model is loaded (else 503).
     pub cold_start: bool,
+    /// Follow the merged-model topic (`kafka.merged_topic`) instead of the snapshot topic.
+    pub read_merged: bool,
     /// How long a rank or feedback request waits for Kafka to acknowledge its record.
     pub produce_timeout_ms: i64,
 }
@@ -104,6 +107,8 @@ struct RawKafka {
     snapshot_topic: String,
     #[serde(default)]
     changelog_topic: Option<String>,
+    #[serde(default)]
+    merged_topic: Option<String>,
     dead_letter_topic: String,
     create_topics: bool,
     replication_factor: i64,
@@ -134,6 +139,10 @@ pub struct KafkaSpec {
     /// transaction as the snapshot topic, which serving nodes never read. Default
     /// `<snapshot_topic>-changelog`.
     pub changelog_topic: String,
+    /// The merged-model topic `banditflow aggregate` writes and nodes with
+    /// `serving.read_merged` read: one merged model per model id. Default
+    /// `<snapshot_topic>-merged`.
+    pub merged_topic: String,
     pub dead_letter_topic: String,
     pub create_topics: bool,
     pub replication_factor: i32,

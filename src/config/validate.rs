@@ -437,6 +437,7 @@ fn validate_serving(s: RawServing) -> Result<ServingSpec, ConfigError> {
         max_body_bytes,
         holdout_share: s.holdout_share,
         cold_start: s.cold_start,
+        read_merged: s.read_merged,
         produce_timeout_ms,
     })
 }
@@ -465,10 +466,15 @@ fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, Config
         None => format!("{snapshot_topic}-changelog"),
         Some(t) => non_empty("kafka.changelog_topic", t)?,
     };
+    let merged_topic = match k.merged_topic {
+        None => format!("{snapshot_topic}-merged"),
+        Some(t) => non_empty("kafka.merged_topic", t)?,
+    };
     let outputs = [
         ("kafka.snapshot_topic", &snapshot_topic),
         ("kafka.dead_letter_topic", &dead_letter_topic),
         ("kafka.changelog_topic", &changelog_topic),
+        ("kafka.merged_topic", &merged_topic),
     ];
     for (i, (field, t)) in outputs.iter().enumerate() {
         if topics.iter().any(|input| &input.name == *t) {
@@ -537,6 +543,7 @@ fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, Config
         instance_id: non_empty("kafka.instance_id", instance_id)?,
         snapshot_topic,
         changelog_topic,
+        merged_topic,
         dead_letter_topic,
         create_topics: k.create_topics,
         replication_factor: i32::try_from(count("kafka.replication_factor", k.replication_factor)?)

@@ -154,6 +154,16 @@ pub fn save(
     shard: &mut ModelShard,
     meta: &snapshot::SnapshotMeta,
 ) -> SavedShard {
+    save_with(spec, shard, meta, None)
+}
+
+/// [`save`], for a merged model (`merged_from` set) as well as a shard.
+pub fn save_with(
+    spec: &super::params::ModelSpec,
+    shard: &mut ModelShard,
+    meta: &snapshot::SnapshotMeta,
+    merged_from: Option<pb::MergedFrom>,
+) -> SavedShard {
     let (model, p) = (meta.model_id.as_str(), meta.source_partition);
     // A shard saved for the first time: every arm is new.
     let mut log = shard.log.take().unwrap_or_else(|| Box::new(ArmLog { all_dirty: true, ..ArmLog::new() }));
@@ -191,9 +201,68 @@ pub fn save(
         log.segments.remove(&q);
         out.deletes.push(segment_key(model, p, q));
     }
-    out.head = snapshot::encode_head(spec, shard, meta, log.to_pb(shard.arm_count()));
+    let arm_log = log.to_pb(shard.arm_count());
+    out.head = match merged_from {
+        Some(m) => snapshot::encode_merged_head(spec, shard, meta, arm_log, m),
+        None => snapshot::encode_head(spec, shard, meta, arm_log),
+    };
     shard.log = Some(log);
     out
+}
+
+/// Takes the stored state of `prev` (a merged model as last saved, with its log) over to
+/// `next` (the same model merged again, never saved): an arm equal bit for bit to its saved
+/// version keeps its place, every other arm is changed, so the next [`save`] writes only the
+/// arms the merge changed. An arm of `prev` that `next` no longer has (a processor started the
+/// model afresh) makes the save write every arm and delete every older segment, which drops
+/// it for readers; so does a change of parameters (`same_params` false), after which every
+/// arm's value may mean something else.
+pub fn carry(prev: &mut ModelShard, next: &mut ModelShard, same_params: bool) {
+    let Some(mut log) = prev.log.take() else {
+        next.log = None;
+        return;
+    };
+    let mut kept = 0usize;
+    let mut dirty = Vec::new();
+    for (segment, items) in next.arms.iter_mut() {
+        let before = prev.arms.get(segment.as_str());
+        for (item, a) in items.iter_mut() {
+            match before.and_then(|m| m.get(item.as_str())) {
+                Some(b) if b.stored != CHANGED && b.stored != NEVER_STORED && b.same_bits(a) => {
+                    a.stored = b.stored;
+                    kept += 1;
+                }
+                b => {
+                    if let Some(u) = b.and_then(|b| log.segments.get_mut(&b.stored)) {
+                        u.live = u.live.saturating_sub(1);
+                    }
+                    a.stored = CHANGED;
+                    dirty.push((segment.clone(), item.clone()));
+                }
+            }
+        }
+    }
+    // Every arm of `prev` is either kept or changed in `next` unless some went.
+    let went = prev.arm_count() > kept + dirty.len() - dirty_new(prev, &dirty);
+    if went || !same_params || log.all_dirty {
+        log.retired.extend(std::mem::take(&mut log.segments).into_keys());
+        log.all_dirty = true;
+        log.dirty = Vec::new();
+        for a in next.arms.values_mut().flat_map(|m| m.values_mut()) {
+            a.stored = CHANGED;
+        }
+    } else {
+        log.dirty = dirty;
+    }
+    next.log = Some(log);
+}
+
+/// How many of `dirty` are not arms of `prev` (new arms).
+fn dirty_new(prev: &ModelShard, dirty: &[(String, String)]) -> usize {
+    dirty
+        .iter()
+        .filter(|(s, i)| prev.arms.get(s.as_str()).is_none_or(|m| !m.contains_key(i.as_str())))
+        .count()
 }
 
 /// Arms to copy forward (taken out of their segments) once superseded versions outnumber live

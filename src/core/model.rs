@@ -59,6 +59,22 @@ impl PartialEq for ArmStats {
 }
 
 impl ArmStats {
+    /// Equal bit for bit in everything stored (`PartialEq` takes 0.0 for -0.0): whether a
+    /// stored copy of `o` stands for this arm.
+    pub fn same_bits(&self, o: &ArmStats) -> bool {
+        fn bits(a: &[f64], b: &[f64]) -> bool {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+        }
+        self.impressions == o.impressions
+            && self.feedback == o.feedback
+            && self.reward_micros == o.reward_micros
+            && self.exposure.to_bits() == o.exposure.to_bits()
+            && self.success.to_bits() == o.success.to_bits()
+            && bits(&self.position_exposure, &o.position_exposure)
+            && bits(&self.position_clicks, &o.position_clicks)
+            && bits(&self.linear, &o.linear)
+    }
+
     fn scale(&mut self, f: f64) {
         self.exposure *= f;
         self.success *= f;

@@ -71,6 +71,9 @@ pub struct DecodedSnapshot {
     pub legacy: Option<&'static str>,
     /// A shard's head (format 2): where its arms are stored. `None` for a whole model.
     pub arm_log: Option<pb::ArmLog>,
+    /// A merged model's shards ([`merge`] sets it; a merged head on the merged-model topic
+    /// stores it). `None` for a shard.
+    pub merged_from: Option<pb::MergedFrom>,
 }
 
 pub fn params_to_pb(spec: &ModelSpec) -> pb::ModelParams {
@@ -195,12 +198,23 @@ pub fn variant_from_pb(v: Option<&pb::Variant>) -> Result<Variant, SnapshotError
 
 /// The snapshot message for a shard (canonical, with its checksum set).
 pub fn to_pb(spec: &ModelSpec, shard: &ModelShard, meta: &SnapshotMeta) -> pb::ModelSnapshot {
-    to_pb_with(spec, shard, meta, None)
+    to_pb_with(spec, shard, meta, None, None)
 }
 
 /// A shard's head: [`to_pb`] without the arms, naming where they are stored.
 pub fn encode_head(spec: &ModelSpec, shard: &ModelShard, meta: &SnapshotMeta, log: pb::ArmLog) -> Vec<u8> {
-    to_pb_with(spec, shard, meta, Some(log)).encode_to_vec()
+    to_pb_with(spec, shard, meta, Some(log), None).encode_to_vec()
+}
+
+/// A merged model's head on the merged-model topic: a head that also names the shards merged.
+pub fn encode_merged_head(
+    spec: &ModelSpec,
+    shard: &ModelShard,
+    meta: &SnapshotMeta,
+    log: pb::ArmLog,
+    merged_from: pb::MergedFrom,
+) -> Vec<u8> {
+    to_pb_with(spec, shard, meta, Some(log), Some(merged_from)).encode_to_vec()
 }
 
 /// One arm as stored.
@@ -259,6 +273,7 @@ fn to_pb_with(
     shard: &ModelShard,
     meta: &SnapshotMeta,
     arm_log: Option<pb::ArmLog>,
+    merged_from: Option<pb::MergedFrom>,
 ) -> pb::ModelSnapshot {
     let mut arms: Vec<pb::ArmStats> =
         Vec::with_capacity(if arm_log.is_some() { 0 } else { shard.arm_count() });
@@ -316,6 +331,7 @@ fn to_pb_with(
         newest_impression_ms: shard.newest_impression_ms.unwrap_or(0),
         arm_log,
         checksum: 0,
+        merged_from,
     };
     snap.checksum = xxh3_64(&snap.encode_to_vec());
     snap
@@ -446,7 +462,7 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
             .map(|o| (o.topic, o.partition, o.next_offset))
             .collect(),
     };
-    Ok(DecodedSnapshot { meta, spec, shard, legacy, arm_log: snap.arm_log })
+    Ok(DecodedSnapshot { meta, spec, shard, legacy, arm_log: snap.arm_log, merged_from: snap.merged_from })
 }
 
 /// Merges shard snapshots of one model into the global model. Shards are added in order of
@@ -489,5 +505,25 @@ pub fn merge_refs(snaps: &[&DecodedSnapshot]) -> Result<DecodedSnapshot, Snapsho
     meta.input_offsets.sort();
     meta.input_offsets.dedup();
     let legacy = order.iter().find_map(|s| s.legacy);
-    Ok(DecodedSnapshot { meta, spec, shard, legacy, arm_log: None })
+    // What the merge covers: the shards' partitions (a merged model's own), and the oldest of
+    // their newest learned impressions (a merged model's own oldest).
+    let mut partitions: Vec<i32> = order
+        .iter()
+        .flat_map(|s| match &s.merged_from {
+            Some(m) => m.partitions.clone(),
+            None => vec![s.meta.source_partition],
+        })
+        .collect();
+    partitions.sort_unstable();
+    partitions.dedup();
+    let oldest = order
+        .iter()
+        .filter_map(|s| match &s.merged_from {
+            Some(m) => (m.oldest_newest_impression_ms > 0).then_some(m.oldest_newest_impression_ms),
+            None => s.shard.newest_impression_ms,
+        })
+        .min()
+        .unwrap_or(0);
+    let merged_from = Some(pb::MergedFrom { partitions, oldest_newest_impression_ms: oldest });
+    Ok(DecodedSnapshot { meta, spec, shard, legacy, arm_log: None, merged_from })
 }

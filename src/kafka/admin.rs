@@ -182,6 +182,12 @@ pub fn compacted_only(policy: &str) -> bool {
     parts == ["compact"]
 }
 
+/// Creates topics with the configured client properties and `kafka.replication_factor`;
+/// existing ones are left alone.
+pub fn create_topics_with(config: &Config, topics: &[(&str, i32, bool)]) -> anyhow::Result<()> {
+    create_with(super::client_config(&config.kafka), topics, config.kafka.replication_factor)
+}
+
 /// Creates topics (for tests and tools), one replica each; existing ones are left alone.
 pub fn create_topics(bootstrap: &str, topics: &[(&str, i32, bool)]) -> anyhow::Result<()> {
     create_replicated_topics(bootstrap, topics, 1)
@@ -193,8 +199,16 @@ pub fn create_replicated_topics(
     topics: &[(&str, i32, bool)],
     replication: i32,
 ) -> anyhow::Result<()> {
+    create_with(super::bootstrap_config(bootstrap), topics, replication)
+}
+
+fn create_with(
+    client: rdkafka::config::ClientConfig,
+    topics: &[(&str, i32, bool)],
+    replication: i32,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let admin: AdminClient<DefaultClientContext> = super::bootstrap_config(bootstrap).create()?;
+    let admin: AdminClient<DefaultClientContext> = client.create()?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let new: Vec<NewTopic> = topics
         .iter()

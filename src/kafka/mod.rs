@@ -3,6 +3,7 @@
 //! `crate::core`; this module only moves records in and snapshots out.
 
 pub mod admin;
+pub mod aggregate;
 pub mod driver;
 mod inputs;
 pub mod isolation;

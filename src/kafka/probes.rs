@@ -32,6 +32,8 @@ pub struct Health {
     stall_limit: Duration,
     ready: AtomicBool,
     reason: Mutex<String>,
+    /// Logged when the instance becomes ready.
+    ready_message: &'static str,
 }
 
 impl Health {
@@ -42,7 +44,17 @@ impl Health {
             stall_limit,
             ready: AtomicBool::new(false),
             reason: Mutex::new("starting".into()),
+            ready_message: "ready: group joined and every assigned partition restored",
         })
+    }
+
+    /// [`Health::new`] for a component whose readiness means something else.
+    pub fn with_ready_message(stall_limit: Duration, ready_message: &'static str) -> Arc<Health> {
+        let mut h = Health::new(stall_limit);
+        if let Some(h) = Arc::get_mut(&mut h) {
+            h.ready_message = ready_message;
+        }
+        h
     }
 
     /// The loop turned.
@@ -59,7 +71,7 @@ impl Health {
             *r = if ready { String::new() } else { reason.to_string() };
             Readiness { ready }.emit();
             if ready {
-                tracing::info!("ready: group joined and every assigned partition restored");
+                tracing::info!("{}", self.ready_message);
             } else {
                 tracing::info!(reason, "not ready");
             }

@@ -51,7 +51,7 @@ pub async fn serve(
     let written = Arc::new(subscriber::WrittenRecords::default());
     let subscriber = Arc::new(subscriber::Subscriber::start_with(
         crate::kafka::consumer_config(&config.kafka),
-        &config.kafka.snapshot_topic,
+        if config.serving.read_merged { &config.kafka.merged_topic } else { &config.kafka.snapshot_topic },
         None,
         Some(Arc::clone(&written)),
     )?);

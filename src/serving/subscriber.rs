@@ -266,6 +266,26 @@ impl Subscriber {
         updates: Option<std::sync::mpsc::Sender<Update>>,
         written: Option<Arc<WrittenRecords>>,
     ) -> anyhow::Result<Subscriber> {
+        Subscriber::spawn(client, topic, updates, written, None)
+    }
+
+    /// Follows the snapshot topic for the aggregator (`kafka::aggregate`): every merged model
+    /// (and every removal) goes to `merged` instead of a catalog for ranking.
+    pub fn start_merging(
+        client: ClientConfig,
+        topic: &str,
+        merged: std::sync::mpsc::Sender<Merged>,
+    ) -> anyhow::Result<Subscriber> {
+        Subscriber::spawn(client, topic, None, None, Some(merged))
+    }
+
+    fn spawn(
+        client: ClientConfig,
+        topic: &str,
+        updates: Option<std::sync::mpsc::Sender<Update>>,
+        written: Option<Arc<WrittenRecords>>,
+        merged: Option<std::sync::mpsc::Sender<Merged>>,
+    ) -> anyhow::Result<Subscriber> {
         let reader = SnapshotReader::new(client, topic, "serving", Keys::Models)?;
         let catalog = Arc::new(ArcSwap::from_pointee(Catalog::default()));
         let status = Arc::new(ArcSwap::from_pointee(FollowStatus::default()));
@@ -281,6 +301,7 @@ impl Subscriber {
             progress: FollowStatus::default(),
             updates,
             written,
+            merged,
         };
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -342,6 +363,16 @@ struct Follower {
     progress: FollowStatus,
     updates: Option<std::sync::mpsc::Sender<Update>>,
     written: Option<Arc<WrittenRecords>>,
+    /// Set for the aggregator: merged models go there, not to the catalog.
+    merged: Option<std::sync::mpsc::Sender<Merged>>,
+}
+
+/// A model merged (or removed) by a subscriber that merges for the aggregator.
+#[derive(Debug)]
+pub enum Merged {
+    Model(Box<DecodedSnapshot>),
+    /// No partition holds the model any more (removed from the processors' configuration).
+    Removed(String),
 }
 
 /// Records read before the changed models are merged and published.
@@ -549,6 +580,10 @@ impl Follower {
             let range = (model.clone(), i32::MIN)..=(model.clone(), i32::MAX);
             if self.readers.range(range.clone()).next().is_none() {
                 next.models.remove(&model);
+                if let Some(tx) = &self.merged {
+                    // The aggregator stops only when dropped.
+                    let _ = tx.send(Merged::Removed(model));
+                }
                 continue;
             }
             // A shard whose newest head has not found its segments keeps the model as it was.
@@ -560,11 +595,19 @@ impl Follower {
             else {
                 continue;
             };
-            let partitions: BTreeSet<i32> = self.readers.range(range).map(|((_, p), _)| *p).collect();
-            let shard_event_ms: Vec<Option<i64>> =
-                shards.iter().map(|s| s.shard.newest_impression_ms).collect();
             match snapshot::merge_refs(&shards) {
+                Ok(merged) if self.merged.is_some() => {
+                    if let Some(tx) = &self.merged {
+                        let _ = tx.send(Merged::Model(Box::new(merged)));
+                    }
+                }
                 Ok(merged) => {
+                    // The partitions merged and their oldest newest impression: the shards'
+                    // own, or what a merged model from the merged-model topic names.
+                    let from = merged.merged_from.clone().unwrap_or_default();
+                    let partitions: BTreeSet<i32> = from.partitions.iter().copied().collect();
+                    let shard_event_ms =
+                        [(from.oldest_newest_impression_ms > 0).then_some(from.oldest_newest_impression_ms)];
                     let m = ServingModel::new(merged, partitions, &shard_event_ms, now);
                     ModelUpdated {
                         model: &model,

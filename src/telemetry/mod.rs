@@ -458,6 +458,46 @@ metric!(
     "Rank requests answered 503 because no snapshot of the model was loaded."
 );
 metric!(
+    AGGREGATE_PUBLISHED,
+    "banditflow_aggregate_published_total",
+    Counter,
+    ["model"],
+    Processor,
+    "Merged models written to the merged-model topic by `banditflow aggregate`."
+);
+metric!(
+    AGGREGATE_ARMS,
+    "banditflow_aggregate_arms_written_total",
+    Counter,
+    ["model"],
+    Processor,
+    "Merged arms written to the merged-model topic (the arms whose merged value changed)."
+);
+metric!(
+    AGGREGATE_BYTES,
+    "banditflow_aggregate_bytes_written_total",
+    Counter,
+    [],
+    Processor,
+    "Bytes of merged heads and arm segments written to the merged-model topic."
+);
+metric!(
+    AGGREGATE_FAILURES,
+    "banditflow_aggregate_failures_total",
+    Counter,
+    [],
+    Processor,
+    "Aggregator sessions that failed (a transaction, the subscriber, a restore); each is rebuilt from the topics."
+);
+metric!(
+    AGGREGATE_MODEL_VERSION,
+    "banditflow_aggregate_model_version",
+    Gauge,
+    ["model"],
+    Processor,
+    "Version (input records learned, summed over partitions) of the newest merged model written."
+);
+metric!(
     MERGE_FAILURES,
     "banditflow_serving_merge_failures_total",
     Counter,
@@ -548,6 +588,11 @@ pub const CATALOG: &[Metric] = &[
     LIFT,
     PRODUCE_FAILURES,
     NOT_READY,
+    AGGREGATE_PUBLISHED,
+    AGGREGATE_ARMS,
+    AGGREGATE_BYTES,
+    AGGREGATE_FAILURES,
+    AGGREGATE_MODEL_VERSION,
     MERGE_FAILURES,
     BAD_SNAPSHOTS,
     INCOMPLETE_VALUES,

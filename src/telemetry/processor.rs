@@ -513,3 +513,42 @@ impl InputPaused<'_> {
         }
     }
 }
+
+/// `banditflow aggregate` wrote merged models in one transaction.
+pub struct MergedPublished<'a> {
+    /// (model, version, arms written, bytes written) per model; a removed model has version 0.
+    pub models: &'a [(&'a str, u64, usize, usize)],
+    pub elapsed: Duration,
+}
+
+impl MergedPublished<'_> {
+    pub fn emit(self) {
+        let mut bytes = 0;
+        for (model, version, arms, b) in self.models {
+            counter!(AGGREGATE_PUBLISHED.name, "model" => model.to_string()).increment(1);
+            counter!(AGGREGATE_ARMS.name, "model" => model.to_string()).increment(*arms as u64);
+            gauge!(AGGREGATE_MODEL_VERSION.name, "model" => model.to_string()).set(*version as f64);
+            bytes += b;
+            tracing::debug!(model, version, arms, bytes = b, "merged model written");
+        }
+        counter!(AGGREGATE_BYTES.name).increment(bytes as u64);
+        tracing::debug!(
+            models = self.models.len(),
+            bytes,
+            elapsed_ms = self.elapsed.as_millis() as u64,
+            "merged models committed"
+        );
+    }
+}
+
+/// An aggregator session failed; the next one is rebuilt from the topics.
+pub struct AggregateFailed<'a> {
+    pub error: &'a anyhow::Error,
+}
+
+impl AggregateFailed<'_> {
+    pub fn emit(self) {
+        counter!(AGGREGATE_FAILURES.name).increment(1);
+        tracing::error!(error = %format!("{:#}", self.error), "aggregator session failed; starting again from the topics");
+    }
+}

@@ -304,3 +304,148 @@ fn a_model_started_afresh_takes_its_arms_with_it_and_a_missing_segment_is_named(
         armlog::assemble(0, store.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).expect_err("refused");
     assert!(matches!(&err, SnapshotError::Missing(m) if m.contains("model `lin`")), "{err}");
 }
+
+/// The aggregator's write path (`armlog::carry` then `armlog::save_with`) against the offline
+/// merge: three partitions learn skewed traffic; after every round their shards are merged,
+/// the merged model is saved as the aggregator saves it, and a reader of those records (and
+/// one of the compacted log) must hold the offline merge, byte for byte. Arms written per
+/// round must be those whose merged value changed (the arms touched), except when the decay
+/// landmark moved (every arm), or when arms went (a round merging two partitions only).
+#[test]
+fn the_merged_model_is_written_as_what_changed_and_read_back_as_the_offline_merge() {
+    let spec = unbounded_spec();
+    let events = traffic(6_000);
+    let mut states: Vec<PartitionState> = (0..3).map(|p| PartitionState::new(&spec, p)).collect();
+    let mut written: BTreeMap<String, snapshot::DecodedSnapshot> = BTreeMap::new();
+    let mut log = Log::default();
+    let mut follower = Follower::default();
+    let (mut rounds, mut rewritten, mut partial) = (0, 0, 0);
+    for (n, chunk) in events.chunks(150).enumerate() {
+        for (i, e) in chunk.iter().enumerate() {
+            // Partition by impression (an impression and its feedback together).
+            let id = match e {
+                Event::Impression(imp) => &imp.impression_id,
+                Event::Feedback(f) => &f.impression_id,
+            };
+            let p = (xxhash_rust::xxh3::xxh3_64(id.as_bytes()) % 3) as usize;
+            apply_event(&mut states[p], &spec, e, (n * 150 + i) as i64, None);
+        }
+        rounds += 1;
+        // Every 40th round merges partitions 0 and 1 only: the arms only partition 2 holds go.
+        let merged_parts = if n % 40 == 39 { 2 } else { 3 };
+        partial += usize::from(merged_parts == 2);
+        for (mi, m) in spec.models.iter().enumerate() {
+            let shards: Vec<snapshot::DecodedSnapshot> = states[..merged_parts]
+                .iter()
+                .map(|st| snapshot::DecodedSnapshot {
+                    meta: checkpoint::shard_meta(&spec, st, &m.id),
+                    spec: m.clone(),
+                    shard: st.models[mi].clone(),
+                    legacy: None,
+                    arm_log: None,
+                    merged_from: None,
+                })
+                .collect();
+            let offline = snapshot::merge(&shards).expect("merges");
+            let mut next = offline.clone();
+            next.shard.log = None;
+            let before = written.get(&m.id).map(|w| (w.shard.landmark_ms, w.shard.clone()));
+            if let Some(prev) = written.get_mut(&m.id) {
+                armlog::carry(&mut prev.shard, &mut next.shard, true);
+            }
+            let from = next.merged_from.clone().expect("a merge names its shards");
+            assert_eq!(from.partitions, (0..merged_parts as i32).collect::<Vec<_>>());
+            let saved = armlog::save_with(&next.spec, &mut next.shard, &next.meta, Some(from.clone()));
+            // Which arms the save wrote: exactly those whose merged value changed (bit for bit),
+            // or all of them when the landmark moved or arms went.
+            if let Some((landmark, prev)) = before {
+                let changed: usize = offline
+                    .shard
+                    .arms
+                    .iter()
+                    .flat_map(|(s, items)| items.iter().map(move |(i, a)| (s, i, a)))
+                    .filter(|(s, i, a)| {
+                        prev.arms
+                            .get(s.as_str())
+                            .and_then(|x| x.get(i.as_str()))
+                            .is_none_or(|b| !b.same_bits(a))
+                    })
+                    .count();
+                let went = prev.arm_count()
+                    > offline.shard.arm_count() - (changed - changed_existing(&prev, &offline));
+                if landmark != offline.shard.landmark_ms || went {
+                    rewritten += 1;
+                    assert_eq!(saved.arms_written, offline.shard.arm_count(), "round {rounds}: every arm");
+                } else {
+                    assert_eq!(
+                        saved.arms_written, changed,
+                        "round {rounds} ({}): the arms that changed",
+                        m.id
+                    );
+                    // Between landmarks an untouched arm keeps its bits: what changed is what
+                    // the round's events touched.
+                    // (Not after a partial round: partition 2's arms come back.)
+                    if m.id == "pbm" && n % 40 != 0 {
+                        assert_eq!(changed, touched(chunk).len(), "round {rounds}: the arms touched");
+                    }
+                }
+            }
+            for (k, v) in &saved.puts {
+                log.records.push((k.clone(), Some(v.clone())));
+            }
+            for k in &saved.deletes {
+                log.records.push((k.clone(), None));
+            }
+            log.records.push((checkpoint::model_key(&m.id, -1), Some(saved.head.clone())));
+            next.meta.source_partition = -1;
+            written.insert(m.id.clone(), next);
+        }
+        follower.follow(&log);
+        let check = |f: &Follower, what: &str| {
+            for (mi, m) in spec.models.iter().enumerate() {
+                let got =
+                    f.readers[&m.id].complete().unwrap_or_else(|| panic!("{what}: {} incomplete", m.id));
+                let shards: Vec<snapshot::DecodedSnapshot> = states[..merged_parts]
+                    .iter()
+                    .map(|st| snapshot::DecodedSnapshot {
+                        meta: checkpoint::shard_meta(&spec, st, &m.id),
+                        spec: m.clone(),
+                        shard: st.models[mi].clone(),
+                        legacy: None,
+                        arm_log: None,
+                        merged_from: None,
+                    })
+                    .collect();
+                let offline = snapshot::merge(&shards).expect("merges");
+                // What a serving node does with it: merge the one merged shard.
+                let node = snapshot::merge(std::slice::from_ref(got)).expect("merges");
+                let want = snapshot::encode(&offline.spec, &offline.shard, &offline.meta);
+                assert!(
+                    snapshot::encode(&node.spec, &node.shard, &node.meta) == want,
+                    "{what}: model {} differs from the offline merge",
+                    m.id
+                );
+                assert_eq!(node.merged_from, offline.merged_from, "{what}: {}", m.id);
+            }
+        };
+        check(&follower, &format!("follower at round {rounds}"));
+        if rounds % 30 == 0 {
+            let mut fresh = Follower::default();
+            fresh.follow(&log.compacted());
+            check(&fresh, &format!("reader of the compacted topic at round {rounds}"));
+        }
+    }
+    assert!(partial >= 2 && rewritten >= partial, "{partial} partial merges, {rewritten} rewrites");
+}
+
+/// How many of the arms of `next` that differ from `prev` exist in `prev`.
+fn changed_existing(prev: &banditflow::core::model::ModelShard, next: &snapshot::DecodedSnapshot) -> usize {
+    next.shard
+        .arms
+        .iter()
+        .flat_map(|(s, items)| items.iter().map(move |(i, a)| (s, i, a)))
+        .filter(|(s, i, a)| {
+            prev.arms.get(s.as_str()).and_then(|x| x.get(i.as_str())).is_some_and(|b| !b.same_bits(a))
+        })
+        .count()
+}

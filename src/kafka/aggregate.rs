@@ -1,0 +1,363 @@
+//! `banditflow aggregate`: the merged-model stage. It follows the snapshot topic as a serving
+//! node does (every partition's shard of every model, `read_committed`), merges each changed
+//! model in partition order (`snapshot::merge`, so the result is the offline merge of the same
+//! shards, byte for byte) and writes it to the merged-model topic (`kafka.merged_topic`, one
+//! compacted partition) as a head `model/<model>/-1` and arm segments
+//! `model/<model>/-1/<sequence>` holding only the merged arms whose value changed since its
+//! last write (`armlog::carry`), in one transaction per turn. Serving nodes with
+//! `serving.read_merged` read that topic instead: they hold one merged model, not one shard
+//! per partition.
+//!
+//! The P × arms state is held here, once, instead of on every node. A model is written only
+//! once the snapshot topic has been read to the end it had at start and the merge covers every
+//! partition that holds state (`checkpoint/<p>`), so a restarting aggregator never publishes a
+//! merge of some of the partitions. Its own state (where each merged arm is stored) is read
+//! back from the merged topic at start; a failed session (a transaction, the subscriber) is
+//! rebuilt from the two topics. One aggregator runs per group: its transactional id
+//! `<group_id>-aggregator` fences an older one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+use crate::config::Config;
+use crate::core::armlog::{self, ShardReader};
+use crate::core::blob;
+use crate::core::checkpoint;
+use crate::core::snapshot::{self, DecodedSnapshot};
+use crate::serving::subscriber::{Merged, Subscriber};
+use crate::telemetry::processor::{AggregateFailed, MergedPublished};
+
+use super::probes::Health;
+use super::reader::Keys;
+
+/// The merged-model topic's one partition.
+const PARTITION: i32 = 0;
+/// A merged model's "source partition" in its keys and head.
+pub const MERGED: i32 = -1;
+
+/// Runs the aggregator until `shutdown`; a failed session is logged, counted and started again.
+pub fn run(config: Arc<Config>, shutdown: Arc<AtomicBool>, health: Arc<Health>) -> anyhow::Result<()> {
+    prepare_topic(&config)?;
+    let mut backoff = Duration::from_millis(500);
+    while !shutdown.load(Ordering::SeqCst) {
+        match session(&config, &shutdown, &health) {
+            Ok(()) => break,
+            Err(e) => {
+                AggregateFailed { error: &e }.emit();
+                health.set_ready(false, &format!("restarting after: {e:#}"));
+                let until = Instant::now() + backoff;
+                while Instant::now() < until && !shutdown.load(Ordering::SeqCst) {
+                    health.progress();
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates the merged-model topic (compacted, one partition) when it is missing and
+/// `kafka.create_topics` allows.
+fn prepare_topic(config: &Config) -> anyhow::Result<()> {
+    let k = &config.kafka;
+    if !k.create_topics {
+        return Ok(());
+    }
+    super::admin::create_topics_with(config, &[(k.merged_topic.as_str(), 1, true)])
+        .with_context(|| format!("creating the merged-model topic `{}`", k.merged_topic))
+}
+
+/// What the aggregator last wrote of one model: the merged model with its arm log.
+type Written = BTreeMap<String, DecodedSnapshot>;
+
+fn session(config: &Arc<Config>, shutdown: &AtomicBool, health: &Arc<Health>) -> anyhow::Result<()> {
+    let k = &config.kafka;
+    let mut pc = super::producer_config(k);
+    pc.set("transactional.id", format!("{}-aggregator", k.group_id))
+        .set("transaction.timeout.ms", k.transaction_timeout_ms.to_string())
+        .set("enable.idempotence", "true")
+        .set("message.max.bytes", (k.max_record_bytes + 64 * 1024).to_string())
+        .set("linger.ms", "2");
+    let producer: BaseProducer = pc.create().context("creating the aggregator's transactional producer")?;
+    producer
+        .init_transactions(Duration::from_millis(k.transaction_timeout_ms as u64 * 2))
+        .context("initialising transactions (fences an earlier aggregator of this group)")?;
+    let timeout = Duration::from_millis(k.restore_timeout_ms as u64);
+    let (mut written, mut chunks) = restore(config, timeout)?;
+    tracing::info!(models = written.len(), topic = %k.merged_topic, "merged models read back");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let subscriber = Subscriber::start_merging(super::consumer_config(k), &k.snapshot_topic, tx)?;
+    let status = subscriber.status();
+    let mut pending: BTreeMap<String, Merged> = BTreeMap::new();
+    let mut writer = Writer { config, producer: &producer, chunks: &mut chunks };
+    while !shutdown.load(Ordering::SeqCst) {
+        health.progress();
+        if !subscriber.alive() {
+            return Err(anyhow!("the snapshot subscriber stopped"));
+        }
+        receive(&rx, &mut pending)?;
+        let st = status.load();
+        if !st.caught_up() {
+            health.set_ready(
+                false,
+                &format!(
+                    "reading the snapshot topic: {} of {} partitions read to their end",
+                    st.caught_up.intersection(&st.partitions).count(),
+                    st.partitions.len()
+                ),
+            );
+            continue;
+        }
+        // A model is written once it covers every partition that holds state.
+        let ready: Vec<String> = pending
+            .iter()
+            .filter(|(_, m)| match m {
+                Merged::Removed(_) => true,
+                Merged::Model(s) => {
+                    let merged: BTreeSet<i32> =
+                        s.merged_from.iter().flat_map(|f| f.partitions.iter().copied()).collect();
+                    merged.is_superset(&st.checkpointed)
+                }
+            })
+            .map(|(model, _)| model.clone())
+            .collect();
+        let batch: Vec<Merged> = ready.iter().filter_map(|m| pending.remove(m)).collect();
+        if !batch.is_empty() {
+            writer.write(&mut written, batch)?;
+        }
+        if pending.is_empty() {
+            health.set_ready(true, "");
+        } else {
+            let waiting: Vec<&str> = pending.keys().map(String::as_str).collect();
+            health
+                .set_ready(false, &format!("models {waiting:?} do not cover every partition with state yet"));
+        }
+    }
+    subscriber.stop();
+    Ok(())
+}
+
+/// Takes what the subscriber merged (waiting up to 100 ms for the first), the newest per model.
+fn receive(rx: &Receiver<Merged>, pending: &mut BTreeMap<String, Merged>) -> anyhow::Result<()> {
+    let mut put = |m: Merged| {
+        let model = match &m {
+            Merged::Model(s) => s.meta.model_id.clone(),
+            Merged::Removed(model) => model.clone(),
+        };
+        pending.insert(model, m);
+    };
+    match rx.recv_timeout(Duration::from_millis(100)) {
+        Ok(m) => put(m),
+        Err(RecvTimeoutError::Timeout) => return Ok(()),
+        Err(RecvTimeoutError::Disconnected) => return Err(anyhow!("the snapshot subscriber stopped")),
+    }
+    while let Ok(m) = rx.try_recv() {
+        put(m);
+    }
+    Ok(())
+}
+
+/// Reads the merged-model topic back: each model's newest merged head with its arms and where
+/// they are stored, and the chunk counts of the stored keys. A model whose head does not find
+/// its segments (not written by this build) is started afresh: its stored segments are
+/// deleted by the next write.
+fn restore(config: &Config, timeout: Duration) -> anyhow::Result<(Written, BTreeMap<String, u32>)> {
+    let k = &config.kafka;
+    let mut stores = super::reader::read_to_end(
+        super::consumer_config(k),
+        &k.merged_topic,
+        &[PARTITION],
+        Keys::Models,
+        timeout,
+    )?;
+    let store = stores.remove(&PARTITION).unwrap_or_default();
+    let chunks = super::store::chunk_counts(&store).into_iter().collect();
+    let mut readers: BTreeMap<String, (ShardReader, Option<DecodedSnapshot>, u32)> = BTreeMap::new();
+    // Segments first, in sequence order (keys are zero-padded), then heads.
+    for key in store.values.keys().filter(|k| !k.contains('#')) {
+        if let Some((model, MERGED, q)) = armlog::parse_segment_key(key) {
+            let Some((_, bytes)) = store.get(key)? else { continue };
+            let r = readers.entry(model).or_insert_with(|| (ShardReader::default(), None, 0));
+            r.2 = r.2.max(q);
+            if let Err(e) = r.0.segment(q, Some(&bytes)) {
+                tracing::warn!(key = %key, error = %e, "an unreadable merged arm segment");
+            }
+        }
+    }
+    for key in store.values.keys().filter(|k| !k.contains('#')) {
+        if let Some((model, MERGED)) = checkpoint::parse_model_key(key) {
+            let Some((_, bytes)) = store.get(key)? else { continue };
+            let r = readers.entry(model).or_insert_with(|| (ShardReader::default(), None, 0));
+            match snapshot::decode(&bytes) {
+                Ok(head) => r.1 = Some(head),
+                Err(e) => tracing::warn!(key = %key, error = %e, "an unreadable merged head"),
+            }
+        }
+    }
+    let mut written = Written::new();
+    for (model, (mut reader, head, last)) in readers {
+        let held: Vec<u32> = reader.live_segments().collect();
+        let restored = head.and_then(|h| {
+            let spec = h.spec.clone();
+            let meta = h.meta.clone();
+            match reader.head(h) {
+                Ok(()) => reader.into_shard(),
+                Err(e) => {
+                    tracing::warn!(model = %model, error = %e, "merged model not restorable; writing it afresh");
+                    let mut shard = crate::core::model::ModelShard::new(&spec);
+                    let mut log = armlog::ArmLog::new();
+                    log.next = last.saturating_add(1);
+                    log.retired = held.clone();
+                    shard.log = Some(Box::new(log));
+                    Some(DecodedSnapshot { meta, spec, shard, legacy: None, arm_log: None, merged_from: None })
+                }
+            }
+        });
+        if let Some(s) = restored {
+            written.insert(model, s);
+        }
+    }
+    Ok((written, chunks))
+}
+
+struct Writer<'a> {
+    config: &'a Config,
+    producer: &'a BaseProducer,
+    /// Chunk counts of the stored keys, to delete surplus chunks.
+    chunks: &'a mut BTreeMap<String, u32>,
+}
+
+impl Writer<'_> {
+    /// Writes `batch` in one transaction and, once committed, makes it what was written.
+    fn write(&mut self, written: &mut Written, batch: Vec<Merged>) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut next: Vec<(String, Option<DecodedSnapshot>)> = Vec::with_capacity(batch.len());
+        let mut records: Vec<(String, Option<Vec<u8>>, u64)> = Vec::new();
+        let mut report: Vec<(String, u64, usize, usize)> = Vec::new();
+        for m in batch {
+            match m {
+                Merged::Model(s) => {
+                    let mut s = *s;
+                    let model = s.meta.model_id.clone();
+                    // `carry` takes the previous log: a failed transaction ends the session,
+                    // and the next one reads what was committed back.
+                    if let Some(prev) = written.get_mut(&model) {
+                        let same = prev.spec == s.spec;
+                        armlog::carry(&mut prev.shard, &mut s.shard, same);
+                    }
+                    s.meta.source_partition = MERGED;
+                    let from = s.merged_from.clone().unwrap_or_default();
+                    let saved = armlog::save_with(&s.spec, &mut s.shard, &s.meta, Some(from));
+                    let version = s.meta.version;
+                    let bytes = saved.head.len() + saved.puts.iter().map(|(_, v)| v.len()).sum::<usize>();
+                    report.push((model.clone(), version, saved.arms_written, bytes));
+                    for (key, value) in saved.puts {
+                        records.push((key, Some(value), version));
+                    }
+                    for key in saved.deletes {
+                        records.push((key, None, version));
+                    }
+                    records.push((checkpoint::model_key(&model, MERGED), Some(saved.head), version));
+                    next.push((model, Some(s)));
+                }
+                Merged::Removed(model) => {
+                    let Some(prev) = written.get(&model) else { continue };
+                    let segments = prev.shard.log.iter().flat_map(|l| l.segments.keys().copied());
+                    for q in segments.chain(prev.shard.log.iter().flat_map(|l| l.retired.iter().copied())) {
+                        records.push((armlog::segment_key(&model, MERGED, q), None, 0));
+                    }
+                    records.push((checkpoint::model_key(&model, MERGED), None, 0));
+                    report.push((model.clone(), 0, 0, 0));
+                    next.push((model, None));
+                }
+            }
+        }
+        let new_chunks = self.commit(&records)?;
+        for (key, n) in new_chunks {
+            if n > 0 {
+                self.chunks.insert(key, n);
+            } else {
+                self.chunks.remove(&key);
+            }
+        }
+        for (model, s) in next {
+            match s {
+                Some(s) => written.insert(model, s),
+                None => written.remove(&model),
+            };
+        }
+        let models: Vec<(&str, u64, usize, usize)> =
+            report.iter().map(|(m, v, a, b)| (m.as_str(), *v, *a, *b)).collect();
+        MergedPublished { models: &models, elapsed: started.elapsed() }.emit();
+        Ok(())
+    }
+
+    /// One transaction of `records` (key, value or tombstone, version), values chunked when
+    /// large; returns the new chunk counts of the keys whose count changed.
+    fn commit(&self, records: &[(String, Option<Vec<u8>>, u64)]) -> anyhow::Result<Vec<(String, u32)>> {
+        let k = &self.config.kafka;
+        let timeout = Duration::from_millis(k.transaction_timeout_ms as u64);
+        self.producer.begin_transaction().context("begin transaction")?;
+        let mut counts = Vec::new();
+        for (key, value, version) in records {
+            let previous = self.chunks.get(key).copied().unwrap_or(0);
+            match value {
+                Some(v) => {
+                    let recs = blob::split(key, *version, v, k.max_record_bytes, previous);
+                    let n = recs.iter().filter(|r| r.value.is_some() && &r.key != key).count() as u32;
+                    if n > 0 || previous > 0 {
+                        counts.push((key.clone(), n));
+                    }
+                    for r in recs {
+                        self.send(&r.key, r.value.as_deref())?;
+                    }
+                }
+                None => {
+                    self.send(key, None)?;
+                    for i in 0..previous {
+                        self.send(&blob::chunk_key(key, i), None)?;
+                    }
+                    if previous > 0 {
+                        counts.push((key.clone(), 0));
+                    }
+                }
+            }
+        }
+        self.producer.commit_transaction(timeout).map_err(|e| {
+            if let KafkaError::Transaction(t) = &e {
+                if t.txn_requires_abort() {
+                    let _ = self.producer.abort_transaction(Duration::from_secs(10));
+                }
+            }
+            anyhow!("committing merged models to `{}`: {e}", k.merged_topic)
+        })?;
+        Ok(counts)
+    }
+
+    fn send(&self, key: &str, value: Option<&[u8]>) -> anyhow::Result<()> {
+        let topic = &self.config.kafka.merged_topic;
+        let mut rec: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(topic).key(key.as_bytes()).partition(PARTITION);
+        if let Some(v) = value {
+            rec = rec.payload(v);
+        }
+        loop {
+            match self.producer.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    rec = r;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(anyhow!("producing to `{topic}`: {e}")),
+            }
+        }
+    }
+}
