@@ -14,9 +14,14 @@
 //!    changelog topic between the end of the warm-up and the end of the steady phase, per
 //!    second, by kind of key; and the CPU seconds the processor spent per steady-phase event.
 //!
+//! 4. with BENCH_NODES=1 (this build only): two serving nodes follow the steady phase, one
+//!    merging every partition's shard from the snapshot topic, one reading the merged-model
+//!    topic `banditflow aggregate` writes (the aggregator runs too): each one's model updates,
+//!    CPU seconds per update and resident memory at the end, and the aggregator's.
+//!
 //! Run: `scripts/kafka.sh start && BANDITFLOW_KAFKA_BOOTSTRAP=127.0.0.1:39092 cargo bench --bench scale`
 //! Environment: BENCH_PARTITIONS (12), BENCH_SEGMENTS (3), BENCH_ITEMS (20,000), BENCH_RATE
-//! (1,000), BENCH_SECONDS (60), BENCH_BASELINE_BIN.
+//! (1,000), BENCH_SECONDS (60), BENCH_BASELINE_BIN, BENCH_NODES (0).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -27,7 +32,10 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 #[path = "support/broker.rs"]
 mod broker;
-use broker::{committed, config_file, cpu_seconds, env_or, produce, start_binary, stop};
+use broker::{
+    committed, config_file, cpu_seconds, env_or, gauge_sum, get_status, produce, rss_mb, spawn_ready,
+    start_binary, stop,
+};
 
 use banditflow::core::blob::LatestByKey;
 use banditflow::core::event::{self, Encoding, Event, Feedback, FeedbackKind, TopicRole};
@@ -205,7 +213,65 @@ fn bytes_between(
 /// One binary through warm-up and steady traffic; prints and returns the bytes per second it
 /// wrote to (the snapshot topic, the snapshot and changelog topics together). A build before
 /// the changelog topic writes its attribution changelog to the snapshot topic.
-fn run(bootstrap: &str, shop: &Shop, bin: &str, label: &str, rate: f64, seconds: f64) -> (f64, f64) {
+/// A process measured over the steady phase: `banditflow serve` (its model updates from its
+/// /metrics) or `banditflow aggregate`.
+struct Followed {
+    name: &'static str,
+    child: std::process::Child,
+    listen: String,
+    cpu0: f64,
+    updates0: f64,
+}
+
+impl Followed {
+    fn start(
+        bin: &str,
+        cfg: &std::path::Path,
+        name: &'static str,
+        command: &str,
+        listen: &str,
+        env: &[(&str, &str)],
+    ) -> Followed {
+        let (child, s) = spawn_ready(bin, command, cfg, listen, env);
+        println!("{name}: ready in {:.2} s, {:.0} MB resident", s.ready_s, s.rss_mb);
+        let mut f = Followed { name, child, listen: listen.to_string(), cpu0: 0.0, updates0: 0.0 };
+        (f.cpu0, f.updates0) = (f.cpu(), f.updates());
+        f
+    }
+
+    fn cpu(&self) -> f64 {
+        cpu_seconds(&self.child.id().to_string())
+    }
+
+    /// Merged models made visible (a node) or written (the aggregator).
+    fn updates(&self) -> f64 {
+        let page = get_status(&self.listen, "/metrics").map(|(_, p)| p).unwrap_or_default();
+        gauge_sum(&page, "banditflow_serving_model_updates_total")
+            + gauge_sum(&page, "banditflow_aggregate_published_total")
+    }
+
+    fn report(mut self, label: &str) {
+        let (cpu, updates) = (self.cpu() - self.cpu0, self.updates() - self.updates0);
+        println!(
+            "RESULT {label}: {} over the steady phase: {updates:.0} model updates, {:.1} CPU ms per update ({cpu:.2} CPU s), {:.0} MB resident",
+            self.name,
+            cpu / updates.max(1.0) * 1e3,
+            rss_mb(self.child.id())
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(
+    bootstrap: &str,
+    shop: &Shop,
+    bin: &str,
+    label: &str,
+    rate: f64,
+    seconds: f64,
+    nodes: bool,
+) -> (f64, f64) {
     let tag = format!("scale-{}-{}", now_ms(), label.replace(' ', "-"));
     let topic = format!("{tag}-events");
     let snapshots = format!("{tag}-snapshots");
@@ -237,6 +303,38 @@ fn run(bootstrap: &str, shop: &Shop, bin: &str, label: &str, rate: f64, seconds:
     println!("{label}: warm-up learned");
     // Past the warm-up's last transaction (it may still be in flight when its offsets show).
     std::thread::sleep(Duration::from_secs(3));
+    let followers: Vec<Followed> = if nodes {
+        let aggregator = Followed::start(
+            bin,
+            &cfg,
+            "aggregator",
+            "aggregate",
+            "127.0.0.1:19478",
+            &[("BANDITFLOW__KAFKA__METRICS_ADDRESS", "127.0.0.1:19478")],
+        );
+        let shards = Followed::start(
+            bin,
+            &cfg,
+            "node merging the shards",
+            "serve",
+            "127.0.0.1:18093",
+            &[("BANDITFLOW__SERVING__LISTEN", "127.0.0.1:18093")],
+        );
+        let merged = Followed::start(
+            bin,
+            &cfg,
+            "node reading the merged topic",
+            "serve",
+            "127.0.0.1:18094",
+            &[
+                ("BANDITFLOW__SERVING__LISTEN", "127.0.0.1:18094"),
+                ("BANDITFLOW__SERVING__READ_MERGED", "true"),
+            ],
+        );
+        vec![aggregator, shards, merged]
+    } else {
+        Vec::new()
+    };
     let from = end_offsets(bootstrap, &snapshots, shop.partitions);
     let from_changelog = end_offsets(bootstrap, &changelog, shop.partitions);
     let (t0, cpu0) = (Instant::now(), cpu_seconds(&pid));
@@ -259,6 +357,13 @@ fn run(bootstrap: &str, shop: &Shop, bin: &str, label: &str, rate: f64, seconds:
     let to = end_offsets(bootstrap, &snapshots, shop.partitions);
     let to_changelog = end_offsets(bootstrap, &changelog, shop.partitions);
     stop(child);
+    if !followers.is_empty() {
+        // The last commit's merged models reach the aggregator and the nodes.
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    for f in followers {
+        f.report(label);
+    }
     let mut bytes = bytes_between(bootstrap, &snapshots, &from, &to);
     let on_snapshots: usize = bytes.iter().filter(|(k, _)| **k != "arm count").map(|(_, b)| b.0).sum();
     for (k, (b, n)) in bytes_between(bootstrap, &changelog, &from_changelog, &to_changelog) {
@@ -313,9 +418,10 @@ fn main() {
         shop.segments,
         shop.items
     );
-    let this = run(&bootstrap, &shop, env!("CARGO_BIN_EXE_banditflow"), "this build", rate, seconds);
+    let nodes = env_or("BENCH_NODES", 0) == 1;
+    let this = run(&bootstrap, &shop, env!("CARGO_BIN_EXE_banditflow"), "this build", rate, seconds, nodes);
     if let Some(bin) = std::env::var("BENCH_BASELINE_BIN").ok().filter(|b| !b.is_empty()) {
-        let base = run(&bootstrap, &shop, &bin, "baseline", rate, seconds);
+        let base = run(&bootstrap, &shop, &bin, "baseline", rate, seconds, false);
         println!(
             "bytes per second, baseline / this build: snapshot topic {:.1}×, both state topics {:.1}×",
             base.0 / this.0,

@@ -13,20 +13,24 @@
 //! 4. `banditflow run` starts again: wall time from spawn to its `/readyz` 200 (every partition
 //!    restored), its CPU seconds and resident memory then;
 //! 5. `banditflow serve` starts BENCH_STARTS times on the topics; each time: wall time from
-//!    spawn to the first `/readyz` 200, its CPU seconds and resident memory then.
+//!    spawn to the first `/readyz` 200, its CPU seconds and resident memory then;
+//! 6. (this build only) `banditflow aggregate` starts and writes the merged models (its ready
+//!    time, CPU and resident memory), and `banditflow serve` with `serving.read_merged` starts
+//!    BENCH_STARTS times on the merged-model topic, measured as in 5.
 //!
 //! Run: `scripts/kafka.sh start && BANDITFLOW_KAFKA_BOOTSTRAP=127.0.0.1:39092 cargo bench --bench startup`
 //! Environment: BENCH_PARTITIONS (4), BENCH_ITEMS (2,000), BENCH_RETAINED (0,1000000,10000000),
 //! BENCH_STARTS (3), BENCH_BASELINE_BIN.
 
-use std::io::{Read as _, Write as _};
-use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 #[path = "support/broker.rs"]
 mod broker;
-use broker::{committed, config_file_with, cpu_seconds, env_or, produce, start_binary, stop};
+use broker::{
+    committed, config_file_with, env_or, gauge_sum, get_status, produce, spawn_ready, start_binary, stop,
+    Start,
+};
 
 use banditflow::core::event::{self, Encoding, TopicRole};
 use banditflow::kafka::{admin, now_ms};
@@ -116,65 +120,21 @@ fn produce_shop(bootstrap: &str, topic: &str, partitions: i32, items: usize, ret
     n + clock.len()
 }
 
-/// The HTTP status of `GET path` on `addr` (None when it does not answer).
-fn get_status(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, text))
-}
-
-/// Sum over partitions of a gauge on a /metrics page.
-fn gauge_sum(page: &str, name: &str) -> f64 {
-    page.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-struct Start {
-    ready_s: f64,
-    cpu_s: f64,
-    rss_mb: f64,
-}
-
 /// Starts `bin <command> --config config` and measures it at its first `/readyz` 200 on
 /// `listen`; then kills it (a processor's state is committed already; nothing is lost).
 fn start_until_ready(bin: &str, command: &str, config: &std::path::Path, listen: &str) -> Start {
-    let started = Instant::now();
-    let mut child = Command::new(bin)
-        .args([command, "--config"])
-        .arg(config)
-        .env("BANDITFLOW_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("banditflow starts");
-    let deadline = started + Duration::from_secs(600);
-    loop {
-        if get_status(listen, "/readyz").is_some_and(|(c, _)| c == 200) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "`{command}` did not become ready within 10 min");
-        assert!(child.try_wait().ok().flatten().is_none(), "`{command}` exited");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let ready_s = started.elapsed().as_secs_f64();
-    let pid = child.id();
-    let s = Start { ready_s, cpu_s: cpu_seconds(&pid.to_string()), rss_mb: rss_mb(pid) };
+    start_until_ready_with(bin, command, config, listen, &[])
+}
+
+/// [`start_until_ready`] with environment variables (config overrides).
+fn start_until_ready_with(
+    bin: &str,
+    command: &str,
+    config: &std::path::Path,
+    listen: &str,
+    env: &[(&str, &str)],
+) -> Start {
+    let (mut child, s) = spawn_ready(bin, command, config, listen, env);
     let _ = child.kill();
     let _ = child.wait();
     s
@@ -189,6 +149,8 @@ fn run(
     retained: usize,
     starts: usize,
 ) {
+    // Only this build has the merged-model stage (a baseline binary may not).
+    let merged = bin == env!("CARGO_BIN_EXE_banditflow");
     let tag = format!("startup-{}-{}-{retained}", now_ms(), label.replace(' ', "-"));
     let topic = format!("{tag}-events");
     admin::create_topics(bootstrap, &[(&topic, partitions, false)]).expect("topics");
@@ -242,6 +204,27 @@ fn run(
     let m = &runs[runs.len() / 2];
     println!(
         "RESULT {label}: {kept} retained impressions: node ready in {:.2} s (median of {starts}), {:.2} CPU s, {:.0} MB resident",
+        m.ready_s, m.cpu_s, m.rss_mb
+    );
+    if !merged {
+        return;
+    }
+    // The merged-model stage: `banditflow aggregate` merges every partition's shard once and
+    // writes the merged models; nodes with `serving.read_merged` read only those.
+    let (mut aggregator, a) = spawn_ready(bin, "aggregate", &cfg, metrics, &[]);
+    println!(
+        "RESULT {label}: aggregator ready (every model merged and written) in {:.2} s, {:.2} CPU s, {:.0} MB resident",
+        a.ready_s, a.cpu_s, a.rss_mb
+    );
+    let merged_env = [("BANDITFLOW__SERVING__READ_MERGED", "true")];
+    let mut runs: Vec<Start> =
+        (0..starts).map(|_| start_until_ready_with(bin, "serve", &cfg, listen, &merged_env)).collect();
+    let _ = aggregator.kill();
+    let _ = aggregator.wait();
+    runs.sort_by(|a, b| a.ready_s.total_cmp(&b.ready_s));
+    let m = &runs[runs.len() / 2];
+    println!(
+        "RESULT {label}: {kept} retained impressions: node on the merged topic ready in {:.2} s (median of {starts}), {:.2} CPU s, {:.0} MB resident",
         m.ready_s, m.cpu_s, m.rss_mb
     );
 }

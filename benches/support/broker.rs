@@ -2,7 +2,7 @@
 //! producing records, CPU time of a process, starting and stopping a `banditflow run` binary.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read as _, Write as _};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -221,4 +221,72 @@ metrics_address = "{metrics}"
     )
     .expect("config written");
     path
+}
+
+/// The HTTP status of `GET path` on `addr` (None when it does not answer).
+pub fn get_status(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, text))
+}
+
+/// Sum over partitions of a gauge on a /metrics page.
+pub fn gauge_sum(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+pub struct Start {
+    pub ready_s: f64,
+    pub cpu_s: f64,
+    pub rss_mb: f64,
+}
+
+/// Starts `bin <command>` and returns it, running, once `/readyz` on `listen` answers 200.
+pub fn spawn_ready(
+    bin: &str,
+    command: &str,
+    config: &std::path::Path,
+    listen: &str,
+    env: &[(&str, &str)],
+) -> (std::process::Child, Start) {
+    let started = Instant::now();
+    let mut child = Command::new(bin)
+        .args([command, "--config"])
+        .arg(config)
+        .envs(env.iter().copied())
+        .env("BANDITFLOW_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("banditflow starts");
+    let deadline = started + Duration::from_secs(600);
+    loop {
+        if get_status(listen, "/readyz").is_some_and(|(c, _)| c == 200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "`{command}` did not become ready within 10 min");
+        assert!(child.try_wait().ok().flatten().is_none(), "`{command}` exited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ready_s = started.elapsed().as_secs_f64();
+    let pid = child.id();
+    let s = Start { ready_s, cpu_s: cpu_seconds(&pid.to_string()), rss_mb: rss_mb(pid) };
+    (child, s)
 }

@@ -86,6 +86,12 @@ PROCESSOR = {
     "banditflow_behind_input_partitions": ("gauge", (), {}),
     "banditflow_input_pauses_total": ("counter", ("topic",), {"topic": ["impressions", "feedback"]}),
     "banditflow_consumer_errors_total": ("counter", (), {}),
+    # `banditflow aggregate` (exported by the aggregator, also under job banditflow).
+    "banditflow_aggregate_published_total": ("counter", ("model",), {"model": ["home", "search"]}),
+    "banditflow_aggregate_arms_written_total": ("counter", ("model",), {"model": ["home", "search"]}),
+    "banditflow_aggregate_bytes_written_total": ("counter", (), {}),
+    "banditflow_aggregate_failures_total": ("counter", (), {}),
+    "banditflow_aggregate_model_version": ("gauge", ("model",), {"model": ["home", "search"]}),
 }
 
 SERVING = {

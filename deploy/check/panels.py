@@ -104,6 +104,7 @@ def gauge(name, labels, now, elapsed):
         "process_resident_memory_bytes": 300e6, "process_virtual_memory_bytes": 1.2e9,
         "process_open_fds": 40, "process_max_fds": 1_048_576, "process_start_time_seconds": now - elapsed - 60,
         "process_threads": 6, "banditflow_build_info": 1, "banditflow_partition_failed": 0,
+        "banditflow_aggregate_model_version": 2_000_000 + 1000 * elapsed,
     }
     return fixed[name]
 

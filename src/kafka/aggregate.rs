@@ -103,8 +103,10 @@ fn session(config: &Arc<Config>, shutdown: &AtomicBool, health: &Arc<Health>) ->
         if !subscriber.alive() {
             return Err(anyhow!("the snapshot subscriber stopped"));
         }
+        // The status first: the subscriber sends a batch's merges before it reports the
+        // progress they came from, so what is received now covers what the status says.
+        let st = status.load_full();
         receive(&rx, &mut pending)?;
-        let st = status.load();
         if !st.caught_up() {
             health.set_ready(
                 false,

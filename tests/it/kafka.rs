@@ -324,6 +324,22 @@ metrics_address = ""
         Processor { child: Some(child), log }
     }
 
+    /// Starts `banditflow aggregate` on this setup's topics.
+    pub(crate) fn start_aggregator(&self) -> Processor {
+        let log = self.dir.path().join(format!("{}.log", unique("aggregate")));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_banditflow"))
+            .args(["aggregate", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("aggregator starts");
+        Processor { child: Some(child), log }
+    }
+
     /// End offsets of every partition of each of `topics`, in order.
     pub(crate) fn end_offsets_of(&self, topics: &[String]) -> Vec<i64> {
         let c: BaseConsumer = banditflow::kafka::bootstrap_config(&self.bootstrap).create().expect("client");

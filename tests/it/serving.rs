@@ -486,6 +486,13 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
     let mut client = banditflow::kafka::bootstrap_config(&b);
     client.set("max.partition.fetch.bytes", "4096");
     let sub = Subscriber::start(client, &s.snapshots, Some(tx)).expect("subscriber");
+    // The merged-model stage runs all along (and is killed once, below); a second subscriber
+    // follows its topic as a node with `serving.read_merged` does.
+    let merged_topic = s.config().kafka.merged_topic;
+    let mut aggregator = s.start_aggregator();
+    let (mtx, mrx) = std::sync::mpsc::channel();
+    let msub = Subscriber::start(banditflow::kafka::bootstrap_config(&b), &merged_topic, Some(mtx))
+        .expect("merged-topic subscriber");
     // What ranking sees, sampled all along: a model, once visible, never disappears and its
     // version never goes back.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -526,6 +533,12 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
     let at_two = s.committed_total();
     let producer = s.produce_in_background(second);
     wait_until("progress with two instances", Duration::from_secs(60), || s.committed_total() > at_two);
+    // The aggregator, killed while it writes: its successor reads what was committed back.
+    wait_until("the aggregator to write merged models", Duration::from_secs(60), || {
+        aggregator.log_text().contains("ready: snapshot topic read")
+    });
+    aggregator.kill9();
+    let aggregator = s.start_aggregator();
     bee.kill9();
     producer.join().expect("producer thread").expect("produced");
     s.wait_caught_up(Duration::from_secs(180));
@@ -547,8 +560,8 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
             (m.id.clone(), snapshot::encode(&merged.spec, &merged.shard, &merged.meta))
         })
         .collect();
-    let catalog = sub.catalog();
-    let got = || -> BTreeMap<String, Vec<u8>> {
+    // Every model a catalog holds, encoded.
+    let encoded = |catalog: &ArcSwap<Catalog>| -> BTreeMap<String, Vec<u8>> {
         catalog
             .load()
             .models
@@ -556,9 +569,44 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
             .map(|(id, m)| (id.clone(), snapshot::encode(&m.merged.spec, &m.merged.shard, &m.merged.meta)))
             .collect()
     };
+    let catalog = sub.catalog();
     wait_until("the subscriber's merged models to equal the offline merge", Duration::from_secs(60), || {
-        got() == want
+        encoded(&catalog) == want
     });
+    // The merged-model topic, read as a node with `serving.read_merged` reads it: the same
+    // bytes, one merged model per id (not one shard per partition), naming every partition.
+    let mcatalog = msub.catalog();
+    wait_until("the merged-model topic's models to equal the offline merge", Duration::from_secs(90), || {
+        encoded(&mcatalog) == want
+    });
+    for m in mcatalog.load().models.values() {
+        assert_eq!(m.partitions, (0..4).collect(), "the merged model names every partition");
+        let oldest = catalog.load().models[&m.merged.meta.model_id].event_ms;
+        assert_eq!(m.event_ms, oldest, "staleness is the oldest shard's on both paths");
+    }
+    let merged_values = store::read_partitions(
+        banditflow::kafka::bootstrap_config(&b),
+        &merged_topic,
+        &[0],
+        Duration::from_secs(30),
+    )
+    .expect("merged topic");
+    let merged_heads: Vec<String> = merged_values
+        .values()
+        .flat_map(|st| {
+            st.values.keys().filter(|k| banditflow::core::checkpoint::parse_model_key(k).is_some())
+        })
+        .cloned()
+        .collect();
+    assert_eq!(merged_heads.len(), config.core.models.len(), "{merged_heads:?}");
+    assert!(merged_heads.iter().all(|k| k.ends_with("/-1")), "{merged_heads:?}");
+    msub.stop();
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for u in mrx.try_iter() {
+        let prev = last.insert(u.model.clone(), u.version).unwrap_or(0);
+        assert!(u.version >= prev, "merged model {} went from version {prev} to {}", u.model, u.version);
+    }
+    drop(aggregator);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (seen, problems) = watcher.join().expect("watcher");
     assert!(problems.is_empty(), "{problems:?}");
