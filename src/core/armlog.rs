@@ -339,9 +339,36 @@ pub struct ShardReader {
     complete: bool,
     /// Arms of a format-1 snapshot (held inline) not yet superseded by segments.
     inline_arms: bool,
+    /// What changed since [`ShardReader::take_changes`] (only once [`ShardReader::track_changes`]
+    /// asked for it): the arms applied, or every arm (arms went, or the shard was replaced).
+    tracking: bool,
+    changed: Vec<(String, String)>,
+    changed_all: bool,
+}
+
+/// The arms a [`ShardReader`] applied since its changes were last taken.
+#[derive(Debug, Default)]
+pub struct ShardChanges {
+    /// Arms may have gone or the whole shard was replaced: every arm may differ.
+    pub all: bool,
+    /// Arms written (each may be listed more than once).
+    pub arms: Vec<(String, String)>,
 }
 
 impl ShardReader {
+    /// Starts recording which arms change (for a merge that recomputes only those).
+    pub fn track_changes(&mut self) {
+        if !self.tracking {
+            self.tracking = true;
+            self.changed_all = true;
+        }
+    }
+
+    /// The arms applied since the last call (everything, the first time).
+    pub fn take_changes(&mut self) -> ShardChanges {
+        ShardChanges { all: std::mem::take(&mut self.changed_all), arms: std::mem::take(&mut self.changed) }
+    }
+
     /// A segment's value (`None`: its tombstone). Applied when the next head arrives.
     pub fn segment(&mut self, sequence: u32, value: Option<&[u8]>) -> Result<(), SnapshotError> {
         let seg = value.map(decode_segment).transpose()?;
@@ -363,6 +390,7 @@ impl ShardReader {
     pub fn head(&mut self, head: DecodedSnapshot) -> Result<(), SnapshotError> {
         let Some(log) = head.arm_log else {
             // A whole shard (an older build's): it replaces everything.
+            self.changed_all |= self.tracking;
             self.current = Some(head);
             self.staged = HashMap::default();
             self.uses.clear();
@@ -378,10 +406,15 @@ impl ShardReader {
         };
         let dim = snapshot::linear_dim(&head.spec);
         let mut applied = Ok(());
-        for (q, seg) in pending {
+        // The segments written first, then the tombstones, as the processor's transaction has
+        // them: a reader that got them in key order would otherwise see a segment deleted
+        // before the segment that supersedes its arms, and drop arms only to add them again.
+        let (puts, tombstones): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(_, seg)| seg.is_some());
+        for (q, seg) in puts.into_iter().chain(tombstones) {
             applied = applied.and_then(|()| self.apply(&mut arms, q, seg, dim));
         }
         if std::mem::take(&mut self.inline_arms) {
+            self.changed_all |= self.tracking;
             // Arms of the whole shard that no segment superseded are gone.
             for items in arms.values_mut() {
                 items.retain(|_, a| a.stored != NEVER_STORED);
@@ -436,6 +469,7 @@ impl ShardReader {
             // A tombstone: its segment normally holds no live arm by now; if it does (the
             // model was started afresh), those arms go.
             if self.uses.remove(&q).is_some_and(|u| u.live > 0) {
+                self.changed_all |= self.tracking;
                 for items in arms.values_mut() {
                     items.retain(|_, a| a.stored != q);
                 }
@@ -446,6 +480,9 @@ impl ShardReader {
         self.uses.entry(q).or_default().written = seg.arms.len() as u32;
         for a in seg.arms {
             let (segment, item, stats) = snapshot::arm_from_pb(a, linear_dim, q)?;
+            if self.tracking && !self.changed_all {
+                self.changed.push((segment.clone(), item.clone()));
+            }
             match arms.entry(segment).or_default().entry(item) {
                 hashbrown::hash_map::Entry::Occupied(mut o) => {
                     let old = o.get().stored;

@@ -597,6 +597,16 @@ impl ModelShard {
     /// Adds another shard of the same model (exact for counters; floating-point sums up to
     /// rounding).
     pub fn merge(&mut self, spec: &ModelSpec, other: &ModelShard) {
+        self.merge_parts(spec, other, true);
+    }
+
+    /// [`ModelShard::merge`] of everything but the arms (positions, variants, counters, the
+    /// landmark): with [`merge_arm`], a merge that recomputes only the arms that changed.
+    pub fn merge_except_arms(&mut self, spec: &ModelSpec, other: &ModelShard) {
+        self.merge_parts(spec, other, false);
+    }
+
+    fn merge_parts(&mut self, spec: &ModelSpec, other: &ModelShard, arms: bool) {
         let Some(ol) = other.landmark_ms else {
             // An empty shard may still carry variant counts of opted-in impressions only if it
             // has a landmark; nothing to add otherwise.
@@ -606,7 +616,7 @@ impl ModelShard {
         let target = self.landmark_ms.map_or(ol, |l| l.max(ol));
         self.rebase(spec, target);
         let f = decay::rebase_factor(spec.half_life_ms, ol, target);
-        for (segment, items) in &other.arms {
+        for (segment, items) in other.arms.iter().filter(|_| arms) {
             for (item, a) in items {
                 let mut a = a.clone();
                 a.scale(f);
@@ -628,6 +638,37 @@ impl ModelShard {
         }
         self.linear_updates += other.linear_updates;
     }
+}
+
+/// One arm as [`ModelShard::merge`] of `shards`, in this order, into an empty shard computes it,
+/// bit for bit (the same scalings and additions in the same order), or `None` when no shard
+/// with a landmark holds it.
+pub fn merge_arm<'a>(
+    spec: &ModelSpec,
+    shards: impl IntoIterator<Item = &'a ModelShard>,
+    segment: &str,
+    item: &str,
+) -> Option<ArmStats> {
+    let mut landmark: Option<i64> = None;
+    let mut acc: Option<ArmStats> = None;
+    for s in shards {
+        // `merge` adds nothing of a shard without a landmark.
+        let Some(ol) = s.landmark_ms else { continue };
+        let target = landmark.map_or(ol, |l| l.max(ol));
+        // `rebase` of the accumulator: every arm it holds is scaled when the landmark moves.
+        if let (Some(l), Some(a)) = (landmark, acc.as_mut()) {
+            if l < target {
+                a.scale(decay::rebase_factor(spec.half_life_ms, l, target));
+            }
+        }
+        landmark = Some(target);
+        if let Some(a) = s.arms.get(segment).and_then(|m| m.get(item)) {
+            let mut a = a.clone();
+            a.scale(decay::rebase_factor(spec.half_life_ms, ol, target));
+            acc.get_or_insert_with(ArmStats::default).add(&a);
+        }
+    }
+    acc
 }
 
 /// `a + b`, saturating; sets `saturated` when it had to.

@@ -474,8 +474,25 @@ pub fn merge(snaps: &[DecodedSnapshot]) -> Result<DecodedSnapshot, SnapshotError
 /// [`merge`] of shards held elsewhere (a serving node's newest shard per partition), without
 /// copying them.
 pub fn merge_refs(snaps: &[&DecodedSnapshot]) -> Result<DecodedSnapshot, SnapshotError> {
+    merge_with(snaps, true)
+}
+
+/// [`merge_refs`] of everything but the arms: the merged model's head (meta, positions,
+/// variants, landmark, `merged_from`) with no arms, for a merge that recomputes only the arms
+/// that changed ([`super::model::merge_arm`] over [`merge_order`]).
+pub fn merge_heads(snaps: &[&DecodedSnapshot]) -> Result<DecodedSnapshot, SnapshotError> {
+    merge_with(snaps, false)
+}
+
+/// The order [`merge`] adds shards in (by source partition).
+pub fn merge_order<'a>(snaps: &[&'a DecodedSnapshot]) -> Vec<&'a DecodedSnapshot> {
     let mut order: Vec<&DecodedSnapshot> = snaps.to_vec();
     order.sort_by_key(|s| s.meta.source_partition);
+    order
+}
+
+fn merge_with(snaps: &[&DecodedSnapshot], arms: bool) -> Result<DecodedSnapshot, SnapshotError> {
+    let order = merge_order(snaps);
     let first = order.first().ok_or(SnapshotError::Empty)?;
     let spec = first.spec.clone();
     let mut shard = ModelShard::new(&spec);
@@ -496,7 +513,11 @@ pub fn merge_refs(snaps: &[&DecodedSnapshot]) -> Result<DecodedSnapshot, Snapsho
         if s.spec != spec {
             return Err(SnapshotError::ParamsMismatch(meta.model_id.clone()));
         }
-        shard.merge(&spec, &s.shard);
+        if arms {
+            shard.merge(&spec, &s.shard);
+        } else {
+            shard.merge_except_arms(&spec, &s.shard);
+        }
         meta.version += s.meta.version;
         // A merged model is complete up to the slowest shard's watermark.
         meta.watermark_ms = meta.watermark_ms.min(s.meta.watermark_ms);

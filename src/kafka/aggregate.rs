@@ -123,7 +123,7 @@ fn session(config: &Arc<Config>, shutdown: &AtomicBool, health: &Arc<Health>) ->
             .iter()
             .filter(|(_, m)| match m {
                 Merged::Removed(_) => true,
-                Merged::Model(s) => {
+                Merged::Model(s) | Merged::Changed { head: s, .. } => {
                     let merged: BTreeSet<i32> =
                         s.merged_from.iter().flat_map(|f| f.partitions.iter().copied()).collect();
                     merged.is_superset(&st.checkpointed)
@@ -151,8 +151,21 @@ fn session(config: &Arc<Config>, shutdown: &AtomicBool, health: &Arc<Health>) ->
 fn receive(rx: &Receiver<Merged>, pending: &mut BTreeMap<String, Merged>) -> anyhow::Result<()> {
     let mut put = |m: Merged| {
         let model = match &m {
-            Merged::Model(s) => s.meta.model_id.clone(),
+            Merged::Model(s) | Merged::Changed { head: s, .. } => s.meta.model_id.clone(),
             Merged::Removed(model) => model.clone(),
+        };
+        // Changes add to what waits: a whole merge takes them in, earlier changes are followed
+        // by them (the later value of an arm wins).
+        let m = match (pending.remove(&model), m) {
+            (Some(Merged::Model(mut whole)), Merged::Changed { head, arms }) => {
+                apply_changes(&mut whole, *head, arms, None);
+                Merged::Model(whole)
+            }
+            (Some(Merged::Changed { arms: mut before, .. }), Merged::Changed { head, arms }) => {
+                before.extend(arms);
+                Merged::Changed { head, arms: before }
+            }
+            (_, m) => m,
         };
         pending.insert(model, m);
     };
@@ -230,6 +243,60 @@ fn restore(config: &Config, timeout: Duration) -> anyhow::Result<(Written, BTree
     Ok((written, chunks))
 }
 
+/// Applies a merge's changes to `merged` (the whole merge, or what was last written with
+/// its `log`): the new head's meta, positions, variants and counters, and every changed arm
+/// that differs bit for bit (noted in `log`). An arm no shard holds any more makes the next
+/// save write every arm and delete every older segment.
+fn apply_changes(
+    merged: &mut DecodedSnapshot,
+    head: DecodedSnapshot,
+    arms: Vec<(String, String, Option<crate::core::model::ArmStats>)>,
+    mut log: Option<&mut armlog::ArmLog>,
+) {
+    let mut went = false;
+    for (segment, item, arm) in arms {
+        let Some(mut arm) = arm else {
+            let items = merged.shard.arms.get_mut(segment.as_str());
+            went |= items.is_some_and(|m| m.remove(item.as_str()).is_some());
+            continue;
+        };
+        let items = merged.shard.arms.entry(segment.clone()).or_default();
+        match items.get_mut(item.as_str()) {
+            Some(old) if old.same_bits(&arm) => continue,
+            Some(old) => {
+                arm.stored = old.stored;
+                *old = arm;
+                if let Some(l) = log.as_deref_mut() {
+                    l.touched(old, &segment, &item);
+                }
+            }
+            None => {
+                arm.stored = armlog::NEVER_STORED;
+                let new = items.entry(item.clone()).or_insert(arm);
+                if let Some(l) = log.as_deref_mut() {
+                    l.touched(new, &segment, &item);
+                }
+            }
+        }
+    }
+    merged.shard.arms.retain(|_, m| !m.is_empty());
+    if let (true, Some(l)) = (went, log) {
+        l.retired.extend(std::mem::take(&mut l.segments).into_keys());
+        l.all_dirty = true;
+        l.dirty = Vec::new();
+    }
+    let h = head.shard;
+    merged.shard.arm_total = merged.shard.arms.values().map(|m| m.len()).sum();
+    merged.shard.newest_impression_ms = h.newest_impression_ms;
+    merged.shard.landmark_ms = h.landmark_ms;
+    merged.shard.positions = h.positions;
+    merged.shard.variants = h.variants;
+    merged.shard.linear_updates = h.linear_updates;
+    merged.meta = head.meta;
+    merged.merged_from = head.merged_from;
+    merged.legacy = head.legacy;
+}
+
 struct Writer<'a> {
     config: &'a Config,
     producer: &'a BaseProducer,
@@ -269,6 +336,30 @@ impl Writer<'_> {
                     }
                     records.push((checkpoint::model_key(&model, MERGED), Some(saved.head), version));
                     next.push((model, Some(s)));
+                }
+                Merged::Changed { head, arms } => {
+                    let model = head.meta.model_id.clone();
+                    // The subscriber's first merge of a model is whole; changes follow it.
+                    let prev = written
+                        .get_mut(&model)
+                        .filter(|p| p.spec == head.spec)
+                        .ok_or_else(|| anyhow!("changes of model `{model}` without its merged model"))?;
+                    let mut log = prev.shard.log.take();
+                    apply_changes(prev, *head, arms, log.as_deref_mut());
+                    prev.shard.log = log;
+                    prev.meta.source_partition = MERGED;
+                    let from = prev.merged_from.clone().unwrap_or_default();
+                    let saved = armlog::save_with(&prev.spec, &mut prev.shard, &prev.meta, Some(from));
+                    let version = prev.meta.version;
+                    let bytes = saved.head.len() + saved.puts.iter().map(|(_, v)| v.len()).sum::<usize>();
+                    report.push((model.clone(), version, saved.arms_written, bytes));
+                    for (key, value) in saved.puts {
+                        records.push((key, Some(value), version));
+                    }
+                    for key in saved.deletes {
+                        records.push((key, None, version));
+                    }
+                    records.push((checkpoint::model_key(&model, MERGED), Some(saved.head), version));
                 }
                 Merged::Removed(model) => {
                     let Some(prev) = written.get(&model) else { continue };

@@ -302,6 +302,7 @@ impl Subscriber {
             updates,
             written,
             merged,
+            bases: BTreeMap::new(),
         };
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -365,12 +366,27 @@ struct Follower {
     written: Option<Arc<WrittenRecords>>,
     /// Set for the aggregator: merged models go there, not to the catalog.
     merged: Option<std::sync::mpsc::Sender<Merged>>,
+    /// For the aggregator: per model, what its previous merge was made of.
+    bases: BTreeMap<String, MergeBasis>,
+}
+
+/// The shards a merge was made of, as far as they decide every arm's value: the parameters,
+/// and each shard's partition and decay landmark (a merged arm is rescaled to the newest).
+#[derive(Debug, PartialEq)]
+struct MergeBasis {
+    spec: crate::core::params::ModelSpec,
+    landmarks: Vec<(i32, Option<i64>)>,
 }
 
 /// A model merged (or removed) by a subscriber that merges for the aggregator.
 #[derive(Debug)]
 pub enum Merged {
+    /// The whole merge.
     Model(Box<DecodedSnapshot>),
+    /// What changed since the previous merge sent for the model: its head (everything but the
+    /// arms, `snapshot::merge_heads`) and the arms its shards changed, each merged again
+    /// (`None`: no shard holds it any more).
+    Changed { head: Box<DecodedSnapshot>, arms: Vec<(String, String, Option<model::ArmStats>)> },
     /// No partition holds the model any more (removed from the processors' configuration).
     Removed(String),
 }
@@ -582,8 +598,13 @@ impl Follower {
                 next.models.remove(&model);
                 if let Some(tx) = &self.merged {
                     // The aggregator stops only when dropped.
+                    self.bases.remove(&model);
                     let _ = tx.send(Merged::Removed(model));
                 }
+                continue;
+            }
+            if self.merged.is_some() {
+                self.merge_changed(&model);
                 continue;
             }
             // A shard whose newest head has not found its segments keeps the model as it was.
@@ -596,11 +617,6 @@ impl Follower {
                 continue;
             };
             match snapshot::merge_refs(&shards) {
-                Ok(merged) if self.merged.is_some() => {
-                    if let Some(tx) = &self.merged {
-                        let _ = tx.send(Merged::Model(Box::new(merged)));
-                    }
-                }
                 Ok(merged) => {
                     // The partitions merged and their oldest newest impression: the shards'
                     // own, or what a merged model from the merged-model topic names.
@@ -638,6 +654,62 @@ impl Follower {
             }
         }
         self.catalog.store(Arc::new(next));
+    }
+
+    /// For the aggregator: merges `model` again and sends it, recomputing only the arms its
+    /// shards changed ([`Merged::Changed`]) while the shards, their decay landmarks and the
+    /// parameters are those of the previous merge; the whole merge otherwise. Waits (keeping
+    /// the changes) while a shard's newest head has not found its segments.
+    fn merge_changed(&mut self, model: &str) {
+        let range = (model.to_string(), i32::MIN)..=(model.to_string(), i32::MAX);
+        if self.readers.range(range.clone()).any(|(_, r)| r.complete().is_none()) {
+            return;
+        }
+        let mut all = false;
+        let mut keys: BTreeSet<(String, String)> = BTreeSet::new();
+        for (_, r) in self.readers.range_mut(range.clone()) {
+            r.track_changes();
+            let c = r.take_changes();
+            all |= c.all;
+            if !all {
+                keys.extend(c.arms);
+            }
+        }
+        let shards: Vec<&DecodedSnapshot> =
+            self.readers.range(range).filter_map(|(_, r)| r.complete()).collect();
+        let Some(first) = shards.first() else { return };
+        let basis = MergeBasis {
+            spec: first.spec.clone(),
+            landmarks: shards.iter().map(|s| (s.meta.source_partition, s.shard.landmark_ms)).collect(),
+        };
+        let incremental = !all && self.bases.get(model) == Some(&basis);
+        let out = if incremental {
+            snapshot::merge_heads(&shards).map(|head| {
+                let order = snapshot::merge_order(&shards);
+                let arms = keys
+                    .into_iter()
+                    .map(|(segment, item)| {
+                        let a = model::merge_arm(&head.spec, order.iter().map(|s| &s.shard), &segment, &item);
+                        (segment, item, a)
+                    })
+                    .collect();
+                Merged::Changed { head: Box::new(head), arms }
+            })
+        } else {
+            snapshot::merge_refs(&shards).map(|m| Merged::Model(Box::new(m)))
+        };
+        match out {
+            Ok(m) => {
+                self.bases.insert(model.to_string(), basis);
+                if let Some(tx) = &self.merged {
+                    let _ = tx.send(m);
+                }
+            }
+            Err(e) => {
+                self.bases.remove(model);
+                MergeFailed { model, error: &e }.emit();
+            }
+        }
     }
 
     /// Drops the raw value and chunks of an assembled key (the decoded shard is kept).

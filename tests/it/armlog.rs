@@ -319,7 +319,12 @@ fn the_merged_model_is_written_as_what_changed_and_read_back_as_the_offline_merg
     let mut written: BTreeMap<String, snapshot::DecodedSnapshot> = BTreeMap::new();
     let mut log = Log::default();
     let mut follower = Follower::default();
-    let (mut rounds, mut rewritten, mut partial) = (0, 0, 0);
+    let (mut rounds, mut rewritten, mut partial, mut incremental) = (0, 0, 0, 0);
+    // The merge recomputed only where an arm changed (`merge_heads` + `merge_arm`), per model.
+    let mut inc: BTreeMap<String, snapshot::DecodedSnapshot> = BTreeMap::new();
+    let mut before_round: Vec<Vec<banditflow::core::model::ModelShard>> =
+        states.iter().map(|s| s.models.clone()).collect();
+    let mut parts_before = 3;
     for (n, chunk) in events.chunks(150).enumerate() {
         for (i, e) in chunk.iter().enumerate() {
             // Partition by impression (an impression and its feedback together).
@@ -347,6 +352,54 @@ fn the_merged_model_is_written_as_what_changed_and_read_back_as_the_offline_merg
                 })
                 .collect();
             let offline = snapshot::merge(&shards).expect("merges");
+            // The incremental merge: the arms any shard changed this round, folded again.
+            let refs: Vec<&snapshot::DecodedSnapshot> = shards.iter().collect();
+            let landmarks_before: Vec<Option<i64>> =
+                before_round[..merged_parts].iter().map(|ms| ms[mi].landmark_ms).collect();
+            let landmarks_now: Vec<Option<i64>> = shards.iter().map(|s| s.shard.landmark_ms).collect();
+            match inc.remove(&m.id) {
+                Some(mut prev) if merged_parts == parts_before && landmarks_before == landmarks_now => {
+                    let mut keys = BTreeSet::new();
+                    for (p, s) in shards.iter().enumerate() {
+                        for (seg, items) in &s.shard.arms {
+                            for (item, a) in items {
+                                let old = before_round[p][mi].arms.get(seg).and_then(|x| x.get(item));
+                                if old.is_none_or(|o| !o.same_bits(a)) {
+                                    keys.insert((seg.clone(), item.clone()));
+                                }
+                            }
+                        }
+                    }
+                    let mut head = snapshot::merge_heads(&refs).expect("merges");
+                    let order = snapshot::merge_order(&refs);
+                    for (seg, item) in keys {
+                        match banditflow::core::model::merge_arm(
+                            m,
+                            order.iter().map(|s| &s.shard),
+                            &seg,
+                            &item,
+                        ) {
+                            Some(a) => {
+                                prev.shard.arms.entry(seg).or_default().insert(item, a);
+                            }
+                            None => {
+                                prev.shard.arms.get_mut(&seg).map(|x| x.remove(&item));
+                            }
+                        }
+                    }
+                    head.shard.arms = std::mem::take(&mut prev.shard.arms);
+                    head.shard.arm_total = head.shard.arms.values().map(|x| x.len()).sum();
+                    let same = snapshot::encode(&head.spec, &head.shard, &head.meta)
+                        == snapshot::encode(&offline.spec, &offline.shard, &offline.meta);
+                    assert!(same, "round {rounds}: the incremental merge of {} differs from the merge", m.id);
+                    assert_eq!(head.merged_from, offline.merged_from);
+                    incremental += 1;
+                    inc.insert(m.id.clone(), head);
+                }
+                _ => {
+                    inc.insert(m.id.clone(), offline.clone());
+                }
+            }
             let mut next = offline.clone();
             next.shard.log = None;
             let before = written.get(&m.id).map(|w| (w.shard.landmark_ms, w.shard.clone()));
@@ -400,6 +453,8 @@ fn the_merged_model_is_written_as_what_changed_and_read_back_as_the_offline_merg
             next.meta.source_partition = -1;
             written.insert(m.id.clone(), next);
         }
+        before_round = states.iter().map(|s| s.models.clone()).collect();
+        parts_before = merged_parts;
         follower.follow(&log);
         let check = |f: &Follower, what: &str| {
             for (mi, m) in spec.models.iter().enumerate() {
@@ -436,6 +491,7 @@ fn the_merged_model_is_written_as_what_changed_and_read_back_as_the_offline_merg
         }
     }
     assert!(partial >= 2 && rewritten >= partial, "{partial} partial merges, {rewritten} rewrites");
+    assert!(incremental > 300, "{incremental} incremental merges");
 }
 
 /// How many of the arms of `next` that differ from `prev` exist in `prev`.
@@ -448,4 +504,56 @@ fn changed_existing(prev: &banditflow::core::model::ModelShard, next: &snapshot:
             prev.arms.get(s.as_str()).and_then(|x| x.get(i.as_str())).is_some_and(|b| !b.same_bits(a))
         })
         .count()
+}
+
+/// `merge_arm` is `ModelShard::merge`'s arithmetic for one arm, including when the shards'
+/// decay landmarks differ (the accumulator is rescaled as a later landmark arrives): shards
+/// learned 0, 70 and 140 days apart (the 1-day half-life's landmark moves every 64 days),
+/// merged in an order that rescales both the accumulator and the shards added.
+#[test]
+fn one_arm_merged_alone_equals_the_whole_merge_across_decay_landmarks() {
+    let spec = unbounded_spec();
+    let events = traffic(900);
+    let offsets = [70 * DAY, 0, 250 * DAY, 0];
+    let states: Vec<PartitionState> = offsets
+        .iter()
+        .enumerate()
+        .map(|(p, shift)| {
+            let mut st = PartitionState::new(&spec, p as i32);
+            for (i, e) in events.iter().enumerate().filter(|(i, _)| i % 4 == p) {
+                let mut e = e.clone();
+                match &mut e {
+                    Event::Impression(imp) => imp.time_ms += shift,
+                    Event::Feedback(f) => f.time_ms += shift,
+                }
+                apply_event(&mut st, &spec, &e, i as i64, None);
+            }
+            st
+        })
+        .collect();
+    let mut decaying = 0;
+    for (mi, m) in spec.models.iter().enumerate() {
+        let landmarks: BTreeSet<Option<i64>> = states.iter().map(|s| s.models[mi].landmark_ms).collect();
+        let each: Vec<Option<i64>> = states.iter().map(|s| s.models[mi].landmark_ms).collect();
+        if m.half_life_ms > 0 {
+            assert_eq!(landmarks.len(), 3, "model {}: three landmarks: {each:?}", m.id);
+            decaying += 1;
+        }
+        let mut whole = banditflow::core::model::ModelShard::new(m);
+        for st in &states {
+            whole.merge(m, &st.models[mi]);
+        }
+        let mut arms = 0;
+        for (seg, items) in &whole.arms {
+            for (item, a) in items {
+                let one =
+                    banditflow::core::model::merge_arm(m, states.iter().map(|s| &s.models[mi]), seg, item)
+                        .expect("the arm is held");
+                assert!(one.same_bits(a), "model {} arm {seg}/{item}", m.id);
+                arms += 1;
+            }
+        }
+        assert!(arms > 500, "{arms} arms");
+    }
+    assert!(decaying >= 1, "a decaying model");
 }

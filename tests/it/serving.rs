@@ -473,7 +473,10 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
     let shop =
         s.shop_with(ShopSpec { seed: 21, impressions: 60_000, malformed_share: 0.0, ..ShopSpec::default() });
     let records = shop.records.clone();
-    let (first, second) = crate::kafka::halves(&shop);
+    let (first, mut second) = crate::kafka::halves(&shop);
+    // The last records arrive once the restarted aggregator is ready, so it writes them as
+    // changes to the merged models it holds (not as a whole merge after reading everything).
+    let third = second.split_off(second.len() * 4 / 5);
     // Small records, so every model value is chunked and serving must reassemble it.
     crate::kafka::edit_config(
         &s,
@@ -541,6 +544,11 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
     let aggregator = s.start_aggregator();
     bee.kill9();
     producer.join().expect("producer thread").expect("produced");
+    s.wait_caught_up(Duration::from_secs(180));
+    wait_until("the restarted aggregator to be ready", Duration::from_secs(60), || {
+        aggregator.log_text().contains("ready: snapshot topic read")
+    });
+    s.produce(third);
     s.wait_caught_up(Duration::from_secs(180));
 
     // The oracle: the offline replay's shards of the same records, merged.
