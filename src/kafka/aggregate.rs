@@ -297,6 +297,28 @@ fn apply_changes(
     merged.legacy = head.legacy;
 }
 
+/// A record of the merged-model topic: key, value (`None`: a tombstone), version.
+type Record = (String, Option<Vec<u8>>, u64);
+
+/// Saves `merged` (what changed since its last save) as records of the merged-model topic;
+/// returns (model, version, arms written, bytes) for the report.
+fn save(merged: &mut DecodedSnapshot, records: &mut Vec<Record>) -> (String, u64, usize, usize) {
+    merged.meta.source_partition = MERGED;
+    let model = merged.meta.model_id.clone();
+    let from = merged.merged_from.clone().unwrap_or_default();
+    let saved = armlog::save_with(&merged.spec, &mut merged.shard, &merged.meta, Some(from));
+    let version = merged.meta.version;
+    let bytes = saved.head.len() + saved.puts.iter().map(|(_, v)| v.len()).sum::<usize>();
+    for (key, value) in saved.puts {
+        records.push((key, Some(value), version));
+    }
+    for key in saved.deletes {
+        records.push((key, None, version));
+    }
+    records.push((checkpoint::model_key(&model, MERGED), Some(saved.head), version));
+    (model, version, saved.arms_written, bytes)
+}
+
 struct Writer<'a> {
     config: &'a Config,
     producer: &'a BaseProducer,
@@ -309,7 +331,7 @@ impl Writer<'_> {
     fn write(&mut self, written: &mut Written, batch: Vec<Merged>) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut next: Vec<(String, Option<DecodedSnapshot>)> = Vec::with_capacity(batch.len());
-        let mut records: Vec<(String, Option<Vec<u8>>, u64)> = Vec::new();
+        let mut records: Vec<Record> = Vec::new();
         let mut report: Vec<(String, u64, usize, usize)> = Vec::new();
         for m in batch {
             match m {
@@ -322,19 +344,7 @@ impl Writer<'_> {
                         let same = prev.spec == s.spec;
                         armlog::carry(&mut prev.shard, &mut s.shard, same);
                     }
-                    s.meta.source_partition = MERGED;
-                    let from = s.merged_from.clone().unwrap_or_default();
-                    let saved = armlog::save_with(&s.spec, &mut s.shard, &s.meta, Some(from));
-                    let version = s.meta.version;
-                    let bytes = saved.head.len() + saved.puts.iter().map(|(_, v)| v.len()).sum::<usize>();
-                    report.push((model.clone(), version, saved.arms_written, bytes));
-                    for (key, value) in saved.puts {
-                        records.push((key, Some(value), version));
-                    }
-                    for key in saved.deletes {
-                        records.push((key, None, version));
-                    }
-                    records.push((checkpoint::model_key(&model, MERGED), Some(saved.head), version));
+                    report.push(save(&mut s, &mut records));
                     next.push((model, Some(s)));
                 }
                 Merged::Changed { head, arms } => {
@@ -347,19 +357,7 @@ impl Writer<'_> {
                     let mut log = prev.shard.log.take();
                     apply_changes(prev, *head, arms, log.as_deref_mut());
                     prev.shard.log = log;
-                    prev.meta.source_partition = MERGED;
-                    let from = prev.merged_from.clone().unwrap_or_default();
-                    let saved = armlog::save_with(&prev.spec, &mut prev.shard, &prev.meta, Some(from));
-                    let version = prev.meta.version;
-                    let bytes = saved.head.len() + saved.puts.iter().map(|(_, v)| v.len()).sum::<usize>();
-                    report.push((model.clone(), version, saved.arms_written, bytes));
-                    for (key, value) in saved.puts {
-                        records.push((key, Some(value), version));
-                    }
-                    for key in saved.deletes {
-                        records.push((key, None, version));
-                    }
-                    records.push((checkpoint::model_key(&model, MERGED), Some(saved.head), version));
+                    report.push(save(prev, &mut records));
                 }
                 Merged::Removed(model) => {
                     let Some(prev) = written.get(&model) else { continue };
@@ -395,7 +393,7 @@ impl Writer<'_> {
 
     /// One transaction of `records` (key, value or tombstone, version), values chunked when
     /// large; returns the new chunk counts of the keys whose count changed.
-    fn commit(&self, records: &[(String, Option<Vec<u8>>, u64)]) -> anyhow::Result<Vec<(String, u32)>> {
+    fn commit(&self, records: &[Record]) -> anyhow::Result<Vec<(String, u32)>> {
         let k = &self.config.kafka;
         let timeout = Duration::from_millis(k.transaction_timeout_ms as u64);
         self.producer.begin_transaction().context("begin transaction")?;
