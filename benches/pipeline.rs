@@ -28,7 +28,10 @@
 //! BENCH_SECONDS, BENCH_PARTITIONS, BENCH_TOPICS (1 or 2 input topics for the throughput runs),
 //! BENCH_REPEAT (throughput runs, default 3; medians reported),
 //! BENCH_BASELINE_BIN, BENCH_RESTORE_IMPRESSIONS (0 skips the restore measurement),
-//! BENCH_SNAPSHOT_INTERVAL (the processor's `kafka.snapshot_interval`; unset: the binary's default).
+//! BENCH_SNAPSHOT_INTERVAL (the processor's `kafka.snapshot_interval`; unset: the binary's default),
+//! BENCH_MERGED (1: the freshness runs of this build also run `banditflow aggregate` and report
+//! freshness through the merged-model topic too: input record → a merged head of every model
+//! covering it).
 //! The processor runs with the default configuration otherwise.
 
 use std::collections::BTreeMap;
@@ -512,9 +515,23 @@ fn freshness(
     }
     // Reader of the input (offset → timestamp) and of the snapshot topic (commits).
     let snapshots = format!("{tag}-fr-snapshots");
+    // With BENCH_MERGED=1 (this build): the merged-model stage too.
+    let merged = (bin.is_none() && env_or("BENCH_MERGED", 0) == 1).then(|| format!("{snapshots}-merged"));
+    let aggregator = merged.as_ref().map(|m| {
+        admin::create_topics(&bootstrap, &[(m.as_str(), 1, true)]).expect("merged topic");
+        std::process::Command::new(env!("CARGO_BIN_EXE_banditflow"))
+            .args(["aggregate", "--config"])
+            .arg(&fcfg)
+            .env("BANDITFLOW__KAFKA__METRICS_ADDRESS", "")
+            .env("BANDITFLOW_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("aggregator starts")
+    });
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
         let (bootstrap, ftopic, done) = (bootstrap.clone(), ftopic.clone(), Arc::clone(&done));
+        let merged = merged.clone();
         std::thread::spawn(move || {
             let mut c = bootstrap_config(&bootstrap);
             c.set("group.id", "bench-fresh")
@@ -526,7 +543,17 @@ fn freshness(
                 tpl.add_partition_offset(&ftopic, p, Offset::Beginning).expect("tpl");
                 tpl.add_partition_offset(&snapshots, p, Offset::Beginning).expect("tpl");
             }
+            if let Some(m) = &merged {
+                tpl.add_partition_offset(m, 0, Offset::Beginning).expect("tpl");
+            }
             consumer.assign(&tpl).expect("assign");
+            // Through the merged-model topic: per model and input partition, the next offset
+            // its newest merged head covers.
+            let mut mstore = LatestByKey::default();
+            let mut mcover: BTreeMap<String, BTreeMap<i32, i64>> = BTreeMap::new();
+            let mut mpending: Vec<(i32, usize, i64)> = Vec::new();
+            let mut mcovered: BTreeMap<i32, usize> = BTreeMap::new();
+            let mut mfresh: Vec<f64> = Vec::new();
             let mut ts: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
             let mut covered: BTreeMap<i32, usize> = BTreeMap::new();
             let mut stores: BTreeMap<i32, LatestByKey> = BTreeMap::new();
@@ -537,6 +564,26 @@ fn freshness(
                 let now = now_ms();
                 if m.topic() == ftopic {
                     ts.entry(m.partition()).or_default().push(m.timestamp().to_millis().unwrap_or(now));
+                } else if Some(m.topic()) == merged.as_deref() {
+                    let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+                    mstore.put(key.clone(), m.payload().map(<[u8]>::to_vec));
+                    if key.ends_with("/-1") && banditflow::core::checkpoint::parse_model_key(&key).is_some() {
+                        if let Ok(Some((_, bytes))) = mstore.get(&key) {
+                            if let Ok(head) = banditflow::core::snapshot::decode(&bytes) {
+                                let cover = mcover.entry(head.meta.model_id.clone()).or_default();
+                                for (t, p, next) in &head.meta.input_offsets {
+                                    if *t == ftopic {
+                                        cover.insert(*p, *next);
+                                    }
+                                }
+                                // Visible once every model's merged head covers it.
+                                for p in 0..partitions {
+                                    let next = mcover.values().map(|c| c.get(&p).copied().unwrap_or(0)).min();
+                                    mpending.push((p, next.unwrap_or(0) as usize, now));
+                                }
+                            }
+                        }
+                    }
                 } else {
                     let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
                     let p = m.partition();
@@ -568,8 +615,20 @@ fn freshness(
                     covered.insert(p, next.max(from));
                     false
                 });
+                mpending.retain(|&(p, next, visible)| {
+                    let seen = ts.get(&p).map_or(0, Vec::len);
+                    if seen < next {
+                        return true;
+                    }
+                    let from = mcovered.get(&p).copied().unwrap_or(0);
+                    for t in &ts[&p][from.min(next)..next] {
+                        mfresh.push((visible - t) as f64 / 1e3);
+                    }
+                    mcovered.insert(p, next.max(from));
+                    false
+                });
             }
-            fresh
+            (fresh, mfresh)
         })
     };
     let t = Instant::now();
@@ -581,8 +640,20 @@ fn freshness(
     }
     std::thread::sleep(Duration::from_secs(2));
     done.store(true, Ordering::SeqCst);
-    let mut fresh = reader.join().expect("reader");
+    let (mut fresh, mut mfresh) = reader.join().expect("reader");
     stop(child);
+    if let Some(mut a) = aggregator {
+        let _ = a.kill();
+        let _ = a.wait();
+        mfresh.sort_by(f64::total_cmp);
+        println!(
+            "freshness through the merged-model topic at the same rate over {} events: p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+            mfresh.len(),
+            percentile(&mfresh, 0.5),
+            percentile(&mfresh, 0.99),
+            mfresh.last().copied().unwrap_or(f64::NAN)
+        );
+    }
     fresh.sort_by(f64::total_cmp);
     println!(
         "freshness{} at {:.0} events/s over {} events: p50 {:.3} s, p99 {:.3} s, max {:.3} s",
