@@ -487,6 +487,28 @@ fn restore(bootstrap: &str, tag: &str, n: usize) {
     );
 }
 
+/// For each (partition, next offset, visible ms) whose records the input reader has seen: the
+/// latency of every record it newly covers goes to `fresh`; the others stay pending.
+fn newly_visible(
+    pending: &mut Vec<(i32, usize, i64)>,
+    ts: &BTreeMap<i32, Vec<i64>>,
+    covered: &mut BTreeMap<i32, usize>,
+    fresh: &mut Vec<f64>,
+) {
+    pending.retain(|&(p, next, visible)| {
+        let seen = ts.get(&p).map_or(0, Vec::len);
+        if seen < next {
+            return true;
+        }
+        let from = covered.get(&p).copied().unwrap_or(0);
+        for t in &ts[&p][from.min(next)..next] {
+            fresh.push((visible - t) as f64 / 1e3);
+        }
+        covered.insert(p, next.max(from));
+        false
+    });
+}
+
 /// Freshness of this build (`bin` None) or of another build of `banditflow`.
 #[allow(clippy::too_many_arguments)]
 fn freshness(
@@ -603,30 +625,8 @@ fn freshness(
                     }
                 }
                 // A commit can become visible before the input reader saw those records.
-                pending.retain(|&(p, next, visible)| {
-                    let seen = ts.get(&p).map_or(0, Vec::len);
-                    if seen < next {
-                        return true;
-                    }
-                    let from = covered.get(&p).copied().unwrap_or(0);
-                    for t in &ts[&p][from.min(next)..next] {
-                        fresh.push((visible - t) as f64 / 1e3);
-                    }
-                    covered.insert(p, next.max(from));
-                    false
-                });
-                mpending.retain(|&(p, next, visible)| {
-                    let seen = ts.get(&p).map_or(0, Vec::len);
-                    if seen < next {
-                        return true;
-                    }
-                    let from = mcovered.get(&p).copied().unwrap_or(0);
-                    for t in &ts[&p][from.min(next)..next] {
-                        mfresh.push((visible - t) as f64 / 1e3);
-                    }
-                    mcovered.insert(p, next.max(from));
-                    false
-                });
+                newly_visible(&mut pending, &ts, &mut covered, &mut fresh);
+                newly_visible(&mut mpending, &ts, &mut mcovered, &mut mfresh);
             }
             (fresh, mfresh)
         })

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 use crate::config::Config;
@@ -80,16 +80,7 @@ type Written = BTreeMap<String, DecodedSnapshot>;
 
 fn session(config: &Arc<Config>, shutdown: &AtomicBool, health: &Arc<Health>) -> anyhow::Result<()> {
     let k = &config.kafka;
-    let mut pc = super::producer_config(k);
-    pc.set("transactional.id", format!("{}-aggregator", k.group_id))
-        .set("transaction.timeout.ms", k.transaction_timeout_ms.to_string())
-        .set("enable.idempotence", "true")
-        .set("message.max.bytes", (k.max_record_bytes + 64 * 1024).to_string())
-        .set("linger.ms", "2");
-    let producer: BaseProducer = pc.create().context("creating the aggregator's transactional producer")?;
-    producer
-        .init_transactions(Duration::from_millis(k.transaction_timeout_ms as u64 * 2))
-        .context("initialising transactions (fences an earlier aggregator of this group)")?;
+    let producer = super::transactional_producer(k, &format!("{}-aggregator", k.group_id))?;
     let timeout = Duration::from_millis(k.restore_timeout_ms as u64);
     let (mut written, mut chunks) = restore(config, timeout)?;
     tracing::info!(models = written.len(), topic = %k.merged_topic, "merged models read back");
@@ -440,15 +431,6 @@ impl Writer<'_> {
         if let Some(v) = value {
             rec = rec.payload(v);
         }
-        loop {
-            match self.producer.send(rec) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    rec = r;
-                    self.producer.poll(Duration::from_millis(10));
-                }
-                Err((e, _)) => return Err(anyhow!("producing to `{topic}`: {e}")),
-            }
-        }
+        super::send_waiting(self.producer, rec)
     }
 }

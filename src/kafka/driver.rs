@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context as _};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::TopicPartitionList;
@@ -231,16 +230,7 @@ fn session(
     health: &Arc<Health>,
 ) -> anyhow::Result<SessionEnd> {
     let k = &config.kafka;
-    let mut pc = super::producer_config(k);
-    pc.set("transactional.id", format!("{}-{}", k.group_id, k.instance_id))
-        .set("transaction.timeout.ms", k.transaction_timeout_ms.to_string())
-        .set("enable.idempotence", "true")
-        .set("message.max.bytes", (k.max_record_bytes + 64 * 1024).to_string())
-        .set("linger.ms", "2");
-    let producer: BaseProducer = pc.create().context("creating the transactional producer")?;
-    producer
-        .init_transactions(Duration::from_millis(k.transaction_timeout_ms as u64 * 2))
-        .context("initialising transactions (fences earlier instances with the same instance id)")?;
+    let producer = super::transactional_producer(k, &format!("{}-{}", k.group_id, k.instance_id))?;
     let topic_index = config.topics.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
     let ctx = Ctx {
         session: Mutex::new(Some(Session {

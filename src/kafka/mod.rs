@@ -52,6 +52,46 @@ pub fn producer_config(k: &KafkaSpec) -> ClientConfig {
     c
 }
 
+/// A transactional producer with the id `transactional_id`, transactions initialised (which
+/// fences an earlier producer of the same id): the processor's and the aggregator's.
+pub(crate) fn transactional_producer(
+    k: &KafkaSpec,
+    transactional_id: &str,
+) -> anyhow::Result<rdkafka::producer::BaseProducer> {
+    use anyhow::Context as _;
+    use rdkafka::producer::Producer as _;
+    let mut pc = producer_config(k);
+    pc.set("transactional.id", transactional_id)
+        .set("transaction.timeout.ms", k.transaction_timeout_ms.to_string())
+        .set("enable.idempotence", "true")
+        .set("message.max.bytes", (k.max_record_bytes + 64 * 1024).to_string())
+        .set("linger.ms", "2");
+    let producer: rdkafka::producer::BaseProducer =
+        pc.create().with_context(|| format!("creating the transactional producer `{transactional_id}`"))?;
+    producer
+        .init_transactions(std::time::Duration::from_millis(k.transaction_timeout_ms as u64 * 2))
+        .with_context(|| format!("initialising transactions of `{transactional_id}` (fences an earlier instance with the same id)"))?;
+    Ok(producer)
+}
+
+/// Hands `rec` to `producer`, serving deliveries while librdkafka's queue is full.
+pub(crate) fn send_waiting(
+    producer: &rdkafka::producer::BaseProducer,
+    mut rec: rdkafka::producer::BaseRecord<'_, [u8], [u8]>,
+) -> anyhow::Result<()> {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                rec = r;
+                producer.poll(std::time::Duration::from_millis(10));
+            }
+            Err((e, r)) => return Err(anyhow::anyhow!("producing to `{}`: {e}", r.topic)),
+        }
+    }
+}
+
 /// A plain client config for tools and tests that only know a bootstrap address.
 pub fn bootstrap_config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();

@@ -340,17 +340,7 @@ fn the_merged_model_is_written_as_what_changed_and_read_back_as_the_offline_merg
         let merged_parts = if n % 40 == 39 { 2 } else { 3 };
         partial += usize::from(merged_parts == 2);
         for (mi, m) in spec.models.iter().enumerate() {
-            let shards: Vec<snapshot::DecodedSnapshot> = states[..merged_parts]
-                .iter()
-                .map(|st| snapshot::DecodedSnapshot {
-                    meta: checkpoint::shard_meta(&spec, st, &m.id),
-                    spec: m.clone(),
-                    shard: st.models[mi].clone(),
-                    legacy: None,
-                    arm_log: None,
-                    merged_from: None,
-                })
-                .collect();
+            let shards = shards_of(&spec, &states[..merged_parts], mi);
             let offline = snapshot::merge(&shards).expect("merges");
             // The incremental merge: the arms any shard changed this round, folded again.
             let refs: Vec<&snapshot::DecodedSnapshot> = shards.iter().collect();
@@ -460,17 +450,7 @@ fn the_merged_model_is_written_as_what_changed_and_read_back_as_the_offline_merg
             for (mi, m) in spec.models.iter().enumerate() {
                 let got =
                     f.readers[&m.id].complete().unwrap_or_else(|| panic!("{what}: {} incomplete", m.id));
-                let shards: Vec<snapshot::DecodedSnapshot> = states[..merged_parts]
-                    .iter()
-                    .map(|st| snapshot::DecodedSnapshot {
-                        meta: checkpoint::shard_meta(&spec, st, &m.id),
-                        spec: m.clone(),
-                        shard: st.models[mi].clone(),
-                        legacy: None,
-                        arm_log: None,
-                        merged_from: None,
-                    })
-                    .collect();
+                let shards = shards_of(&spec, &states[..merged_parts], mi);
                 let offline = snapshot::merge(&shards).expect("merges");
                 // What a serving node does with it: merge the one merged shard.
                 let node = snapshot::merge(std::slice::from_ref(got)).expect("merges");
@@ -492,6 +472,22 @@ fn the_merged_model_is_written_as_what_changed_and_read_back_as_the_offline_merg
     }
     assert!(partial >= 2 && rewritten >= partial, "{partial} partial merges, {rewritten} rewrites");
     assert!(incremental > 300, "{incremental} incremental merges");
+}
+
+/// Model `mi`'s shard of each of `states`, as the snapshot topic would hold them.
+fn shards_of(spec: &CoreSpec, states: &[PartitionState], mi: usize) -> Vec<snapshot::DecodedSnapshot> {
+    let m = &spec.models[mi];
+    states
+        .iter()
+        .map(|st| snapshot::DecodedSnapshot {
+            meta: checkpoint::shard_meta(spec, st, &m.id),
+            spec: m.clone(),
+            shard: st.models[mi].clone(),
+            legacy: None,
+            arm_log: None,
+            merged_from: None,
+        })
+        .collect()
 }
 
 /// How many of the arms of `next` that differ from `prev` exist in `prev`.
