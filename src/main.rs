@@ -379,44 +379,42 @@ fn main() -> ExitCode {
     }
 }
 
+/// What `run` and `aggregate` start before their loop: the probes (and metrics) on
+/// `kafka.metrics_address`, reporting `ready_message` when ready, and the signal watch.
+fn service(
+    config: &Config,
+    ready_message: &'static str,
+) -> anyhow::Result<(Arc<banditflow::kafka::probes::Health>, Arc<AtomicBool>)> {
+    let k = &config.kafka;
+    // The loop may block on a restore (or reading its own topic back), a transaction or
+    // initialising the producer; it counts as stalled only well beyond all of them.
+    let stall = std::time::Duration::from_millis(
+        (k.restore_timeout_ms + 2 * k.transaction_timeout_ms) as u64 + 60_000,
+    );
+    let health = banditflow::kafka::probes::Health::with_ready_message(stall, ready_message);
+    if let Some(addr) = k.metrics_address {
+        let exporter = banditflow::telemetry::install(banditflow::telemetry::Component::Processor)?;
+        banditflow::kafka::probes::serve(addr, Arc::clone(&health), exporter)?;
+    }
+    let shutdown = Arc::new(AtomicBool::new(false));
+    watch_signals(Arc::clone(&shutdown))?;
+    Ok((health, shutdown))
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     // The demo draws a progress bar: only warnings go to the log unless BANDITFLOW_LOG says otherwise.
     init_logging(if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info" }, cli.log_format);
     match cli.command {
         Command::Run { config } => {
             let config = Config::load(config.as_deref(), std::env::vars())?;
-            let k = &config.kafka;
-            // The loop may block on a restore, a transaction or initialising the producer; it
-            // counts as stalled only well beyond all of them.
-            let stall = std::time::Duration::from_millis(
-                (k.restore_timeout_ms + 2 * k.transaction_timeout_ms) as u64 + 60_000,
-            );
-            let health = banditflow::kafka::probes::Health::new(stall);
-            if let Some(addr) = k.metrics_address {
-                let exporter = banditflow::telemetry::install(banditflow::telemetry::Component::Processor)?;
-                banditflow::kafka::probes::serve(addr, Arc::clone(&health), exporter)?;
-            }
-            let shutdown = Arc::new(AtomicBool::new(false));
-            watch_signals(Arc::clone(&shutdown))?;
+            let (health, shutdown) =
+                service(&config, "ready: group joined and every assigned partition restored")?;
             banditflow::kafka::driver::run(Arc::new(config), shutdown, health)?;
         }
         Command::Aggregate { config } => {
             let config = Config::load(config.as_deref(), std::env::vars())?;
-            let k = &config.kafka;
-            // The loop may block on reading the merged topic back or on a transaction.
-            let stall = std::time::Duration::from_millis(
-                (k.restore_timeout_ms + 2 * k.transaction_timeout_ms) as u64 + 60_000,
-            );
-            let health = banditflow::kafka::probes::Health::with_ready_message(
-                stall,
-                "ready: snapshot topic read and every model merged and written",
-            );
-            if let Some(addr) = k.metrics_address {
-                let exporter = banditflow::telemetry::install(banditflow::telemetry::Component::Processor)?;
-                banditflow::kafka::probes::serve(addr, Arc::clone(&health), exporter)?;
-            }
-            let shutdown = Arc::new(AtomicBool::new(false));
-            watch_signals(Arc::clone(&shutdown))?;
+            let (health, shutdown) =
+                service(&config, "ready: snapshot topic read and every model merged and written")?;
             banditflow::kafka::aggregate::run(Arc::new(config), shutdown, health)?;
         }
         Command::Demo {

@@ -38,23 +38,19 @@ pub struct Health {
 
 impl Health {
     pub fn new(stall_limit: Duration) -> Arc<Health> {
+        Health::with_ready_message(stall_limit, "ready: group joined and every assigned partition restored")
+    }
+
+    /// [`Health::new`] for a component whose readiness means something else.
+    pub fn with_ready_message(stall_limit: Duration, ready_message: &'static str) -> Arc<Health> {
         Arc::new(Health {
             started: Instant::now(),
             last_progress_ms: AtomicU64::new(0),
             stall_limit,
             ready: AtomicBool::new(false),
             reason: Mutex::new("starting".into()),
-            ready_message: "ready: group joined and every assigned partition restored",
+            ready_message,
         })
-    }
-
-    /// [`Health::new`] for a component whose readiness means something else.
-    pub fn with_ready_message(stall_limit: Duration, ready_message: &'static str) -> Arc<Health> {
-        let mut h = Health::new(stall_limit);
-        if let Some(h) = Arc::get_mut(&mut h) {
-            h.ready_message = ready_message;
-        }
-        h
     }
 
     /// The loop turned.
