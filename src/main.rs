@@ -17,6 +17,7 @@ use banditflow::generate::{self, ShopSpec};
 use banditflow::kafka::transfer::{self, StartAt, StopAt};
 use banditflow::recording;
 use banditflow::replay;
+use banditflow::telemetry::Component;
 
 /// mimalloc instead of the system allocator: the partition tasks allocate and free decoded
 /// events on worker threads while the consumer thread allocates record copies, a pattern on
@@ -383,6 +384,7 @@ fn main() -> ExitCode {
 /// `kafka.metrics_address`, reporting `ready_message` when ready, and the signal watch.
 fn service(
     config: &Config,
+    component: Component,
     ready_message: &'static str,
 ) -> anyhow::Result<(Arc<banditflow::kafka::probes::Health>, Arc<AtomicBool>)> {
     let k = &config.kafka;
@@ -393,7 +395,7 @@ fn service(
     );
     let health = banditflow::kafka::probes::Health::with_ready_message(stall, ready_message);
     if let Some(addr) = k.metrics_address {
-        let exporter = banditflow::telemetry::install(banditflow::telemetry::Component::Processor)?;
+        let exporter = banditflow::telemetry::install(component)?;
         banditflow::kafka::probes::serve(addr, Arc::clone(&health), exporter)?;
     }
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -407,14 +409,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             let config = Config::load(config.as_deref(), std::env::vars())?;
-            let (health, shutdown) =
-                service(&config, "ready: group joined and every assigned partition restored")?;
+            let (health, shutdown) = service(
+                &config,
+                Component::Processor,
+                "ready: group joined and every assigned partition restored",
+            )?;
             banditflow::kafka::driver::run(Arc::new(config), shutdown, health)?;
         }
         Command::Aggregate { config } => {
             let config = Config::load(config.as_deref(), std::env::vars())?;
-            let (health, shutdown) =
-                service(&config, "ready: snapshot topic read and every model merged and written")?;
+            let (health, shutdown) = service(
+                &config,
+                Component::Aggregator,
+                "ready: snapshot topic read and every model merged and written",
+            )?;
             banditflow::kafka::aggregate::run(Arc::new(config), shutdown, health)?;
         }
         Command::Demo {
@@ -470,7 +478,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(l) = listen {
                 config.serving.listen = l;
             }
-            let handle = banditflow::telemetry::install(banditflow::telemetry::Component::Serving)?;
+            let handle = banditflow::telemetry::install(Component::Serving)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(banditflow::serving::serve(Arc::new(config), handle, async {
                 let term = async {

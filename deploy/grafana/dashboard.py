@@ -124,6 +124,21 @@ ROWS = [
         ],
     ),
     (
+        "Merged-model stage (banditflow aggregate)",
+        [
+            ("timeseries", "Merged model version against the processors'", "Input records the merged model on the merged-model topic covers (what nodes with serving.read_merged rank with), beside the processors' newest shards summed; the gap is what the aggregator has not written yet.", "short", 6,
+             [q(f"max by (model) (banditflow_aggregate_model_version{{{IM}}})", "{{model}} merged"),
+              q(f"sum by (model) (max by (model, partition) (banditflow_snapshot_version{{{IM}}}))", "{{model}} processors")], {}),
+            ("timeseries", "Merged models written/s", "Merged models the aggregator wrote to the merged-model topic, per model (one per snapshot-topic change it merged).", "ops", 6,
+             [q(f"sum by (model) (rate(banditflow_aggregate_published_total{{{IM}}}[$__rate_interval]))", "{{model}}")], {}),
+            ("timeseries", "Merged arms and bytes written/s", "Merged arms whose value changed and were written, per model; bytes written to the merged-model topic.", "short", 6,
+             [q(f"sum by (model) (rate(banditflow_aggregate_arms_written_total{{{IM}}}[$__rate_interval]))", "arms {{model}}"),
+              q(f"sum(rate(banditflow_aggregate_bytes_written_total{{{I}}}[$__rate_interval]))", "bytes")], {}),
+            ("timeseries", "Aggregator failures", "Aggregator sessions that failed and were rebuilt from both topics (alert BanditflowAggregatorFailing).", "short", 6,
+             [q(f"sum(increase(banditflow_aggregate_failures_total{{{I}}}[$__rate_interval]))", "failures")], {}),
+        ],
+    ),
+    (
         "Learning",
         [
             ("timeseries", "Reward per impression by variant", "Mean reward per impression of each variant since the model began (recording rule over the processors' per-partition statistics).", "short", 8,

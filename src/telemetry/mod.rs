@@ -45,6 +45,9 @@ pub enum Component {
     Serving,
     /// Both.
     Both,
+    /// `banditflow aggregate`: its own families, the probes' `banditflow_ready`, and the
+    /// snapshot-topic subscriber's families, which it shares with serving nodes.
+    Aggregator,
 }
 
 impl Component {
@@ -53,7 +56,15 @@ impl Component {
             Component::Processor => "processor",
             Component::Serving => "serving",
             Component::Both => "both",
+            Component::Aggregator => "aggregator",
         }
+    }
+
+    /// Whether `self`'s process exports families declared for `declared`.
+    fn exports(self, declared: Component) -> bool {
+        // The aggregator shares the processor's probes (`banditflow_ready`) and the serving
+        // nodes' subscriber: it describes every family, and renders only those it emits.
+        declared == self || declared == Component::Both || self == Component::Aggregator
     }
 }
 
@@ -101,7 +112,7 @@ metric!(
     Both,
     "Always 1; the labels say which version and component runs."
 );
-metric!(READY, "banditflow_ready", Gauge, [], Processor, "1 when this processor has joined the group and restored every assigned partition (what /readyz answers), else 0.");
+metric!(READY, "banditflow_ready", Gauge, [], Processor, "1 when /readyz answers 200, else 0: a processor has joined the group and restored every assigned partition; an aggregator has read the snapshot topic and written every model.");
 metric!(RECORDS, "banditflow_records_total", Counter, ["topic", "outcome"], Processor, "Input records consumed, by topic and outcome (applied, invalid: dead-lettered, redelivered: below the state's offset, skipped).");
 metric!(
     EVENTS,
@@ -462,7 +473,7 @@ metric!(
     "banditflow_aggregate_published_total",
     Counter,
     ["model"],
-    Processor,
+    Aggregator,
     "Merged models written to the merged-model topic by `banditflow aggregate`."
 );
 metric!(
@@ -470,7 +481,7 @@ metric!(
     "banditflow_aggregate_arms_written_total",
     Counter,
     ["model"],
-    Processor,
+    Aggregator,
     "Merged arms written to the merged-model topic (the arms whose merged value changed)."
 );
 metric!(
@@ -478,7 +489,7 @@ metric!(
     "banditflow_aggregate_bytes_written_total",
     Counter,
     [],
-    Processor,
+    Aggregator,
     "Bytes of merged heads and arm segments written to the merged-model topic."
 );
 metric!(
@@ -486,7 +497,7 @@ metric!(
     "banditflow_aggregate_failures_total",
     Counter,
     [],
-    Processor,
+    Aggregator,
     "Aggregator sessions that failed (a transaction, the subscriber, a restore); each is rebuilt from the topics."
 );
 metric!(
@@ -494,7 +505,7 @@ metric!(
     "banditflow_aggregate_model_version",
     Gauge,
     ["model"],
-    Processor,
+    Aggregator,
     "Version (input records learned, summed over partitions) of the newest merged model written."
 );
 metric!(
@@ -639,7 +650,7 @@ pub fn install(component: Component) -> anyhow::Result<Option<std::sync::Arc<Exp
 
 /// Help text (and unit) of every family of `component`.
 fn describe(component: Component) {
-    for m in CATALOG.iter().filter(|m| m.component == component || m.component == Component::Both) {
+    for m in CATALOG.iter().filter(|m| component.exports(m.component)) {
         let unit = if m.name.ends_with("_seconds") {
             Some(metrics::Unit::Seconds)
         } else if m.name.ends_with("_bytes") || m.name.ends_with("_bytes_total") {

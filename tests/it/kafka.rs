@@ -324,19 +324,17 @@ metrics_address = ""
         Processor { child: Some(child), log }
     }
 
-    /// Starts `banditflow aggregate` on this setup's topics.
-    pub(crate) fn start_aggregator(&self) -> Processor {
+    /// Starts `banditflow aggregate` on this setup's topics, with `env` set.
+    pub(crate) fn start_aggregator(&self, env: &[(&str, &str)]) -> Processor {
         let log = self.dir.path().join(format!("{}.log", unique("aggregate")));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_banditflow"))
-            .args(["aggregate", "--config"])
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("aggregator starts");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_banditflow"));
+        cmd.args(["aggregate", "--config"]).arg(&self.config_path).env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child =
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).spawn().expect("aggregator starts");
         Processor { child: Some(child), log }
     }
 

@@ -51,7 +51,7 @@ fn tool(name: &str) -> PathBuf {
 }
 
 /// Runs `promtool check metrics` on a scrape of `addr`.
-fn promtool_check_metrics(addr: SocketAddr, what: &str) {
+pub(crate) fn promtool_check_metrics(addr: SocketAddr, what: &str) {
     let (status, page) = get(addr, "/metrics");
     assert_eq!(status, 200, "{what}: /metrics");
     let mut child = Command::new(tool("promtool"))

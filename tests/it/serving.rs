@@ -492,7 +492,7 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
     // The merged-model stage runs all along (and is killed once, below); a second subscriber
     // follows its topic as a node with `serving.read_merged` does.
     let merged_topic = s.config().kafka.merged_topic;
-    let mut aggregator = s.start_aggregator();
+    let mut aggregator = s.start_aggregator(&[]);
     let (mtx, mrx) = std::sync::mpsc::channel();
     let msub = Subscriber::start(banditflow::kafka::bootstrap_config(&b), &merged_topic, Some(mtx))
         .expect("merged-topic subscriber");
@@ -541,7 +541,9 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
         aggregator.log_text().contains("ready: snapshot topic read")
     });
     aggregator.kill9();
-    let aggregator = s.start_aggregator();
+    // The successor serves its probes and metrics, checked once it has written everything.
+    let probes = format!("127.0.0.1:{}", free_port());
+    let aggregator = s.start_aggregator(&[("BANDITFLOW__KAFKA__METRICS_ADDRESS", &probes)]);
     bee.kill9();
     producer.join().expect("producer thread").expect("produced");
     s.wait_caught_up(Duration::from_secs(180));
@@ -608,6 +610,28 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
         .collect();
     assert_eq!(merged_heads.len(), config.core.models.len(), "{merged_heads:?}");
     assert!(merged_heads.iter().all(|k| k.ends_with("/-1")), "{merged_heads:?}");
+    // Its probes and metrics: ready, every family exported with its help text (promtool's
+    // lint), the version written being the merged model's.
+    let probes: std::net::SocketAddr = probes.parse().expect("address");
+    assert_eq!(http(probes, "GET", "/readyz", None, b"").0, 200);
+    crate::operations::promtool_check_metrics(probes, "aggregator");
+    let (_, _, page) = http(probes, "GET", "/metrics", None, b"");
+    assert!(
+        page.lines()
+            .any(|l| l.starts_with("banditflow_build_info{") && l.contains("component=\"aggregator\"")),
+        "{page}"
+    );
+    assert!(
+        page.contains("# HELP banditflow_serving_snapshot_partitions"),
+        "the subscriber's families too: {page}"
+    );
+    for m in mcatalog.load().models.values() {
+        let line = format!(
+            "banditflow_aggregate_model_version{{model=\"{}\"}} {}",
+            m.merged.meta.model_id, m.version
+        );
+        assert!(page.contains(&line), "{line} in {page}");
+    }
     msub.stop();
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
     for u in mrx.try_iter() {

@@ -50,6 +50,13 @@ fn every_family_follows_the_prometheus_naming_rules() {
                 assert!(serving, "{}: serving families are named banditflow_serving_", m.name)
             }
             Component::Processor => assert!(!serving, "{}", m.name),
+            Component::Aggregator => {
+                assert!(
+                    m.name.starts_with("banditflow_aggregate_"),
+                    "{}: aggregator families are named banditflow_aggregate_",
+                    m.name
+                )
+            }
             Component::Both => {}
         }
     }
