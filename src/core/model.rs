@@ -649,26 +649,42 @@ pub fn merge_arm<'a>(
     segment: &str,
     item: &str,
 ) -> Option<ArmStats> {
-    let mut landmark: Option<i64> = None;
-    let mut acc: Option<ArmStats> = None;
+    let mut fold = ArmFold::default();
     for s in shards {
+        fold.add(spec, s.landmark_ms, s.arms.get(segment).and_then(|m| m.get(item)));
+    }
+    fold.acc
+}
+
+/// [`ModelShard::merge`]'s arithmetic for one arm, shard by shard: what an empty shard holds of
+/// the arm after merging shards of these landmarks and values of the arm.
+#[derive(Debug, Default)]
+pub struct ArmFold {
+    /// The merged landmark so far (the latest of the shards' that have one).
+    pub landmark: Option<i64>,
+    /// The merged arm so far (`None` while no shard with a landmark held it).
+    pub acc: Option<ArmStats>,
+}
+
+impl ArmFold {
+    /// Merges in a shard with landmark `shard_landmark` holding `arm` of the arm (or not).
+    pub fn add(&mut self, spec: &ModelSpec, shard_landmark: Option<i64>, arm: Option<&ArmStats>) {
         // `merge` adds nothing of a shard without a landmark.
-        let Some(ol) = s.landmark_ms else { continue };
-        let target = landmark.map_or(ol, |l| l.max(ol));
+        let Some(ol) = shard_landmark else { return };
+        let target = self.landmark.map_or(ol, |l| l.max(ol));
         // `rebase` of the accumulator: every arm it holds is scaled when the landmark moves.
-        if let (Some(l), Some(a)) = (landmark, acc.as_mut()) {
+        if let (Some(l), Some(a)) = (self.landmark, self.acc.as_mut()) {
             if l < target {
                 a.scale(decay::rebase_factor(spec.half_life_ms, l, target));
             }
         }
-        landmark = Some(target);
-        if let Some(a) = s.arms.get(segment).and_then(|m| m.get(item)) {
+        self.landmark = Some(target);
+        if let Some(a) = arm {
             let mut a = a.clone();
             a.scale(decay::rebase_factor(spec.half_life_ms, ol, target));
-            acc.get_or_insert_with(ArmStats::default).add(&a);
+            self.acc.get_or_insert_with(ArmStats::default).add(&a);
         }
     }
-    acc
 }
 
 /// `a + b`, saturating; sets `saturated` when it had to.

@@ -13,7 +13,7 @@ use prost::Message;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::event::{FeedbackKind, Variant};
-use super::model::{ArmStats, ModelShard, PositionStats, VariantStats};
+use super::model::{ArmFold, ArmStats, ModelShard, PositionStats, VariantStats};
 use super::params::{Algorithm, Examination, KindReward, ModelSpec, PositionModel, Prior, Rewards};
 use super::pb;
 
@@ -465,8 +465,18 @@ fn from_pb(snap: pb::ModelSnapshot) -> Result<DecodedSnapshot, SnapshotError> {
     Ok(DecodedSnapshot { meta, spec, shard, legacy, arm_log: snap.arm_log, merged_from: snap.merged_from })
 }
 
-/// Merges shard snapshots of one model into the global model. Shards are added in order of
-/// source partition, so the result does not depend on the order they are given in.
+/// Source partitions merged together first. [`merge`] is a two-level tree: the shards of
+/// partitions `[k·G, (k+1)·G)` are added in partition order into group `k`, then the groups'
+/// merges in group order. An aggregation divided by group (each merging its group's shards,
+/// then one merging the groups' merges) therefore computes the same bits as one merge of every
+/// shard; with at most `G` partitions (one group) the merge is the plain fold in partition
+/// order. (Decay rescalings are exact powers of two, so only the order of additions differs
+/// between a tree and a fold.)
+pub const MERGE_GROUP: i32 = 16;
+
+/// Merges shard snapshots of one model into the global model, as the tree described at
+/// [`MERGE_GROUP`]: the result does not depend on the order the shards are given in. Shards
+/// may themselves be merges (with `merged_from`), such as one group's merge.
 pub fn merge(snaps: &[DecodedSnapshot]) -> Result<DecodedSnapshot, SnapshotError> {
     merge_refs(&snaps.iter().collect::<Vec<_>>())
 }
@@ -479,20 +489,72 @@ pub fn merge_refs(snaps: &[&DecodedSnapshot]) -> Result<DecodedSnapshot, Snapsho
 
 /// [`merge_refs`] of everything but the arms: the merged model's head (meta, positions,
 /// variants, landmark, `merged_from`) with no arms, for a merge that recomputes only the arms
-/// that changed ([`super::model::merge_arm`] over [`merge_order`]).
+/// that changed ([`merge_arm`]).
 pub fn merge_heads(snaps: &[&DecodedSnapshot]) -> Result<DecodedSnapshot, SnapshotError> {
     merge_with(snaps, false)
 }
 
-/// The order [`merge`] adds shards in (by source partition).
-pub fn merge_order<'a>(snaps: &[&'a DecodedSnapshot]) -> Vec<&'a DecodedSnapshot> {
+/// The first source partition a shard covers: its own, or a merge's lowest.
+fn first_partition(s: &DecodedSnapshot) -> i32 {
+    match &s.merged_from {
+        Some(m) => m.partitions.iter().copied().min().unwrap_or(s.meta.source_partition),
+        None => s.meta.source_partition,
+    }
+}
+
+/// The group of [`MERGE_GROUP`] partitions a shard belongs to (a merge: by its lowest partition).
+pub fn merge_group(s: &DecodedSnapshot) -> i32 {
+    first_partition(s).div_euclid(MERGE_GROUP)
+}
+
+/// The shards in the order [`merge`] adds them: by group, and within a group by partition.
+pub fn merge_groups<'a>(snaps: &[&'a DecodedSnapshot]) -> Vec<Vec<&'a DecodedSnapshot>> {
     let mut order: Vec<&DecodedSnapshot> = snaps.to_vec();
-    order.sort_by_key(|s| s.meta.source_partition);
-    order
+    order.sort_by_key(|s| first_partition(s));
+    let mut groups: Vec<Vec<&DecodedSnapshot>> = Vec::new();
+    for s in order {
+        match groups.last_mut() {
+            Some(g) if g.first().map(|f| merge_group(f)) == Some(merge_group(s)) => g.push(s),
+            _ => groups.push(vec![s]),
+        }
+    }
+    groups
+}
+
+/// One arm of [`merge_refs`] of the shards grouped as [`merge_groups`] gives them, bit for bit,
+/// computed alone (`None` when no shard with a landmark holds it): the fold within each group,
+/// then over the groups.
+pub fn merge_arm(groups: &[Vec<&DecodedSnapshot>], segment: &str, item: &str) -> Option<ArmStats> {
+    let spec = &groups.first()?.first()?.spec;
+    let mut top = ArmFold::default();
+    for g in groups {
+        let mut within = ArmFold::default();
+        for s in g {
+            within.add(spec, s.shard.landmark_ms, s.shard.arms.get(segment).and_then(|m| m.get(item)));
+        }
+        if groups.len() == 1 {
+            return within.acc;
+        }
+        // A group's merge ends at the latest landmark among its shards.
+        top.add(spec, within.landmark, within.acc.as_ref());
+    }
+    top.acc
 }
 
 fn merge_with(snaps: &[&DecodedSnapshot], arms: bool) -> Result<DecodedSnapshot, SnapshotError> {
-    let order = merge_order(snaps);
+    let groups = merge_groups(snaps);
+    match groups.len() {
+        0 => Err(SnapshotError::Empty),
+        1 => fold(&groups[0], arms),
+        _ => {
+            let parts = groups.iter().map(|g| fold(g, arms)).collect::<Result<Vec<_>, _>>()?;
+            fold(&parts.iter().collect::<Vec<_>>(), arms)
+        }
+    }
+}
+
+/// Adds `order`'s shards, in this order, into an empty merged model.
+fn fold(order: &[&DecodedSnapshot], arms: bool) -> Result<DecodedSnapshot, SnapshotError> {
     let first = order.first().ok_or(SnapshotError::Empty)?;
     let spec = first.spec.clone();
     let mut shard = ModelShard::new(&spec);
@@ -503,7 +565,7 @@ fn merge_with(snaps: &[&DecodedSnapshot], arms: bool) -> Result<DecodedSnapshot,
         watermark_ms: i64::MAX,
         input_offsets: Vec::new(),
     };
-    for s in &order {
+    for s in order {
         if s.meta.model_id != meta.model_id {
             return Err(SnapshotError::ModelMismatch {
                 a: meta.model_id.clone(),

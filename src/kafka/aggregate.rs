@@ -1,6 +1,6 @@
 //! `banditflow aggregate`: the merged-model stage. It follows the snapshot topic as a serving
 //! node does (every partition's shard of every model, `read_committed`), merges each changed
-//! model in partition order (`snapshot::merge`, so the result is the offline merge of the same
+//! model in `snapshot::merge`'s order (so the result is the offline merge of the same
 //! shards, byte for byte) and writes it to the merged-model topic (`kafka.merged_topic`, one
 //! compacted partition) as a head `model/<model>/-1` and arm segments
 //! `model/<model>/-1/<sequence>` holding only the merged arms whose value changed since its

@@ -7,7 +7,7 @@
 //! complete shard per (model, source partition). A chunked value becomes visible only when its
 //! manifest and every chunk of the same version have arrived (`LatestByKey::get`); until then the
 //! previous shard stays in use. After each batch of records the shards of every model that
-//! changed are merged (`snapshot::merge`, in partition order, so the merged model equals the
+//! changed are merged (`snapshot::merge`, in its fixed order, so the merged model equals the
 //! offline `banditflow merge` of the same shards) and published through an [`ArcSwap`].
 //!
 //! It also says whether the node may be ready ([`FollowStatus`]): every snapshot partition
@@ -685,11 +685,11 @@ impl Follower {
         let incremental = !all && self.bases.get(model) == Some(&basis);
         let out = if incremental {
             snapshot::merge_heads(&shards).map(|head| {
-                let order = snapshot::merge_order(&shards);
+                let groups = snapshot::merge_groups(&shards);
                 let arms = keys
                     .into_iter()
                     .map(|(segment, item)| {
-                        let a = model::merge_arm(&head.spec, order.iter().map(|s| &s.shard), &segment, &item);
+                        let a = snapshot::merge_arm(&groups, &segment, &item);
                         (segment, item, a)
                     })
                     .collect();

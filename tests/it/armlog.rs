@@ -361,14 +361,9 @@ fn the_merged_model_is_written_as_what_changed_and_read_back_as_the_offline_merg
                         }
                     }
                     let mut head = snapshot::merge_heads(&refs).expect("merges");
-                    let order = snapshot::merge_order(&refs);
+                    let groups = snapshot::merge_groups(&refs);
                     for (seg, item) in keys {
-                        match banditflow::core::model::merge_arm(
-                            m,
-                            order.iter().map(|s| &s.shard),
-                            &seg,
-                            &item,
-                        ) {
+                        match snapshot::merge_arm(&groups, &seg, &item) {
                             Some(a) => {
                                 prev.shard.arms.entry(seg).or_default().insert(item, a);
                             }
@@ -552,4 +547,94 @@ fn one_arm_merged_alone_equals_the_whole_merge_across_decay_landmarks() {
         assert!(arms > 500, "{arms} arms");
     }
     assert!(decaying >= 1, "a decaying model");
+}
+
+/// The merge is a tree of groups of `snapshot::MERGE_GROUP` partitions: 40 partitions (three
+/// groups; decay landmarks 0, 70 and 250 days apart within and between groups) merged at once
+/// equal, byte for byte, the merge of each group's merge, which is what an aggregation divided
+/// by group computes; in any order the shards are given. Every arm computed alone
+/// (`snapshot::merge_arm`) equals the whole merge's, and one group's merge is the plain fold of
+/// its shards in partition order (so up to 16 partitions the merge is what it always was).
+#[test]
+fn the_merge_of_the_groups_merges_equals_the_merge_of_every_shard() {
+    use banditflow::core::model::ModelShard;
+    let spec = unbounded_spec();
+    let n = 40;
+    assert_eq!(snapshot::MERGE_GROUP, 16);
+    let events = traffic(6_000);
+    let shift = |p: usize| match p % 7 {
+        0 => 70 * DAY,
+        3 => 250 * DAY,
+        _ => 0,
+    };
+    let states: Vec<PartitionState> = (0..n)
+        .map(|p| {
+            let mut st = PartitionState::new(&spec, p as i32);
+            for (i, e) in events.iter().enumerate().filter(|(i, _)| i % n == p) {
+                let mut e = e.clone();
+                match &mut e {
+                    Event::Impression(imp) => imp.time_ms += shift(p),
+                    Event::Feedback(f) => f.time_ms += shift(p),
+                }
+                apply_event(&mut st, &spec, &e, i as i64, None);
+            }
+            st
+        })
+        .collect();
+    let enc = |d: &snapshot::DecodedSnapshot| snapshot::encode(&d.spec, &d.shard, &d.meta);
+    let mut order_mattered = 0;
+    for (mi, m) in spec.models.iter().enumerate() {
+        let shards = shards_of(&spec, &states, mi);
+        let refs: Vec<&snapshot::DecodedSnapshot> = shards.iter().collect();
+        let whole = snapshot::merge_refs(&refs).expect("merges");
+        assert_eq!(whole.merged_from.as_ref().map(|f| f.partitions.len()), Some(n));
+        // Divided by group, then the groups' merges merged (given in reverse, too).
+        let groups: Vec<snapshot::DecodedSnapshot> =
+            refs.chunks(16).map(|g| snapshot::merge_refs(g).expect("group merges")).collect();
+        assert_eq!(groups.len(), 3);
+        let staged = snapshot::merge(&groups).expect("merges");
+        assert!(enc(&staged) == enc(&whole), "model {}: the merge of the groups' merges differs", m.id);
+        assert_eq!(staged.merged_from, whole.merged_from);
+        let reversed: Vec<snapshot::DecodedSnapshot> = groups.iter().rev().cloned().collect();
+        assert!(
+            enc(&snapshot::merge(&reversed).expect("merges")) == enc(&whole),
+            "model {}: given in reverse",
+            m.id
+        );
+        let shuffled: Vec<&snapshot::DecodedSnapshot> = (0..n).map(|i| refs[(i * 17 + 5) % n]).collect();
+        assert!(
+            enc(&snapshot::merge_refs(&shuffled).expect("merges")) == enc(&whole),
+            "model {}: shuffled",
+            m.id
+        );
+        // One group is the plain fold of its shards in partition order.
+        let mut fold = ModelShard::new(m);
+        for st in &states[16..32] {
+            fold.merge(m, &st.models[mi]);
+        }
+        assert!(
+            snapshot::encode(m, &fold, &groups[1].meta) == enc(&groups[1]),
+            "model {}: a group is the plain fold",
+            m.id
+        );
+        // Every arm alone, as the incremental merge computes it; and where a plain fold of all
+        // 40 shards would have given other bits (the data makes the order of additions matter).
+        let mut flat = ModelShard::new(m);
+        for st in &states {
+            flat.merge(m, &st.models[mi]);
+        }
+        let mut arms = 0;
+        let tree = snapshot::merge_groups(&shuffled);
+        assert_eq!(tree.iter().map(Vec::len).collect::<Vec<_>>(), [16, 16, 8]);
+        for (seg, items) in &whole.shard.arms {
+            for (item, a) in items {
+                let one = snapshot::merge_arm(&tree, seg, item).expect("the arm is held");
+                assert!(one.same_bits(a), "model {} arm {seg}/{item}", m.id);
+                arms += 1;
+                order_mattered += usize::from(!flat.arms[seg][item].same_bits(a));
+            }
+        }
+        assert!(arms > 500, "{arms} arms");
+    }
+    assert!(order_mattered > 0, "no arm's bits depend on the order of additions: the test shows nothing");
 }
