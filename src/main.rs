@@ -63,6 +63,15 @@ enum Command {
         /// Config file (TOML): the processors' (same topics, group and models).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Merge only partition group K (partitions 16K … 16K + 15 of the snapshot topic) into
+        /// the groups topic (`kafka.groups_topic`): one such aggregator per group, when one
+        /// process cannot hold every partition's shard.
+        #[arg(long, value_name = "K", conflicts_with = "from_groups")]
+        group: Option<i64>,
+        /// Merge the group merges of the groups topic (written by `--group K` aggregators) into
+        /// the merged-model topic.
+        #[arg(long)]
+        from_groups: bool,
     },
     /// The whole loop in one command: an embedded Kafka (librdkafka's in-process mock cluster),
     /// the processor, a serving node and a shop simulated from ZOZOTOWN's item priors. Shows live
@@ -416,14 +425,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             banditflow::kafka::driver::run(Arc::new(config), shutdown, health)?;
         }
-        Command::Aggregate { config } => {
+        Command::Aggregate { config, group, from_groups } => {
+            let stage = match (group, from_groups) {
+                (Some(k), _) => banditflow::kafka::aggregate::Stage::group(k)?,
+                (None, true) => banditflow::kafka::aggregate::Stage::FromGroups,
+                (None, false) => banditflow::kafka::aggregate::Stage::Whole,
+            };
             let config = Config::load(config.as_deref(), std::env::vars())?;
             let (health, shutdown) = service(
                 &config,
                 Component::Aggregator,
                 "ready: snapshot topic read and every model merged and written",
             )?;
-            banditflow::kafka::aggregate::run(Arc::new(config), shutdown, health)?;
+            banditflow::kafka::aggregate::run(Arc::new(config), stage, shutdown, health)?;
         }
         Command::Demo {
             duration,

@@ -109,6 +109,8 @@ struct RawKafka {
     changelog_topic: Option<String>,
     #[serde(default)]
     merged_topic: Option<String>,
+    #[serde(default)]
+    groups_topic: Option<String>,
     dead_letter_topic: String,
     create_topics: bool,
     replication_factor: i64,
@@ -143,6 +145,9 @@ pub struct KafkaSpec {
     /// `serving.read_merged` read: one merged model per model id. Default
     /// `<snapshot_topic>-merged`.
     pub merged_topic: String,
+    /// The group merges `banditflow aggregate --group K` writes and `--from-groups` merges
+    /// into `merged_topic`. Default `<snapshot_topic>-groups`.
+    pub groups_topic: String,
     pub dead_letter_topic: String,
     pub create_topics: bool,
     pub replication_factor: i32,

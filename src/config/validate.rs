@@ -470,11 +470,16 @@ fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, Config
         None => format!("{snapshot_topic}-merged"),
         Some(t) => non_empty("kafka.merged_topic", t)?,
     };
+    let groups_topic = match k.groups_topic {
+        None => format!("{snapshot_topic}-groups"),
+        Some(t) => non_empty("kafka.groups_topic", t)?,
+    };
     let outputs = [
         ("kafka.snapshot_topic", &snapshot_topic),
         ("kafka.dead_letter_topic", &dead_letter_topic),
         ("kafka.changelog_topic", &changelog_topic),
         ("kafka.merged_topic", &merged_topic),
+        ("kafka.groups_topic", &groups_topic),
     ];
     for (i, (field, t)) in outputs.iter().enumerate() {
         if topics.iter().any(|input| &input.name == *t) {
@@ -544,6 +549,7 @@ fn validate_kafka(k: RawKafka, topics: &[TopicSpec]) -> Result<KafkaSpec, Config
         snapshot_topic,
         changelog_topic,
         merged_topic,
+        groups_topic,
         dead_letter_topic,
         create_topics: k.create_topics,
         replication_factor: i32::try_from(count("kafka.replication_factor", k.replication_factor)?)

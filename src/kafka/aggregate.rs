@@ -15,6 +15,13 @@
 //! back from the merged topic at start; a failed session (a transaction, the subscriber) is
 //! rebuilt from the two topics. One aggregator runs per group: its transactional id
 //! `<group_id>-aggregator` fences an older one.
+//!
+//! Divided by partition group ([`Stage`]) when one process cannot hold P × arms: an aggregator
+//! per group of `snapshot::MERGE_GROUP` partitions (`--group K`) reads only those partitions of
+//! the snapshot topic and writes their merge to the groups topic (`kafka.groups_topic`) as
+//! shard `16K`, with a marker `checkpoint/<p>` per partition of its group that holds state;
+//! one more (`--from-groups`) merges the group merges into the merged-model topic, exactly as
+//! the single aggregator would (the merge is a tree of those groups).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +33,7 @@ use anyhow::{anyhow, Context as _};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-use crate::config::Config;
+use crate::config::{Config, KafkaSpec};
 use crate::core::armlog::{self, ShardReader};
 use crate::core::blob;
 use crate::core::checkpoint;
@@ -37,17 +44,88 @@ use crate::telemetry::processor::{AggregateFailed, MergedPublished};
 use super::probes::Health;
 use super::reader::Keys;
 
-/// The merged-model topic's one partition.
+/// The merged-model topic's (and the groups topic's) one partition.
 const PARTITION: i32 = 0;
 /// A merged model's "source partition" in its keys and head.
 pub const MERGED: i32 = -1;
 
+/// Which merge an aggregator computes, from which topic into which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Every partition's shard, from the snapshot topic into the merged-model topic.
+    Whole,
+    /// The shards of partition group `k` (partitions `16k … 16k + 15`, `snapshot::MERGE_GROUP`),
+    /// from the snapshot topic into the groups topic, as shard `16k`.
+    Group(i32),
+    /// The group merges, from the groups topic into the merged-model topic.
+    FromGroups,
+}
+
+impl Stage {
+    /// `--group K`: a group whose first partition is a partition number.
+    pub fn group(k: i64) -> anyhow::Result<Stage> {
+        let first = k.checked_mul(i64::from(snapshot::MERGE_GROUP));
+        match first.and_then(|f| i32::try_from(f).ok()) {
+            Some(_) if k >= 0 => Ok(Stage::Group(k as i32)),
+            _ => Err(anyhow!(
+                "--group {k}: a group number from 0 (group k holds partitions {g}·k … {g}·k + {})",
+                snapshot::MERGE_GROUP - 1,
+                g = snapshot::MERGE_GROUP
+            )),
+        }
+    }
+
+    fn input(self, k: &KafkaSpec) -> &str {
+        match self {
+            Stage::Whole | Stage::Group(_) => &k.snapshot_topic,
+            Stage::FromGroups => &k.groups_topic,
+        }
+    }
+
+    fn output(self, k: &KafkaSpec) -> &str {
+        match self {
+            Stage::Whole | Stage::FromGroups => &k.merged_topic,
+            Stage::Group(_) => &k.groups_topic,
+        }
+    }
+
+    /// The "source partition" its merges are written under.
+    fn shard(self) -> i32 {
+        match self {
+            Stage::Group(g) => g * snapshot::MERGE_GROUP,
+            Stage::Whole | Stage::FromGroups => MERGED,
+        }
+    }
+
+    /// The partitions of the input it reads (all when `None`).
+    fn partitions(self) -> Option<std::ops::Range<i32>> {
+        match self {
+            Stage::Group(g) => Some(g * snapshot::MERGE_GROUP..(g + 1) * snapshot::MERGE_GROUP),
+            Stage::Whole | Stage::FromGroups => None,
+        }
+    }
+
+    /// One writer per stage and consumer group: a second one fences the first. `Whole` and
+    /// `FromGroups` both write the merged-model topic and share theirs.
+    fn transactional_id(self, k: &KafkaSpec) -> String {
+        match self {
+            Stage::Group(g) => format!("{}-aggregator-group-{g}", k.group_id),
+            Stage::Whole | Stage::FromGroups => format!("{}-aggregator", k.group_id),
+        }
+    }
+}
+
 /// Runs the aggregator until `shutdown`; a failed session is logged, counted and started again.
-pub fn run(config: Arc<Config>, shutdown: Arc<AtomicBool>, health: Arc<Health>) -> anyhow::Result<()> {
-    prepare_topic(&config)?;
+pub fn run(
+    config: Arc<Config>,
+    stage: Stage,
+    shutdown: Arc<AtomicBool>,
+    health: Arc<Health>,
+) -> anyhow::Result<()> {
+    prepare_topic(&config, stage)?;
     let mut backoff = Duration::from_millis(500);
     while !shutdown.load(Ordering::SeqCst) {
-        match session(&config, &shutdown, &health) {
+        match session(&config, stage, &shutdown, &health) {
             Ok(()) => break,
             Err(e) => {
                 AggregateFailed { error: &e }.emit();
@@ -64,31 +142,47 @@ pub fn run(config: Arc<Config>, shutdown: Arc<AtomicBool>, health: Arc<Health>) 
     Ok(())
 }
 
-/// Creates the merged-model topic (compacted, one partition) when it is missing and
+/// Creates the topic written (compacted, one partition) when it is missing and
 /// `kafka.create_topics` allows.
-fn prepare_topic(config: &Config) -> anyhow::Result<()> {
+fn prepare_topic(config: &Config, stage: Stage) -> anyhow::Result<()> {
     let k = &config.kafka;
     if !k.create_topics {
         return Ok(());
     }
-    super::admin::create_topics_with(config, &[(k.merged_topic.as_str(), 1, true)])
-        .with_context(|| format!("creating the merged-model topic `{}`", k.merged_topic))
+    let topic = stage.output(k);
+    super::admin::create_topics_with(config, &[(topic, 1, true)])
+        .with_context(|| format!("creating the aggregator's topic `{topic}`"))
 }
 
 /// What the aggregator last wrote of one model: the merged model with its arm log.
 type Written = BTreeMap<String, DecodedSnapshot>;
 
-fn session(config: &Arc<Config>, shutdown: &AtomicBool, health: &Arc<Health>) -> anyhow::Result<()> {
+fn session(
+    config: &Arc<Config>,
+    stage: Stage,
+    shutdown: &AtomicBool,
+    health: &Arc<Health>,
+) -> anyhow::Result<()> {
     let k = &config.kafka;
-    let producer = super::transactional_producer(k, &format!("{}-aggregator", k.group_id))?;
+    let producer = super::transactional_producer(k, &stage.transactional_id(k))?;
     let timeout = Duration::from_millis(k.restore_timeout_ms as u64);
-    let (mut written, mut chunks) = restore(config, timeout)?;
-    tracing::info!(models = written.len(), topic = %k.merged_topic, "merged models read back");
+    let (mut written, mut chunks) = restore(config, stage, timeout)?;
+    tracing::info!(models = written.len(), topic = %stage.output(k), ?stage, "merged models read back");
     let (tx, rx) = std::sync::mpsc::channel();
-    let subscriber = Subscriber::start_merging(super::consumer_config(k), &k.snapshot_topic, tx)?;
+    let subscriber =
+        Subscriber::start_merging(super::consumer_config(k), stage.input(k), tx, stage.partitions())?;
     let status = subscriber.status();
     let mut pending: BTreeMap<String, Merged> = BTreeMap::new();
-    let mut writer = Writer { config, producer: &producer, chunks: &mut chunks };
+    let mut writer = Writer {
+        config,
+        topic: stage.output(k),
+        shard: stage.shard(),
+        producer: &producer,
+        chunks: &mut chunks,
+    };
+    // A group's partitions that hold state, as marked on the groups topic (written again by
+    // every session: a marker is idempotent).
+    let mut marked: BTreeSet<i32> = BTreeSet::new();
     while !shutdown.load(Ordering::SeqCst) {
         health.progress();
         if !subscriber.alive() {
@@ -123,8 +217,15 @@ fn session(config: &Arc<Config>, shutdown: &AtomicBool, health: &Arc<Health>) ->
             .map(|(model, _)| model.clone())
             .collect();
         let batch: Vec<Merged> = ready.iter().filter_map(|m| pending.remove(m)).collect();
-        if !batch.is_empty() {
-            writer.write(&mut written, batch)?;
+        // A group aggregator marks its partitions that hold state for the aggregator of the
+        // groups, which then waits for merges covering them, as this one waits for shards.
+        let marks: Vec<i32> = match stage {
+            Stage::Group(_) => st.checkpointed.difference(&marked).copied().collect(),
+            Stage::Whole | Stage::FromGroups => Vec::new(),
+        };
+        if !batch.is_empty() || !marks.is_empty() {
+            writer.write(&mut written, batch, &marks)?;
+            marked.extend(marks);
         }
         if pending.is_empty() {
             health.set_ready(true, "");
@@ -175,11 +276,16 @@ fn receive(rx: &Receiver<Merged>, pending: &mut BTreeMap<String, Merged>) -> any
 /// they are stored, and the chunk counts of the stored keys. A model whose head does not find
 /// its segments (not written by this build) is started afresh: its stored segments are
 /// deleted by the next write.
-fn restore(config: &Config, timeout: Duration) -> anyhow::Result<(Written, BTreeMap<String, u32>)> {
+fn restore(
+    config: &Config,
+    stage: Stage,
+    timeout: Duration,
+) -> anyhow::Result<(Written, BTreeMap<String, u32>)> {
     let k = &config.kafka;
+    let own = stage.shard();
     let mut stores = super::reader::read_to_end(
         super::consumer_config(k),
-        &k.merged_topic,
+        stage.output(k),
         &[PARTITION],
         Keys::Models,
         timeout,
@@ -189,7 +295,9 @@ fn restore(config: &Config, timeout: Duration) -> anyhow::Result<(Written, BTree
     let mut readers: BTreeMap<String, (ShardReader, Option<DecodedSnapshot>, u32)> = BTreeMap::new();
     // Segments first, in sequence order (keys are zero-padded), then heads.
     for key in store.values.keys().filter(|k| !k.contains('#')) {
-        if let Some((model, MERGED, q)) = armlog::parse_segment_key(key) {
+        if let Some((model, q)) =
+            armlog::parse_segment_key(key).and_then(|(m, p, q)| (p == own).then_some((m, q)))
+        {
             let Some((_, bytes)) = store.get(key)? else { continue };
             let r = readers.entry(model).or_insert_with(|| (ShardReader::default(), None, 0));
             r.2 = r.2.max(q);
@@ -199,7 +307,7 @@ fn restore(config: &Config, timeout: Duration) -> anyhow::Result<(Written, BTree
         }
     }
     for key in store.values.keys().filter(|k| !k.contains('#')) {
-        if let Some((model, MERGED)) = checkpoint::parse_model_key(key) {
+        if let Some(model) = checkpoint::parse_model_key(key).and_then(|(m, p)| (p == own).then_some(m)) {
             let Some((_, bytes)) = store.get(key)? else { continue };
             let r = readers.entry(model).or_insert_with(|| (ShardReader::default(), None, 0));
             match snapshot::decode(&bytes) {
@@ -291,10 +399,10 @@ fn apply_changes(
 /// A record of the merged-model topic: key, value (`None`: a tombstone), version.
 type Record = (String, Option<Vec<u8>>, u64);
 
-/// Saves `merged` (what changed since its last save) as records of the merged-model topic;
-/// returns (model, version, arms written, bytes) for the report.
-fn save(merged: &mut DecodedSnapshot, records: &mut Vec<Record>) -> (String, u64, usize, usize) {
-    merged.meta.source_partition = MERGED;
+/// Saves `merged` (what changed since its last save) as records of shard `shard`; returns
+/// (model, version, arms written, bytes) for the report.
+fn save(merged: &mut DecodedSnapshot, shard: i32, records: &mut Vec<Record>) -> (String, u64, usize, usize) {
+    merged.meta.source_partition = shard;
     let model = merged.meta.model_id.clone();
     let from = merged.merged_from.clone().unwrap_or_default();
     let saved = armlog::save_with(&merged.spec, &mut merged.shard, &merged.meta, Some(from));
@@ -306,20 +414,24 @@ fn save(merged: &mut DecodedSnapshot, records: &mut Vec<Record>) -> (String, u64
     for key in saved.deletes {
         records.push((key, None, version));
     }
-    records.push((checkpoint::model_key(&model, MERGED), Some(saved.head), version));
+    records.push((checkpoint::model_key(&model, shard), Some(saved.head), version));
     (model, version, saved.arms_written, bytes)
 }
 
 struct Writer<'a> {
     config: &'a Config,
+    /// The topic written, and the shard its merges are written as.
+    topic: &'a str,
+    shard: i32,
     producer: &'a BaseProducer,
     /// Chunk counts of the stored keys, to delete surplus chunks.
     chunks: &'a mut BTreeMap<String, u32>,
 }
 
 impl Writer<'_> {
-    /// Writes `batch` in one transaction and, once committed, makes it what was written.
-    fn write(&mut self, written: &mut Written, batch: Vec<Merged>) -> anyhow::Result<()> {
+    /// Writes `batch` and a marker per partition of `marks` in one transaction and, once
+    /// committed, makes it what was written.
+    fn write(&mut self, written: &mut Written, batch: Vec<Merged>, marks: &[i32]) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut next: Vec<(String, Option<DecodedSnapshot>)> = Vec::with_capacity(batch.len());
         let mut records: Vec<Record> = Vec::new();
@@ -335,7 +447,7 @@ impl Writer<'_> {
                         let same = prev.spec == s.spec;
                         armlog::carry(&mut prev.shard, &mut s.shard, same);
                     }
-                    report.push(save(&mut s, &mut records));
+                    report.push(save(&mut s, self.shard, &mut records));
                     next.push((model, Some(s)));
                 }
                 Merged::Changed { head, arms } => {
@@ -348,19 +460,24 @@ impl Writer<'_> {
                     let mut log = prev.shard.log.take();
                     apply_changes(prev, *head, arms, log.as_deref_mut());
                     prev.shard.log = log;
-                    report.push(save(prev, &mut records));
+                    report.push(save(prev, self.shard, &mut records));
                 }
                 Merged::Removed(model) => {
                     let Some(prev) = written.get(&model) else { continue };
                     let segments = prev.shard.log.iter().flat_map(|l| l.segments.keys().copied());
                     for q in segments.chain(prev.shard.log.iter().flat_map(|l| l.retired.iter().copied())) {
-                        records.push((armlog::segment_key(&model, MERGED, q), None, 0));
+                        records.push((armlog::segment_key(&model, self.shard, q), None, 0));
                     }
-                    records.push((checkpoint::model_key(&model, MERGED), None, 0));
+                    records.push((checkpoint::model_key(&model, self.shard), None, 0));
                     report.push((model.clone(), 0, 0, 0));
                     next.push((model, None));
                 }
             }
+        }
+        for p in marks {
+            let note =
+                format!("partition {p} holds state (marked by the aggregator of shard {})", self.shard);
+            records.push((checkpoint::header_key(*p), Some(note.into_bytes()), 0));
         }
         let new_chunks = self.commit(&records)?;
         for (key, n) in new_chunks {
@@ -419,15 +536,14 @@ impl Writer<'_> {
                     let _ = self.producer.abort_transaction(Duration::from_secs(10));
                 }
             }
-            anyhow!("committing merged models to `{}`: {e}", k.merged_topic)
+            anyhow!("committing merged models to `{}`: {e}", self.topic)
         })?;
         Ok(counts)
     }
 
     fn send(&self, key: &str, value: Option<&[u8]>) -> anyhow::Result<()> {
-        let topic = &self.config.kafka.merged_topic;
         let mut rec: BaseRecord<'_, [u8], [u8]> =
-            BaseRecord::to(topic).key(key.as_bytes()).partition(PARTITION);
+            BaseRecord::to(self.topic).key(key.as_bytes()).partition(PARTITION);
         if let Some(v) = value {
             rec = rec.payload(v);
         }

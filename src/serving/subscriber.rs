@@ -270,13 +270,15 @@ impl Subscriber {
     }
 
     /// Follows the snapshot topic for the aggregator (`kafka::aggregate`): every merged model
-    /// (and every removal) goes to `merged` instead of a catalog for ranking.
+    /// (and every removal) goes to `merged` instead of a catalog for ranking. With `only`, just
+    /// those partitions of the topic are read (an aggregator of one partition group).
     pub fn start_merging(
         client: ClientConfig,
         topic: &str,
         merged: std::sync::mpsc::Sender<Merged>,
+        only: Option<std::ops::Range<i32>>,
     ) -> anyhow::Result<Subscriber> {
-        Subscriber::spawn(client, topic, None, None, Some(merged))
+        Subscriber::spawn(client, topic, None, None, Some((merged, only)))
     }
 
     fn spawn(
@@ -284,8 +286,12 @@ impl Subscriber {
         topic: &str,
         updates: Option<std::sync::mpsc::Sender<Update>>,
         written: Option<Arc<WrittenRecords>>,
-        merged: Option<std::sync::mpsc::Sender<Merged>>,
+        merging: Option<(std::sync::mpsc::Sender<Merged>, Option<std::ops::Range<i32>>)>,
     ) -> anyhow::Result<Subscriber> {
+        let (merged, only) = match merging {
+            Some((tx, only)) => (Some(tx), only),
+            None => (None, None),
+        };
         let reader = SnapshotReader::new(client, topic, "serving", Keys::Models)?;
         let catalog = Arc::new(ArcSwap::from_pointee(Catalog::default()));
         let status = Arc::new(ArcSwap::from_pointee(FollowStatus::default()));
@@ -302,6 +308,7 @@ impl Subscriber {
             updates,
             written,
             merged,
+            only,
             bases: BTreeMap::new(),
         };
         let flag = Arc::clone(&stop);
@@ -366,6 +373,8 @@ struct Follower {
     written: Option<Arc<WrittenRecords>>,
     /// Set for the aggregator: merged models go there, not to the catalog.
     merged: Option<std::sync::mpsc::Sender<Merged>>,
+    /// The partitions of the topic followed (all when `None`).
+    only: Option<std::ops::Range<i32>>,
     /// For the aggregator: per model, what its previous merge was made of.
     bases: BTreeMap<String, MergeBasis>,
 }
@@ -434,9 +443,12 @@ impl Follower {
                         wait = Duration::ZERO;
                         progressed |= self.reached(r.partition, r.offset + 1);
                         let base = r.key.split('#').next().unwrap_or(&r.key).to_string();
-                        if base.starts_with("checkpoint/") {
+                        if let Some(p) = base.strip_prefix("checkpoint/") {
                             if base == r.key && r.value.is_some() {
-                                progressed |= self.progress.checkpointed.insert(r.partition);
+                                // The partition the key names: the record's own on the snapshot
+                                // topic, any on the groups topic (copied by group aggregators).
+                                let p = p.parse::<i32>().unwrap_or(r.partition);
+                                progressed |= self.progress.checkpointed.insert(p);
                             }
                             continue;
                         }
@@ -486,7 +498,11 @@ impl Follower {
 
     fn assign_new_partitions(&mut self) -> anyhow::Result<()> {
         let parts = self.reader.partitions(Duration::from_secs(5))?;
-        let new: Vec<i32> = parts.iter().filter(|p| !self.ends.contains_key(p)).copied().collect();
+        let new: Vec<i32> = parts
+            .iter()
+            .filter(|p| !self.ends.contains_key(p) && self.only.as_ref().is_none_or(|r| r.contains(p)))
+            .copied()
+            .collect();
         if new.is_empty() {
             if !self.progress.listed {
                 self.progress.listed = true;

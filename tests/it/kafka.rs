@@ -324,12 +324,13 @@ metrics_address = ""
         Processor { child: Some(child), log }
     }
 
-    /// Starts `banditflow aggregate` on this setup's topics, with `env` set.
-    pub(crate) fn start_aggregator(&self, env: &[(&str, &str)]) -> Processor {
+    /// Starts `banditflow aggregate` on this setup's topics, with `args` after the config and
+    /// `env` set.
+    pub(crate) fn start_aggregator(&self, args: &[&str], env: &[(&str, &str)]) -> Processor {
         let log = self.dir.path().join(format!("{}.log", unique("aggregate")));
         let file = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_banditflow"));
-        cmd.args(["aggregate", "--config"]).arg(&self.config_path).env("RUST_LOG", "info");
+        cmd.args(["aggregate", "--config"]).arg(&self.config_path).args(args).env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -3,7 +3,7 @@
 //! processor rebalance, `banditflow serve` logging impressions before answering, schemathesis
 //! against a running node, and the closed loop of the demo.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -492,7 +492,7 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
     // The merged-model stage runs all along (and is killed once, below); a second subscriber
     // follows its topic as a node with `serving.read_merged` does.
     let merged_topic = s.config().kafka.merged_topic;
-    let mut aggregator = s.start_aggregator(&[]);
+    let mut aggregator = s.start_aggregator(&[], &[]);
     let (mtx, mrx) = std::sync::mpsc::channel();
     let msub = Subscriber::start(banditflow::kafka::bootstrap_config(&b), &merged_topic, Some(mtx))
         .expect("merged-topic subscriber");
@@ -543,7 +543,7 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
     aggregator.kill9();
     // The successor serves its probes and metrics, checked once it has written everything.
     let probes = format!("127.0.0.1:{}", free_port());
-    let aggregator = s.start_aggregator(&[("BANDITFLOW__KAFKA__METRICS_ADDRESS", &probes)]);
+    let aggregator = s.start_aggregator(&[], &[("BANDITFLOW__KAFKA__METRICS_ADDRESS", &probes)]);
     bee.kill9();
     producer.join().expect("producer thread").expect("produced");
     s.wait_caught_up(Duration::from_secs(180));
@@ -915,7 +915,7 @@ fn impressions_nobody_saw_are_logged_but_nothing_unlogged_is_ever_answered() {
         last = now;
         settled
     });
-    let ids: std::collections::BTreeSet<&str> = last.iter().map(|(k, _)| k.as_str()).collect();
+    let ids: BTreeSet<&str> = last.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(ids.len(), last.len(), "an impression logged twice");
     assert!(last.len() <= requests, "at most one impression per request");
     for (id, _) in &answered {
@@ -1075,4 +1075,93 @@ prior = { alpha = 1.0, beta = 9.0 }
         );
         assert_eq!(logged.score, answered.score, "{item}: logged score");
     }
+}
+
+/// The aggregation divided by partition group. 20 partitions are two groups (0–15 and 16–19):
+/// an aggregator per group writes its group's merge to the groups topic, and one more merges
+/// the group merges into the merged-model topic. The first group's aggregator is SIGKILLed
+/// and restarted while the processor writes. A node reading the merged-model topic must end
+/// byte-identical to the offline merge of the 20 shards, naming all 20 partitions; the groups
+/// topic holds one head per model and group and a marker per partition with state.
+#[test]
+fn the_aggregation_divided_by_partition_group_ends_equal_to_the_offline_merge() {
+    let b = bootstrap();
+    let s = Setup::new("groups", &b, 20);
+    let shop =
+        s.shop_with(ShopSpec { seed: 23, impressions: 30_000, malformed_share: 0.0, ..ShopSpec::default() });
+    let records = shop.records.clone();
+    let (first, second) = crate::kafka::halves(&shop);
+    let config = s.config();
+    let mut g0 = s.start_aggregator(&["--group", "0"], &[]);
+    let _g1 = s.start_aggregator(&["--group", "1"], &[]);
+    let top = s.start_aggregator(&["--from-groups"], &[]);
+    let msub = Subscriber::start(banditflow::kafka::bootstrap_config(&b), &config.kafka.merged_topic, None)
+        .expect("merged-topic subscriber");
+    let _p = s.start("0");
+    s.produce(first);
+    s.wait_caught_up(Duration::from_secs(120));
+    wait_until("the first group's aggregator to write", Duration::from_secs(60), || {
+        g0.log_text().contains("ready: snapshot topic read")
+    });
+    g0.kill9();
+    let producer = s.produce_in_background(second);
+    let _g0 = s.start_aggregator(&["--group", "0"], &[]);
+    producer.join().expect("producer thread").expect("produced");
+    s.wait_caught_up(Duration::from_secs(180));
+
+    let offline = s.offline_shards(&records);
+    let want: BTreeMap<String, Vec<u8>> = config
+        .core
+        .models
+        .iter()
+        .map(|m| {
+            let shards: Vec<_> = offline
+                .iter()
+                .filter(|((id, _), _)| *id == m.id)
+                .map(|(_, bytes)| snapshot::decode(bytes).expect("decodes"))
+                .collect();
+            assert_eq!(shards.len(), 20);
+            let merged = snapshot::merge(&shards).expect("merges");
+            (m.id.clone(), snapshot::encode(&merged.spec, &merged.shard, &merged.meta))
+        })
+        .collect();
+    let catalog = msub.catalog();
+    let encoded = || -> BTreeMap<String, Vec<u8>> {
+        catalog
+            .load()
+            .models
+            .iter()
+            .map(|(id, m)| (id.clone(), snapshot::encode(&m.merged.spec, &m.merged.shard, &m.merged.meta)))
+            .collect()
+    };
+    wait_until(
+        "the merged-model topic's models to equal the offline merge",
+        Duration::from_secs(120),
+        || encoded() == want,
+    );
+    for m in catalog.load().models.values() {
+        assert_eq!(m.partitions, (0..20).collect(), "the merged model names every partition");
+    }
+    // The groups topic: each model's merge of group 0 (shard 0) and group 1 (shard 16), and a
+    // marker per partition holding state.
+    let groups = store::read_partitions(
+        banditflow::kafka::bootstrap_config(&b),
+        &config.kafka.groups_topic,
+        &[0],
+        Duration::from_secs(30),
+    )
+    .expect("groups topic");
+    let keys: Vec<&String> =
+        groups.values().flat_map(|st| st.values.keys()).filter(|k| !k.contains('#')).collect();
+    for m in &config.core.models {
+        for shard in [0, 16] {
+            let key = banditflow::core::checkpoint::model_key(&m.id, shard);
+            assert!(keys.contains(&&key), "{key} in {keys:?}");
+        }
+    }
+    let marked: BTreeSet<i32> =
+        keys.iter().filter_map(|k| k.strip_prefix("checkpoint/").and_then(|p| p.parse().ok())).collect();
+    assert_eq!(marked, (0..20).collect(), "every partition with state is marked");
+    msub.stop();
+    drop(top);
 }
