@@ -30,7 +30,8 @@
 //! BENCH_BASELINE_BIN, BENCH_RESTORE_IMPRESSIONS (0 skips the restore measurement),
 //! BENCH_SNAPSHOT_INTERVAL (the processor's `kafka.snapshot_interval`; unset: the binary's default),
 //! BENCH_MERGED (1: the freshness runs of this build also run `banditflow aggregate` and report
-//! freshness through the merged-model topic too: input record → a merged head of every model
+//! freshness through the merged-model topic too; 2: the aggregation divided by partition group,
+//! `aggregate --group K` per 16 partitions and `aggregate --from-groups`: input record → a merged head of every model
 //! covering it).
 //! The processor runs with the default configuration otherwise.
 
@@ -537,19 +538,37 @@ fn freshness(
     }
     // Reader of the input (offset → timestamp) and of the snapshot topic (commits).
     let snapshots = format!("{tag}-fr-snapshots");
-    // With BENCH_MERGED=1 (this build): the merged-model stage too.
-    let merged = (bin.is_none() && env_or("BENCH_MERGED", 0) == 1).then(|| format!("{snapshots}-merged"));
-    let aggregator = merged.as_ref().map(|m| {
-        admin::create_topics(&bootstrap, &[(m.as_str(), 1, true)]).expect("merged topic");
-        std::process::Command::new(env!("CARGO_BIN_EXE_banditflow"))
-            .args(["aggregate", "--config"])
-            .arg(&fcfg)
-            .env("BANDITFLOW__KAFKA__METRICS_ADDRESS", "")
-            .env("BANDITFLOW_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("aggregator starts")
-    });
+    // With BENCH_MERGED=1 (this build): the merged-model stage too; with 2, divided by
+    // partition group (an aggregator per 16 partitions and one merging their merges).
+    let stage: u32 = env_or("BENCH_MERGED", 0);
+    let merged = (bin.is_none() && stage >= 1).then(|| format!("{snapshots}-merged"));
+    let commands: Vec<Vec<String>> = match stage {
+        2 => (0..(partitions + 15) / 16)
+            .map(|g| vec!["aggregate".to_string(), "--group".to_string(), g.to_string()])
+            .chain([vec!["aggregate".to_string(), "--from-groups".to_string()]])
+            .collect(),
+        _ => vec![vec!["aggregate".to_string()]],
+    };
+    let aggregators: Vec<std::process::Child> = match &merged {
+        None => Vec::new(),
+        Some(m) => {
+            admin::create_topics(&bootstrap, &[(m.as_str(), 1, true)]).expect("merged topic");
+            commands
+                .iter()
+                .map(|args| {
+                    std::process::Command::new(env!("CARGO_BIN_EXE_banditflow"))
+                        .args(args)
+                        .arg("--config")
+                        .arg(&fcfg)
+                        .env("BANDITFLOW__KAFKA__METRICS_ADDRESS", "")
+                        .env("BANDITFLOW_LOG", "warn")
+                        .stdout(std::process::Stdio::null())
+                        .spawn()
+                        .expect("aggregator starts")
+                })
+                .collect()
+        }
+    };
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
         let (bootstrap, ftopic, done) = (bootstrap.clone(), ftopic.clone(), Arc::clone(&done));
@@ -642,12 +661,15 @@ fn freshness(
     done.store(true, Ordering::SeqCst);
     let (mut fresh, mut mfresh) = reader.join().expect("reader");
     stop(child);
-    if let Some(mut a) = aggregator {
-        let _ = a.kill();
-        let _ = a.wait();
+    if !aggregators.is_empty() {
+        for mut a in aggregators {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
         mfresh.sort_by(f64::total_cmp);
         println!(
-            "freshness through the merged-model topic at the same rate over {} events: p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+            "freshness through the merged-model topic ({}) at the same rate over {} events: p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+            if stage == 2 { "divided by partition group: two aggregator hops" } else { "one aggregator" },
             mfresh.len(),
             percentile(&mfresh, 0.5),
             percentile(&mfresh, 0.99),

@@ -17,11 +17,15 @@
 //! 4. with BENCH_NODES=1 (this build only): two serving nodes follow the steady phase, one
 //!    merging every partition's shard from the snapshot topic, one reading the merged-model
 //!    topic `banditflow aggregate` writes (the aggregator runs too): each one's model updates,
-//!    CPU seconds per update and resident memory at the end, and the aggregator's.
+//!    CPU seconds per update and resident memory at the end, and the aggregator's;
+//! 5. with BENCH_NODES=2, also the aggregation divided by partition group in the same run (with
+//!    its own merged-model topic and transactional ids): an aggregator per 16 partitions
+//!    (`aggregate --group K`), the one merging their merges (`--from-groups`) and a node reading
+//!    its merged-model topic, each one's updates, CPU per update and resident memory.
 //!
 //! Run: `scripts/kafka.sh start && BANDITFLOW_KAFKA_BOOTSTRAP=127.0.0.1:39092 cargo bench --bench scale`
 //! Environment: BENCH_PARTITIONS (12), BENCH_SEGMENTS (3), BENCH_ITEMS (20,000), BENCH_RATE
-//! (1,000), BENCH_SECONDS (60), BENCH_BASELINE_BIN, BENCH_NODES (0).
+//! (1,000), BENCH_SECONDS (60), BENCH_BASELINE_BIN, BENCH_NODES (0, 1 or 2).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -216,7 +220,7 @@ fn bytes_between(
 /// A process measured over the steady phase: `banditflow serve` (its model updates from its
 /// /metrics) or `banditflow aggregate`.
 struct Followed {
-    name: &'static str,
+    name: String,
     child: std::process::Child,
     listen: String,
     cpu0: f64,
@@ -227,11 +231,12 @@ impl Followed {
     fn start(
         bin: &str,
         cfg: &std::path::Path,
-        name: &'static str,
+        name: impl Into<String>,
         command: &str,
         listen: &str,
         env: &[(&str, &str)],
     ) -> Followed {
+        let name = name.into();
         let (child, s) = spawn_ready(bin, command, cfg, listen, env);
         println!("{name}: ready in {:.2} s, {:.0} MB resident", s.ready_s, s.rss_mb);
         let mut f = Followed { name, child, listen: listen.to_string(), cpu0: 0.0, updates0: 0.0 };
@@ -270,7 +275,7 @@ fn run(
     label: &str,
     rate: f64,
     seconds: f64,
-    nodes: bool,
+    nodes: u32,
 ) -> (f64, f64) {
     let tag = format!("scale-{}-{}", now_ms(), label.replace(' ', "-"));
     let topic = format!("{tag}-events");
@@ -303,7 +308,7 @@ fn run(
     println!("{label}: warm-up learned");
     // Past the warm-up's last transaction (it may still be in flight when its offsets show).
     std::thread::sleep(Duration::from_secs(3));
-    let followers: Vec<Followed> = if nodes {
+    let mut followers: Vec<Followed> = if nodes >= 1 {
         let aggregator = Followed::start(
             bin,
             &cfg,
@@ -335,6 +340,50 @@ fn run(
     } else {
         Vec::new()
     };
+    if nodes >= 2 {
+        // Divided by partition group, beside the single aggregator: its own merged-model topic
+        // and consumer-group name (hence transactional ids).
+        let divided = [
+            ("BANDITFLOW__KAFKA__GROUP_ID", format!("{tag}-divided")),
+            ("BANDITFLOW__KAFKA__MERGED_TOPIC", format!("{snapshots}-merged-divided")),
+        ];
+        let groups = (shop.partitions + 15) / 16;
+        for g in 0..groups {
+            let listen = format!("127.0.0.1:{}", 19480 + g);
+            let mut env: Vec<(&str, &str)> = divided.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            env.push(("BANDITFLOW__KAFKA__METRICS_ADDRESS", &listen));
+            let command = format!("aggregate --group {g}");
+            followers.push(Followed::start(
+                bin,
+                &cfg,
+                format!("aggregator of group {g}"),
+                &command,
+                &listen,
+                &env,
+            ));
+        }
+        let mut env: Vec<(&str, &str)> = divided.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        env.push(("BANDITFLOW__KAFKA__METRICS_ADDRESS", "127.0.0.1:19479"));
+        followers.push(Followed::start(
+            bin,
+            &cfg,
+            "aggregator of the groups",
+            "aggregate --from-groups",
+            "127.0.0.1:19479",
+            &env,
+        ));
+        let mut env: Vec<(&str, &str)> = divided.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        env.push(("BANDITFLOW__SERVING__LISTEN", "127.0.0.1:18095"));
+        env.push(("BANDITFLOW__SERVING__READ_MERGED", "true"));
+        followers.push(Followed::start(
+            bin,
+            &cfg,
+            "node reading the divided stage's merged topic",
+            "serve",
+            "127.0.0.1:18095",
+            &env,
+        ));
+    }
     let from = end_offsets(bootstrap, &snapshots, shop.partitions);
     let from_changelog = end_offsets(bootstrap, &changelog, shop.partitions);
     let (t0, cpu0) = (Instant::now(), cpu_seconds(&pid));
@@ -418,10 +467,10 @@ fn main() {
         shop.segments,
         shop.items
     );
-    let nodes = env_or("BENCH_NODES", 0) == 1;
+    let nodes: u32 = env_or("BENCH_NODES", 0);
     let this = run(&bootstrap, &shop, env!("CARGO_BIN_EXE_banditflow"), "this build", rate, seconds, nodes);
     if let Some(bin) = std::env::var("BENCH_BASELINE_BIN").ok().filter(|b| !b.is_empty()) {
-        let base = run(&bootstrap, &shop, &bin, "baseline", rate, seconds, false);
+        let base = run(&bootstrap, &shop, &bin, "baseline", rate, seconds, 0);
         println!(
             "bytes per second, baseline / this build: snapshot topic {:.1}×, both state topics {:.1}×",
             base.0 / this.0,

@@ -267,8 +267,10 @@ pub fn spawn_ready(
     env: &[(&str, &str)],
 ) -> (std::process::Child, Start) {
     let started = Instant::now();
+    // `command` may carry its own arguments ("aggregate --group 0").
     let mut child = Command::new(bin)
-        .args([command, "--config"])
+        .args(command.split_whitespace())
+        .arg("--config")
         .arg(config)
         .envs(env.iter().copied())
         .env("BANDITFLOW_LOG", "warn")

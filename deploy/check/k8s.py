@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Validates the Kubernetes manifests of deploy/kubernetes/ strictly, CRDs included.
+"""Validates the Kubernetes manifests of deploy/kubernetes/ and deploy/overlays/*/ strictly, CRDs included.
 
 kubernetes-validate --strict checks every built-in kind against the Kubernetes 1.37 OpenAPI
 schemas, rejecting unknown fields. It has no schema for custom resources: for those it prints
@@ -80,21 +80,32 @@ def main():
     parser.add_argument("--kubectl", default=shutil.which("kubectl"))
     args = parser.parse_args()
 
-    files = sorted(p for p in MANIFESTS.glob("*.yaml") if p.name != "kustomization.yaml")
+    # The base's manifests and every overlay's (deploy/overlays/*/), and each kustomization built.
+    dirs = [MANIFESTS, *sorted(p for p in (MANIFESTS.parent / "overlays").glob("*") if p.is_dir())]
+    files = sorted(p for d in dirs for p in d.glob("*.yaml") if p.name != "kustomization.yaml")
     failures = run_kubernetes_validate(args.kubernetes_validate, files)
 
     documents = [(path.name, doc) for path in files for doc in yaml.safe_load_all(path.read_text()) if doc]
     if args.kubectl:
-        built = subprocess.run([args.kubectl, "kustomize", str(MANIFESTS)], capture_output=True, text=True)
-        if built.returncode != 0:
-            failures.append(f"kubectl kustomize failed: {built.stderr.strip()}")
-        else:
+        for kust in [d / "kustomization.yaml" for d in dirs]:
+            built = subprocess.run([args.kubectl, "kustomize", str(kust.parent)], capture_output=True, text=True)
+            name = kust.parent.relative_to(MANIFESTS.parent)
+            if built.returncode != 0:
+                failures.append(f"kubectl kustomize {name} failed: {built.stderr.strip()}")
+                continue
             with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="kustomize-") as f:
                 f.write(built.stdout)
                 f.flush()
-                print(f"kustomize build of {MANIFESTS.name}/:")
+                print(f"kustomize build of {name}/:")
                 failures += run_kubernetes_validate(args.kubernetes_validate, [f.name])
-            documents += [("kustomize build", doc) for doc in yaml.safe_load_all(built.stdout) if doc]
+            docs = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+            documents += [(f"kustomize build of {name}", doc) for doc in docs]
+            if kust.parent != MANIFESTS:
+                # An overlay of the base: the aggregator merges the group merges.
+                aggregator = [d for d in docs if d.get("kind") == "Deployment" and d["metadata"]["name"] == "banditflow-aggregator"]
+                args_ = aggregator[0]["spec"]["template"]["spec"]["containers"][0]["args"] if aggregator else []
+                if "--from-groups" not in args_:
+                    failures.append(f"kustomize build of {name}: the aggregator does not run --from-groups: {args_}")
     else:
         print("kubectl not found: the kustomize build is not validated (only the manifests one by one)")
 

@@ -14,7 +14,8 @@
               $instance, $model and $__rate_interval, filters raw metrics by instance (and model
               where they have one) and recording rules by model, takes rates over
               $__rate_interval and filters nothing out with a comparison.
-  kubernetes  kustomization.yaml lists exactly the manifests beside it.
+  kubernetes  every kustomization.yaml (kubernetes/, overlays/*/) lists exactly the manifests
+              beside it.
   compose     docker-compose.yml: depends_on names services, bind-mounted files and the build's
               Dockerfile exist, published ports are bound to 127.0.0.1.
   config      the banditflow.toml files of compose and of the ConfigMap parse, and name only
@@ -254,14 +255,17 @@ def check_panel_query(where, expr, records, known):
 
 
 def check_kustomization():
-    base = DEPLOY / "kubernetes"
-    kust = yaml.safe_load((base / "kustomization.yaml").read_text())
-    listed = set(kust.get("resources", []))
-    present = {p.name for p in base.glob("*.yaml")} - {"kustomization.yaml"}
-    for name in sorted(listed - present):
-        problem("kubernetes/kustomization.yaml", f"lists {name}, which does not exist")
-    for name in sorted(present - listed):
-        problem("kubernetes/kustomization.yaml", f"does not list {name}")
+    # The base and every overlay of it (deploy/overlays/*/).
+    for path in [DEPLOY / "kubernetes" / "kustomization.yaml", *sorted(DEPLOY.glob("overlays/*/kustomization.yaml"))]:
+        base = path.parent
+        where = str(path.relative_to(DEPLOY))
+        kust = yaml.safe_load(path.read_text())
+        listed = set(kust.get("resources", []))
+        present = {p.name for p in base.glob("*.yaml")} - {"kustomization.yaml"}
+        for name in sorted(r for r in listed - present if not (base / r).is_dir()):
+            problem(where, f"lists {name}, which does not exist")
+        for name in sorted(present - listed):
+            problem(where, f"does not list {name}")
 
 
 def check_compose():
