@@ -342,47 +342,42 @@ fn run(
     };
     if nodes >= 2 {
         // Divided by partition group, beside the single aggregator: its own merged-model topic
-        // and consumer-group name (hence transactional ids).
-        let divided = [
-            ("BANDITFLOW__KAFKA__GROUP_ID", format!("{tag}-divided")),
-            ("BANDITFLOW__KAFKA__MERGED_TOPIC", format!("{snapshots}-merged-divided")),
-        ];
+        // and consumer-group name (hence transactional ids). (name, command, listen, whether a node)
         let groups = (shop.partitions + 15) / 16;
-        for g in 0..groups {
-            let listen = format!("127.0.0.1:{}", 19480 + g);
-            let mut env: Vec<(&str, &str)> = divided.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            env.push(("BANDITFLOW__KAFKA__METRICS_ADDRESS", &listen));
-            let command = format!("aggregate --group {g}");
-            followers.push(Followed::start(
-                bin,
-                &cfg,
-                format!("aggregator of group {g}"),
-                &command,
-                &listen,
-                &env,
-            ));
+        let mut procs: Vec<(String, String, String, bool)> = (0..groups)
+            .map(|g| {
+                let listen = format!("127.0.0.1:{}", 19480 + g);
+                (format!("aggregator of group {g}"), format!("aggregate --group {g}"), listen, false)
+            })
+            .collect();
+        procs.push((
+            "aggregator of the groups".into(),
+            "aggregate --from-groups".into(),
+            "127.0.0.1:19479".into(),
+            false,
+        ));
+        procs.push((
+            "node reading the divided stage's merged topic".into(),
+            "serve".into(),
+            "127.0.0.1:18095".into(),
+            true,
+        ));
+        let (group_id, merged) = (format!("{tag}-divided"), format!("{snapshots}-merged-divided"));
+        for (name, command, listen, node) in procs {
+            let mut env = vec![
+                ("BANDITFLOW__KAFKA__GROUP_ID", group_id.as_str()),
+                ("BANDITFLOW__KAFKA__MERGED_TOPIC", &merged),
+            ];
+            if node {
+                env.extend([
+                    ("BANDITFLOW__SERVING__LISTEN", listen.as_str()),
+                    ("BANDITFLOW__SERVING__READ_MERGED", "true"),
+                ]);
+            } else {
+                env.push(("BANDITFLOW__KAFKA__METRICS_ADDRESS", &listen));
+            }
+            followers.push(Followed::start(bin, &cfg, name, &command, &listen, &env));
         }
-        let mut env: Vec<(&str, &str)> = divided.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        env.push(("BANDITFLOW__KAFKA__METRICS_ADDRESS", "127.0.0.1:19479"));
-        followers.push(Followed::start(
-            bin,
-            &cfg,
-            "aggregator of the groups",
-            "aggregate --from-groups",
-            "127.0.0.1:19479",
-            &env,
-        ));
-        let mut env: Vec<(&str, &str)> = divided.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        env.push(("BANDITFLOW__SERVING__LISTEN", "127.0.0.1:18095"));
-        env.push(("BANDITFLOW__SERVING__READ_MERGED", "true"));
-        followers.push(Followed::start(
-            bin,
-            &cfg,
-            "node reading the divided stage's merged topic",
-            "serve",
-            "127.0.0.1:18095",
-            &env,
-        ));
     }
     let from = end_offsets(bootstrap, &snapshots, shop.partitions);
     let from_changelog = end_offsets(bootstrap, &changelog, shop.partitions);
