@@ -444,10 +444,9 @@ impl Follower {
                         progressed |= self.reached(r.partition, r.offset + 1);
                         let base = r.key.split('#').next().unwrap_or(&r.key).to_string();
                         if let Some(p) = base.strip_prefix("checkpoint/") {
-                            if base == r.key && r.value.is_some() {
-                                // The partition the key names: the record's own on the snapshot
-                                // topic, any on the groups topic (copied by group aggregators).
-                                let p = p.parse::<i32>().unwrap_or(r.partition);
+                            // The partition the key names: the record's own on the snapshot
+                            // topic, any on the groups topic (marked by group aggregators).
+                            if let (true, Some(_), Ok(p)) = (base == r.key, &r.value, p.parse::<i32>()) {
                                 progressed |= self.progress.checkpointed.insert(p);
                             }
                             continue;
