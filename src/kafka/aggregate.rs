@@ -530,7 +530,7 @@ impl Writer<'_> {
                 }
             }
         }
-        self.producer.commit_transaction(timeout).map_err(|e| {
+        super::commit_transaction(self.producer, timeout).map_err(|e| {
             if let KafkaError::Transaction(t) = &e {
                 if t.txn_requires_abort() {
                     let _ = self.producer.abort_transaction(Duration::from_secs(10));

@@ -74,6 +74,31 @@ pub(crate) fn transactional_producer(
     Ok(producer)
 }
 
+/// Commits `producer`'s transaction, draining its deliveries first: librdkafka's
+/// `commit_transaction` alone waits for them in 100 ms steps (every transaction took ≥ 100 ms).
+/// rust-rdkafka's `poll(d)` turns until `d` has passed, asking librdkafka for events with the
+/// remaining time in whole milliseconds, so a 1 ms poll never blocks: it spun for the whole drain
+/// (4 % of the processor's CPU at 700 k events/s). Each turn serves what is there and waits
+/// 200 µs when nothing was.
+pub(crate) fn commit_transaction(
+    producer: &rdkafka::producer::BaseProducer,
+    timeout: std::time::Duration,
+) -> rdkafka::error::KafkaResult<()> {
+    use rdkafka::producer::Producer as _;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let in_flight = producer.in_flight_count();
+        if in_flight == 0 || std::time::Instant::now() >= deadline {
+            break;
+        }
+        producer.poll(std::time::Duration::ZERO);
+        if producer.in_flight_count() == in_flight {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+    producer.commit_transaction(timeout)
+}
+
 /// Hands `rec` to `producer`, serving deliveries while librdkafka's queue is full.
 pub(crate) fn send_waiting(
     producer: &rdkafka::producer::BaseProducer,

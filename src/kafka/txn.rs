@@ -211,23 +211,7 @@ impl Txn {
         self.producer
             .send_offsets_to_transaction(&offsets, cgm, timeout)
             .map_err(|e| self.txn_error("send offsets", e))?;
-        // Drain deliveries first: commit_transaction alone waits in 100 ms steps. rust-rdkafka's
-        // `poll(d)` turns until `d` has passed, asking librdkafka for events with the remaining
-        // time in whole milliseconds, so a 1 ms poll never blocks: it spun for the whole drain
-        // (4 % of the processor's CPU at 700 k events/s). Each turn serves what is there and
-        // waits 200 µs when nothing was.
-        let deadline = Instant::now() + timeout;
-        loop {
-            let in_flight = self.producer.in_flight_count();
-            if in_flight == 0 || Instant::now() >= deadline {
-                break;
-            }
-            self.producer.poll(Duration::ZERO);
-            if self.producer.in_flight_count() == in_flight {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        }
-        self.producer.commit_transaction(timeout).map_err(|e| self.txn_error("commit", e))?;
+        super::commit_transaction(&self.producer, timeout).map_err(|e| self.txn_error("commit", e))?;
         for (dest, key, n) in new_chunks {
             if n > 0 {
                 self.chunks.of_mut(dest).insert(key, n);
