@@ -66,7 +66,7 @@ enum Command {
         /// Merge only partition group K (partitions 16K … 16K + 15 of the snapshot topic) into
         /// the groups topic (`kafka.groups_topic`): one such aggregator per group, when one
         /// process cannot hold every partition's shard.
-        #[arg(long, value_name = "K", conflicts_with = "from_groups")]
+        #[arg(long, value_name = "K", conflicts_with = "from_groups", allow_negative_numbers = true)]
         group: Option<i64>,
         /// Merge the group merges of the groups topic (written by `--group K` aggregators) into
         /// the merged-model topic.

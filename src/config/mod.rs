@@ -460,6 +460,12 @@ mod tests {
         let c = load("", &[]).expect("defaults validate");
         assert!(!c.core.models.is_empty());
         assert_eq!(c.core.join.funnel, crate::core::params::DEFAULT_FUNNEL, "the documented funnel");
+        let k = &c.kafka;
+        assert_eq!(
+            [&k.changelog_topic, &k.merged_topic, &k.groups_topic],
+            ["banditflow-snapshots-changelog", "banditflow-snapshots-merged", "banditflow-snapshots-groups"],
+            "the topics named after the snapshot topic"
+        );
         let none = load("[join.funnel]\nadd_to_cart = []\npurchase = []\nreturn = []", &[]).expect("valid");
         assert_eq!(none.core.join.funnel, [0; 4], "no funnel: every kind open");
     }
@@ -505,6 +511,9 @@ mod tests {
             ("[kafka]\nchangelog_topic = \"banditflow-snapshots\"", &[], "kafka.changelog_topic"),
             ("[kafka]\nchangelog_topic = \"banditflow-dead-letters\"", &[], "kafka.changelog_topic"),
             ("[kafka]\nchangelog_topic = \"\"", &[], "kafka.changelog_topic"),
+            ("[kafka]\ngroups_topic = \"banditflow-snapshots-merged\"", &[], "kafka.groups_topic"),
+            ("[kafka]\ngroups_topic = \"impressions\"", &[], "kafka.groups_topic"),
+            ("[kafka]\ngroups_topic = \"\"", &[], "kafka.groups_topic"),
             ("", &[("BANDITFLOW__KAFKA__GROUP_ID", "\"\"")], "kafka.group_id"),
             (
                 "[kafka]\ntransaction_timeout = \"10s\"\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"",

@@ -62,16 +62,14 @@ pub enum Stage {
 }
 
 impl Stage {
-    /// `--group K`: a group whose first partition is a partition number.
+    /// `--group K`: a group whose partitions are all partition numbers.
     pub fn group(k: i64) -> anyhow::Result<Stage> {
-        let first = k.checked_mul(i64::from(snapshot::MERGE_GROUP));
-        match first.and_then(|f| i32::try_from(f).ok()) {
-            Some(_) if k >= 0 => Ok(Stage::Group(k as i32)),
-            _ => Err(anyhow!(
-                "--group {k}: a group number from 0 (group k holds partitions {g}·k … {g}·k + {})",
-                snapshot::MERGE_GROUP - 1,
-                g = snapshot::MERGE_GROUP
-            )),
+        let g = i64::from(snapshot::MERGE_GROUP);
+        let last = i64::from(i32::MAX) / g - 1;
+        if (0..=last).contains(&k) {
+            Ok(Stage::Group(k as i32))
+        } else {
+            Err(anyhow!("--group {k}: from 0 to {last} (group k holds partitions {g}·k … {g}·k + {})", g - 1))
         }
     }
 
@@ -548,5 +546,32 @@ impl Writer<'_> {
             rec = rec.payload(v);
         }
         super::send_waiting(self.producer, rec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_stage_reads_exactly_the_partitions_the_merge_puts_in_its_group() {
+        let g = i64::from(snapshot::MERGE_GROUP);
+        for k in [0i64, 1, 3, 44] {
+            let stage = Stage::group(k).expect("a group");
+            let parts = stage.partitions().expect("a range");
+            assert_eq!(parts.len() as i64, g);
+            assert_eq!(i64::from(stage.shard()), k * g, "written as its first partition");
+            // The tree's group of each partition is this stage's.
+            assert!(parts.clone().all(|p| i64::from(p.div_euclid(snapshot::MERGE_GROUP)) == k));
+            assert!(!parts.contains(&(parts.start - 1)) && !parts.contains(&parts.end));
+        }
+        let last = i64::from(i32::MAX) / g - 1;
+        assert!(Stage::group(last).expect("the last group").partitions().is_some_and(|r| r.end > r.start));
+        for bad in [-1, last + 1, i64::MAX] {
+            let e = Stage::group(bad).expect_err("refused").to_string();
+            assert!(e.contains("--group") && e.contains(&last.to_string()), "{e}");
+        }
+        assert_eq!((Stage::Whole.shard(), Stage::FromGroups.shard()), (MERGED, MERGED));
+        assert_eq!((Stage::Whole.partitions(), Stage::FromGroups.partitions()), (None, None));
     }
 }
