@@ -39,7 +39,7 @@ use crate::core::blob;
 use crate::core::checkpoint;
 use crate::core::snapshot::{self, DecodedSnapshot};
 use crate::serving::subscriber::{Merged, Subscriber};
-use crate::telemetry::processor::{AggregateFailed, MergedPublished};
+use crate::telemetry::processor::{AggregateFailed, AggregatorStarted, MergedPublished};
 
 use super::probes::Health;
 use super::reader::Keys;
@@ -120,6 +120,7 @@ pub fn run(
     shutdown: Arc<AtomicBool>,
     health: Arc<Health>,
 ) -> anyhow::Result<()> {
+    AggregatorStarted.emit();
     prepare_topic(&config, stage)?;
     let mut backoff = Duration::from_millis(500);
     while !shutdown.load(Ordering::SeqCst) {

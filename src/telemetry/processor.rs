@@ -541,6 +541,17 @@ impl MergedPublished<'_> {
     }
 }
 
+/// The aggregator started: its failure and byte counters exist from then on (a rate over them
+/// reads 0, not nothing, until the first failure or write).
+pub struct AggregatorStarted;
+
+impl AggregatorStarted {
+    pub fn emit(self) {
+        counter!(AGGREGATE_FAILURES.name).absolute(0);
+        counter!(AGGREGATE_BYTES.name).absolute(0);
+    }
+}
+
 /// An aggregator session failed; the next one is rebuilt from the topics.
 pub struct AggregateFailed<'a> {
     pub error: &'a anyhow::Error,

@@ -238,14 +238,18 @@ impl Drop for PrometheusServer {
     }
 }
 
-fn prometheus(dir: &Path, processor: SocketAddr, node: SocketAddr) -> PrometheusServer {
+/// Prometheus scraping `processors` (the processors and the aggregator: job "banditflow") and
+/// `node` (job "banditflow-serving"), with the rules loaded.
+fn prometheus(dir: &Path, processors: &[SocketAddr], node: SocketAddr) -> PrometheusServer {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let rules = root().join("deploy/prometheus/rules.yml");
+    let targets: Vec<String> = processors.iter().map(|a| format!("'{a}'")).collect();
     let config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  \
-         - job_name: banditflow\n    static_configs:\n      - targets: ['{processor}']\n  \
+         - job_name: banditflow\n    static_configs:\n      - targets: [{}]\n  \
          - job_name: banditflow-serving\n    static_configs:\n      - targets: ['{node}']\n",
-        rules.display()
+        rules.display(),
+        targets.join(", ")
     );
     let path = dir.join("prometheus.yml");
     std::fs::write(&path, config).expect("config");
@@ -318,7 +322,10 @@ fn a_real_prometheus_answers_every_dashboard_panel_and_recording_rule() {
         &[("BANDITFLOW__SERVING__COLD_START", "true"), ("BANDITFLOW__SERVING__HOLDOUT_SHARE", "0.25")],
     );
     let dir = tempfile::tempdir().expect("tmp");
-    let prom = prometheus(dir.path(), paddr, node.addr);
+    // The merged-model stage too: the dashboard has a row for it.
+    let aaddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let aggregator = s.start_aggregator(&[], &[("BANDITFLOW__KAFKA__METRICS_ADDRESS", &aaddr.to_string())]);
+    let prom = prometheus(dir.path(), &[paddr, aaddr], node.addr);
 
     // Traffic: shoppers ranked by the node, a third of them clicking the first item, for
     // long enough that every rate has several scrapes in its window.
@@ -390,12 +397,18 @@ fn a_real_prometheus_answers_every_dashboard_panel_and_recording_rule() {
     );
     promtool_check_metrics(paddr, "processor under traffic");
     promtool_check_metrics(node.addr, "serving node under traffic");
+    promtool_check_metrics(aaddr, "aggregator under traffic");
     let (st, _) = p.terminate();
     assert!(st.success());
+    let mut aggregator = aggregator;
+    let (st, _) = aggregator.terminate();
+    assert!(st.success(), "the aggregator exits 0 on SIGTERM");
     // A clean start and run logs no warnings: each librdkafka client got only the properties
     // that apply to it (no CONFWARN), and nothing of banditflow's own warned.
     let node_log = std::fs::read_to_string(&node.log).expect("node log");
-    for (what, log) in [("processor", p.log_text()), ("serving node", node_log)] {
+    for (what, log) in
+        [("processor", p.log_text()), ("serving node", node_log), ("aggregator", aggregator.log_text())]
+    {
         let bad: Vec<&str> = log
             .lines()
             .filter(|l| {
