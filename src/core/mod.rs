@@ -6,6 +6,7 @@
 //! core returns values and the edges act on them. Nothing here panics on outside data.
 
 pub mod armlog;
+mod beta;
 pub mod blob;
 pub mod buffer;
 pub mod checkpoint;

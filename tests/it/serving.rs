@@ -466,6 +466,41 @@ fn read_events(s: &Setup, topic: &str, role: TopicRole, encoding: event::Encodin
         .collect()
 }
 
+/// The offline replay's shards of `records` (one per model and each of `partitions`), merged:
+/// per model, the merged model's bytes.
+fn offline_merged(
+    s: &Setup,
+    records: &[banditflow::recording::Record],
+    partitions: usize,
+) -> BTreeMap<String, Vec<u8>> {
+    let offline = s.offline_shards(records);
+    s.config()
+        .core
+        .models
+        .iter()
+        .map(|m| {
+            let shards: Vec<_> = offline
+                .iter()
+                .filter(|((id, _), _)| *id == m.id)
+                .map(|(_, bytes)| snapshot::decode(bytes).expect("decodes"))
+                .collect();
+            assert_eq!(shards.len(), partitions, "model {}", m.id);
+            let merged = snapshot::merge(&shards).expect("merges");
+            (m.id.clone(), snapshot::encode(&merged.spec, &merged.shard, &merged.meta))
+        })
+        .collect()
+}
+
+/// Every model `catalog` holds, encoded.
+fn encoded(catalog: &ArcSwap<Catalog>) -> BTreeMap<String, Vec<u8>> {
+    catalog
+        .load()
+        .models
+        .iter()
+        .map(|(id, m)| (id.clone(), snapshot::encode(&m.merged.spec, &m.merged.shard, &m.merged.meta)))
+        .collect()
+}
+
 #[test]
 fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
     let b = bootstrap();
@@ -554,31 +589,8 @@ fn the_subscriber_follows_a_rebalance_and_ends_equal_to_the_offline_merge() {
     s.wait_caught_up(Duration::from_secs(180));
 
     // The oracle: the offline replay's shards of the same records, merged.
-    let offline = s.offline_shards(&records);
+    let want = offline_merged(&s, &records, 4);
     let config = s.config();
-    let want: BTreeMap<String, Vec<u8>> = config
-        .core
-        .models
-        .iter()
-        .map(|m| {
-            let shards: Vec<_> = offline
-                .iter()
-                .filter(|((id, _), _)| *id == m.id)
-                .map(|(_, bytes)| snapshot::decode(bytes).expect("decodes"))
-                .collect();
-            let merged = snapshot::merge(&shards).expect("merges");
-            (m.id.clone(), snapshot::encode(&merged.spec, &merged.shard, &merged.meta))
-        })
-        .collect();
-    // Every model a catalog holds, encoded.
-    let encoded = |catalog: &ArcSwap<Catalog>| -> BTreeMap<String, Vec<u8>> {
-        catalog
-            .load()
-            .models
-            .iter()
-            .map(|(id, m)| (id.clone(), snapshot::encode(&m.merged.spec, &m.merged.shard, &m.merged.meta)))
-            .collect()
-    };
     let catalog = sub.catalog();
     wait_until("the subscriber's merged models to equal the offline merge", Duration::from_secs(60), || {
         encoded(&catalog) == want
@@ -1109,35 +1121,12 @@ fn the_aggregation_divided_by_partition_group_ends_equal_to_the_offline_merge() 
     producer.join().expect("producer thread").expect("produced");
     s.wait_caught_up(Duration::from_secs(180));
 
-    let offline = s.offline_shards(&records);
-    let want: BTreeMap<String, Vec<u8>> = config
-        .core
-        .models
-        .iter()
-        .map(|m| {
-            let shards: Vec<_> = offline
-                .iter()
-                .filter(|((id, _), _)| *id == m.id)
-                .map(|(_, bytes)| snapshot::decode(bytes).expect("decodes"))
-                .collect();
-            assert_eq!(shards.len(), 20);
-            let merged = snapshot::merge(&shards).expect("merges");
-            (m.id.clone(), snapshot::encode(&merged.spec, &merged.shard, &merged.meta))
-        })
-        .collect();
+    let want = offline_merged(&s, &records, 20);
     let catalog = msub.catalog();
-    let encoded = || -> BTreeMap<String, Vec<u8>> {
-        catalog
-            .load()
-            .models
-            .iter()
-            .map(|(id, m)| (id.clone(), snapshot::encode(&m.merged.spec, &m.merged.shard, &m.merged.meta)))
-            .collect()
-    };
     wait_until(
         "the merged-model topic's models to equal the offline merge",
         Duration::from_secs(120),
-        || encoded() == want,
+        || encoded(&catalog) == want,
     );
     for m in catalog.load().models.values() {
         assert_eq!(m.partitions, (0..20).collect(), "the merged model names every partition");
