@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
@@ -179,9 +180,17 @@ fn session(
         producer: &producer,
         chunks: &mut chunks,
     };
-    // A group's partitions that hold state, as marked on the groups topic (written again by
-    // every session: a marker is idempotent).
+    // A group's partitions that hold state, as marked on the groups topic, and whether this
+    // group has announced itself (both written again by every session: markers are idempotent).
     let mut marked: BTreeSet<i32> = BTreeSet::new();
+    let mut announced = false;
+    // The aggregator of the groups: which groups the snapshot topic's partitions fall in (each
+    // must have announced its aggregator before a model is written), read every 10 s.
+    let metadata: Option<BaseConsumer> = match stage {
+        Stage::FromGroups => Some(super::consumer_config(k).create().context("a metadata client")?),
+        Stage::Whole | Stage::Group(_) => None,
+    };
+    let (mut expected, mut next_metadata): (Option<BTreeSet<i32>>, Instant) = (None, Instant::now());
     while !shutdown.load(Ordering::SeqCst) {
         health.progress();
         if !subscriber.alive() {
@@ -202,6 +211,28 @@ fn session(
             );
             continue;
         }
+        if let Some(client) = &metadata {
+            if Instant::now() >= next_metadata {
+                next_metadata = Instant::now() + Duration::from_secs(10);
+                expected = snapshot_groups(client, &k.snapshot_topic).or(expected);
+            }
+            let Some(expected) = &expected else {
+                health
+                    .set_ready(false, &format!("the partitions of `{}` are not known yet", k.snapshot_topic));
+                continue;
+            };
+            let missing: Vec<i32> = expected.difference(&st.groups).copied().collect();
+            if !missing.is_empty() {
+                // Merging without them would publish models missing those partitions.
+                health.set_ready(
+                    false,
+                    &format!(
+                        "no aggregator has announced partition groups {missing:?} yet (`banditflow aggregate --group K` for each)"
+                    ),
+                );
+                continue;
+            }
+        }
         // A model is written once it covers every partition that holds state.
         let ready: Vec<String> = pending
             .iter()
@@ -218,13 +249,16 @@ fn session(
         let batch: Vec<Merged> = ready.iter().filter_map(|m| pending.remove(m)).collect();
         // A group aggregator marks its partitions that hold state for the aggregator of the
         // groups, which then waits for merges covering them, as this one waits for shards.
-        let marks: Vec<i32> = match stage {
-            Stage::Group(_) => st.checkpointed.difference(&marked).copied().collect(),
-            Stage::Whole | Stage::FromGroups => Vec::new(),
+        let (marks, announce): (Vec<i32>, Option<i32>) = match stage {
+            Stage::Group(g) => {
+                (st.checkpointed.difference(&marked).copied().collect(), (!announced).then_some(g))
+            }
+            Stage::Whole | Stage::FromGroups => (Vec::new(), None),
         };
-        if !batch.is_empty() || !marks.is_empty() {
-            writer.write(&mut written, batch, &marks)?;
+        if !batch.is_empty() || !marks.is_empty() || announce.is_some() {
+            writer.write(&mut written, batch, &marks, announce)?;
             marked.extend(marks);
+            announced = true;
         }
         if pending.is_empty() {
             health.set_ready(true, "");
@@ -236,6 +270,22 @@ fn session(
     }
     subscriber.stop();
     Ok(())
+}
+
+/// The key under which a group aggregator announces itself on the groups topic.
+pub fn group_key(group: i32) -> String {
+    format!("checkpoint/group/{group}")
+}
+
+/// The partition groups of `topic`'s partitions (`None` while its metadata cannot be read, or
+/// the topic is missing or failing).
+fn snapshot_groups(client: &BaseConsumer, topic: &str) -> Option<BTreeSet<i32>> {
+    let md = client.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
+    let t = md.topics().iter().find(|t| t.name() == topic)?;
+    if t.error().is_some() {
+        return None;
+    }
+    Some(t.partitions().iter().map(|p| p.id().div_euclid(snapshot::MERGE_GROUP)).collect())
 }
 
 /// Takes what the subscriber merged (waiting up to 100 ms for the first), the newest per model.
@@ -428,9 +478,15 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
-    /// Writes `batch` and a marker per partition of `marks` in one transaction and, once
-    /// committed, makes it what was written.
-    fn write(&mut self, written: &mut Written, batch: Vec<Merged>, marks: &[i32]) -> anyhow::Result<()> {
+    /// Writes `batch`, a marker per partition of `marks` and the announcement of group
+    /// `announce` in one transaction and, once committed, makes it what was written.
+    fn write(
+        &mut self,
+        written: &mut Written,
+        batch: Vec<Merged>,
+        marks: &[i32],
+        announce: Option<i32>,
+    ) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut next: Vec<(String, Option<DecodedSnapshot>)> = Vec::with_capacity(batch.len());
         let mut records: Vec<Record> = Vec::new();
@@ -477,6 +533,10 @@ impl Writer<'_> {
             let note =
                 format!("partition {p} holds state (marked by the aggregator of shard {})", self.shard);
             records.push((checkpoint::header_key(*p), Some(note.into_bytes()), 0));
+        }
+        if let Some(g) = announce {
+            let note = format!("partition group {g} has an aggregator (shard {})", self.shard);
+            records.push((group_key(g), Some(note.into_bytes()), 0));
         }
         let new_chunks = self.commit(&records)?;
         for (key, n) in new_chunks {

@@ -228,6 +228,9 @@ pub struct FollowStatus {
     pub caught_up: BTreeSet<i32>,
     /// Partitions holding a processor's state (`checkpoint/<p>`): every model must cover them.
     pub checkpointed: BTreeSet<i32>,
+    /// On the groups topic: the partition groups whose aggregator has announced itself
+    /// (`checkpoint/group/<k>`).
+    pub groups: BTreeSet<i32>,
     /// Values that arrived incomplete (a chunk missing, a length or checksum wrong).
     pub incomplete: u64,
 }
@@ -443,11 +446,18 @@ impl Follower {
                         wait = Duration::ZERO;
                         progressed |= self.reached(r.partition, r.offset + 1);
                         let base = r.key.split('#').next().unwrap_or(&r.key).to_string();
-                        if let Some(p) = base.strip_prefix("checkpoint/") {
-                            // The partition the key names: the record's own on the snapshot
-                            // topic, any on the groups topic (marked by group aggregators).
-                            if let (true, Some(_), Ok(p)) = (base == r.key, &r.value, p.parse::<i32>()) {
-                                progressed |= self.progress.checkpointed.insert(p);
+                        if let Some(rest) = base.strip_prefix("checkpoint/") {
+                            if base == r.key && r.value.is_some() {
+                                // The partition the key names: the record's own on the snapshot
+                                // topic, any on the groups topic (marked by group aggregators),
+                                // which also holds the groups' announcements.
+                                if let Ok(p) = rest.parse::<i32>() {
+                                    progressed |= self.progress.checkpointed.insert(p);
+                                } else if let Some(g) =
+                                    rest.strip_prefix("group/").and_then(|g| g.parse().ok())
+                                {
+                                    progressed |= self.progress.groups.insert(g);
+                                }
                             }
                             continue;
                         }

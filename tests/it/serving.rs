@@ -1104,7 +1104,8 @@ fn the_aggregation_divided_by_partition_group_ends_equal_to_the_offline_merge() 
     let records = shop.records.clone();
     let (first, second) = crate::kafka::halves(&shop);
     let config = s.config();
-    let mut g0 = s.start_aggregator(&["--group", "0"], &[]);
+    // Group 1's aggregator first: without group 0's, the aggregator of the groups writes nothing
+    // (a merge of partitions 16–19 alone) and says which group it waits for.
     let _g1 = s.start_aggregator(&["--group", "1"], &[]);
     let top = s.start_aggregator(&["--from-groups"], &[]);
     let msub = Subscriber::start(banditflow::kafka::bootstrap_config(&b), &config.kafka.merged_topic, None)
@@ -1112,6 +1113,11 @@ fn the_aggregation_divided_by_partition_group_ends_equal_to_the_offline_merge() 
     let _p = s.start("0");
     s.produce(first);
     s.wait_caught_up(Duration::from_secs(120));
+    wait_until("the aggregator of the groups to wait for group 0", Duration::from_secs(60), || {
+        top.log_text().contains("no aggregator has announced partition groups [0] yet")
+    });
+    assert!(msub.catalog().load().models.is_empty(), "nothing merged without group 0");
+    let mut g0 = s.start_aggregator(&["--group", "0"], &[]);
     wait_until("the first group's aggregator to write", Duration::from_secs(60), || {
         g0.log_text().contains("ready: snapshot topic read")
     });
