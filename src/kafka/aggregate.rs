@@ -272,11 +272,6 @@ fn session(
     Ok(())
 }
 
-/// The key under which a group aggregator announces itself on the groups topic.
-pub fn group_key(group: i32) -> String {
-    format!("checkpoint/group/{group}")
-}
-
 /// The partition groups of `topic`'s partitions (`None` while its metadata cannot be read, or
 /// the topic is missing or failing).
 fn snapshot_groups(client: &BaseConsumer, topic: &str) -> Option<BTreeSet<i32>> {
@@ -536,7 +531,7 @@ impl Writer<'_> {
         }
         if let Some(g) = announce {
             let note = format!("partition group {g} has an aggregator (shard {})", self.shard);
-            records.push((group_key(g), Some(note.into_bytes()), 0));
+            records.push((checkpoint::group_key(g), Some(note.into_bytes()), 0));
         }
         let new_chunks = self.commit(&records)?;
         for (key, n) in new_chunks {

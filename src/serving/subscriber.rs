@@ -24,7 +24,7 @@ use rdkafka::config::ClientConfig;
 
 use crate::core::armlog::{self, ShardReader};
 use crate::core::blob::{BlobError, LatestByKey};
-use crate::core::checkpoint;
+use crate::core::checkpoint::{self, CheckpointKey};
 use crate::core::event::Variant;
 use crate::core::model;
 use crate::core::prior::FittedPriors;
@@ -446,18 +446,16 @@ impl Follower {
                         wait = Duration::ZERO;
                         progressed |= self.reached(r.partition, r.offset + 1);
                         let base = r.key.split('#').next().unwrap_or(&r.key).to_string();
-                        if let Some(rest) = base.strip_prefix("checkpoint/") {
+                        if base.starts_with("checkpoint/") {
+                            // The partition the key names (the record's own on the snapshot
+                            // topic, any on the groups topic, marked by group aggregators), or a
+                            // group's announcement on the groups topic.
                             if base == r.key && r.value.is_some() {
-                                // The partition the key names: the record's own on the snapshot
-                                // topic, any on the groups topic (marked by group aggregators),
-                                // which also holds the groups' announcements.
-                                if let Ok(p) = rest.parse::<i32>() {
-                                    progressed |= self.progress.checkpointed.insert(p);
-                                } else if let Some(g) =
-                                    rest.strip_prefix("group/").and_then(|g| g.parse().ok())
-                                {
-                                    progressed |= self.progress.groups.insert(g);
-                                }
+                                progressed |= match checkpoint::parse_checkpoint_key(&base) {
+                                    Some(CheckpointKey::Partition(p)) => self.progress.checkpointed.insert(p),
+                                    Some(CheckpointKey::Group(g)) => self.progress.groups.insert(g),
+                                    None => false,
+                                };
                             }
                             continue;
                         }

@@ -86,6 +86,29 @@ pub fn header_key(partition: i32) -> String {
     format!("checkpoint/{partition}")
 }
 
+/// What a `checkpoint/…` key names: a partition with state (`checkpoint/<p>`, a processor's
+/// header, or a group aggregator's marker of it) or a partition group whose aggregator has
+/// announced itself (`checkpoint/group/<k>`, on the groups topic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointKey {
+    Partition(i32),
+    Group(i32),
+}
+
+/// The key a group aggregator announces partition group `group` under.
+pub fn group_key(group: i32) -> String {
+    format!("checkpoint/group/{group}")
+}
+
+/// Reads a `checkpoint/…` key ([`header_key`], [`group_key`]); `None` for any other key.
+pub fn parse_checkpoint_key(key: &str) -> Option<CheckpointKey> {
+    let rest = key.strip_prefix("checkpoint/")?;
+    match rest.strip_prefix("group/") {
+        Some(g) => g.parse().ok().map(CheckpointKey::Group),
+        None => rest.parse().ok().map(CheckpointKey::Partition),
+    }
+}
+
 /// Key of a format-1 buffered-impression record (restored, then deleted).
 pub fn impression_key(partition: i32, id: &str) -> String {
     format!("imp/{partition}/{}", escape_key_part(id))
