@@ -32,7 +32,8 @@
 //! BENCH_MERGED (1: the freshness runs of this build also run `banditflow aggregate` and report
 //! freshness through the merged-model topic too; 2: the aggregation divided by partition group,
 //! `aggregate --group K` per 16 partitions and `aggregate --from-groups`: input record → a merged head of every model
-//! covering it).
+//! covering it); BENCH_AGGREGATOR_LOG (a log filter, e.g. `banditflow=debug`): each aggregator's
+//! log to a file in the temporary directory.
 //! The processor runs with the default configuration otherwise.
 
 use std::collections::BTreeMap;
@@ -48,8 +49,8 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 #[path = "support/broker.rs"]
 mod broker;
 use broker::{
-    committed, config_file, config_file_inputs, cpu_seconds, env_or, produce, produce_records, start_binary,
-    stop,
+    committed, config_file, config_file_inputs, cpu_seconds, env_or, get_status, produce_records,
+    start_binary, stop,
 };
 
 use banditflow::core::blob::LatestByKey;
@@ -494,7 +495,7 @@ fn newly_visible(
     pending: &mut Vec<(i32, usize, i64)>,
     ts: &BTreeMap<i32, Vec<i64>>,
     covered: &mut BTreeMap<i32, usize>,
-    fresh: &mut Vec<f64>,
+    fresh: &mut Vec<(i64, f64)>,
 ) {
     pending.retain(|&(p, next, visible)| {
         let seen = ts.get(&p).map_or(0, Vec::len);
@@ -503,7 +504,7 @@ fn newly_visible(
         }
         let from = covered.get(&p).copied().unwrap_or(0);
         for t in &ts[&p][from.min(next)..next] {
-            fresh.push((visible - t) as f64 / 1e3);
+            fresh.push((*t, (visible - t) as f64 / 1e3));
         }
         covered.insert(p, next.max(from));
         false
@@ -529,6 +530,9 @@ fn freshness(
     let n = (rate * seconds) as usize;
     let fevs: Vec<_> = events(&ftopic, partitions, n / 2 + 1000, 2).into_iter().take(n).collect();
     let fcfg = config_file(dir, &bootstrap, &ftopic, &format!("{tag}-fr"));
+    // Made now, it has its producer id and the topic's metadata by the time traffic starts.
+    let producer = broker::producer(&bootstrap);
+    producer.client().fetch_metadata(Some(&ftopic), Duration::from_secs(10)).expect("input topic metadata");
     let (child, assigned, _) = match bin {
         Some(b) => start_binary(b, &fcfg, partitions),
         None => start_pipeline(&fcfg, partitions),
@@ -555,16 +559,37 @@ fn freshness(
             admin::create_topics(&bootstrap, &[(m.as_str(), 1, true)]).expect("merged topic");
             commands
                 .iter()
-                .map(|args| {
-                    std::process::Command::new(env!("CARGO_BIN_EXE_banditflow"))
+                .enumerate()
+                .map(|(i, args)| {
+                    // BENCH_AGGREGATOR_LOG (a log filter): each aggregator's log to a file.
+                    let (filter, log) = match std::env::var("BENCH_AGGREGATOR_LOG") {
+                        Ok(f) => {
+                            let path = std::env::temp_dir().join(format!("{tag}-aggregator-{i}.log"));
+                            println!("aggregator {args:?} logs to {}", path.display());
+                            (f, std::process::Stdio::from(std::fs::File::create(path).expect("log file")))
+                        }
+                        Err(_) => ("warn".to_string(), std::process::Stdio::inherit()),
+                    };
+                    // Each is ready (its `/readyz` 200) before the next starts and before
+                    // records are produced: the figures are of a running stage, not its start.
+                    let listen = format!("127.0.0.1:{}", 19490 + i);
+                    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_banditflow"))
                         .args(args)
                         .arg("--config")
                         .arg(&fcfg)
-                        .env("BANDITFLOW__KAFKA__METRICS_ADDRESS", "")
-                        .env("BANDITFLOW_LOG", "warn")
+                        .env("BANDITFLOW__KAFKA__METRICS_ADDRESS", &listen)
+                        .env("BANDITFLOW_LOG", filter)
                         .stdout(std::process::Stdio::null())
+                        .stderr(log)
                         .spawn()
-                        .expect("aggregator starts")
+                        .expect("aggregator starts");
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    while get_status(&listen, "/readyz").is_none_or(|(c, _)| c != 200) {
+                        assert!(Instant::now() < deadline, "{args:?} did not become ready within 2 min");
+                        assert!(child.try_wait().ok().flatten().is_none(), "{args:?} exited");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    child
                 })
                 .collect()
         }
@@ -594,12 +619,12 @@ fn freshness(
             let mut mcover: BTreeMap<String, BTreeMap<i32, i64>> = BTreeMap::new();
             let mut mpending: Vec<(i32, usize, i64)> = Vec::new();
             let mut mcovered: BTreeMap<i32, usize> = BTreeMap::new();
-            let mut mfresh: Vec<f64> = Vec::new();
+            let mut mfresh: Vec<(i64, f64)> = Vec::new();
             let mut ts: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
             let mut covered: BTreeMap<i32, usize> = BTreeMap::new();
             let mut stores: BTreeMap<i32, LatestByKey> = BTreeMap::new();
             let mut pending: Vec<(i32, usize, i64)> = Vec::new();
-            let mut fresh = Vec::new();
+            let mut fresh: Vec<(i64, f64)> = Vec::new();
             while !done.load(Ordering::SeqCst) {
                 let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else { continue };
                 let now = now_ms();
@@ -650,8 +675,14 @@ fn freshness(
             (fresh, mfresh)
         })
     };
+    // BENCH_IDLE_S: the stage idles that long before traffic starts (traffic after a quiet spell).
+    std::thread::sleep(Duration::from_secs_f64(env_or("BENCH_IDLE_S", 0.0)));
     let t = Instant::now();
-    produce(&bootstrap, &ftopic, &fevs, Some(rate));
+    broker::produce_with(
+        &producer,
+        fevs.iter().map(|(p, k, v)| (ftopic.as_str(), *p, k.as_slice(), v.as_slice())),
+        Some(rate),
+    );
     let achieved = fevs.len() as f64 / t.elapsed().as_secs_f64();
     let fgroup = format!("{tag}-fr-group");
     while committed(&bootstrap, &fgroup, &ftopic, partitions) < fevs.len() as i64 {
@@ -659,16 +690,16 @@ fn freshness(
     }
     std::thread::sleep(Duration::from_secs(2));
     done.store(true, Ordering::SeqCst);
-    let (mut fresh, mut mfresh) = reader.join().expect("reader");
+    let (fresh, mfresh) = reader.join().expect("reader");
     stop(child);
     if !aggregators.is_empty() {
         for mut a in aggregators {
             let _ = a.kill();
             let _ = a.wait();
         }
-        mfresh.sort_by(f64::total_cmp);
+        let (windows, mfresh) = by_window(mfresh);
         println!(
-            "freshness through the merged-model topic ({}) at the same rate over {} events: p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+            "freshness through the merged-model topic ({}) at the same rate over {} events: p50 {:.3} s, p99 {:.3} s, max {:.3} s; p99 per 2 s of records: {windows}",
             if stage == 2 { "divided by partition group: two aggregator hops" } else { "one aggregator" },
             mfresh.len(),
             percentile(&mfresh, 0.5),
@@ -676,9 +707,9 @@ fn freshness(
             mfresh.last().copied().unwrap_or(f64::NAN)
         );
     }
-    fresh.sort_by(f64::total_cmp);
+    let (windows, fresh) = by_window(fresh);
     println!(
-        "freshness{} at {:.0} events/s over {} events: p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+        "freshness{} at {:.0} events/s over {} events: p50 {:.3} s, p99 {:.3} s, max {:.3} s; p99 per 2 s of records: {windows}",
         bin.map_or(String::new(), |b| format!(" of {b}")),
         achieved,
         fresh.len(),
@@ -686,4 +717,32 @@ fn freshness(
         percentile(&fresh, 0.99),
         fresh.last().copied().unwrap_or(f64::NAN)
     );
+}
+
+/// The latencies sorted, and the p99 of each 2 s of record timestamps (from the first record)
+/// as text: where in the run the tail lies.
+fn by_window(fresh: Vec<(i64, f64)>) -> (String, Vec<f64>) {
+    let first = fresh.iter().map(|(t, _)| *t).min().unwrap_or(0);
+    if std::env::var_os("BENCH_VERBOSE").is_some() {
+        let mut early: Vec<&(i64, f64)> = fresh.iter().filter(|(t, _)| t - first < 2000).collect();
+        early.sort_by_key(|(t, _)| *t);
+        for (t, l) in early.iter().step_by((early.len() / 40).max(1)) {
+            println!("  record at {} ms ({t}): visible after {l:.3} s", t - first);
+        }
+    }
+    let mut windows: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+    for (t, l) in &fresh {
+        windows.entry((t - first) / 2000).or_default().push(*l);
+    }
+    let text = windows
+        .values_mut()
+        .map(|w| {
+            w.sort_by(f64::total_cmp);
+            format!("{:.2}", percentile(w, 0.99))
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut all: Vec<f64> = fresh.into_iter().map(|(_, l)| l).collect();
+    all.sort_by(f64::total_cmp);
+    (text, all)
 }
