@@ -448,7 +448,36 @@ fn snapshots(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, beta_update, lints_update, join, snapshots);
+/// A decay weight per event at distinct milliseconds (every event's cost in the learning path),
+/// against libm's `exp2` (not portable to the last bit, so not used) in the same run.
+fn decay_weight(c: &mut Criterion) {
+    let h = 7 * 86_400_000;
+    let landmark = banditflow::core::decay::landmark_for(h, T0);
+    let mut g = c.benchmark_group("decay_weight");
+    g.throughput(Throughput::Elements(10_000));
+    g.bench_function("banditflow_weight", |b| {
+        b.iter(|| {
+            let mut sum = 0.0;
+            for k in 0..10_000i64 {
+                sum += banditflow::core::decay::weight(h, landmark, std::hint::black_box(T0 + k * 37));
+            }
+            sum
+        })
+    });
+    g.bench_function("baseline_libm_exp2", |b| {
+        b.iter(|| {
+            let mut sum = 0.0;
+            for k in 0..10_000i64 {
+                let t = std::hint::black_box(T0 + k * 37);
+                sum += ((t as f64 - landmark as f64) / h as f64).exp2();
+            }
+            sum
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, decode, beta_update, lints_update, join, snapshots, decay_weight);
 
 fn main() {
     report_state_size();
