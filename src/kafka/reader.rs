@@ -207,3 +207,53 @@ pub fn read_to_end(
     }
     Ok(out)
 }
+
+/// The partitions of `listed` a follower does not follow yet (`followed`), within `only`, each
+/// with its end offset from `end_offset`; all of them or an error. A follower records and
+/// assigns them only once every end is known: recording some before a later one failed (a
+/// leader election answers NotLeaderForPartition) would leave them recorded and never
+/// assigned, so never read, and their state missing from every merge.
+pub fn new_partitions(
+    listed: &BTreeSet<i32>,
+    followed: &BTreeMap<i32, i64>,
+    only: Option<&std::ops::Range<i32>>,
+    mut end_offset: impl FnMut(i32) -> anyhow::Result<i64>,
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    listed
+        .iter()
+        .filter(|p| !followed.contains_key(p) && only.is_none_or(|r| r.contains(p)))
+        .map(|p| Ok((*p, end_offset(*p)?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_end_offset_leaves_every_new_partition_to_the_next_try() {
+        let listed: BTreeSet<i32> = (0..20).collect();
+        let mut followed: BTreeMap<i32, i64> = BTreeMap::new();
+        let group = 16..32;
+        // Partition 17's leader is being elected: the first try fails there, after 16 was asked.
+        let mut asked = Vec::new();
+        let first = new_partitions(&listed, &followed, Some(&group), |p| {
+            asked.push(p);
+            if p == 17 {
+                anyhow::bail!("NotLeaderForPartition")
+            }
+            Ok(i64::from(p) * 10)
+        });
+        assert!(first.is_err());
+        assert_eq!(asked, [16, 17]);
+        // The follower records what a successful try returns, and nothing of a failed one.
+        let second =
+            new_partitions(&listed, &followed, Some(&group), |p| Ok(i64::from(p) * 10)).expect("ends");
+        assert_eq!(second, [(16, 160), (17, 170), (18, 180), (19, 190)], "16 is still new");
+        followed.extend(second);
+        let third = new_partitions(&listed, &followed, Some(&group), |_| anyhow::bail!("not asked"));
+        assert_eq!(third.expect("nothing to ask"), []);
+        let all = new_partitions(&listed, &followed, None, |p| Ok(i64::from(p))).expect("ends");
+        assert_eq!(all.iter().map(|(p, _)| *p).collect::<Vec<_>>(), (0..16).collect::<Vec<_>>());
+    }
+}

@@ -414,12 +414,17 @@ impl Follower {
         let mut next_staleness = Instant::now();
         while !stop.load(Ordering::SeqCst) {
             if Instant::now() >= next_metadata {
-                // New partitions (or a topic created after the node started) are picked up.
+                // New partitions (or a topic created after the node started) are picked up;
+                // after a failure (a leader being elected), again within a second.
+                let failed = match self.assign_new_partitions() {
+                    Ok(()) => false,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), topic = %self.reader.topic(), "snapshot topic metadata");
+                        true
+                    }
+                };
                 next_metadata =
-                    Instant::now() + Duration::from_secs(if self.ends.is_empty() { 1 } else { 30 });
-                if let Err(e) = self.assign_new_partitions() {
-                    tracing::warn!(error = %format!("{e:#}"), topic = %self.reader.topic(), "snapshot topic metadata");
-                }
+                    Instant::now() + Duration::from_secs(if failed || self.ends.is_empty() { 1 } else { 30 });
             }
             if Instant::now() >= next_staleness {
                 next_staleness = Instant::now() + STALENESS_EVERY;
@@ -505,11 +510,12 @@ impl Follower {
 
     fn assign_new_partitions(&mut self) -> anyhow::Result<()> {
         let parts = self.reader.partitions(Duration::from_secs(5))?;
-        let new: Vec<i32> = parts
-            .iter()
-            .filter(|p| !self.ends.contains_key(p) && self.only.as_ref().is_none_or(|r| r.contains(p)))
-            .copied()
-            .collect();
+        // Every new partition's end first, then assigned, then recorded: a partition recorded
+        // but not assigned would never be read (`reader::new_partitions`).
+        let reader = &self.reader;
+        let new = crate::kafka::reader::new_partitions(&parts, &self.ends, self.only.as_ref(), |p| {
+            reader.end_offset(p, Duration::from_secs(10))
+        })?;
         if new.is_empty() {
             if !self.progress.listed {
                 self.progress.listed = true;
@@ -517,15 +523,15 @@ impl Follower {
             }
             return Ok(());
         }
-        for p in &new {
-            let end = self.reader.end_offset(*p, Duration::from_secs(10))?;
-            self.ends.insert(*p, end);
-            self.progress.partitions.insert(*p);
+        let assign: Vec<i32> = new.iter().map(|(p, _)| *p).collect();
+        self.reader.assign_from_start(&assign)?;
+        for (p, end) in new {
+            self.ends.insert(p, end);
+            self.progress.partitions.insert(p);
             if end <= 0 {
-                self.progress.caught_up.insert(*p);
+                self.progress.caught_up.insert(p);
             }
         }
-        self.reader.assign_from_start(&new)?;
         self.progress.listed = true;
         SnapshotPartitions { count: self.ends.len() }.emit();
         self.report_status();
