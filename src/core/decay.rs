@@ -71,9 +71,9 @@ pub fn exp2(x: f64) -> f64 {
     // f = x - k in [0, 1) and its scalings by 64 are exact: x = k + (j + r) / 64.
     let s = (x - k) * 64.0;
     let j = s.floor();
-    let z = (s - j) * (std::f64::consts::LN_2 / 64.0); // in [0, ln 2 / 64)
-                                                       // e^z by Horner on its Taylor series to z^6: the first term left out, z^7 / 7!, is below
-                                                       // 4e-18 for z < 0.0109.
+    // z in [0, ln 2 / 64); e^z by Horner on its Taylor series to z^6: the first term left
+    // out, z^7 / 7!, is below 4e-18 for z < 0.0109.
+    let z = (s - j) * (std::f64::consts::LN_2 / 64.0);
     let p = 1.0 + z * (1.0 + z * (0.5 + z * (C3 + z * (C4 + z * (C5 + z * C6)))));
     // Split the power of two so neither factor overflows/underflows prematurely.
     let k = k as i64;
