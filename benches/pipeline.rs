@@ -33,7 +33,9 @@
 //! freshness through the merged-model topic too; 2: the aggregation divided by partition group,
 //! `aggregate --group K` per 16 partitions and `aggregate --from-groups`: input record → a merged head of every model
 //! covering it); BENCH_AGGREGATOR_LOG (a log filter, e.g. `banditflow=debug`): each aggregator's
-//! log to a file in the temporary directory.
+//! log to a file in the temporary directory; BENCH_IDLE_S (the stage idles that long before the
+//! freshness traffic); BENCH_VERBOSE (the processor's log lines, and the latency of a sample of
+//! the first 2 s of freshness records).
 //! The processor runs with the default configuration otherwise.
 
 use std::collections::BTreeMap;
